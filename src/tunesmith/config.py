@@ -1,0 +1,245 @@
+"""The run configuration: a pydantic schema, loaded from YAML plus dotted ``key=value`` overrides.
+
+Every field is described once here; that text reaches ``tunesmith config-help`` and the docs. Every
+problem is reported at once with its dotted path, before any model or data is loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tunesmith.errors import ConfigError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="Embedded short name (see `tunesmith models`), local model directory, or hub id.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with a hub repo. Off by default: it executes that code."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype the weights are loaded in (fp32 is the safe default on CPU)."
+    )
+    dropout: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Override the model's own dropout probabilities (None keeps them)."
+    )
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
+
+    @model_validator(mode="after")
+    def _remote_code_pinned(self) -> ModelConfig:
+        # Remote code runs with the user's rights: only a pinned commit makes it reviewable.
+        if self.trust_remote_code and not re.fullmatch(r"[0-9a-f]{40}", self.revision or ""):
+            raise ValueError("trust_remote_code needs `revision` pinned to a 40-hex commit")
+        return self
+
+
+class PeftConfig(Strict):
+    method: Literal["lora", "full", "freeze"] = Field(
+        "lora",
+        description="lora: train a LoRA adapter; full: train every weight; freeze: train only "
+        "parameters matching `trainable` patterns.",
+    )
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int | None = Field(None, gt=0, description="LoRA alpha; default 2*r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules LoRA wraps: 'all-linear' or a list of module names."
+    )
+    trainable: list[str] = Field(
+        default_factory=list,
+        description="With method=freeze: glob patterns of parameter names to train (e.g. 'model.norm.*').",
+    )
+
+    @model_validator(mode="after")
+    def _freeze_needs_patterns(self) -> PeftConfig:
+        if self.method == "freeze" and not self.trainable:
+            raise ValueError("method 'freeze' needs at least one pattern in `trainable`")
+        return self
+
+
+FORMATS = ("instruction", "chat", "prompt_completion", "text", "classification")
+CANONICAL_COLUMNS = {
+    "instruction": ("instruction", "input", "output"),
+    "chat": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+    "classification": ("text", "label"),
+}
+
+
+class DataConfig(Strict):
+    train: str = Field(..., description="Training data: JSONL/CSV/Parquet file, saved HF dataset dir, or hub id.")
+    validation: str | None = Field(None, description="Validation data; if absent it is split off `train`.")
+    test: str | None = Field(None, description="Optional test data, evaluated before/after like validation.")
+    hub_split: str = Field("train", description="Split to read when `train` is a hub dataset id.")
+    format: Literal["instruction", "chat", "prompt_completion", "text", "classification"] = Field(
+        "instruction", description="Row format: " + ", ".join(FORMATS) + "."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map from the format's column names to yours, e.g. {output: response}.",
+    )
+    labels: list[str] | None = Field(None, description="Label set for classification (default: labels in train).")
+    system_prompt: str | None = Field(None, description="System message prepended to every chat prompt.")
+    max_length: int = Field(1024, ge=8, description="Maximum tokens per row (prompt + completion).")
+    overlength: Literal["error", "truncate", "drop"] = Field(
+        "error",
+        description="Rows longer than max_length: error (stop and report), truncate (keep the start), or drop. "
+        "Never silent: counts go to the data report.",
+    )
+    completion_only_loss: bool = Field(True, description="Train only on completion tokens (instruction/chat).")
+    validation_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Share split off for validation.")
+    test_fraction: float = Field(0.0, ge=0.0, lt=0.5, description="Share split off for test (0: none).")
+    dedup: bool = Field(True, description="Drop exact duplicates and train/validation overlap (counted).")
+    on_error: Literal["error", "skip"] = Field(
+        "error", description="Bad rows: error (stop, listing file:line) or skip (drop and count)."
+    )
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="With on_error=skip, abort above this share.")
+
+    @model_validator(mode="after")
+    def _columns_known(self) -> DataConfig:
+        allowed = set(CANONICAL_COLUMNS[self.format]) | {"id"}
+        unknown = sorted(set(self.columns) - allowed)
+        if unknown:
+            raise ValueError(f"columns {unknown} are not used by format '{self.format}' (known: {sorted(allowed)})")
+        return self
+
+
+class EarlyStopping(Strict):
+    patience: int | None = Field(None, ge=1, description="Evaluations without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as an improvement.")
+    metric: str = Field("eval_loss", description="Validation metric to watch.")
+    mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
+
+
+class TrainConfig(Strict):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
+    lr: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
+    batch_size: int = Field(8, gt=0, description="Rows per micro-batch (per process).")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (never on biases and norms).")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warmup.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup steps; overrides warmup_ratio.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm (None: no clip).")
+    save_every: int | None = Field(None, gt=0, description="Checkpoint every N optimizer steps.")
+    save_total_limit: int | None = Field(2, ge=1, description="Checkpoints kept (oldest deleted after a save).")
+    log_every: int = Field(1, gt=0, description="Write a metrics line every N optimizer steps.")
+    early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
+    max_consecutive_skips: int = Field(10, ge=1, description="Non-finite steps in a row before the run halts.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast where the hardware has it.")
+
+
+class EvalConfig(Strict):
+    every: int | None = Field(None, gt=0, description="Evaluate every N optimizer steps (None: only at the end).")
+    batch_size: int = Field(8, gt=0, description="Rows per evaluation batch.")
+    before_after: bool = Field(True, description="Evaluate the base model too and print a before/after table.")
+    max_rows: int | None = Field(None, gt=0, description="Evaluate on at most this many rows per split.")
+    max_new_tokens: int = Field(64, gt=0, description="Generation length for sample outputs.")
+    samples: int = Field(2, ge=0, description="Example outputs (base vs fine-tuned vs reference) shown at the end.")
+
+
+class Config(Strict):
+    name: str = Field("run", description="Run name: the run directory is <output_dir>/<name>/.")
+    output_dir: str = Field("runs", description="Directory holding run directories.")
+    seed: int = Field(0, description="Seed for splits, shuffling, initialisation and dropout.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    peft: PeftConfig = Field(default_factory=PeftConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
+            raise ValueError("use letters, digits, '.', '_' and '-' (it becomes a directory name)")
+        return v
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError("Bad override", [f"{dotted}: '{k}' is a value, not a section"])
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    parsed, problems = [], []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+            problems.append(f"'{item}': expected dotted.key=value")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw  # a plain string the YAML parser dislikes (e.g. "a: b") is still a string
+        parsed.append((key, value))
+    if problems:
+        raise ConfigError("Bad command-line overrides", problems)
+    return parsed
+
+
+def format_validation_error(err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        out.append(f"{path}: {msg}")
+    return out
+
+
+def config_from_dict(tree: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(f"Invalid configuration ({source}):", format_validation_error(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    tree: dict = {}
+    source = "overrides"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"Config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise ConfigError("Config is not valid YAML", [f"{where}: {getattr(err, 'problem', err)}"]) from None
+        if not isinstance(tree, dict):
+            raise ConfigError("Config must be a YAML mapping", [f"{p}: top level is {type(tree).__name__}"])
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    return config_from_dict(tree, source)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

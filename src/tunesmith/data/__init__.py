@@ -1,0 +1,1 @@
+"""Data: sources, formats, splits, tokenization and collation."""

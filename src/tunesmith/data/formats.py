@@ -1,0 +1,131 @@
+"""Turn raw rows into examples of one format, validating each row.
+
+Formats (``data.format``):
+- instruction: instruction, input (optional), output -> a chat prompt and a completion
+- chat: messages [{role, content}, ...] ending with an assistant turn
+- prompt_completion: prompt, completion
+- text: text (continued pre-training; loss on every token)
+- classification: text, label
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tunesmith.config import CANONICAL_COLUMNS, DataConfig
+from tunesmith.data.sources import Problem, RawRows
+
+REQUIRED = {
+    "instruction": ("instruction", "output"),
+    "chat": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+    "classification": ("text", "label"),
+}
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Example:
+    where: str
+    id: str
+    prompt: list[dict[str, str]] | None = None  # chat messages before the completion
+    completion: str | None = None
+    text: str | None = None
+    label: str | None = None
+
+    def key_fields(self) -> tuple:
+        """What makes two examples the same, for deduplication and leakage checks."""
+        prompt = tuple((m["role"], m["content"]) for m in self.prompt or [])
+        return (prompt, self.completion, self.text, self.label)
+
+
+class RowError(Exception):
+    def __init__(self, code: str, message: str):
+        self.code, self.message = code, message
+
+
+def _string(row: dict, col: str, name: str, allow_empty: bool = False) -> str:
+    value = row[col]
+    if not isinstance(value, str):
+        raise RowError("wrong_type", f"column '{name}' must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RowError("invalid_unicode", f"column '{name}' has a lone surrogate") from None
+    if not allow_empty and not value.strip():
+        raise RowError("empty_field", f"column '{name}' is empty")
+    return value
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise RowError("bad_messages", "column 'messages' must be a non-empty list")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise RowError("bad_messages", f"message {i} needs a role in {ROLES} and string content")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "assistant":
+        raise RowError("bad_messages", "the last message must be the assistant's (it is what is learned)")
+    if not out[-1]["content"].strip():
+        raise RowError("empty_field", "the last assistant message is empty")
+    return out
+
+
+def _label(value: Any, labels: list[str] | None) -> str:
+    if value is None or isinstance(value, (dict, list, float)):
+        raise RowError("bad_label", f"label must be a string or integer, got {type(value).__name__}")
+    label = str(value)
+    if labels is not None and label not in labels:
+        shown = label if len(label) <= 40 else label[:37] + "..."
+        raise RowError("unknown_label", f"label {shown!r} is not in labels {labels}")
+    return label
+
+
+def to_example(where: str, row: dict, cfg: DataConfig, system: str | None) -> Example:
+    fmt = cfg.format
+    cols = {c: cfg.columns.get(c, c) for c in CANONICAL_COLUMNS[fmt]}
+    missing = [f"'{cols[c]}'" for c in REQUIRED[fmt] if cols[c] not in row]
+    if missing:
+        raise RowError("missing_column", f"missing column {', '.join(missing)}")
+    ex_id = str(row.get(cfg.columns.get("id", "id"), where))
+    head = [{"role": "system", "content": system}] if system else []
+    if fmt == "instruction":
+        instr = _string(row, cols["instruction"], "instruction")
+        extra = _string(row, cols["input"], "input", allow_empty=True) if cols["input"] in row else ""
+        user = f"{instr}\n\n{extra}" if extra.strip() else instr
+        return Example(where, ex_id, head + [{"role": "user", "content": user}], _string(row, cols["output"], "output"))
+    if fmt == "prompt_completion":
+        prompt = _string(row, cols["prompt"], "prompt")
+        return Example(where, ex_id, head + [{"role": "user", "content": prompt}], _string(row, cols["completion"], "completion"))
+    if fmt == "chat":
+        msgs = _messages(row[cols["messages"]])
+        if system and msgs[0]["role"] != "system":
+            msgs = head + msgs
+        return Example(where, ex_id, msgs[:-1], msgs[-1]["content"])
+    if fmt == "text":
+        return Example(where, ex_id, text=_string(row, cols["text"], "text"))
+    return Example(where, ex_id, text=_string(row, cols["text"], "text"), label=_label(row[cols["label"]], cfg.labels))
+
+
+def parse_rows(raw: RawRows, cfg: DataConfig) -> tuple[list[Example], list[Problem]]:
+    problems = list(raw.problems)
+    if raw.header is not None:
+        cols = {c: cfg.columns.get(c, c) for c in CANONICAL_COLUMNS[cfg.format]}
+        missing = [cols[c] for c in REQUIRED[cfg.format] if cols[c] not in raw.header]
+        if missing:
+            from tunesmith.errors import DataError
+
+            hint = None
+            if len(raw.header) == 1 and any(d in raw.header[0] for d in ";\t|"):
+                hint = "The header is one field holding ';', tab or '|': is the delimiter not a comma?"
+            raise DataError(f"{raw.source}:1: missing column(s) {missing}; found {raw.header}", hint=hint)
+    examples = []
+    for where, row in raw.rows:
+        try:
+            examples.append(to_example(where, row, cfg, cfg.system_prompt))
+        except RowError as err:
+            problems.append(Problem(where, err.code, err.message))
+    return examples, problems

@@ -1,0 +1,124 @@
+"""Steps 1-2 of a run: read and validate every split, dedup and split, tokenize, report.
+
+Reading and validation need no model, so bad data stops the run before any weights load.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tunesmith.config import Config
+from tunesmith.data import split as splitting
+from tunesmith.data.formats import Example, parse_rows
+from tunesmith.data.sources import Problem, read_source
+from tunesmith.data.tokenize import TokenizedSplit, tokenize_examples
+from tunesmith.errors import DataError
+
+MAX_LISTED = 20
+
+
+@dataclass
+class Examples:
+    splits: dict[str, list[Example]]
+    labels: list[str] | None
+    fingerprint: str
+    report: dict = field(default_factory=dict)
+
+
+def _apply_error_policy(cfg: Config, problems: list[Problem], total: int) -> dict[str, int]:
+    if not problems:
+        return {}
+    counts = dict(Counter(p.code for p in problems))
+    if cfg.data.on_error == "error":
+        listed = [str(p) for p in problems[:MAX_LISTED]]
+        more = len(problems) - len(listed)
+        raise DataError(
+            f"{len(problems)} bad row(s) in the data; nothing was trained" + (f" (first {MAX_LISTED} shown)" if more else ""),
+            listed,
+            hint="Fix the rows, or set data.on_error=skip to drop them (counted in the data report).",
+        )
+    fraction = len(problems) / max(total, 1)
+    if fraction > cfg.data.max_bad_fraction:
+        raise DataError(
+            f"{len(problems)} of {total} rows are bad ({fraction:.1%}), above data.max_bad_fraction="
+            f"{cfg.data.max_bad_fraction:.1%}",
+            [f"{code}: {n}" for code, n in sorted(counts.items())] + [str(p) for p in problems[:MAX_LISTED]],
+        )
+    return counts
+
+
+def load_examples(cfg: Config) -> Examples:
+    d = cfg.data
+    sources = {"train": d.train, "validation": d.validation, "test": d.test}
+    parsed: dict[str, list[Example]] = {}
+    problems: list[Problem] = []
+    total = 0
+    for name, source in sources.items():
+        if source is None:
+            continue
+        raw = read_source(source, d.hub_split)
+        examples, bad = parse_rows(raw, d)
+        parsed[name] = examples
+        problems += bad
+        total += raw.total
+    report: dict = {"bad_rows": _apply_error_policy(cfg, problems, total)}
+    labels = d.labels
+    if d.format == "classification" and labels is None:
+        labels = sorted({ex.label for ex in parsed["train"]})
+        unseen = sorted({ex.label for n in ("validation", "test") for ex in parsed.get(n, [])} - set(labels))
+        if unseen:
+            raise DataError("Labels appear in validation/test but never in train", [repr(x) for x in unseen],
+                            hint="List the label set in data.labels, or fix the rows.")
+    train = parsed["train"]
+    if d.dedup:
+        train, report["train_duplicates"] = splitting.dedup(train)
+    stratify = d.format == "classification"
+    if "validation" not in parsed:
+        fractions = [d.validation_fraction] + ([d.test_fraction] if d.test_fraction and "test" not in parsed else [])
+        parts = splitting.split_off(train, fractions, cfg.seed, stratify)
+        train, parsed["validation"] = parts[0], parts[1]
+        if len(parts) > 2:
+            parsed["test"] = parts[2]
+        report["split"] = f"validation{' and test' if len(parts) > 2 else ''} split off train (seed {cfg.seed})"
+    parsed["train"] = train
+    if d.dedup:
+        for name in ("validation", "test"):
+            if name in parsed:
+                parsed[name], report[f"{name}_overlap_removed"] = splitting.remove_overlap(train, parsed[name])
+    empty = [n for n, rows in parsed.items() if not rows]
+    if empty:
+        raise DataError(f"No usable rows left in: {', '.join(empty)}")
+    report["rows"] = {n: len(rows) for n, rows in parsed.items()}
+    if labels is not None:
+        report["labels"] = {n: dict(Counter(ex.label for ex in rows)) for n, rows in parsed.items()}
+    fp = splitting.fingerprint(parsed["train"], parsed["validation"], cfg.seed)
+    report["fingerprint"] = fp
+    return Examples(parsed, labels, fp, report)
+
+
+def _percentiles(lengths: list[int]) -> dict[str, int]:
+    if not lengths:
+        return {}
+    q = np.percentile(lengths, [0, 50, 90, 95, 99, 100])
+    return {k: int(v) for k, v in zip(("min", "p50", "p90", "p95", "p99", "max"), q)}
+
+
+def tokenize_splits(cfg: Config, examples: Examples, tokenizer) -> dict[str, TokenizedSplit]:
+    out = {name: tokenize_examples(rows, tokenizer, cfg.data) for name, rows in examples.splits.items()}
+    over = [w for t in out.values() for w in t.overlength]
+    if over and cfg.data.overlength == "error":
+        listed = [f"{w}: longer than data.max_length={cfg.data.max_length} tokens" for w in over[:MAX_LISTED]]
+        raise DataError(
+            f"{len(over)} row(s) exceed data.max_length", listed,
+            hint="Raise data.max_length, or choose data.overlength=truncate or drop (both counted).",
+        )
+    tok_report = {}
+    for name, t in out.items():
+        tok_report[name] = {"rows": len(t.rows), "token_lengths": _percentiles(t.lengths), **t.counts}
+        if not t.rows:
+            raise DataError(f"Split '{name}' has no rows left after tokenization", [f"{k}: {v}" for k, v in t.counts.items()])
+    examples.report["tokens"] = tok_report
+    return out

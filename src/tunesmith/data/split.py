@@ -1,0 +1,85 @@
+"""Deduplication, deterministic splits and train/validation leakage removal."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import unicodedata
+from collections import defaultdict
+
+from tunesmith.data.formats import Example
+
+
+def normalize(s: str | None) -> str | None:
+    if s is None:
+        return None
+    return re.sub(r"\s+", " ", unicodedata.normalize("NFC", s)).strip().casefold()
+
+
+def exact_key(ex: Example) -> str:
+    return json.dumps(ex.key_fields(), ensure_ascii=False)
+
+
+def norm_key(ex: Example) -> str:
+    prompt, completion, text, label = ex.key_fields()
+    prompt = tuple((r, normalize(c)) for r, c in prompt)
+    return json.dumps((prompt, normalize(completion), normalize(text), label), ensure_ascii=False)
+
+
+def dedup(examples: list[Example]) -> tuple[list[Example], dict[str, int]]:
+    """Keep the first of each group equal after normalisation (case, whitespace, Unicode NFC)."""
+    seen_exact, seen_norm, kept = set(), set(), []
+    counts = {"exact_duplicates": 0, "normalized_duplicates": 0}
+    for ex in examples:
+        ek, nk = exact_key(ex), norm_key(ex)
+        if ek in seen_exact:
+            counts["exact_duplicates"] += 1
+        elif nk in seen_norm:
+            counts["normalized_duplicates"] += 1
+        else:
+            kept.append(ex)
+        seen_exact.add(ek)
+        seen_norm.add(nk)
+    return kept, counts
+
+
+def remove_overlap(train: list[Example], other: list[Example]) -> tuple[list[Example], int]:
+    """Drop rows of `other` that also appear in train: scoring on trained rows flatters the model."""
+    train_keys = {norm_key(ex) for ex in train}
+    kept = [ex for ex in other if norm_key(ex) not in train_keys]
+    return kept, len(other) - len(kept)
+
+
+def split_off(
+    examples: list[Example], fractions: list[float], seed: int, stratify: bool
+) -> list[list[Example]]:
+    """Split into [rest, part1, part2...] deterministically; per label when `stratify`."""
+    groups: dict[str | None, list[Example]] = defaultdict(list)
+    for ex in examples:
+        groups[ex.label if stratify else None].append(ex)
+    parts: list[list[Example]] = [[] for _ in range(len(fractions) + 1)]
+    for label in sorted(groups, key=lambda k: (k is None, k)):
+        members = groups[label]
+        order = list(range(len(members)))
+        random.Random(f"{seed}:{label}").shuffle(order)
+        start = 0
+        for i, frac in enumerate(fractions):
+            n = max(1, round(len(members) * frac)) if len(members) > 1 else 0
+            parts[i + 1].extend(members[j] for j in order[start : start + n])
+            start += n
+        parts[0].extend(members[j] for j in order[start:])
+    # Keep the file order inside each part: it makes reports and diffs readable.
+    index = {id(ex): i for i, ex in enumerate(examples)}
+    return [sorted(p, key=lambda ex: index[id(ex)]) for p in parts]
+
+
+def fingerprint(train: list[Example], validation: list[Example], seed: int) -> str:
+    h = hashlib.sha256(f"seed={seed}".encode())
+    for name, part in (("train", train), ("validation", validation)):
+        h.update(name.encode())
+        for ex in part:
+            h.update(norm_key(ex).encode())
+            h.update(b"\n")
+    return h.hexdigest()

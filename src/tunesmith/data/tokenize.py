@@ -1,0 +1,105 @@
+"""Tokenize examples through the model's chat template, mask the prompt, apply the length policy.
+
+Nothing is cut silently: every truncated or dropped row is counted, and `overlength: error` (the
+default) stops the run listing the rows that do not fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tunesmith.config import DataConfig
+from tunesmith.data.formats import Example
+
+IGNORE = -100
+# Used when a tokenizer has no chat template (base models, tiny test tokenizers).
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}{{ '### ' + m['role'] | capitalize + ':\n' + m['content'] + '\n\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
+)
+
+
+@dataclass
+class Tokenized:
+    id: str
+    where: str
+    input_ids: list[int]
+    labels: list[int]  # IGNORE where no loss is taken
+
+    @property
+    def n_trainable(self) -> int:
+        # The first token is never predicted, so its label never counts.
+        return sum(1 for x in self.labels[1:] if x != IGNORE)
+
+
+@dataclass
+class TokenizedSplit:
+    rows: list[Tokenized] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=lambda: {"truncated": 0, "dropped_overlength": 0, "dropped_no_trainable": 0})
+    overlength: list[str] = field(default_factory=list)  # where, for overlength rows
+    lengths: list[int] = field(default_factory=list)  # before any cut
+
+
+def ensure_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = FALLBACK_TEMPLATE
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _prompt_and_completion_text(tokenizer, ex: Example) -> tuple[str, str]:
+    prompt = render_prompt(tokenizer, ex.prompt)
+    full = tokenizer.apply_chat_template(
+        ex.prompt + [{"role": "assistant", "content": ex.completion}], tokenize=False
+    )
+    if full.startswith(prompt):
+        return prompt, full[len(prompt) :]
+    # Templates that rewrite earlier turns (some reasoning models) break the prefix property;
+    # then the completion is the answer plus the end-of-sequence token.
+    return prompt, ex.completion + (tokenizer.eos_token or "")
+
+
+def _texts(tokenizer, examples: list[Example]) -> tuple[list[str], list[str]]:
+    prompts, completions = [], []
+    for ex in examples:
+        if ex.prompt is not None:
+            p, c = _prompt_and_completion_text(tokenizer, ex)
+        else:
+            bos = (tokenizer.bos_token or "") if getattr(tokenizer, "add_bos_token", False) else ""
+            p, c = bos, ex.text + (tokenizer.eos_token or "")
+        prompts.append(p)
+        completions.append(c)
+    return prompts, completions
+
+
+def tokenize_examples(examples: list[Example], tokenizer, cfg: DataConfig) -> TokenizedSplit:
+    out = TokenizedSplit()
+    if not examples:
+        return out
+    prompts, completions = _texts(tokenizer, examples)
+    # One batched call each: the fast tokenizers parallelise a list, not a loop of single calls.
+    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    c_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    for ex, p, c in zip(examples, p_ids, c_ids):
+        ids = list(p) + list(c)
+        loss_on_prompt = ex.prompt is None or not cfg.completion_only_loss
+        labels = ids.copy() if loss_on_prompt else [IGNORE] * len(p) + list(c)
+        out.lengths.append(len(ids))
+        if len(ids) > cfg.max_length:
+            out.overlength.append(ex.where)
+            if cfg.overlength == "drop":
+                out.counts["dropped_overlength"] += 1
+                continue
+            if cfg.overlength == "truncate":
+                out.counts["truncated"] += 1
+                ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
+        row = Tokenized(ex.id, ex.where, ids, labels)
+        if row.n_trainable == 0:
+            out.counts["dropped_no_trainable"] += 1
+            continue
+        out.rows.append(row)
+    return out

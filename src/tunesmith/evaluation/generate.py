@@ -1,0 +1,28 @@
+"""Batched greedy generation: left padding and the KV cache, never one prompt at a time."""
+
+from __future__ import annotations
+
+import torch
+
+from tunesmith.data.collate import left_pad
+from tunesmith.data.tokenize import render_prompt
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[dict[str, str]]], max_new_tokens: int = 128,
+             batch_size: int = 8, device=None) -> list[str]:
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    encoded = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    outputs: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in left_pad([encoded[i] for i in idx], tokenizer.pad_token_id).items()}
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        for i, seq in zip(idx, out[:, batch["input_ids"].shape[1] :]):
+            outputs[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
+    model.train(was_training)
+    return outputs

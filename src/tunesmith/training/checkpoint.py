@@ -1,0 +1,155 @@
+"""Complete, atomic checkpoints in safetensors + JSON (never pickle).
+
+A checkpoint is staged in a hidden directory next to its destination, every file fsynced, a
+manifest of sha256 hashes written last, and committed by one rename. A directory named
+``step-N`` therefore always holds a complete checkpoint; staging leftovers are ignored and cleaned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from tunesmith.errors import UserError
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    meta = {
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    return meta, tensors
+
+
+def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    v, state, gauss = meta["python"]
+    random.setstate((v, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return {"param_groups": sd["param_groups"], "scalars": scalars}, tensors
+
+
+def optimizer_from_tensors(opt: torch.optim.Optimizer, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict] = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict,
+                    keep: int | None = None) -> Path:
+    """Write `tensors` (file name -> tensors) and `state` as checkpoint `root/step-<step>`."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    staging = root / f".staging-step-{step}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        for fname, tdict in tensors.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in tdict.items()}, str(staging / fname))
+        (staging / "state.json").write_text(json.dumps(state, indent=1))
+        files = sorted(p.name for p in staging.iterdir())
+        for name in files:
+            _fsync(staging / name)
+        manifest = {"step": step, "files": {name: _sha256(staging / name) for name in files}}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _fsync(staging / MANIFEST)
+        _fsync(staging)
+        if final.exists():  # a re-run of the same step after a resume: replace it whole
+            old = root / f".old-step-{step}-{os.getpid()}"
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(staging, final)
+        _fsync(root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if keep is not None:
+        # Rotation only after the new checkpoint is committed: a crash never leaves zero checkpoints.
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def verify(ckpt: Path) -> dict:
+    manifest_path = ckpt / MANIFEST
+    if not manifest_path.exists():
+        raise UserError(f"{ckpt}: incomplete checkpoint (no {MANIFEST})")
+    manifest = json.loads(manifest_path.read_text())
+    for name, digest in manifest["files"].items():
+        if not (ckpt / name).exists():
+            raise UserError(f"{ckpt}: missing {name}")
+        if _sha256(ckpt / name) != digest:
+            raise UserError(f"{ckpt}: hash mismatch in {name}")
+    return manifest
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    for leftover in root.glob(".staging-step-*") if root.is_dir() else []:
+        shutil.rmtree(leftover, ignore_errors=True)
+    ckpts = list_checkpoints(root)
+    return ckpts[-1] if ckpts else None
+
+
+def load_checkpoint(ckpt: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    manifest = verify(ckpt)
+    state = json.loads((ckpt / "state.json").read_text())
+    tensors = {name: load_file(str(ckpt / name)) for name in manifest["files"] if name.endswith(".safetensors")}
+    return state, tensors

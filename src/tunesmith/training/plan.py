@@ -1,0 +1,45 @@
+"""Which rows each optimizer step consumes, as a pure function of (seed, step).
+
+A plan computed from the step number alone is what makes resume exact: a resumed run asks for
+step k and gets the same rows as the uninterrupted run, without replaying a data loader. The same
+shape serves Poisson sampling for DP-SGD (a sampled logical batch split into physical micro-batches)
+and sharding across processes (each rank takes its slice of the step's rows).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class ShuffledPlan:
+    """Reshuffle every epoch; each step takes `batch_size * grad_accum * world_size` rows."""
+
+    def __init__(self, n_rows: int, batch_size: int, grad_accum: int, seed: int, world_size: int = 1, rank: int = 0):
+        self.n_rows, self.batch_size, self.grad_accum = n_rows, batch_size, grad_accum
+        self.seed, self.world_size, self.rank = seed, world_size, rank
+        self.rows_per_step = batch_size * grad_accum * world_size
+        self.steps_per_epoch = math.ceil(n_rows / self.rows_per_step)
+        self._order: tuple[int, list[int]] | None = None
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        if self._order is None or self._order[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(self.n_rows, generator=g).tolist())
+        return self._order[1]
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def step_rows(self, step: int) -> list[int]:
+        """All rows (every rank) of optimizer step `step` (0-based)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        return self.epoch_order(epoch)[k * self.rows_per_step : (k + 1) * self.rows_per_step]
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """This rank's micro-batches for `step`; the last step of an epoch may be short."""
+        rows = self.step_rows(step)
+        per_rank = math.ceil(len(rows) / self.world_size)
+        mine = rows[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]

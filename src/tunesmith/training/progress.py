@@ -1,0 +1,43 @@
+"""The live progress line: step/total, smoothed loss, lr, tokens/s, ETA."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+class TrainProgress:
+    def __init__(self, total: int, start: int):
+        self.smooth: float | None = None
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            console=console, disable=not sys.stderr.isatty(),
+        )
+        self.task = self.progress.add_task("train", total=total, completed=start, info="")
+        self.last_eval = ""
+
+    def __enter__(self) -> TrainProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def step(self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float) -> None:
+        # An exponential average: single micro-batch losses are too noisy to read.
+        self.smooth = loss if self.smooth is None else 0.7 * self.smooth + 0.3 * loss
+        info = f"loss {self.smooth:.4f} lr {lr:.2e} gnorm {grad_norm:.2f} {tokens_per_s:,.0f} tok/s {self.last_eval}"
+        self.progress.update(self.task, completed=step, info=info)
+        total = self.progress.tasks[0].total or 1
+        if self.progress.disable and (step % max(1, int(total) // 10) == 0 or step == total):
+            console.print(f"step {step}/{int(total)}: {info}")  # no live bar in logs: print every ~10%
+
+    def eval(self, step: int, metrics: dict) -> None:
+        self.last_eval = f"| val loss {metrics['loss']:.4f}"
+        if self.progress.disable:
+            console.print(f"step {step}: validation loss {metrics['loss']:.4f} (ppl {metrics['perplexity']:.2f})")
