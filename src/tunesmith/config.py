@@ -196,6 +196,11 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw  # a plain string the YAML parser dislikes (e.g. "a: b") is still a string
+        if isinstance(value, str):
+            try:
+                value = float(value) if re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value) else value
+            except ValueError:
+                pass  # YAML 1.1 reads 1e-4 as a string; users mean the number
         parsed.append((key, value))
     if problems:
         raise ConfigError("Bad command-line overrides", problems)

@@ -78,6 +78,8 @@ def _label(value: Any, labels: list[str] | None) -> str:
     if value is None or isinstance(value, (dict, list, float)):
         raise RowError("bad_label", f"label must be a string or integer, got {type(value).__name__}")
     label = str(value)
+    if not label.strip():
+        raise RowError("bad_label", "label is empty")
     if labels is not None and label not in labels:
         shown = label if len(label) <= 40 else label[:37] + "..."
         raise RowError("unknown_label", f"label {shown!r} is not in labels {labels}")

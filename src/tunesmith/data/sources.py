@@ -83,7 +83,7 @@ def read_jsonl(path: Path) -> RawRows:
     return out
 
 
-def read_csv(path: Path) -> RawRows:
+def read_csv(path: Path, delimiter: str = ",") -> RawRows:
     out = RawRows(str(path))
     data = _check_encoding(path.read_bytes(), str(path))
     bad_lines = []
@@ -95,7 +95,7 @@ def read_csv(path: Path) -> RawRows:
         # An undecodable byte makes every later CSV record boundary suspect, so stop at the bytes.
         out.problems.extend(bad_lines)
         return out
-    reader = csv.DictReader(io.StringIO(data.decode("utf-8"), newline=""), strict=True)
+    reader = csv.DictReader(io.StringIO(data.decode("utf-8"), newline=""), delimiter=delimiter, strict=True)
     header: list[str] = []
     try:
         header = reader.fieldnames or []
@@ -153,7 +153,7 @@ def read_source(source: str, hub_split: str = "train") -> RawRows:
         if suffix in (".jsonl", ".json", ".ndjson"):
             return read_jsonl(path)
         if suffix in (".csv", ".tsv"):
-            return read_csv(path)
+            return read_csv(path, "\t" if suffix == ".tsv" else ",")
         if suffix == ".parquet":
             return read_parquet(path)
         raise DataError(f"{source}: unknown file type '{suffix}' (use .jsonl, .csv or .parquet)")

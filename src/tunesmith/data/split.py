@@ -80,6 +80,6 @@ def fingerprint(train: list[Example], validation: list[Example], seed: int) -> s
     for name, part in (("train", train), ("validation", validation)):
         h.update(name.encode())
         for ex in part:
-            h.update(norm_key(ex).encode())
+            h.update(exact_key(ex).encode())  # exact: a case-only edit is still changed data
             h.update(b"\n")
     return h.hexdigest()

@@ -154,6 +154,7 @@ def fit(s: Setup, start_step: int = 0) -> dict:
                 real_tokens += int(batch["attention_mask"].sum())
             grad_norm = acc.clip_grad_norm_(trainable, cfg.train.max_grad_norm or float("inf"))
             step_loss = acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum").item() / max(n_targets, 1)
+            lr = s.scheduler.get_last_lr()[0]  # the rate this update uses, logged with it
             if math.isfinite(step_loss) and torch.isfinite(grad_norm):
                 opt.step()
                 s.scheduler.step()
@@ -169,7 +170,6 @@ def fit(s: Setup, start_step: int = 0) -> dict:
             done = step + 1
             s.counters["tokens"] += real_tokens
             tps = real_tokens * acc.num_processes / (time.perf_counter() - t0)
-            lr = s.scheduler.get_last_lr()[0]
             if done % cfg.train.log_every == 0 and acc.is_main_process:
                 s.run.log({"step": done, "epoch": s.plan.epoch_of(step), "loss": step_loss, "lr": lr,
                            "grad_norm": float(grad_norm), "tokens_per_s": round(tps, 1), "tokens": s.counters["tokens"]})

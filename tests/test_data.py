@@ -1,0 +1,517 @@
+"""The data layer: reading, row validation by file:line, error policy, dedup/split, tokenization."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import instruction_rows, write_config, write_jsonl
+from tunesmith.config import config_from_dict
+from tunesmith.data.formats import Example, parse_rows
+from tunesmith.data.prepare import load_examples, tokenize_splits
+from tunesmith.data.sources import read_source
+from tunesmith.data.tokenize import IGNORE, render_prompt, tokenize_examples
+from tunesmith.errors import DataError
+
+SECRET = "SECRETWORD"
+
+
+def make_cfg(train: Path, fmt: str = "instruction", **data):
+    return config_from_dict({"data": {"train": str(train), "format": fmt, **data}})
+
+
+def good_row(i: int) -> dict:
+    return {"instruction": f"{SECRET} question {i}", "output": f"{SECRET} answer {i}"}
+
+
+def write_mixed_jsonl(path: Path, n_extra_good: int = 0) -> Path:
+    """Line 1 good, 2 truncated JSON, 3 array, 4 no `output`, 5 invalid UTF-8, 6 good with CRLF, then
+    `n_extra_good` good rows, then a blank line."""
+    lines = [
+        json.dumps(good_row(1)).encode(),
+        f'{{"instruction": "{SECRET} cut", "output": "{SECRET} cu'.encode(),
+        json.dumps([SECRET, "array"]).encode(),
+        json.dumps({"instruction": f"{SECRET} no output"}).encode(),
+        b'{"instruction": "' + SECRET.encode() + b' \xff bad byte", "output": "' + SECRET.encode() + b'"}',
+        json.dumps(good_row(6)).encode() + b"\r",
+    ]
+    lines += [json.dumps(good_row(100 + i)).encode() for i in range(n_extra_good)]
+    path.write_bytes(b"\n".join(lines) + b"\n\n")
+    return path
+
+
+MIXED_CODES = {2: "malformed_json", 3: "not_an_object", 4: "missing_column", 5: "invalid_utf8"}
+
+
+# --- JSONL --------------------------------------------------------------------------------------------
+
+
+def test_jsonl_problems_by_line_without_row_text(tmp_path):
+    path = write_mixed_jsonl(tmp_path / "train.jsonl")
+    cfg = make_cfg(path)
+    raw = read_source(str(path))
+    examples, problems = parse_rows(raw, cfg.data)
+
+    assert {int(p.where.rsplit(":", 1)[1]): p.code for p in problems} == MIXED_CODES
+    for p in problems:
+        assert p.where.startswith(f"{path}:")
+    assert [ex.where for ex in examples] == [f"{path}:1", f"{path}:6"]
+    # The CRLF row parses, and the \r does not leak into the text.
+    crlf = examples[1]
+    assert crlf.completion == f"{SECRET} answer 6"
+    assert crlf.prompt == [{"role": "user", "content": f"{SECRET} question 6"}]
+    assert raw.total == 6  # the trailing blank line is neither a row nor a problem
+    # Training data may be private: no problem quotes a row's content.
+    for p in problems:
+        assert SECRET not in str(p)
+        assert SECRET not in p.message
+
+
+def test_load_examples_error_policy_lists_every_bad_line(tmp_path):
+    path = write_mixed_jsonl(tmp_path / "train.jsonl", n_extra_good=10)
+    with pytest.raises(DataError) as info:
+        load_examples(make_cfg(path))
+    err = info.value
+    assert len(err.problems) == 4
+    for line in MIXED_CODES:
+        assert any(p.startswith(f"{path}:{line}: ") for p in err.problems), (line, err.problems)
+    assert SECRET not in str(err)
+    assert "on_error=skip" in err.hint
+
+
+def test_load_examples_skip_counts_bad_rows(tmp_path):
+    path = write_mixed_jsonl(tmp_path / "train.jsonl", n_extra_good=10)  # 12 good, 4 bad
+    ex = load_examples(make_cfg(path, on_error="skip", max_bad_fraction=0.5))
+    assert ex.report["bad_rows"] == {"malformed_json": 1, "not_an_object": 1, "missing_column": 1, "invalid_utf8": 1}
+    assert ex.report["rows"]["train"] + ex.report["rows"]["validation"] == 12
+    kept = {e.where for part in ex.splits.values() for e in part}
+    assert len(kept) == 12
+    assert not any(w.endswith((":2", ":3", ":4", ":5")) for w in kept)
+
+
+def test_load_examples_skip_aborts_above_max_bad_fraction(tmp_path):
+    path = write_mixed_jsonl(tmp_path / "train.jsonl", n_extra_good=10)  # 4 of 16 bad = 25%
+    with pytest.raises(DataError) as info:
+        load_examples(make_cfg(path, on_error="skip", max_bad_fraction=0.2))
+    assert "max_bad_fraction" in info.value.title
+    assert "4 of 16" in info.value.title
+    assert "invalid_utf8: 1" in info.value.problems
+
+
+def test_utf8_bom_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(good_row(1)).encode() + b"\n" + json.dumps(good_row(2)).encode())
+    raw = read_source(str(path))
+    assert raw.problems == []
+    assert [w for w, _ in raw.rows] == [f"{path}:1", f"{path}:2"]
+    assert raw.rows[0][1] == good_row(1)
+
+
+def test_utf16_file_refused(tmp_path):
+    path = tmp_path / "utf16.jsonl"
+    path.write_bytes((json.dumps(good_row(1)) + "\n").encode("utf-16"))
+    assert path.read_bytes()[:2] == b"\xff\xfe"
+    with pytest.raises(DataError) as info:
+        read_source(str(path))
+    assert "UTF-16" in str(info.value)
+    with pytest.raises(DataError):
+        load_examples(make_cfg(path))
+
+
+def test_nul_byte_and_lone_surrogate(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(
+        json.dumps(good_row(1)).encode() + b"\n"
+        + b'{"instruction": "' + SECRET.encode() + b'\x00", "output": "x"}\n'
+        + b'{"instruction": "' + SECRET.encode() + b' \\ud800", "output": "x"}\n'
+    )
+    raw = read_source(str(path))
+    examples, problems = parse_rows(raw, make_cfg(path).data)
+    assert [(p.where, p.code) for p in problems] == [(f"{path}:2", "nul_byte"), (f"{path}:3", "invalid_unicode")]
+    assert len(examples) == 1
+    assert all(SECRET not in str(p) for p in problems)
+
+
+def test_missing_data_file(tmp_path):
+    with pytest.raises(DataError) as info:
+        load_examples(make_cfg(tmp_path / "absent.jsonl"))
+    assert "not found" in str(info.value)
+
+
+# --- CSV and Parquet ------------------------------------------------------------------------------------
+
+
+def test_csv_quoted_field_with_embedded_newline(tmp_path):
+    path = tmp_path / "train.csv"
+    text = 'instruction,input,output\n"line one\nline two",,out one\nplain,"with, comma",out two\n'
+    path.write_text(text, encoding="utf-8")
+    expected = list(csv.DictReader(io.StringIO(text, newline="")))
+    raw = read_source(str(path))
+    examples, problems = parse_rows(raw, make_cfg(path).data)
+    assert problems == []
+    assert len(examples) == len(expected) == 2
+    assert examples[0].prompt[0]["content"] == "line one\nline two"
+    assert examples[1].prompt[0]["content"] == "plain\n\nwith, comma"
+    assert [ex.completion for ex in examples] == ["out one", "out two"]
+    # A record spanning lines 2-3 puts the next record on line 4.
+    assert [ex.where for ex in examples] == [f"{path}:2", f"{path}:4"]
+
+
+def test_csv_missing_required_column(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("instruction,input\na,b\n")
+    with pytest.raises(DataError) as info:
+        parse_rows(read_source(str(path)), make_cfg(path).data)
+    assert "'output'" in info.value.title
+    assert info.value.title.startswith(f"{path}:1:")
+    assert info.value.hint is None
+
+
+def test_csv_semicolon_delimiter_hint(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("instruction;input;output\na;b;c\nd;e;f\n")
+    with pytest.raises(DataError) as info:
+        load_examples(make_cfg(path))
+    assert "delimiter" in (info.value.hint or "")
+
+
+def test_csv_field_count_mismatch_is_a_problem(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("instruction,input,output\na,b,c\nd,e\nf,g,h,i\n")
+    raw = read_source(str(path))
+    assert [(p.where, p.code) for p in raw.problems] == [(f"{path}:3", "field_count"), (f"{path}:4", "field_count")]
+    assert len(raw.rows) == 1
+
+
+def test_tsv_is_tab_separated(tmp_path):
+    path = tmp_path / "train.tsv"
+    path.write_text("instruction\tinput\toutput\na, b\t\tc\n")
+    examples, problems = parse_rows(read_source(str(path)), make_cfg(path).data)
+    assert problems == []
+    assert [(ex.prompt[0]["content"], ex.completion) for ex in examples] == [("a, b", "c")]
+
+
+def test_parquet_round_trip(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = instruction_rows(5)
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    raw = read_source(str(path))
+    assert [r for _, r in raw.rows] == rows
+    examples, problems = parse_rows(raw, make_cfg(path).data)
+    assert problems == []
+    assert [ex.id for ex in examples] == [r["id"] for r in rows]
+    assert [ex.completion for ex in examples] == [r["output"] for r in rows]
+    assert examples[2].where == f"{path}:row 3"
+
+
+# --- split, dedup, leakage, fingerprint -----------------------------------------------------------------
+
+
+def _split_ids(path: Path, seed: int) -> tuple[list[str], list[str]]:
+    cfg = config_from_dict({"seed": seed, "data": {"train": str(path), "format": "instruction"}})
+    ex = load_examples(cfg)
+    return [e.id for e in ex.splits["train"]], [e.id for e in ex.splits["validation"]]
+
+
+def test_split_is_deterministic_per_seed(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", instruction_rows(40))
+    train0, val0 = _split_ids(path, 0)
+    assert len(val0) == 4 and len(train0) == 36
+    assert set(train0).isdisjoint(val0)
+    assert set(train0) | set(val0) == {f"r{i}" for i in range(40)}
+    assert _split_ids(path, 0) == (train0, val0)
+    train1, val1 = _split_ids(path, 1)
+    assert len(val1) == 4
+    assert set(val1) != set(val0)
+    # Each part keeps file order.
+    assert train0 == sorted(train0, key=lambda s: int(s[1:]))
+
+
+def test_split_with_test_fraction(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", instruction_rows(40))
+    ex = load_examples(make_cfg(path, validation_fraction=0.1, test_fraction=0.2))
+    assert ex.report["rows"] == {"train": 28, "validation": 4, "test": 8}
+    ids = [e.id for part in ex.splits.values() for e in part]
+    assert len(ids) == len(set(ids)) == 40
+
+
+def test_classification_split_is_stratified(tmp_path):
+    counts = {"alpha": 30, "beta": 20, "gamma": 10}
+    rows = [{"text": f"{label} text {i}", "label": label} for label, n in counts.items() for i in range(n)]
+    rows = [rows[(i * 7) % len(rows)] for i in range(len(rows))]  # interleave labels (7 is coprime to 60)
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    ex = load_examples(make_cfg(path, "classification", validation_fraction=0.2))
+    assert ex.labels == ["alpha", "beta", "gamma"]
+    val = Counter(e.label for e in ex.splits["validation"])
+    train = Counter(e.label for e in ex.splits["train"])
+    for label, n in counts.items():
+        assert abs(val[label] - 0.2 * n) <= 1, (label, val)
+        assert val[label] + train[label] == n
+    assert ex.report["labels"]["validation"] == dict(val)
+
+
+def test_dedup_exact_and_normalized(tmp_path):
+    rows = instruction_rows(20)
+    exact = dict(rows[0], id="dup-exact")
+    normalized = dict(rows[1], id="dup-norm", instruction="  REVERSE   the\tWords ", output=rows[1]["output"].upper())
+    path = write_jsonl(tmp_path / "train.jsonl", rows + [exact, normalized])
+    val = write_jsonl(tmp_path / "val.jsonl", instruction_rows(3, seed=99))
+    ex = load_examples(make_cfg(path, validation=str(val)))
+    assert ex.report["train_duplicates"] == {"exact_duplicates": 1, "normalized_duplicates": 1}
+    ids = [e.id for e in ex.splits["train"]]
+    assert len(ids) == 20 and "dup-exact" not in ids and "dup-norm" not in ids
+
+    no_dedup = load_examples(make_cfg(path, validation=str(val), dedup=False))
+    assert len(no_dedup.splits["train"]) == 22
+    assert "train_duplicates" not in no_dedup.report
+
+
+def test_validation_overlap_removed(tmp_path):
+    rows = instruction_rows(20)
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    leak = dict(rows[5], id="leak", output=rows[5]["output"].upper())  # same after normalisation
+    val_rows = [{"id": f"v{i}", "instruction": "sort the numbers", "output": str(i)} for i in range(4)] + [leak]
+    val = write_jsonl(tmp_path / "val.jsonl", val_rows)
+    ex = load_examples(make_cfg(path, validation=str(val)))
+    assert ex.report["validation_overlap_removed"] == 1
+    assert [e.id for e in ex.splits["validation"]] == ["v0", "v1", "v2", "v3"]
+    assert ex.report["rows"] == {"train": 20, "validation": 4}
+
+
+def test_fingerprint_changes_with_training_data(tmp_path):
+    rows = instruction_rows(20)
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    fp = load_examples(make_cfg(path)).fingerprint
+    assert len(fp) == 64
+    assert load_examples(make_cfg(path)).fingerprint == fp
+    changed = [dict(r) for r in rows]
+    changed[3]["output"] = "a different answer"
+    write_jsonl(path, changed)
+    assert load_examples(make_cfg(path)).fingerprint != fp
+    # The seed changes the split, so it changes the fingerprint too.
+    write_jsonl(path, rows)
+    other_seed = config_from_dict({"seed": 5, "data": {"train": str(path), "format": "instruction"}})
+    assert load_examples(other_seed).fingerprint != fp
+
+
+def test_fingerprint_changes_on_case_only_edit(tmp_path):
+    rows = instruction_rows(20)
+    val = write_jsonl(tmp_path / "val.jsonl", [{"instruction": "sort the numbers", "output": "1 2"}])
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    fp = load_examples(make_cfg(path, validation=str(val))).fingerprint
+    changed = [dict(r) for r in rows]
+    changed[3]["output"] = changed[3]["output"].upper()
+    write_jsonl(path, changed)
+    ex = load_examples(make_cfg(path, validation=str(val)))
+    assert ex.splits["train"][3].completion == rows[3]["output"].upper()  # the trained text did change
+    assert ex.fingerprint != fp
+
+
+# --- classification labels ------------------------------------------------------------------------------
+
+
+def test_classification_label_problems(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [
+        {"text": f"{SECRET} good", "label": "pos"},
+        {"text": f"{SECRET} unknown", "label": "maybe"},
+        {"text": f"{SECRET} null", "label": None},
+        {"text": f"{SECRET} int", "label": 1},
+        {"text": f"{SECRET} list", "label": ["pos"]},
+    ])
+    cfg = make_cfg(path, "classification", labels=["pos", "neg", "1"])
+    examples, problems = parse_rows(read_source(str(path)), cfg.data)
+    assert [(p.where, p.code) for p in problems] == [
+        (f"{path}:2", "unknown_label"), (f"{path}:3", "bad_label"), (f"{path}:5", "bad_label")]
+    assert [(ex.where, ex.label) for ex in examples] == [(f"{path}:1", "pos"), (f"{path}:4", "1")]
+    assert all(SECRET not in str(p) for p in problems)
+
+
+def test_empty_csv_label_is_a_problem(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("text,label\nhello,pos\nworld,\n")
+    examples, problems = parse_rows(read_source(str(path)), make_cfg(path, "classification").data)
+    assert [ex.label for ex in examples] == ["pos"]
+    assert [(p.where, p.code) for p in problems] == [(f"{path}:3", "bad_label")]
+
+
+def test_label_only_in_validation_refused(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl",
+                        [{"text": f"t{i}", "label": "pos" if i % 2 else "neg"} for i in range(10)])
+    val = write_jsonl(tmp_path / "val.jsonl", [{"text": "v1", "label": "pos"}, {"text": "v2", "label": "neutral"}])
+    with pytest.raises(DataError) as info:
+        load_examples(make_cfg(train, "classification", validation=str(val)))
+    assert info.value.problems == ["'neutral'"]
+    # With the label set given, it is accepted (and counted per split).
+    ex = load_examples(make_cfg(train, "classification", validation=str(val), labels=["neg", "pos", "neutral"]))
+    assert ex.report["labels"]["validation"] == {"pos": 1, "neutral": 1}
+
+
+# --- tokenization -----------------------------------------------------------------------------------------
+
+
+def n_text_tokens(tok, text: str) -> int:
+    return len(tok(text + tok.eos_token, add_special_tokens=False)["input_ids"])
+
+
+def text_of_length(tok, n: int, char: str = "x") -> str:
+    """A `text`-format row whose tokenized length (with the eos the text format appends) is exactly n."""
+    for k in range(1, 20 * n):
+        if n_text_tokens(tok, char * k) == n:
+            return char * k
+    raise AssertionError(f"no text of {n} tokens")
+
+
+def prompt_of_length(tok, n: int) -> str:
+    """A user message whose rendered prompt (template + generation prompt) is exactly n tokens."""
+    for k in range(0, 20 * n):
+        content = "x" * k
+        if len(tok(render_prompt(tok, [{"role": "user", "content": content}]), add_special_tokens=False)["input_ids"]) == n:
+            return content
+    raise AssertionError(f"no prompt of {n} tokens")
+
+
+def test_completion_only_labels_mask_the_prompt(tiny_tokenizer, tmp_path):
+    tok = tiny_tokenizer
+    ex = Example("f.jsonl:1", "a", prompt=[{"role": "user", "content": "reverse the words one two"}],
+                 completion="two one")
+    cfg = make_cfg(tmp_path / "unused.jsonl", max_length=256)
+    prompt_ids = tok(render_prompt(tok, ex.prompt), add_special_tokens=False)["input_ids"]
+    out = tokenize_examples([ex], tok, cfg.data)
+    assert len(out.rows) == 1
+    row = out.rows[0]
+    n_p = len(prompt_ids)
+    assert n_p > 0 and len(row.input_ids) > n_p + 1
+    assert row.input_ids[:n_p] == prompt_ids
+    assert row.labels[:n_p] == [IGNORE] * n_p
+    assert row.labels[n_p:] == row.input_ids[n_p:]
+    assert IGNORE not in row.labels[n_p:]
+    assert tok.decode(row.input_ids[n_p:]) == "two one<|im_end|>\n"
+    assert row.n_trainable == len(row.input_ids) - n_p
+
+    all_cfg = make_cfg(tmp_path / "unused.jsonl", max_length=256, completion_only_loss=False)
+    row_all = tokenize_examples([ex], tok, all_cfg.data).rows[0]
+    assert row_all.input_ids == row.input_ids
+    assert row_all.labels == row_all.input_ids
+
+
+def test_text_format_trains_on_every_token(tiny_tokenizer, tmp_path):
+    cfg = make_cfg(tmp_path / "unused.jsonl", "text", max_length=64)
+    row = tokenize_examples([Example("f:1", "t", text="one two three")], tiny_tokenizer, cfg.data).rows[0]
+    assert row.labels == row.input_ids
+    assert row.input_ids[-1] == tiny_tokenizer.eos_token_id
+    assert len(row.input_ids) == n_text_tokens(tiny_tokenizer, "one two three")
+
+
+MAXLEN = 32
+
+
+@pytest.fixture
+def length_examples(tiny_tokenizer) -> list[Example]:
+    lengths = [MAXLEN - 1, MAXLEN, MAXLEN + 1, 10 * MAXLEN]
+    texts = [text_of_length(tiny_tokenizer, n) for n in lengths]
+    assert [n_text_tokens(tiny_tokenizer, t) for t in texts] == lengths
+    return [Example(f"f.jsonl:{i + 1}", f"t{i}", text=t) for i, t in enumerate(texts)]
+
+
+def test_overlength_drop(tiny_tokenizer, tmp_path, length_examples):
+    cfg = make_cfg(tmp_path / "u.jsonl", "text", max_length=MAXLEN, overlength="drop")
+    out = tokenize_examples(length_examples, tiny_tokenizer, cfg.data)
+    assert [r.id for r in out.rows] == ["t0", "t1"]
+    assert [len(r.input_ids) for r in out.rows] == [MAXLEN - 1, MAXLEN]
+    assert out.counts == {"truncated": 0, "dropped_overlength": 2, "dropped_no_trainable": 0}
+    assert out.overlength == ["f.jsonl:3", "f.jsonl:4"]
+    assert out.lengths == [MAXLEN - 1, MAXLEN, MAXLEN + 1, 10 * MAXLEN]
+
+
+def test_overlength_truncate(tiny_tokenizer, tmp_path, length_examples):
+    cfg = make_cfg(tmp_path / "u.jsonl", "text", max_length=MAXLEN, overlength="truncate")
+    out = tokenize_examples(length_examples, tiny_tokenizer, cfg.data)
+    assert [r.id for r in out.rows] == ["t0", "t1", "t2", "t3"]
+    assert [len(r.input_ids) for r in out.rows] == [MAXLEN - 1, MAXLEN, MAXLEN, MAXLEN]
+    assert all(len(r.labels) == len(r.input_ids) for r in out.rows)
+    assert out.counts == {"truncated": 2, "dropped_overlength": 0, "dropped_no_trainable": 0}
+    # Truncation keeps the start.
+    full = tiny_tokenizer(length_examples[3].text + tiny_tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    assert out.rows[3].input_ids == full[:MAXLEN]
+
+
+def test_overlength_error_names_file_and_line(tiny_tokenizer, tmp_path, length_examples):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": ex.text} for ex in length_examples])
+    val = write_jsonl(tmp_path / "val.jsonl", [{"text": "one two"}])
+    cfg = make_cfg(train, "text", validation=str(val), max_length=MAXLEN, overlength="error")
+    examples = load_examples(cfg)
+    with pytest.raises(DataError) as info:
+        tokenize_splits(cfg, examples, tiny_tokenizer)
+    assert len(info.value.problems) == 2
+    assert info.value.problems[0].startswith(f"{train}:3: ")
+    assert info.value.problems[1].startswith(f"{train}:4: ")
+    assert "data.max_length=32" in info.value.problems[0]
+
+    ok = make_cfg(train, "text", validation=str(val), max_length=MAXLEN, overlength="drop")
+    examples = load_examples(ok)
+    out = tokenize_splits(ok, examples, tiny_tokenizer)
+    assert len(out["train"].rows) == 2
+    assert examples.report["tokens"]["train"]["dropped_overlength"] == 2
+    assert examples.report["tokens"]["train"]["token_lengths"]["max"] == 10 * MAXLEN
+
+
+def test_truncation_that_cuts_the_whole_completion_drops_the_row(tiny_tokenizer, tmp_path):
+    tok = tiny_tokenizer
+    exact = prompt_of_length(tok, MAXLEN)  # prompt fills max_length: nothing of the completion survives
+    one_short = prompt_of_length(tok, MAXLEN - 1)  # one completion token survives
+    examples = [
+        Example("f:1", "full", prompt=[{"role": "user", "content": exact}], completion="one two three"),
+        Example("f:2", "longer", prompt=[{"role": "user", "content": exact + "x" * 40}], completion="one"),
+        Example("f:3", "keep", prompt=[{"role": "user", "content": one_short}], completion="one two three"),
+    ]
+    cfg = make_cfg(tmp_path / "u.jsonl", "prompt_completion", max_length=MAXLEN, overlength="truncate")
+    out = tokenize_examples(examples, tok, cfg.data)
+    assert out.counts == {"truncated": 3, "dropped_overlength": 0, "dropped_no_trainable": 2}
+    assert [r.id for r in out.rows] == ["keep"]
+    row = out.rows[0]
+    assert len(row.input_ids) == MAXLEN
+    assert row.labels[:-1] == [IGNORE] * (MAXLEN - 1)
+    assert row.labels[-1] == row.input_ids[-1] != IGNORE
+    assert row.n_trainable == 1
+
+
+# --- CLI: tunesmith data check -----------------------------------------------------------------------------
+
+
+def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunesmith", *args], capture_output=True, text=True,
+                          timeout=180, cwd=cwd)
+
+
+def test_cli_data_check_prints_report(tiny_config, tmp_path):
+    path = write_config(tmp_path, tiny_config)
+    proc = _run_cli("data", "check", str(path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["rows"]["train"] == 48
+    assert 1 <= report["rows"]["validation"] <= 12
+    assert report["tokens"]["train"]["rows"] == 48
+    assert len(report["fingerprint"]) == 64
+
+
+def test_cli_data_check_bad_rows_exit_2(tiny_config, tmp_path):
+    train = Path(tiny_config["data"]["train"])
+    lines = train.read_text().splitlines()
+    lines[2] = lines[2][:-5]  # truncate the JSON on line 3
+    train.write_text("\n".join(lines) + "\n")
+    path = write_config(tmp_path, tiny_config)
+    proc = _run_cli("data", "check", str(path), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert f"{train}:3: malformed JSON" in proc.stderr
+    assert proc.stdout == ""
