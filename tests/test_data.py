@@ -515,3 +515,14 @@ def test_cli_data_check_bad_rows_exit_2(tiny_config, tmp_path):
     assert "Traceback" not in proc.stderr
     assert f"{train}:3: malformed JSON" in proc.stderr
     assert proc.stdout == ""
+
+
+def test_saved_hf_dataset_directory_is_a_source(tmp_path):
+    import datasets
+
+    from tunesmith.data.sources import read_source
+
+    datasets.Dataset.from_list([{"text": "a b", "label": "x"}, {"text": "c d", "label": "y"}]).save_to_disk(tmp_path / "ds")
+    raw = read_source(str(tmp_path / "ds"))
+    assert [r for _, r in raw.rows] == [{"text": "a b", "label": "x"}, {"text": "c d", "label": "y"}]
+    assert raw.rows[1][0].endswith(":row 2")

@@ -39,14 +39,28 @@ def train(
     Example: tunesmith train examples/alpaca-smollm2.yaml train.lr=1e-4 peft.r=8
     """
     from tunesmith.config import load_config
-    from tunesmith.recipes import causal_lm
+    from tunesmith.recipes import recipe_for
 
     cfg = load_config(config, overrides)
-    if cfg.data.format == "classification":
-        raise UserError("data.format=classification has no training recipe yet",
-                        hint="Use instruction, chat, prompt_completion or text.")
-    run = causal_lm.train(cfg, resume=resume, overwrite=overwrite)
+    run = recipe_for(cfg).train(cfg, resume=resume, overwrite=overwrite)
     _console().print(f"Run directory: {run.path}")
+
+
+@app.command("eval")
+def eval_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory (runs/<name>).")],
+    split: Annotated[str, typer.Option(help="validation or test.")] = "validation",
+    data: Annotated[Optional[str], typer.Option(help="Score this data file instead (same format as training).")] = None,
+) -> None:
+    """Score the base and the fine-tuned model on a split (or a file) with the task's metrics.
+
+    Example: tunesmith eval runs/commongen --split test
+    """
+    from tunesmith.evaluate_run import evaluate_run
+
+    if split not in ("validation", "test"):
+        raise UserError(f"--split must be validation or test, not {split!r}")
+    evaluate_run(str(run), split, data)
 
 
 @data_app.command("check")
@@ -120,7 +134,7 @@ def generate_cmd(
     model, tokenizer, cfg = load_finetuned(RunDir.open(run))
     if cfg.data.system_prompt:
         prompts = [[{"role": "system", "content": cfg.data.system_prompt}] + p for p in prompts]
-    outputs = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    outputs, _ = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
     if prompt is not None:
         print(outputs[0])
     else:

@@ -69,13 +69,23 @@ class PeftConfig(Strict):
         return self
 
 
-FORMATS = ("instruction", "chat", "prompt_completion", "text", "classification")
+FORMATS = ("instruction", "chat", "prompt_completion", "summarization", "concepts", "text", "classification")
 CANONICAL_COLUMNS = {
     "instruction": ("instruction", "input", "output"),
     "chat": ("messages",),
     "prompt_completion": ("prompt", "completion"),
+    "summarization": ("document", "summary"),
+    "concepts": ("concepts", "target", "references"),
     "text": ("text",),
     "classification": ("text", "label"),
+}
+TASKS = ("instruction", "summarization", "constrained_generation", "language_modeling", "classification")
+DEFAULT_TASK = {"instruction": "instruction", "chat": "instruction", "prompt_completion": "instruction",
+                "summarization": "summarization", "concepts": "constrained_generation", "text": "language_modeling",
+                "classification": "classification"}
+DEFAULT_PROMPTS = {
+    "summarization": "Summarize the following document in plain English.",
+    "concepts": "Write one short sentence that uses all of these words:",
 }
 
 
@@ -84,8 +94,11 @@ class DataConfig(Strict):
     validation: str | None = Field(None, description="Validation data; if absent it is split off `train`.")
     test: str | None = Field(None, description="Optional test data, evaluated before/after like validation.")
     hub_split: str = Field("train", description="Split to read when `train` is a hub dataset id.")
-    format: Literal["instruction", "chat", "prompt_completion", "text", "classification"] = Field(
+    format: Literal["instruction", "chat", "prompt_completion", "summarization", "concepts", "text", "classification"] = Field(
         "instruction", description="Row format: " + ", ".join(FORMATS) + "."
+    )
+    prompt: str | None = Field(
+        None, description="Instruction put before each document (summarization) or concept list (concepts)."
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
@@ -141,6 +154,9 @@ class TrainConfig(Strict):
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
     max_consecutive_skips: int = Field(10, ge=1, description="Non-finite steps in a row before the run halts.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast where the hardware has it.")
+    chunked_loss: bool = Field(
+        True, description="Project only target positions to the vocabulary, in chunks (same loss, far less memory)."
+    )
 
 
 class EvalConfig(Strict):
@@ -150,10 +166,27 @@ class EvalConfig(Strict):
     max_rows: int | None = Field(None, gt=0, description="Evaluate on at most this many rows per split.")
     max_new_tokens: int = Field(64, gt=0, description="Generation length for sample outputs.")
     samples: int = Field(2, ge=0, description="Example outputs (base vs fine-tuned vs reference) shown at the end.")
+    generate_rows: int | None = Field(
+        64, gt=0, description="Rows scored with generation metrics (ROUGE, BLEU, coverage) per split; None: all."
+    )
+    baseline_model: str | None = Field(
+        None, description="Classification: an instruction model prompted zero-shot as the 'before' row "
+        "(e.g. smollm2-135m-instruct); without it the 'before' is the majority-class baseline.",
+    )
+
+
+class RetentionSet(Strict):
+    name: str = Field(..., description="Label in tables, e.g. wikitext2-en.")
+    data: str = Field(..., description="General text (JSONL/CSV/Parquet/HF) whose perplexity should not rise.")
+    column: str = Field("text", description="Column holding the text.")
+    max_rows: int | None = Field(200, gt=0, description="Rows evaluated (the first N).")
 
 
 class Config(Strict):
     name: str = Field("run", description="Run name: the run directory is <output_dir>/<name>/.")
+    task: Literal["instruction", "summarization", "constrained_generation", "language_modeling", "classification"] | None = Field(
+        None, description="Task family, which picks the metrics; default follows data.format."
+    )
     output_dir: str = Field("runs", description="Directory holding run directories.")
     seed: int = Field(0, description="Seed for splits, shuffling, initialisation and dropout.")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -161,6 +194,9 @@ class Config(Strict):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    retention: list[RetentionSet] = Field(
+        default_factory=list, description="General-text sets whose perplexity is measured before and after."
+    )
 
     @field_validator("name")
     @classmethod
@@ -168,6 +204,16 @@ class Config(Strict):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
             raise ValueError("use letters, digits, '.', '_' and '-' (it becomes a directory name)")
         return v
+
+    @model_validator(mode="after")
+    def _task_fits_format(self) -> Config:
+        if self.task is not None and (self.task == "classification") != (self.data.format == "classification"):
+            raise ValueError(f"task '{self.task}' does not fit data.format '{self.data.format}'")
+        return self
+
+    @property
+    def task_name(self) -> str:
+        return self.task or DEFAULT_TASK[self.data.format]
 
     @property
     def run_dir(self) -> Path:

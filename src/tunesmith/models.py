@@ -139,6 +139,25 @@ def load_causal_lm(path: str, mcfg: ModelConfig):
     return model
 
 
+def load_classifier(path: str, mcfg: ModelConfig, labels: list[str]):
+    """An encoder (or decoder) with a fresh classification head sized to the label set."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    kw = _load_kwargs(mcfg)
+    try:
+        config = AutoConfig.from_pretrained(path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                                            label2id={lab: i for i, lab in enumerate(labels)}, **kw)
+        if mcfg.dropout is not None:
+            _set_dropout(config, mcfg.dropout)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, dtype=getattr(torch, mcfg.dtype), **kw)
+    except (OSError, ValueError) as err:
+        raise UserError(f"Could not load '{mcfg.name}' as a classifier: {err}") from None
+    if model.config.pad_token_id is None and getattr(config, "eos_token_id", None) is not None:
+        model.config.pad_token_id = config.eos_token_id  # decoder classifiers find the last token by padding
+    return model
+
+
 def apply_peft(model, pcfg: PeftConfig, task_type: str = "CAUSAL_LM"):
     if pcfg.method == "lora":
         from peft import LoraConfig, get_peft_model

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.table import Table
 
 from tunesmith.models import count_parameters
 from tunesmith.training.progress import console
+
+# Metrics shown in the before/after table, in this order, with whether higher is better.
+SHOWN = {"loss": False, "perplexity": False, "accuracy": True, "macro_f1": True, "rouge1": True, "rouge2": True,
+         "rougeL": True, "bleu4": True, "coverage": True, "all_concepts": True, "mean_output_words": None,
+         "stopped_on_own": True}
 
 
 def print_setup(s) -> None:
@@ -14,9 +20,9 @@ def print_setup(s) -> None:
     t = cfg.train
     eff = t.batch_size * t.grad_accum * s.accelerator.num_processes
     lines = [
-        f"model      {cfg.model.name} ({s.model_path}) on {s.accelerator.device}, {cfg.peft.method}",
+        f"task       {cfg.task_name}; model {cfg.model.name} on {s.accelerator.device}, {cfg.peft.method}",
         f"params     {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)",
-        f"data       " + ", ".join(f"{k} {v}" for k, v in rep["rows"].items()) + f"; fingerprint {rep['fingerprint'][:12]}",
+        "data       " + ", ".join(f"{k} {v}" for k, v in rep["rows"].items()) + f"; fingerprint {rep['fingerprint'][:12]}",
         f"batch      {t.batch_size} x {t.grad_accum} accum x {s.accelerator.num_processes} proc = {eff} rows/step",
         f"steps      {s.plan.steps_per_epoch}/epoch, {s.total_steps} total, lr {t.lr:g} {t.schedule}",
     ]
@@ -25,35 +31,47 @@ def print_setup(s) -> None:
         lens = info["token_lengths"]
         lines.append(f"tokens     {name}: p50 {lens.get('p50')} p95 {lens.get('p95')} max {lens.get('max')}"
                      + (f"; {cut}" if cut else ""))
-    removed = {k: v for k, v in rep.items() if ("duplicates" in k or "overlap" in k) and v}
+    removed = {k: v for k, v in rep.items() if ("duplicates" in k or "overlap" in k) and v and any(
+        (v.values() if isinstance(v, dict) else [v]))}
     if removed or rep.get("bad_rows"):
         lines.append(f"removed    {removed} bad rows {rep.get('bad_rows') or {}}")
-    console.print("\n".join(lines))
+    console.print("\n".join(lines), soft_wrap=True)
 
 
 def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) and abs(v) < 10 else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def _change(b, f, higher_better) -> str:
+    if not isinstance(b, (int, float)) or not isinstance(f, (int, float)):
+        return "-"
+    delta = f - b
+    mark = "" if higher_better is None or delta == 0 else (" ✓" if (delta > 0) == higher_better else " ✗")
+    return f"{delta:+.4g}{mark}"
 
 
 def before_after_table(report: dict) -> Table:
-    table = Table(title="Before / after fine-tuning (held-out data)")
+    table = Table(title=f"Before / after fine-tuning ({report.get('task', '')}, held-out data)")
     for col in ("split", "metric", "base", "fine-tuned", "change"):
         table.add_column(col, justify="left" if col in ("split", "metric") else "right")
     base, ft = report.get("base", {}), report.get("finetuned", {})
-    for split in ("validation", "test"):
-        if split not in ft:
-            continue
-        for metric in ("loss", "perplexity"):
-            b, f = base.get(split, {}).get(metric), ft[split].get(metric)
-            change = f"{100 * (f - b) / b:+.1f}%" if b else "-"
-            table.add_row(split, metric, _fmt(b), _fmt(f), change)
+    for split in [k for k in ft if k not in ("samples", "retention")]:
+        for metric, higher in SHOWN.items():
+            if metric in ft[split]:
+                b, f = base.get(split, {}).get(metric), ft[split][metric]
+                table.add_row(split, metric, _fmt(b), _fmt(f), _change(b, f, higher))
+    for name, m in ft.get("retention", {}).items():
+        b = base.get("retention", {}).get(name, {}).get("perplexity")
+        table.add_row(f"retention:{name}", "perplexity", _fmt(b), _fmt(m["perplexity"]), _change(b, m["perplexity"], False))
+    if "note" in base:
+        table.caption = f"base: {base['note']}"
     return table
 
 
 def print_before_after(report: dict) -> None:
     console.print(before_after_table(report))
     for sample in report.get("samples", []):
-        console.print(f"[bold]prompt[/]     {str(sample['prompt'])[:300]}")
+        console.print(f"[bold]prompt[/]     {escape(str(sample.get('prompt'))[:300])}")
         for key in ("base", "finetuned", "reference"):
-            console.print(f"[bold]{key:10}[/] {str(sample.get(key))[:300]}")
+            console.print(f"[bold]{key:10}[/] {escape(str(sample.get(key))[:300])}")
         console.print()

@@ -4,6 +4,8 @@ Formats (``data.format``):
 - instruction: instruction, input (optional), output -> a chat prompt and a completion
 - chat: messages [{role, content}, ...] ending with an assistant turn
 - prompt_completion: prompt, completion
+- summarization: document, summary -> data.prompt + document as the prompt, summary as the completion
+- concepts: concepts (list), target, references (optional list) -> constrained generation (CommonGen)
 - text: text (continued pre-training; loss on every token)
 - classification: text, label
 """
@@ -13,13 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tunesmith.config import CANONICAL_COLUMNS, DataConfig
+from tunesmith.config import CANONICAL_COLUMNS, DEFAULT_PROMPTS, DataConfig
 from tunesmith.data.sources import Problem, RawRows
 
 REQUIRED = {
     "instruction": ("instruction", "output"),
     "chat": ("messages",),
     "prompt_completion": ("prompt", "completion"),
+    "summarization": ("document", "summary"),
+    "concepts": ("concepts", "target"),
     "text": ("text",),
     "classification": ("text", "label"),
 }
@@ -34,6 +38,8 @@ class Example:
     completion: str | None = None
     text: str | None = None
     label: str | None = None
+    references: list[str] | None = None  # all acceptable answers, when the data has several
+    concepts: list[str] | None = None
 
     def key_fields(self) -> tuple:
         """What makes two examples the same, for deduplication and leakage checks."""
@@ -74,6 +80,14 @@ def _messages(value: Any) -> list[dict[str, str]]:
     return out
 
 
+def _string_list(value: Any, name: str, allow_empty: bool = False) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise RowError("wrong_type", f"column '{name}' must be a list of non-empty strings")
+    if not value and not allow_empty:
+        raise RowError("empty_field", f"column '{name}' is an empty list")
+    return value
+
+
 def _label(value: Any, labels: list[str] | None) -> str:
     if value is None or isinstance(value, (dict, list, float)):
         raise RowError("bad_label", f"label must be a string or integer, got {type(value).__name__}")
@@ -102,6 +116,18 @@ def to_example(where: str, row: dict, cfg: DataConfig, system: str | None) -> Ex
     if fmt == "prompt_completion":
         prompt = _string(row, cols["prompt"], "prompt")
         return Example(where, ex_id, head + [{"role": "user", "content": prompt}], _string(row, cols["completion"], "completion"))
+    if fmt == "summarization":
+        doc = _string(row, cols["document"], "document")
+        prompt = f"{cfg.prompt or DEFAULT_PROMPTS['summarization']}\n\n{doc}"
+        summary = _string(row, cols["summary"], "summary")
+        return Example(where, ex_id, head + [{"role": "user", "content": prompt}], summary, references=[summary])
+    if fmt == "concepts":
+        concepts = _string_list(row[cols["concepts"]], "concepts")
+        target = _string(row, cols["target"], "target")
+        refs = _string_list(row[cols["references"]], "references") if cols["references"] in row else [target]
+        prompt = f"{cfg.prompt or DEFAULT_PROMPTS['concepts']} {', '.join(concepts)}."
+        return Example(where, ex_id, head + [{"role": "user", "content": prompt}], target, references=refs,
+                       concepts=concepts)
     if fmt == "chat":
         msgs = _messages(row[cols["messages"]])
         if system and msgs[0]["role"] != "system":

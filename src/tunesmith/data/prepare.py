@@ -14,7 +14,7 @@ from tunesmith.config import Config
 from tunesmith.data import split as splitting
 from tunesmith.data.formats import Example, parse_rows
 from tunesmith.data.sources import Problem, read_source
-from tunesmith.data.tokenize import TokenizedSplit, tokenize_examples
+from tunesmith.data.tokenize import TokenizedSplit, tokenize_classification, tokenize_examples
 from tunesmith.errors import DataError
 
 MAX_LISTED = 20
@@ -107,7 +107,11 @@ def _percentiles(lengths: list[int]) -> dict[str, int]:
 
 
 def tokenize_splits(cfg: Config, examples: Examples, tokenizer) -> dict[str, TokenizedSplit]:
-    out = {name: tokenize_examples(rows, tokenizer, cfg.data) for name, rows in examples.splits.items()}
+    if cfg.data.format == "classification":
+        out = {name: tokenize_classification(rows, tokenizer, cfg.data, examples.labels)
+               for name, rows in examples.splits.items()}
+    else:
+        out = {name: tokenize_examples(rows, tokenizer, cfg.data) for name, rows in examples.splits.items()}
     over = [w for t in out.values() for w in t.overlength]
     if over and cfg.data.overlength == "error":
         listed = [f"{w}: longer than data.max_length={cfg.data.max_length} tokens" for w in over[:MAX_LISTED]]

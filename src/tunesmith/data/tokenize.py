@@ -33,6 +33,14 @@ class Tokenized:
 
 
 @dataclass
+class LabeledRow:
+    id: str
+    where: str
+    input_ids: list[int]
+    label: int  # index into the label list
+
+
+@dataclass
 class TokenizedSplit:
     rows: list[Tokenized] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=lambda: {"truncated": 0, "dropped_overlength": 0, "dropped_no_trainable": 0})
@@ -102,4 +110,24 @@ def tokenize_examples(examples: list[Example], tokenizer, cfg: DataConfig) -> To
             out.counts["dropped_no_trainable"] += 1
             continue
         out.rows.append(row)
+    return out
+
+
+def tokenize_classification(examples: list[Example], tokenizer, cfg: DataConfig, labels: list[str]) -> TokenizedSplit:
+    """Encoder inputs with the tokenizer's own special tokens ([CLS] ... [SEP]); the label as an index."""
+    out = TokenizedSplit()
+    index = {lab: i for i, lab in enumerate(labels)}
+    ids = tokenizer([ex.text for ex in examples], add_special_tokens=True)["input_ids"]
+    for ex, row_ids in zip(examples, ids):
+        out.lengths.append(len(row_ids))
+        if len(row_ids) > cfg.max_length:
+            out.overlength.append(ex.where)
+            if cfg.overlength == "drop":
+                out.counts["dropped_overlength"] += 1
+                continue
+            if cfg.overlength == "truncate":
+                out.counts["truncated"] += 1
+                # keep the closing special token ([SEP]): encoders expect it
+                row_ids = row_ids[: cfg.max_length - 1] + row_ids[-1:]
+        out.rows.append(LabeledRow(ex.id, ex.where, list(row_ids), index[ex.label]))
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from rich.progress import Progress
 
 from tunesmith.data.collate import left_pad
 from tunesmith.data.tokenize import render_prompt
@@ -10,19 +11,28 @@ from tunesmith.data.tokenize import render_prompt
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict[str, str]]], max_new_tokens: int = 128,
-             batch_size: int = 8, device=None) -> list[str]:
+             batch_size: int = 8, device=None, label: str = "generate") -> tuple[list[str], list[bool]]:
+    """Return the decoded answers and, for each, whether it ended with EOS before the length limit."""
+    from tunesmith.training.progress import console
+
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
     encoded = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    # Similar lengths in one batch: less left padding to compute through.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    outputs: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in left_pad([encoded[i] for i in idx], tokenizer.pad_token_id).items()}
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        for i, seq in zip(idx, out[:, batch["input_ids"].shape[1] :]):
-            outputs[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
+    outputs, stopped = [""] * len(prompts), [False] * len(prompts)
+    eos = tokenizer.eos_token_id
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(label, total=len(order))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in left_pad([encoded[i] for i in idx], tokenizer.pad_token_id).items()}
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+            for i, seq in zip(idx, out[:, batch["input_ids"].shape[1] :]):
+                outputs[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
+                stopped[i] = bool((seq == eos).any())
+            bar.advance(task, len(idx))
     model.train(was_training)
-    return outputs
+    return outputs, stopped

@@ -12,7 +12,8 @@ from tunesmith.training.loss import causal_lm_loss_sum
 
 
 @torch.no_grad()
-def evaluate_loss(model, rows: list[Tokenized], batch_size: int, pad_id: int, device, max_rows: int | None = None) -> dict:
+def evaluate_loss(model, rows: list[Tokenized], batch_size: int, pad_id: int, device, max_rows: int | None = None,
+                  loss_fn=causal_lm_loss_sum) -> dict:
     was_training = model.training
     model.eval()
     rows = rows[:max_rows] if max_rows else rows
@@ -21,7 +22,7 @@ def evaluate_loss(model, rows: list[Tokenized], batch_size: int, pad_id: int, de
     total, tokens = 0.0, 0
     for i in range(0, len(rows), batch_size):
         batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
-        loss_sum, n = causal_lm_loss_sum(model, batch)
+        loss_sum, n = loss_fn(model, batch)
         total += float(loss_sum)
         tokens += n
     model.train(was_training)

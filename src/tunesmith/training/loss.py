@@ -4,14 +4,22 @@ The loss is returned as a *sum* with its token count, never as a mean: the calle
 number of target tokens in the whole optimizer step (all micro-batches, all ranks). Averaging each
 micro-batch and then averaging the averages (the 2024 gradient-accumulation bug) weights short
 micro-batches too heavily.
+
+The chunked version never builds the full [batch, length, vocabulary] logits: it projects only the
+positions that have a target (completion tokens), a chunk at a time, and recomputes each chunk's
+logits in the backward pass instead of keeping them. With SmolLM2's 49,152-token vocabulary the full
+logits of one 8x512 batch are 800 MB in fp32, plus as much again for the backward.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.tokenize import IGNORE
+
+CHUNK = 1024  # target positions per lm_head chunk: ~200 MB of fp32 logits at a 49k vocabulary
 
 
 def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -20,3 +28,38 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     targets = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
     return loss, int((targets != IGNORE).sum())
+
+
+def _chunk_loss(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def chunked_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    # logits_to_keep=1: the model computes one position's logits, not all of them.
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                output_hidden_states=True, logits_to_keep=1)
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    hidden = out.hidden_states[-1][:, :-1][keep]
+    targets = targets[keep]
+    head = model.get_output_embeddings()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, len(targets), CHUNK):
+        total = total + checkpoint(_chunk_loss, head, hidden[i : i + CHUNK], targets[i : i + CHUNK], use_reentrant=False)
+    return total, int(len(targets))
+
+
+@torch.no_grad()
+def choose_loss(model, batch: dict[str, torch.Tensor], chunked: bool):
+    """The chunked loss assumes the last hidden state times the output embedding gives the logits.
+    True for Llama-style models; checked here once on a real batch, else the plain loss is used."""
+    if not chunked:
+        return causal_lm_loss_sum
+    try:
+        head = model.get_output_embeddings()
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                    output_hidden_states=True)
+        same = head is not None and torch.allclose(head(out.hidden_states[-1]).float(), out.logits.float(), atol=1e-4, rtol=1e-4)
+    except (TypeError, AttributeError, ValueError):
+        same = False
+    return chunked_loss_sum if same else causal_lm_loss_sum

@@ -1,0 +1,142 @@
+"""Fine-tune a classifier (e.g. sentiment): an encoder or decoder with a classification head.
+
+Run:  tunesmith train examples/sentiment-rotten-tomatoes.yaml
+
+setup()    validated rows -> token ids + label indices; model with a fresh head sized to the labels
+fit()      recipes/loop.py, with a summed cross-entropy normalised by the rows of the whole step
+evaluate() accuracy, macro-F1, per-class precision/recall, confusion matrix on held-out rows.
+           The "before" row is an instruction model prompted zero-shot (eval.baseline_model) or,
+           without one, the majority-class baseline, stated as such.
+save()     the adapter (classifier head included) plus labels.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+
+from tunesmith import models
+from tunesmith.config import Config
+from tunesmith.data.prepare import load_examples, tokenize_splits
+from tunesmith.data.tokenize import LabeledRow
+from tunesmith.evaluation.metrics import classification_metrics
+from tunesmith.recipes import loop
+from tunesmith.rundir import RunDir
+
+
+def collate_labeled(rows: list[LabeledRow], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(r.input_ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r.input_ids)] = torch.tensor(r.input_ids)
+        mask[i, : len(r.input_ids)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([r.label for r in rows])}
+
+
+def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), len(batch["labels"])
+
+
+def setup(cfg: Config, run: RunDir) -> loop.Setup:
+    examples = load_examples(cfg)  # bad rows and unknown labels stop the run before any weights load
+    model_path = models.resolve(cfg.model)
+    tokenizer = models.load_tokenizer(model_path, cfg.model)
+    data = {name: split.rows for name, split in tokenize_splits(cfg, examples, tokenizer).items()}
+    run.write_json("data_report.json", examples.report)
+    set_seed(cfg.seed)
+    model = models.load_classifier(model_path, cfg.model, examples.labels)
+    model = models.apply_peft(model, cfg.peft, task_type="SEQ_CLS")
+    pad = tokenizer.pad_token_id
+    s = loop.build(cfg, run, examples, data, tokenizer, model, model_path,
+                   collate=lambda rows: collate_labeled(rows, pad), loss_sum=loss_sum, count=len, quick_eval=quick_eval)
+    s.extra["labels"] = examples.labels
+    return s
+
+
+@torch.no_grad()
+def predict(s: loop.Setup, rows: list[LabeledRow]) -> tuple[list[int], float]:
+    model, pad = s.model, s.tokenizer.pad_token_id
+    model.eval()
+    preds, total = [], 0.0
+    for i in range(0, len(rows), s.cfg.eval.batch_size):
+        batch = {k: v.to(s.accelerator.device) for k, v in collate_labeled(rows[i : i + s.cfg.eval.batch_size], pad).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        total += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+        preds += logits.argmax(-1).tolist()
+    model.train()
+    return preds, total / max(len(rows), 1)
+
+
+def quick_eval(s: loop.Setup, split: str) -> dict:
+    rows = s.data[split][: s.cfg.eval.max_rows] if s.cfg.eval.max_rows else s.data[split]
+    preds, loss = predict(s, rows)
+    return {"loss": loss, "accuracy": 100 * sum(p == r.label for p, r in zip(preds, rows)) / max(len(rows), 1)}
+
+
+def evaluate(s: loop.Setup, which: str) -> dict:
+    labels = s.extra["labels"]
+    results: dict = {}
+    if which == "base":
+        results["note"] = (f"zero-shot prompting of {s.cfg.eval.baseline_model}" if s.cfg.eval.baseline_model
+                           else "majority-class baseline (always the most frequent training label), not a model")
+    for split in ("validation", "test"):
+        if split not in s.data:
+            continue
+        rows = s.data[split][: s.cfg.eval.max_rows] if s.cfg.eval.max_rows else s.data[split]
+        truth = [labels[r.label] for r in rows]
+        if which == "base":
+            pred = zero_shot(s, split, len(rows)) if s.cfg.eval.baseline_model else [majority(s)] * len(rows)
+            results[split] = classification_metrics(truth, pred, labels)
+        else:
+            idx, loss = predict(s, rows)
+            pred = [labels[i] for i in idx]
+            results[split] = {"loss": loss, **classification_metrics(truth, pred, labels)}
+        if split == "validation":
+            texts = {ex.id: ex.text for ex in s.examples.splits[split]}
+            results["samples"] = [{"id": r.id, "prompt": texts.get(r.id), "output": p, "reference": t}
+                                  for r, p, t in list(zip(rows, pred, truth))[: s.cfg.eval.samples]]
+    return results
+
+
+def majority(s: loop.Setup) -> str:
+    return Counter(ex.label for ex in s.examples.splits["train"]).most_common(1)[0][0]
+
+
+def zero_shot(s: loop.Setup, split: str, n: int) -> list[str]:
+    """Ask an instruction model for the label; an answer naming no label counts as wrong."""
+    from tunesmith.config import ModelConfig
+    from tunesmith.evaluation.generate import generate
+
+    labels = s.extra["labels"]
+    mcfg = ModelConfig(name=s.cfg.eval.baseline_model)
+    path = models.resolve(mcfg)
+    tok, lm = models.load_tokenizer(path, mcfg), models.load_causal_lm(path, mcfg)
+    prompts = [[{"role": "user", "content": f"Classify the text as one of: {', '.join(labels)}. "
+                 f"Answer with the label only.\n\nText: {ex.text}"}] for ex in s.examples.splits[split][:n]]
+    outputs, _ = generate(lm, tok, prompts, max_new_tokens=8, batch_size=s.cfg.eval.batch_size, label="zero-shot")
+    found = []
+    for out in outputs:
+        hits = [lab for lab in labels if lab.lower() in out.lower()]
+        found.append(hits[0] if len(hits) == 1 else "(no label)")
+    return found
+
+
+def save(s: loop.Setup) -> None:
+    model = s.accelerator.unwrap_model(s.model)
+    if not s.accelerator.is_main_process:
+        return
+    target = s.run / ("adapter" if s.cfg.peft.method == "lora" else "model")
+    model.save_pretrained(target, safe_serialization=True)
+    s.tokenizer.save_pretrained(target)
+    (target / "labels.json").write_text(json.dumps(s.extra["labels"]))
+
+
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunDir:
+    return loop.train(cfg, sys.modules[__name__], resume=resume, overwrite=overwrite)
