@@ -38,6 +38,7 @@ class TrainProgress:
             console.print(f"step {step}/{int(total)}: {info}")  # no live bar in logs: print every ~10%
 
     def eval(self, step: int, metrics: dict) -> None:
-        self.last_eval = f"| val loss {metrics['loss']:.4f}"
+        shown = {k: v for k, v in metrics.items() if k in ("loss", "perplexity", "accuracy") and isinstance(v, float)}
+        self.last_eval = "| val " + " ".join(f"{k} {v:.4g}" for k, v in shown.items())
         if self.progress.disable:
-            console.print(f"step {step}: validation loss {metrics['loss']:.4f} (ppl {metrics['perplexity']:.2f})")
+            console.print(f"step {step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
