@@ -117,6 +117,19 @@ def test_unrelated_words_and_irregular_forms_do_not_count(concept, word):
     assert concept_coverage([f"the {word} is here"], [[concept]]) == {"coverage": 0.0, "all_concepts": 0.0}
 
 
+@pytest.mark.parametrize("concept, other_word, sentence", [
+    ("car", "card", "She wrote a card."),          # car + d
+    ("fin", "find", "I cannot find it."),          # fin + d
+    ("plan", "planes", "Planes land at night."),   # plan + es (plural is plans)
+    ("sit", "sites", "Two sites were built."),     # sit + es
+    ("star", "stared", "He stared at the wall."),  # star + ed (past is starred)
+    ("hop", "hoping", "We are hoping for rain."),  # hop + ing (hopping)
+])
+def test_words_of_other_lemmas_do_not_count(concept, other_word, sentence):
+    assert other_word not in inflections(concept)
+    assert concept_coverage([sentence], [[concept]])["coverage"] == 0.0
+
+
 def test_concept_coverage_hand_computed():
     outputs = ["The dogs chased a ball.",                  # dog, ball; not run -> 2/3
                "Children were riding bikes in the city.",  # ride, bike, city -> 3/3

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tunesmith.config import Config
+from tunesmith.config import Config, DataConfig
 from tunesmith.data import split as splitting
 from tunesmith.data.formats import Example, parse_rows
 from tunesmith.data.sources import Problem, read_source
@@ -28,11 +28,11 @@ class Examples:
     report: dict = field(default_factory=dict)
 
 
-def _apply_error_policy(cfg: Config, problems: list[Problem], total: int) -> dict[str, int]:
+def apply_error_policy(cfg: DataConfig, problems: list[Problem], total: int) -> dict[str, int]:
     if not problems:
         return {}
     counts = dict(Counter(p.code for p in problems))
-    if cfg.data.on_error == "error":
+    if cfg.on_error == "error":
         listed = [str(p) for p in problems[:MAX_LISTED]]
         more = len(problems) - len(listed)
         raise DataError(
@@ -41,10 +41,10 @@ def _apply_error_policy(cfg: Config, problems: list[Problem], total: int) -> dic
             hint="Fix the rows, or set data.on_error=skip to drop them (counted in the data report).",
         )
     fraction = len(problems) / max(total, 1)
-    if fraction > cfg.data.max_bad_fraction:
+    if fraction > cfg.max_bad_fraction:
         raise DataError(
             f"{len(problems)} of {total} rows are bad ({fraction:.1%}), above data.max_bad_fraction="
-            f"{cfg.data.max_bad_fraction:.1%}",
+            f"{cfg.max_bad_fraction:.1%}",
             [f"{code}: {n}" for code, n in sorted(counts.items())] + [str(p) for p in problems[:MAX_LISTED]],
         )
     return counts
@@ -64,7 +64,7 @@ def load_examples(cfg: Config) -> Examples:
         parsed[name] = examples
         problems += bad
         total += raw.total
-    report: dict = {"bad_rows": _apply_error_policy(cfg, problems, total)}
+    report: dict = {"bad_rows": apply_error_policy(cfg.data, problems, total)}
     labels = d.labels
     if d.format == "classification" and labels is None:
         labels = sorted({ex.label for ex in parsed["train"]})

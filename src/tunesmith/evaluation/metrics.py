@@ -44,19 +44,27 @@ def inflections(word: str) -> set[str]:
     """Forms that count as using `word`: regular English plural, 3rd person, past and -ing forms.
 
     The documented rule: a concept is covered when an output token equals the concept or one of
-    these forms, or when the token's own regular stem equals the concept. Irregular forms
-    (stand -> stood) are not recognised; coverage is then slightly underestimated, never inflated.
+    these forms. Irregular forms (stand -> stood, run -> ran) are not recognised, so coverage is
+    slightly underestimated rather than inflated by look-alike words (car -> card is not a form).
     """
     w = word.lower()
-    forms = {w, w + "s", w + "es", w + "ed", w + "ing", w + "d"}
-    if w.endswith("y") and len(w) > 2 and w[-2] not in VOWELS:
-        forms |= {w[:-1] + "ies", w[:-1] + "ied"}
-    if w.endswith("e"):
-        forms |= {w[:-1] + "ing"}
-    if len(w) >= 3 and w[-1] not in VOWELS | {"w", "x", "y"} and w[-2] in VOWELS and w[-3] not in VOWELS:
-        forms |= {w + w[-1] + "ed", w + w[-1] + "ing"}  # stop -> stopped, run -> running
-    if w.endswith("ie"):
-        forms.add(w[:-2] + "ying")  # lie -> lying
+    forms = {w}
+    sibilant = w.endswith(("s", "x", "z", "ch", "sh", "o"))
+    cons_y = w.endswith("y") and len(w) > 2 and w[-2] not in VOWELS
+    if cons_y:
+        forms |= {w[:-1] + "ies", w[:-1] + "ied", w + "ing"}  # carry -> carries, carried, carrying
+    elif w.endswith("ie"):
+        forms |= {w + "s", w + "d", w[:-2] + "ying"}  # lie -> lies, lied, lying
+    elif w.endswith("e"):
+        forms |= {w + "s", w + "d", w[:-1] + "ing"}  # ride -> rides, rided, riding
+    else:
+        forms.add(w + ("es" if sibilant else "s"))
+        cvc = len(w) >= 3 and w[-1] not in VOWELS | {"w", "x", "y"} and w[-2] in VOWELS and w[-3] not in VOWELS
+        one_syllable = sum(ch in VOWELS for ch in w) == 1
+        if cvc and one_syllable:
+            forms |= {w + w[-1] + "ed", w + w[-1] + "ing"}  # stop -> stopped, run -> running
+        else:
+            forms |= {w + "ed", w + "ing"}  # walk -> walked; open -> opened
     return forms
 
 

@@ -6,7 +6,7 @@ task by the recipe; a task with `generate=True` also generates answers for held-
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from tunesmith.data.formats import Example
@@ -58,14 +58,17 @@ TASKS = {
 
 
 def generation_rows(task: Task, examples: list[Example], limit: int | None) -> list[Example]:
-    """The rows scored by generation: the first `limit`, one per concept set for CommonGen-style data
-    (its files hold one row per reference; scoring each would count a concept set several times)."""
+    """The rows scored by generation: the first `limit`, one per concept set for CommonGen-style data.
+
+    Such files hold one row per reference; each concept set is scored once, against the references
+    of all its rows (plus any `references` column), with the concepts compared in any order.
+    """
     if task.name == "constrained_generation":
-        seen, unique = set(), []
+        groups: dict[tuple, Example] = {}
         for ex in examples:
-            key = tuple(ex.concepts or ())
-            if key not in seen:
-                seen.add(key)
-                unique.append(ex)
-        examples = unique
+            key = tuple(sorted(c.lower() for c in ex.concepts or ()))
+            refs_so_far = groups[key].references if key in groups else []
+            merged = list(dict.fromkeys(refs_so_far + (ex.references or []) + [ex.completion]))
+            groups[key] = replace(groups.get(key, ex), references=merged)
+        examples = list(groups.values())
     return examples[:limit] if limit else examples

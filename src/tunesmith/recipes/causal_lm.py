@@ -16,7 +16,7 @@ from tunesmith import models
 from tunesmith.config import Config, DataConfig
 from tunesmith.data.collate import collate, count_targets
 from tunesmith.data.formats import parse_rows
-from tunesmith.data.prepare import load_examples, tokenize_splits
+from tunesmith.data.prepare import apply_error_policy, load_examples, tokenize_splits
 from tunesmith.data.sources import read_source
 from tunesmith.data.tokenize import tokenize_examples
 from tunesmith.evaluation.generate import generate
@@ -27,14 +27,19 @@ from tunesmith.rundir import RunDir
 from tunesmith.training.loss import choose_loss
 
 
-def retention_rows(cfg: Config, tokenizer) -> dict[str, list]:
-    """General text whose perplexity should not rise (the forgetting check), tokenized like training text."""
+def retention_rows(cfg: Config, tokenizer, report: dict) -> dict[str, list]:
+    """General text whose perplexity should not rise (the forgetting check), tokenized like training text.
+    Its bad rows follow data.on_error like the training data's; its cuts are counted in the report."""
     out = {}
     for r in cfg.retention:
         dcfg = DataConfig(train=r.data, format="text", columns={"text": r.column}, max_length=cfg.data.max_length,
-                          overlength="truncate", on_error=cfg.data.on_error)
-        examples, _ = parse_rows(read_source(r.data), dcfg)
-        out[f"retention:{r.name}"] = tokenize_examples(examples[: r.max_rows], tokenizer, dcfg).rows
+                          overlength="truncate", on_error=cfg.data.on_error, max_bad_fraction=cfg.data.max_bad_fraction)
+        raw = read_source(r.data)
+        examples, problems = parse_rows(raw, dcfg)
+        bad = apply_error_policy(cfg.data, problems, raw.total)
+        tokenized = tokenize_examples(examples[: r.max_rows], tokenizer, dcfg)
+        out[f"retention:{r.name}"] = tokenized.rows
+        report.setdefault("retention", {})[r.name] = {"rows": len(tokenized.rows), "bad_rows": bad, **tokenized.counts}
     return out
 
 
@@ -43,7 +48,7 @@ def setup(cfg: Config, run: RunDir) -> loop.Setup:
     model_path = models.resolve(cfg.model)
     tokenizer = models.load_tokenizer(model_path, cfg.model)
     data = {name: split.rows for name, split in tokenize_splits(cfg, examples, tokenizer).items()}
-    data.update(retention_rows(cfg, tokenizer))
+    data.update(retention_rows(cfg, tokenizer, examples.report))
     run.write_json("data_report.json", examples.report)
     set_seed(cfg.seed)  # before the model: LoRA's A matrices are initialised from it
     model = models.apply_peft(models.load_causal_lm(model_path, cfg.model), cfg.peft)

@@ -92,15 +92,15 @@ def evaluate(s: loop.Setup, which: str) -> dict:
         rows = s.data[split][: s.cfg.eval.max_rows] if s.cfg.eval.max_rows else s.data[split]
         truth = [labels[r.label] for r in rows]
         if which == "base":
-            pred = zero_shot(s, split, len(rows)) if s.cfg.eval.baseline_model else [majority(s)] * len(rows)
+            pred = zero_shot(s, split, rows) if s.cfg.eval.baseline_model else [majority(s)] * len(rows)
             results[split] = classification_metrics(truth, pred, labels)
         else:
             idx, loss = predict(s, rows)
             pred = [labels[i] for i in idx]
             results[split] = {"loss": loss, **classification_metrics(truth, pred, labels)}
         if split == "validation":
-            texts = {ex.id: ex.text for ex in s.examples.splits[split]}
-            results["samples"] = [{"id": r.id, "prompt": texts.get(r.id), "output": p, "reference": t}
+            texts = {ex.where: ex.text for ex in s.examples.splits[split]}
+            results["samples"] = [{"id": r.id, "prompt": texts.get(r.where), "output": p, "reference": t}
                                   for r, p, t in list(zip(rows, pred, truth))[: s.cfg.eval.samples]]
     return results
 
@@ -109,7 +109,7 @@ def majority(s: loop.Setup) -> str:
     return Counter(ex.label for ex in s.examples.splits["train"]).most_common(1)[0][0]
 
 
-def zero_shot(s: loop.Setup, split: str, n: int) -> list[str]:
+def zero_shot(s: loop.Setup, split: str, rows: list[LabeledRow]) -> list[str]:
     """Ask an instruction model for the label; an answer naming no label counts as wrong."""
     from tunesmith.config import ModelConfig
     from tunesmith.evaluation.generate import generate
@@ -118,8 +118,9 @@ def zero_shot(s: loop.Setup, split: str, n: int) -> list[str]:
     mcfg = ModelConfig(name=s.cfg.eval.baseline_model)
     path = models.resolve(mcfg)
     tok, lm = models.load_tokenizer(path, mcfg), models.load_causal_lm(path, mcfg)
+    texts = {ex.where: ex.text for ex in s.examples.splits[split]}  # rows may have been dropped: align by origin
     prompts = [[{"role": "user", "content": f"Classify the text as one of: {', '.join(labels)}. "
-                 f"Answer with the label only.\n\nText: {ex.text}"}] for ex in s.examples.splits[split][:n]]
+                 f"Answer with the label only.\n\nText: {texts[r.where]}"}] for r in rows]
     outputs, _ = generate(lm, tok, prompts, max_new_tokens=8, batch_size=s.cfg.eval.batch_size, label="zero-shot")
     found = []
     for out in outputs:
