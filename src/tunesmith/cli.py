@@ -159,6 +159,10 @@ def export_cmd(
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    # transformers' own deprecation notices are about its internals, not about anything the user can change
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     try:
         app()
     except UserError as err:

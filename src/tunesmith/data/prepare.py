@@ -28,10 +28,17 @@ class Examples:
     report: dict = field(default_factory=dict)
 
 
+def _position(p: Problem) -> tuple[str, int]:
+    source, _, line = p.where.rpartition(":")
+    digits = "".join(ch for ch in line if ch.isdigit())
+    return source, int(digits or 0)
+
+
 def apply_error_policy(cfg: DataConfig, problems: list[Problem], total: int) -> dict[str, int]:
     if not problems:
         return {}
     counts = dict(Counter(p.code for p in problems))
+    problems = sorted(problems, key=_position)
     if cfg.on_error == "error":
         listed = [str(p) for p in problems[:MAX_LISTED]]
         more = len(problems) - len(listed)

@@ -73,7 +73,7 @@ def read_jsonl(path: Path) -> RawRows:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as err:
-            out.problems.append(Problem(where, "malformed_json", f"malformed JSON ({err.msg} at column {err.colno})"))
+            out.problems.append(Problem(where, "malformed_json", f"malformed JSON ({err.msg}; column {err.colno})"))
             continue
         if not isinstance(obj, dict):
             kind = {list: "an array", str: "a string"}.get(type(obj), type(obj).__name__)
