@@ -153,6 +153,9 @@ class TrainConfig(Strict):
     log_every: int = Field(1, gt=0, description="Write a metrics line every N optimizer steps.")
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
     max_consecutive_skips: int = Field(10, ge=1, description="Non-finite steps in a row before the run halts.")
+    resume: Literal["never", "auto"] = Field(
+        "never", description="auto: continue the run of this name from its newest complete checkpoint if it exists."
+    )
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast where the hardware has it.")
     chunked_loss: bool = Field(
         True, description="Project only target positions to the vocabulary, in chunks (same loss, far less memory)."

@@ -28,3 +28,9 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     pass
+
+
+class TrainingHalted(Exception):
+    """Training cannot go on (e.g. only non-finite steps); the last committed checkpoint is intact."""
+
+    exit_code = 3

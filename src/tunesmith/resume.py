@@ -7,7 +7,7 @@ from tunesmith.errors import UserError
 from tunesmith.rundir import RunDir
 
 # Changing these does not change what the finished steps computed.
-HARMLESS = {"train.max_steps", "train.epochs", "train.save_every", "train.save_total_limit", "train.log_every",
+HARMLESS = {"train.resume", "train.max_steps", "train.epochs", "train.save_every", "train.save_total_limit", "train.log_every",
             "eval.every", "eval.samples", "eval.max_new_tokens", "eval.batch_size"}
 
 
@@ -24,10 +24,13 @@ def config_drift(old: Config, new: Config) -> list[str]:
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in HARMLESS]
 
 
-def check_drift(run: RunDir, cfg: Config) -> None:
+def check_drift(run: RunDir, cfg: Config, allow: bool = False) -> None:
     if not (run / "config.yaml").exists():
         return
     drift = config_drift(run.config(), cfg)
-    if drift:
+    if drift and not allow:
         raise UserError(f"Refusing to resume {run.path}: the configuration changed", drift,
-                        hint="Resume with the original settings, or start a new run (name=...).")
+                        hint="Resume with the original settings, start a new run (name=...), or pass "
+                        "--allow-drift (recorded in run.json).")
+    if drift:
+        run.update_run(drift=run.read_json("run.json", {}).get("drift", []) + drift)
