@@ -197,6 +197,11 @@ class Config(Strict):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    allowed_roots: list[str] = Field(
+        default_factory=list,
+        description="Directories every data/model/output path must resolve under (symlinks followed). Empty: "
+        "anywhere except system and credential locations.",
+    )
     retention: list[RetentionSet] = Field(
         default_factory=list, description="General-text sets whose perplexity is measured before and after."
     )
@@ -268,10 +273,16 @@ def format_validation_error(err: ValidationError) -> list[str]:
 
 
 def config_from_dict(tree: dict, source: str = "config") -> Config:
+    from tunesmith.security import config_path_problems
+
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(f"Invalid configuration ({source}):", format_validation_error(err)) from None
+    problems = config_path_problems(cfg)
+    if problems:
+        raise ConfigError(f"Refused paths ({source}):", problems)
+    return cfg
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -296,4 +307,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    from tunesmith.security import redact_obj
+
+    return yaml.safe_dump(redact_obj(cfg.model_dump(mode="json")), sort_keys=False, allow_unicode=True)

@@ -19,7 +19,9 @@ class UserError(Exception):
         lines += [f"  - {p}" for p in self.problems]
         if self.hint:
             lines.append(self.hint)
-        return "\n".join(lines)
+        from tunesmith.security import redact
+
+        return redact("\n".join(lines))
 
 
 class ConfigError(UserError):

@@ -107,7 +107,12 @@ def load_tokenizer(path: str, mcfg: ModelConfig):
     from transformers import AutoTokenizer
 
     from tunesmith.data.tokenize import ensure_template
+    from tunesmith.security import model_dir_problems
 
+    if Path(path).is_dir():
+        problems = model_dir_problems(path)
+        if problems:
+            raise UserError("Refusing to load the tokenizer", problems)
     try:
         tok = AutoTokenizer.from_pretrained(path, **_load_kwargs(mcfg))
     except (OSError, ValueError) as err:

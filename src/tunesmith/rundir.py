@@ -23,6 +23,7 @@ import yaml
 
 from tunesmith.config import Config, config_from_dict, dump_config
 from tunesmith.errors import UserError
+from tunesmith.security import redact
 
 
 def _clean(obj):
@@ -73,7 +74,7 @@ class RunDir:
 
     def write_text(self, name: str, text: str) -> None:
         tmp = self / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(redact(text), encoding="utf-8")  # secrets never reach the run directory
         tmp.replace(self / name)
 
     def write_json(self, name: str, obj) -> None:
@@ -86,7 +87,7 @@ class RunDir:
     def log(self, record: dict) -> None:
         record = {"time": round(time.time(), 3), **record}
         with open(self / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(_clean(record)) + "\n")
+            f.write(redact(json.dumps(_clean(record))) + "\n")
 
     def update_run(self, **fields) -> None:
         info = self.read_json("run.json", {})
