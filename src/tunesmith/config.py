@@ -17,7 +17,7 @@ from tunesmith.errors import ConfigError
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Strict):
@@ -248,7 +248,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             continue
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError, LookupError, AttributeError, RecursionError):
             value = raw  # a plain string the YAML parser dislikes (e.g. "a: b") is still a string
         if isinstance(value, str):
             try:
@@ -295,7 +295,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"Config file not found: {p}")
         try:
             tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
+        except (yaml.YAMLError, UnicodeDecodeError, ValueError, LookupError, AttributeError, RecursionError) as err:
             mark = getattr(err, "problem_mark", None)
             where = f"{p}:{mark.line + 1}" if mark else str(p)
             raise ConfigError("Config is not valid YAML", [f"{where}: {getattr(err, 'problem', err)}"]) from None

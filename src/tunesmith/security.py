@@ -50,24 +50,34 @@ def _inside(path: str, root: str) -> bool:
 
 def path_problem(raw: str, field: str, allowed_roots: list[str], must_exist: bool = False) -> str | None:
     """Why `raw` may not be read (or written), or None. Non-paths (hub ids) are left to their loaders."""
-    p = Path(raw).expanduser()
-    if not p.exists() and not raw.startswith((".", "/", "~")) and not must_exist:
+    try:
+        p = Path(raw).expanduser()
+        exists = p.exists()
+        real = os.path.realpath(p)
+    except (ValueError, RuntimeError, OSError) as err:  # NUL bytes, ~unknownuser, over-long names
+        return f"{field}: not a usable path ({type(err).__name__})"
+    if not exists and not raw.startswith((".", "/", "~")) and not must_exist:
         return None  # a hub id such as org/name
-    real = os.path.realpath(p)
     if any(_inside(real, d) for d in SYSTEM_DIRS):
         return f"{field}: {raw} resolves into a system directory ({real})"
     parts = set(Path(real).parts)
     if parts & CREDENTIAL_PARTS:
         return f"{field}: {raw} points at a credentials location ({real})"
     if allowed_roots:
-        roots = [os.path.realpath(Path(r).expanduser()) for r in allowed_roots]
+        try:
+            roots = [os.path.realpath(Path(r).expanduser()) for r in allowed_roots]
+        except (ValueError, RuntimeError, OSError) as err:
+            return f"allowed_roots: not a usable path ({type(err).__name__})"
         if not any(_inside(real, r) for r in roots):
             return f"{field}: {raw} resolves to {real}, outside allowed_roots {roots}"
     return None
 
 
 def output_problem(raw: str, allowed_roots: list[str]) -> str | None:
-    real = os.path.realpath(Path(raw).expanduser())
+    try:
+        real = os.path.realpath(Path(raw).expanduser())
+    except (ValueError, RuntimeError, OSError) as err:
+        return f"output_dir: not a usable path ({type(err).__name__})"
     if real in ("/", os.path.realpath(Path.home())):
         return f"output_dir: {raw} is {real}; use a dedicated directory (runs are written and replaced there)"
     return path_problem(raw, "output_dir", allowed_roots)

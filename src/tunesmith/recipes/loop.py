@@ -22,6 +22,7 @@ from tunesmith.data.prepare import Examples
 from tunesmith.errors import TrainingHalted, UserError
 from tunesmith.recipes.state import load_trainable, pick_checkpoint, restore, save_checkpoint, trainable_state
 from tunesmith.reporting import print_before_after, print_setup
+from tunesmith.resume import check_drift, secret_hashes
 from tunesmith.rundir import RunDir
 from tunesmith.training.early_stopping import EarlyStopper
 from tunesmith.training.optim import build_optimizer, build_scheduler
@@ -167,18 +168,17 @@ def train(cfg: Config, recipe, resume: bool = False, overwrite: bool = False, al
         resume = True
     run = RunDir.create(cfg, resume, overwrite)
     if resume:
-        from tunesmith.resume import check_drift
-
         check_drift(run, cfg, allow_drift)
+    # Verify the checkpoint before loading data or weights: a refused resume should take seconds.
+    latest = pick_checkpoint(run / "checkpoints", fallback) if resume else None
     run.write_config(cfg)
-    run.update_run(status="running", started=time.time(), task=cfg.task_name)
+    run.update_run(status="running", started=time.time(), task=cfg.task_name, secret_hashes=secret_hashes(cfg))
     try:
         s = recipe.setup(cfg, run)
     except UserError:
         if not resume:  # bad data or model: leave no half-made run behind to block the corrected one
             shutil.rmtree(run.path, ignore_errors=True)
         raise
-    latest = pick_checkpoint(run / "checkpoints", fallback) if resume else None
     updates, data_step = restore(s, latest, allow_drift) if latest else (0, 0)
     if latest:
         run.truncate_log(updates)

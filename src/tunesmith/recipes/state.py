@@ -22,11 +22,15 @@ def trainable_state(s) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable(s, tensors: dict[str, torch.Tensor]) -> None:
+def load_trainable(s, tensors: dict[str, torch.Tensor], source: str = "checkpoint weights") -> None:
     params = dict(s.accelerator.unwrap_model(s.model).named_parameters())
     missing = sorted(set(n for n, p in params.items() if p.requires_grad) - set(tensors))
-    if missing:
-        raise UserError("Checkpoint weights do not match the model", [f"missing {n}" for n in missing[:10]])
+    unexpected = sorted(set(tensors) - set(params))
+    shapes = [f"{n}: {tuple(t.shape)} in the checkpoint, {tuple(params[n].shape)} in the model"
+              for n, t in tensors.items() if n in params and t.shape != params[n].shape]
+    problems = [f"missing {n}" for n in missing] + [f"unexpected {n}" for n in unexpected] + shapes
+    if problems:
+        raise UserError(f"{source} do not match the model", problems[:10])
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)
@@ -77,7 +81,7 @@ def restore(s, path: Path, allow_drift: bool = False) -> tuple[int, int]:
     if state.get("world_size", 1) != s.accelerator.num_processes:
         raise UserError(f"Refusing to resume from {path}: saved with {state.get('world_size', 1)} processes, "
                         f"now {s.accelerator.num_processes}", hint="Resume with the same number of processes.")
-    load_trainable(s, tensors["trainable.safetensors"])
+    load_trainable(s, tensors["trainable.safetensors"], f"{path}/trainable.safetensors")
     ckpt.optimizer_from_tensors(s.optimizer, state["optimizer"], tensors["optimizer.safetensors"])
     s.scheduler.last_epoch = state["scheduler"]["last_epoch"]
     s.scheduler._last_lr = [g["lr"] for g in s.optimizer.param_groups]
