@@ -94,9 +94,13 @@ class RunDir:
         info.update(fields)
         self.write_json("run.json", info)
 
-    def truncate_log(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint: the resumed run writes them again."""
+    def truncate_log(self, step: int, data_step: int) -> None:
+        """On resume, drop lines logged after the checkpoint: the resumed run writes them again.
+        Skipped-step records carry the data step: they can follow the checkpoint at the same update count."""
         p = self / "metrics.jsonl"
         if p.exists():
-            keep = [ln for ln in p.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+            def before(rec: dict) -> bool:
+                return rec["data_step"] <= data_step if "data_step" in rec else rec.get("step", 0) <= step
+
+            keep = [ln for ln in p.read_text().splitlines() if ln and before(json.loads(ln))]
             self.write_text("metrics.jsonl", "".join(ln + "\n" for ln in keep))

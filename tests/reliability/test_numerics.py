@@ -63,14 +63,14 @@ def _state(s) -> dict:
     model = s.accelerator.unwrap_model(s.model)
     params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     opt = s.optimizer.state_dict()
+    opt_tensors = [v for st in opt["state"].values() for v in st.values() if torch.is_tensor(v)]
     return {
         "params": {n: _digest(p) for n, p in params.items()},
         "optimizer": {f"{pid}.{k}": _digest(v) if torch.is_tensor(v) else v
                       for pid, st in opt["state"].items() for k, v in st.items()},
         "lr": [g["lr"] for g in s.optimizer.param_groups],
         "scheduler": s.scheduler.last_epoch,
-        "finite": all(bool(torch.isfinite(p).all()) for p in params.values())
-        and all(bool(torch.isfinite(v).all()) for st in opt["state"].values() for v in st.values() if torch.is_tensor(v)),
+        "finite": all(bool(torch.isfinite(t).all()) for t in list(params.values()) + opt_tensors),
         "weights": params,
     }
 
@@ -189,6 +189,38 @@ def test_n2_persistent_nan_halts_and_keeps_the_last_good_checkpoint(tmp_path, ti
     clean = causal_lm.train(config_from_dict({**rel_config(tmp_path, tiny_llama, max_steps=12, save_every=2),
                                               "name": "clean"}))
     assert_tensors_equal(adapter(run), adapter(clean.path))
+
+
+def test_n2_a_nan_evaluation_is_never_the_best(tmp_path, tiny_llama, monkeypatch):
+    """Early stopping watches eval_loss every 2 updates; the first evaluation (update 2) is poisoned, the
+    case where a naive `best is None or value < best` would keep NaN as the best for good."""
+    cfg = config_from_dict({**rel_config(tmp_path, tiny_llama, max_steps=8, lr=5e-2, warmup_steps=0,
+                                         early_stopping={"patience": 10}),
+                            "eval": {"every": 2, "batch_size": 8, "samples": 0, "before_after": False,
+                                     "generate_rows": 2, "max_new_tokens": 2}})
+    probe = Probe(monkeypatch)
+    real_eval, poison = loop.evaluate_during_training, {"on": False}
+
+    def evaluate_during_training(s, step, progress):
+        if not poison.get("hooked"):
+            norm = s.accelerator.unwrap_model(s.model).get_base_model().model.norm
+            norm.register_forward_hook(lambda mod, i, out: out * float("nan") if poison["on"] else None)
+            poison["hooked"] = True
+        poison["on"] = step == 2
+        try:
+            return real_eval(s, step, progress)
+        finally:
+            poison["on"] = False
+
+    monkeypatch.setattr(loop, "evaluate_during_training", evaluate_during_training)
+    run = causal_lm.train(cfg)
+    evals = {r["step"]: r["eval"]["loss"] for r in records(run.path) if "eval" in r and not r.get("final")}
+    assert sorted(evals) == [2, 4, 6, 8] and evals[2] is None  # NaN is written as null
+    assert all(math.isfinite(evals[k]) for k in (4, 6, 8))
+    stopper = probe.s.stopper
+    assert stopper.best_step in (4, 6, 8) and stopper.best == min(evals[k] for k in (4, 6, 8))
+    final = json.loads((run / "eval.json").read_text())["finetuned"]["validation"]["loss"]
+    assert final == pytest.approx(stopper.best, rel=1e-5)  # the restored weights are the best finite ones
 
 
 # ------------------------------------------------------------------------------------------------ N4

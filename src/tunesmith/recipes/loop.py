@@ -181,8 +181,11 @@ def train(cfg: Config, recipe, resume: bool = False, overwrite: bool = False, al
         raise
     updates, data_step = restore(s, latest, allow_drift) if latest else (0, 0)
     if latest:
-        run.truncate_log(updates)
+        run.truncate_log(updates, data_step)
         console.print(f"Resumed from {latest} (step {updates} of {s.total_steps})")
+    elif resume:
+        run.truncate_log(0, 0)  # nothing to continue from: start over without logging steps twice
+        console.print("[yellow]No usable checkpoint: training starts from step 0.[/]")
     report = run.read_json("eval.json", {}) if resume else {}
     report["task"] = cfg.task_name
     if cfg.eval.before_after and "base" not in report:

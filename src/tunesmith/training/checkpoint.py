@@ -116,7 +116,12 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Te
         raise
     if keep is not None:
         # Rotation only after the new checkpoint is committed: a crash never leaves zero checkpoints.
-        for old in list_checkpoints(root)[:-keep]:
+        # Checkpoints numbered above this one belong to a run abandoned by --fallback; the one just
+        # committed is never a candidate.
+        others = [c for c in list_checkpoints(root) if c != final]
+        newer = [c for c in others if int(STEP_DIR.match(c.name).group(1)) > step]
+        older = [c for c in others if c not in newer]
+        for old in newer + older[: max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -165,7 +170,8 @@ def verify(ckpt: Path, required: tuple[str, ...] = ()) -> dict:
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    for leftover in root.glob(".staging-step-*") if root.is_dir() else []:
+    leftovers = [*root.glob(".staging-step-*"), *root.glob(".old-step-*")] if root.is_dir() else []
+    for leftover in leftovers:
         shutil.rmtree(leftover, ignore_errors=True)
     ckpts = list_checkpoints(root)
     return ckpts[-1] if ckpts else None
