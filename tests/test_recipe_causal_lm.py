@@ -89,8 +89,8 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(tiny_config, monke
 
     real_save = loop.save_checkpoint
 
-    def crash_after_step_4(s, step):
-        real_save(s, step)
+    def crash_after_step_4(s, step, data_step):
+        real_save(s, step, data_step)
         if step == 4:
             raise Interrupt
 

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from tunesmith.errors import UserError
+from tunesmith.errors import TrainingHalted, UserError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Fine-tune pretrained language models from one YAML file, and prove the fine-tune helped.")
@@ -33,6 +33,8 @@ def train(
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run of this name from its newest checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory of this name.")] = False,
+    allow_drift: Annotated[bool, typer.Option("--allow-drift", help="Resume even if the config or data changed (recorded).")] = False,
+    fallback: Annotated[bool, typer.Option("--fallback", help="If the newest checkpoint fails verification, use an older one.")] = False,
 ) -> None:
     """Fine-tune: data -> split -> load weights -> train -> evaluate before/after.
 
@@ -42,7 +44,7 @@ def train(
     from tunesmith.recipes import recipe_for
 
     cfg = load_config(config, overrides)
-    run = recipe_for(cfg).train(cfg, resume=resume, overwrite=overwrite)
+    run = recipe_for(cfg).train(cfg, resume=resume, overwrite=overwrite, allow_drift=allow_drift, fallback=fallback)
     _console().print(f"Run directory: {run.path}")
 
 
@@ -167,6 +169,9 @@ def main() -> None:
         app()
     except UserError as err:
         print(f"error: {err.render()}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except TrainingHalted as err:
+        print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

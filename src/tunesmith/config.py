@@ -17,7 +17,7 @@ from tunesmith.errors import ConfigError
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Strict):
@@ -153,6 +153,9 @@ class TrainConfig(Strict):
     log_every: int = Field(1, gt=0, description="Write a metrics line every N optimizer steps.")
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
     max_consecutive_skips: int = Field(10, ge=1, description="Non-finite steps in a row before the run halts.")
+    resume: Literal["never", "auto"] = Field(
+        "never", description="auto: continue the run of this name from its newest complete checkpoint if it exists."
+    )
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast where the hardware has it.")
     chunked_loss: bool = Field(
         True, description="Project only target positions to the vocabulary, in chunks (same loss, far less memory)."
@@ -194,6 +197,11 @@ class Config(Strict):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    allowed_roots: list[str] = Field(
+        default_factory=list,
+        description="Directories every data/model/output path must resolve under (symlinks followed). Empty: "
+        "anywhere except system and credential locations.",
+    )
     retention: list[RetentionSet] = Field(
         default_factory=list, description="General-text sets whose perplexity is measured before and after."
     )
@@ -240,7 +248,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             continue
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError, LookupError, AttributeError, RecursionError):
             value = raw  # a plain string the YAML parser dislikes (e.g. "a: b") is still a string
         if isinstance(value, str):
             try:
@@ -265,10 +273,16 @@ def format_validation_error(err: ValidationError) -> list[str]:
 
 
 def config_from_dict(tree: dict, source: str = "config") -> Config:
+    from tunesmith.security import config_path_problems
+
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(f"Invalid configuration ({source}):", format_validation_error(err)) from None
+    problems = config_path_problems(cfg)
+    if problems:
+        raise ConfigError(f"Refused paths ({source}):", problems)
+    return cfg
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -281,7 +295,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"Config file not found: {p}")
         try:
             tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
+        except (yaml.YAMLError, UnicodeDecodeError, ValueError, LookupError, AttributeError, RecursionError) as err:
             mark = getattr(err, "problem_mark", None)
             where = f"{p}:{mark.line + 1}" if mark else str(p)
             raise ConfigError("Config is not valid YAML", [f"{where}: {getattr(err, 'problem', err)}"]) from None
@@ -293,4 +307,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    from tunesmith.security import redact_obj
+
+    return yaml.safe_dump(redact_obj(cfg.model_dump(mode="json")), sort_keys=False, allow_unicode=True)

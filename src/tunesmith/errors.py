@@ -19,7 +19,9 @@ class UserError(Exception):
         lines += [f"  - {p}" for p in self.problems]
         if self.hint:
             lines.append(self.hint)
-        return "\n".join(lines)
+        from tunesmith.security import redact
+
+        return redact("\n".join(lines))
 
 
 class ConfigError(UserError):
@@ -28,3 +30,9 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     pass
+
+
+class TrainingHalted(Exception):
+    """Training cannot go on (e.g. only non-finite steps); the last committed checkpoint is intact."""
+
+    exit_code = 3

@@ -7,8 +7,17 @@ from tunesmith.errors import UserError
 from tunesmith.rundir import RunDir
 
 
+def _only_safetensors(folder) -> None:
+    unsafe = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+    if unsafe:
+        raise UserError(f"{folder}: refusing pickle-format weight files (tunesmith writes only safetensors)", unsafe)
+
+
 def load_finetuned(run: RunDir):
     cfg = run.config()
+    for name in ("adapter", "model"):
+        if (run / name).is_dir():
+            _only_safetensors(run / name)
     if (run / "adapter").is_dir():
         from peft import PeftModel
 

@@ -90,10 +90,25 @@ def resolve(mcfg: ModelConfig) -> str:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise UserError(f"{path}: not a model directory (no config.json)")
+        _refuse_unrequested_code(path, mcfg)
         return str(path.resolve())
     if path.suffix or mcfg.name.startswith((".", "/", "~")):
         raise UserError(f"Model not found: {mcfg.name}", hint="Use a model directory, a hub id, or see `tunesmith models`.")
     return mcfg.name
+
+
+def _refuse_unrequested_code(path: Path, mcfg: ModelConfig) -> None:
+    """A repo whose config maps classes to its own Python files (auto_map) expects its code to run;
+    training it with a stock class instead could silently be a different model."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path}/config.json is not valid JSON") from None
+    if isinstance(config, dict) and config.get("auto_map") and not mcfg.trust_remote_code:
+        raise UserError(f"{path}: the model ships custom code (auto_map in config.json); refusing to run it",
+                        hint="Review the code, then set model.trust_remote_code: true and model.revision: <40-hex commit>.")
 
 
 def _load_kwargs(mcfg: ModelConfig) -> dict:
@@ -107,7 +122,12 @@ def load_tokenizer(path: str, mcfg: ModelConfig):
     from transformers import AutoTokenizer
 
     from tunesmith.data.tokenize import ensure_template
+    from tunesmith.security import model_dir_problems
 
+    if Path(path).is_dir():
+        problems = model_dir_problems(path)
+        if problems:
+            raise UserError("Refusing to load the tokenizer", problems)
     try:
         tok = AutoTokenizer.from_pretrained(path, **_load_kwargs(mcfg))
     except (OSError, ValueError) as err:

@@ -23,6 +23,7 @@ import yaml
 
 from tunesmith.config import Config, config_from_dict, dump_config
 from tunesmith.errors import UserError
+from tunesmith.security import redact
 
 
 def _clean(obj):
@@ -73,7 +74,7 @@ class RunDir:
 
     def write_text(self, name: str, text: str) -> None:
         tmp = self / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(redact(text), encoding="utf-8")  # secrets never reach the run directory
         tmp.replace(self / name)
 
     def write_json(self, name: str, obj) -> None:
@@ -86,16 +87,20 @@ class RunDir:
     def log(self, record: dict) -> None:
         record = {"time": round(time.time(), 3), **record}
         with open(self / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(_clean(record)) + "\n")
+            f.write(redact(json.dumps(_clean(record))) + "\n")
 
     def update_run(self, **fields) -> None:
         info = self.read_json("run.json", {})
         info.update(fields)
         self.write_json("run.json", info)
 
-    def truncate_log(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint: the resumed run writes them again."""
+    def truncate_log(self, step: int, data_step: int) -> None:
+        """On resume, drop lines logged after the checkpoint: the resumed run writes them again.
+        Skipped-step records carry the data step: they can follow the checkpoint at the same update count."""
         p = self / "metrics.jsonl"
         if p.exists():
-            keep = [ln for ln in p.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+            def before(rec: dict) -> bool:
+                return rec["data_step"] <= data_step if "data_step" in rec else rec.get("step", 0) <= step
+
+            keep = [ln for ln in p.read_text().splitlines() if ln and before(json.loads(ln))]
             self.write_text("metrics.jsonl", "".join(ln + "\n" for ln in keep))

@@ -52,14 +52,19 @@ class RowError(Exception):
         self.code, self.message = code, message
 
 
-def _string(row: dict, col: str, name: str, allow_empty: bool = False) -> str:
-    value = row[col]
-    if not isinstance(value, str):
-        raise RowError("wrong_type", f"column '{name}' must be a string, got {type(value).__name__}")
+def _encodable(value: str, name: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise RowError("invalid_unicode", f"column '{name}' has a lone surrogate") from None
+    return value
+
+
+def _string(row: dict, col: str, name: str, allow_empty: bool = False) -> str:
+    value = row[col]
+    if not isinstance(value, str):
+        raise RowError("wrong_type", f"column '{name}' must be a string, got {type(value).__name__}")
+    _encodable(value, name)
     if not allow_empty and not value.strip():
         raise RowError("empty_field", f"column '{name}' is empty")
     return value
@@ -72,7 +77,7 @@ def _messages(value: Any) -> list[dict[str, str]]:
     for i, m in enumerate(value):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise RowError("bad_messages", f"message {i} needs a role in {ROLES} and string content")
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append({"role": m["role"], "content": _encodable(m["content"], "messages")})
     if out[-1]["role"] != "assistant":
         raise RowError("bad_messages", "the last message must be the assistant's (it is what is learned)")
     if not out[-1]["content"].strip():
@@ -85,13 +90,13 @@ def _string_list(value: Any, name: str, allow_empty: bool = False) -> list[str]:
         raise RowError("wrong_type", f"column '{name}' must be a list of non-empty strings")
     if not value and not allow_empty:
         raise RowError("empty_field", f"column '{name}' is an empty list")
-    return value
+    return [_encodable(v, name) for v in value]
 
 
 def _label(value: Any, labels: list[str] | None) -> str:
     if value is None or isinstance(value, (dict, list, float)):
         raise RowError("bad_label", f"label must be a string or integer, got {type(value).__name__}")
-    label = str(value)
+    label = _encodable(str(value), "label")
     if not label.strip():
         raise RowError("bad_label", "label is empty")
     if labels is not None and label not in labels:
@@ -107,6 +112,8 @@ def to_example(where: str, row: dict, cfg: DataConfig, system: str | None) -> Ex
     if missing:
         raise RowError("missing_column", f"missing column {', '.join(missing)}")
     ex_id = str(row.get(cfg.columns.get("id", "id"), where))
+    if not ex_id.isprintable() or len(ex_id) > 200:
+        ex_id = where  # ids go into logs: keep them short and printable
     head = [{"role": "system", "content": system}] if system else []
     if fmt == "instruction":
         instr = _string(row, cols["instruction"], "instruction")

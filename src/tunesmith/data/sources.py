@@ -75,6 +75,9 @@ def read_jsonl(path: Path) -> RawRows:
         except json.JSONDecodeError as err:
             out.problems.append(Problem(where, "malformed_json", f"malformed JSON ({err.msg}; column {err.colno})"))
             continue
+        except (ValueError, RecursionError):  # numbers past int limits, nesting past the recursion limit
+            out.problems.append(Problem(where, "malformed_json", "malformed JSON (too deeply nested or too large)"))
+            continue
         if not isinstance(obj, dict):
             kind = {list: "an array", str: "a string"}.get(type(obj), type(obj).__name__)
             out.problems.append(Problem(where, "not_an_object", f"expected a JSON object, got {kind}"))

@@ -101,7 +101,7 @@ def save(s: loop.Setup) -> None:
     s.tokenizer.save_pretrained(target)
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunDir:
+def train(cfg: Config, resume: bool = False, overwrite: bool = False, **options) -> RunDir:
     import sys
 
-    return loop.train(cfg, sys.modules[__name__], resume=resume, overwrite=overwrite)
+    return loop.train(cfg, sys.modules[__name__], resume=resume, overwrite=overwrite, **options)

@@ -139,5 +139,5 @@ def save(s: loop.Setup) -> None:
     (target / "labels.json").write_text(json.dumps(s.extra["labels"]))
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunDir:
-    return loop.train(cfg, sys.modules[__name__], resume=resume, overwrite=overwrite)
+def train(cfg: Config, resume: bool = False, overwrite: bool = False, **options) -> RunDir:
+    return loop.train(cfg, sys.modules[__name__], resume=resume, overwrite=overwrite, **options)

@@ -19,14 +19,16 @@ from accelerate import Accelerator
 
 from tunesmith.config import Config
 from tunesmith.data.prepare import Examples
-from tunesmith.errors import UserError
+from tunesmith.errors import TrainingHalted, UserError
+from tunesmith.recipes.state import load_trainable, pick_checkpoint, restore, save_checkpoint, trainable_state
 from tunesmith.reporting import print_before_after, print_setup
+from tunesmith.resume import check_drift, secret_hashes
 from tunesmith.rundir import RunDir
-from tunesmith.training import checkpoint as ckpt
 from tunesmith.training.early_stopping import EarlyStopper
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.plan import ShuffledPlan
 from tunesmith.training.progress import TrainProgress, console
+from tunesmith.training.signals import GracefulStop
 
 
 @dataclass
@@ -69,59 +71,20 @@ def build(cfg: Config, run: RunDir, examples: Examples, data: dict, tokenizer, m
     return s
 
 
-def trainable_state(s: Setup) -> dict[str, torch.Tensor]:
-    model = s.accelerator.unwrap_model(s.model)
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable(s: Setup, tensors: dict[str, torch.Tensor]) -> None:
-    params = dict(s.accelerator.unwrap_model(s.model).named_parameters())
-    with torch.no_grad():
-        for name, value in tensors.items():
-            params[name].copy_(value)
-
-
-def save_checkpoint(s: Setup, step: int) -> None:
-    opt_meta, opt_tensors = ckpt.optimizer_to_tensors(s.optimizer)
-    rng_meta, rng_tensors = ckpt.rng_state()
-    tensors = {"trainable.safetensors": trainable_state(s), "optimizer.safetensors": opt_tensors,
-               "rng.safetensors": rng_tensors}
-    if s.best_weights is not None:
-        tensors["best.safetensors"] = s.best_weights
-    state = {"step": step, "epoch": s.plan.epoch_of(step), "optimizer": opt_meta, "rng": rng_meta,
-             "scheduler": {"last_epoch": s.scheduler.last_epoch}, "early_stopping": s.stopper.state_dict(),
-             "counters": s.counters, "fingerprint": s.examples.fingerprint}
-    if s.accelerator.is_main_process:
-        ckpt.save_checkpoint(s.run / "checkpoints", step, tensors, state, s.cfg.train.save_total_limit)
-    s.accelerator.wait_for_everyone()
-
-
-def restore(s: Setup, path) -> int:
-    state, tensors = ckpt.load_checkpoint(path)
-    if state["fingerprint"] != s.examples.fingerprint:
-        raise UserError(f"Refusing to resume from {path}: the training/validation data changed",
-                        [f"dataset fingerprint {state['fingerprint'][:12]} -> {s.examples.fingerprint[:12]}"])
-    load_trainable(s, tensors["trainable.safetensors"])
-    ckpt.optimizer_from_tensors(s.optimizer, state["optimizer"], tensors["optimizer.safetensors"])
-    s.scheduler.last_epoch = state["scheduler"]["last_epoch"]
-    s.scheduler._last_lr = [g["lr"] for g in s.optimizer.param_groups]
-    s.stopper.load_state_dict(state["early_stopping"])
-    s.best_weights = tensors.get("best.safetensors")
-    s.counters = state["counters"]
-    ckpt.set_rng_state(state["rng"], tensors["rng.safetensors"])
-    return state["step"]
-
-
-def fit(s: Setup, start_step: int = 0) -> dict:
+def fit(s: Setup, updates: int = 0, data_step: int = 0) -> dict:
+    """Train until `total_steps` optimizer updates. A step whose loss or gradient is not finite is
+    skipped whole (weights, optimizer and schedule untouched) and does not count as an update; its
+    rows are consumed all the same, so no batch is replayed."""
     cfg, acc, model, opt = s.cfg, s.accelerator, s.model, s.optimizer
     train_rows = s.data["train"]
     trainable = [p for p in model.parameters() if p.requires_grad]
-    consecutive_skips, stopped_early, done = 0, False, start_step
+    consecutive_skips, stopped_early = 0, False
     model.train()
-    with TrainProgress(s.total_steps, start_step) as progress:
-        for step in range(start_step, s.total_steps):
+    with TrainProgress(s.total_steps, updates) as progress, GracefulStop() as stop:
+        while updates < s.total_steps:
             t0 = time.perf_counter()
-            micro = [[train_rows[i] for i in idx] for idx in s.plan.micro_batches(step)]
+            micro = [[train_rows[i] for i in idx] for idx in s.plan.micro_batches(data_step)]
+            data_step += 1
             # Normalise by the targets (tokens, or rows) of the whole step: every micro-batch, every rank.
             n_targets = acc.reduce(torch.tensor(sum(s.count(m) for m in micro), device=acc.device), "sum").item()
             loss_sum, real_tokens = 0.0, 0
@@ -135,42 +98,56 @@ def fit(s: Setup, start_step: int = 0) -> dict:
                     acc.backward(loss * acc.num_processes / max(n_targets, 1))
                 loss_sum += loss.item()
                 real_tokens += int(batch["attention_mask"].sum())
-            grad_norm = acc.clip_grad_norm_(trainable, cfg.train.max_grad_norm or float("inf"))
+            grad_norm = acc.clip_grad_norm_(trainable, cfg.train.max_grad_norm or float("inf"))  # pre-clip norm
             step_loss = acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum").item() / max(n_targets, 1)
             lr = s.scheduler.get_last_lr()[0]  # the rate this update uses, logged with it
-            if math.isfinite(step_loss) and torch.isfinite(grad_norm):
+            finite = math.isfinite(step_loss) and bool(torch.isfinite(grad_norm))
+            if finite:
                 opt.step()
                 s.scheduler.step()
+                updates += 1
                 consecutive_skips = 0
-            else:
-                # A non-finite step is skipped whole: weights, optimizer and schedule stay as they were.
-                s.counters["skipped_nonfinite"] += 1
-                consecutive_skips += 1
-                s.run.log({"step": step + 1, "skipped": "nonfinite", "rows": [r.id for m in micro for r in m]})
-                if consecutive_skips >= cfg.train.max_consecutive_skips:
-                    raise RuntimeError(f"{consecutive_skips} consecutive non-finite steps; halting (last checkpoint kept)")
             opt.zero_grad(set_to_none=True)
-            done = step + 1
+            if not finite:
+                consecutive_skips += 1
+                skipped(s, updates, data_step, micro, consecutive_skips)
+                continue
             s.counters["tokens"] += real_tokens
             tps = real_tokens * acc.num_processes / (time.perf_counter() - t0)
-            if done % cfg.train.log_every == 0 and acc.is_main_process:
-                s.run.log({"step": done, "epoch": s.plan.epoch_of(step), "loss": step_loss, "lr": lr,
+            if updates % cfg.train.log_every == 0 and acc.is_main_process:
+                s.run.log({"step": updates, "epoch": s.plan.epoch_of(data_step - 1), "loss": step_loss, "lr": lr,
                            "grad_norm": float(grad_norm), "tokens_per_s": round(tps, 1), "tokens": s.counters["tokens"]})
-            progress.step(done, step_loss, lr, float(grad_norm), tps)
-            if cfg.eval.every and done % cfg.eval.every == 0 and done < s.total_steps:
-                stopped_early = evaluate_during_training(s, done, progress)
-            if cfg.train.save_every and done % cfg.train.save_every == 0:
-                save_checkpoint(s, done)
+            progress.step(updates, step_loss, lr, float(grad_norm), tps)
+            if cfg.eval.every and updates % cfg.eval.every == 0 and updates < s.total_steps:
+                stopped_early = evaluate_during_training(s, updates, progress)
+            if (cfg.train.save_every and updates % cfg.train.save_every == 0) or stop.requested:
+                save_checkpoint(s, updates, data_step)
+            if stop.requested:
+                console.print(f"Stopped by signal {stop.received} at step {updates}; checkpoint committed. "
+                              "Continue with --resume.")
+                s.run.update_run(status="interrupted", step=updates)
+                raise SystemExit(stop.exit_code)
             if stopped_early:
-                console.print(f"Early stopping at step {done}: no improvement in {s.stopper.bad_evals} evaluations")
+                console.print(f"Early stopping at step {updates}: no improvement in {s.stopper.bad_evals} evaluations")
                 break
         if cfg.train.early_stopping.patience and not stopped_early:
-            evaluate_during_training(s, done, progress)  # the last step competes for "best" too
+            evaluate_during_training(s, updates, progress)  # the last step competes for "best" too
     if s.stopper.best_step is not None and s.best_weights is not None and cfg.train.early_stopping.patience:
         load_trainable(s, s.best_weights)  # restore the best evaluation's weights, not the last
         console.print(f"Restored the best weights (step {s.stopper.best_step}, "
                       f"{cfg.train.early_stopping.metric} {s.stopper.best:.4f})")
-    return {"steps": done, "stopped_early": stopped_early, **s.counters}
+    return {"steps": updates, "data_steps": data_step, "stopped_early": stopped_early, **s.counters}
+
+
+def skipped(s: Setup, updates: int, data_step: int, micro: list, consecutive: int) -> None:
+    s.counters["skipped_nonfinite"] += 1
+    s.run.log({"step": updates, "data_step": data_step, "skipped": "nonfinite",
+               "rows": [r.id for m in micro for r in m]})
+    console.print(f"[yellow]non-finite loss or gradient at data step {data_step}: step skipped[/]")
+    if consecutive >= s.cfg.train.max_consecutive_skips:
+        s.run.update_run(status="halted", step=updates)
+        raise TrainingHalted(f"{consecutive} consecutive non-finite steps (train.max_consecutive_skips); halted. "
+                             "The last committed checkpoint is intact; lower train.lr or check the data.")
 
 
 def evaluate_during_training(s: Setup, step: int, progress: TrainProgress) -> bool:
@@ -184,32 +161,37 @@ def evaluate_during_training(s: Setup, step: int, progress: TrainProgress) -> bo
     return s.stopper.should_stop
 
 
-def train(cfg: Config, recipe, resume: bool = False, overwrite: bool = False) -> RunDir:
+def train(cfg: Config, recipe, resume: bool = False, overwrite: bool = False, allow_drift: bool = False,
+          fallback: bool = False) -> RunDir:
     """setup -> evaluate the base model -> fit -> save -> evaluate the fine-tuned model -> report."""
+    if cfg.train.resume == "auto" and not overwrite and (cfg.run_dir / "config.yaml").exists():
+        resume = True
     run = RunDir.create(cfg, resume, overwrite)
     if resume:
-        from tunesmith.resume import check_drift
-
-        check_drift(run, cfg)
+        check_drift(run, cfg, allow_drift)
+    # Verify the checkpoint before loading data or weights: a refused resume should take seconds.
+    latest = pick_checkpoint(run / "checkpoints", fallback) if resume else None
     run.write_config(cfg)
-    run.update_run(status="running", started=time.time(), task=cfg.task_name)
+    run.update_run(status="running", started=time.time(), task=cfg.task_name, secret_hashes=secret_hashes(cfg))
     try:
         s = recipe.setup(cfg, run)
     except UserError:
         if not resume:  # bad data or model: leave no half-made run behind to block the corrected one
             shutil.rmtree(run.path, ignore_errors=True)
         raise
-    latest = ckpt.latest_checkpoint(run / "checkpoints") if resume else None
-    start = restore(s, latest) if latest else 0
+    updates, data_step = restore(s, latest, allow_drift) if latest else (0, 0)
     if latest:
-        run.truncate_log(start)
-        console.print(f"Resumed from {latest} (step {start} of {s.total_steps})")
+        run.truncate_log(updates, data_step)
+        console.print(f"Resumed from {latest} (step {updates} of {s.total_steps})")
+    elif resume:
+        run.truncate_log(0, 0)  # nothing to continue from: start over without logging steps twice
+        console.print("[yellow]No usable checkpoint: training starts from step 0.[/]")
     report = run.read_json("eval.json", {}) if resume else {}
     report["task"] = cfg.task_name
     if cfg.eval.before_after and "base" not in report:
         report["base"] = recipe.evaluate(s, "base")  # before any update: for LoRA and full fine-tuning alike
         run.write_json("eval.json", report)
-    summary = fit(s, start)
+    summary = fit(s, updates, data_step)
     recipe.save(s)
     report["finetuned"] = recipe.evaluate(s, "finetuned")
     run.log({"step": summary["steps"], "eval": report["finetuned"]["validation"], "final": True})

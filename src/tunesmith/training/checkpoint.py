@@ -116,7 +116,12 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Te
         raise
     if keep is not None:
         # Rotation only after the new checkpoint is committed: a crash never leaves zero checkpoints.
-        for old in list_checkpoints(root)[:-keep]:
+        # Checkpoints numbered above this one belong to a run abandoned by --fallback; the one just
+        # committed is never a candidate.
+        others = [c for c in list_checkpoints(root) if c != final]
+        newer = [c for c in others if int(STEP_DIR.match(c.name).group(1)) > step]
+        older = [c for c in others if c not in newer]
+        for old in newer + older[: max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -128,28 +133,52 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def verify(ckpt: Path) -> dict:
+MAX_HEADER = 16 * 1024 * 1024  # a safetensors header past this is a denial-of-service attempt, not weights
+
+
+def _check_header(path: Path) -> None:
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+    if size > MAX_HEADER or size > path.stat().st_size:
+        raise UserError(f"{path.parent}: {path.name} exceeds the header size limit ({size} bytes)")
+
+
+def verify(ckpt: Path, required: tuple[str, ...] = ()) -> dict:
+    """Refuse anything but a complete checkpoint exactly as it was written: every file listed, every
+    hash equal, no extra files (a planted pickle next to the weights is never even opened)."""
     manifest_path = ckpt / MANIFEST
     if not manifest_path.exists():
-        raise UserError(f"{ckpt}: incomplete checkpoint (no {MANIFEST})")
-    manifest = json.loads(manifest_path.read_text())
-    for name, digest in manifest["files"].items():
-        if not (ckpt / name).exists():
-            raise UserError(f"{ckpt}: missing {name}")
+        raise UserError(f"{ckpt}: incomplete checkpoint (missing {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = dict(manifest["files"])
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{ckpt}: unreadable {MANIFEST}") from None
+    missing = [name for name in required if name not in files or not (ckpt / name).exists()]
+    missing += [name for name in files if name not in missing and not (ckpt / name).exists()]
+    if missing:
+        raise UserError(f"{ckpt}: incomplete checkpoint", [f"missing {name}" for name in missing])
+    extra = sorted(p.name for p in ckpt.iterdir() if p.name not in files and p.name != MANIFEST)
+    if extra:
+        raise UserError(f"{ckpt}: unexpected files (not written by tunesmith; never loaded)", extra)
+    for name, digest in files.items():
+        if name.endswith(".safetensors"):
+            _check_header(ckpt / name)
         if _sha256(ckpt / name) != digest:
             raise UserError(f"{ckpt}: hash mismatch in {name}")
     return manifest
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    for leftover in root.glob(".staging-step-*") if root.is_dir() else []:
+    leftovers = [*root.glob(".staging-step-*"), *root.glob(".old-step-*")] if root.is_dir() else []
+    for leftover in leftovers:
         shutil.rmtree(leftover, ignore_errors=True)
     ckpts = list_checkpoints(root)
     return ckpts[-1] if ckpts else None
 
 
-def load_checkpoint(ckpt: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
-    manifest = verify(ckpt)
+def load_checkpoint(ckpt: Path, required: tuple[str, ...] = ()) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    manifest = verify(ckpt, required)
     state = json.loads((ckpt / "state.json").read_text())
     tensors = {name: load_file(str(ckpt / name)) for name in manifest["files"] if name.endswith(".safetensors")}
     return state, tensors

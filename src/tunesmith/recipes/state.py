@@ -1,0 +1,92 @@
+"""A run's full training state to and from checkpoints: weights, optimizer, schedule, RNG, data position.
+
+Resume is exact because nothing is left out: the batch plan is a pure function of the data step,
+and every random stream (python, numpy, torch, cuda) is restored. A checkpoint that is incomplete,
+tampered with, or made from other data or settings is refused before any training step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tunesmith.errors import UserError
+from tunesmith.training import checkpoint as ckpt
+
+REQUIRED = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+
+
+def trainable_state(s) -> dict[str, torch.Tensor]:
+    model = s.accelerator.unwrap_model(s.model)
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(s, tensors: dict[str, torch.Tensor], source: str = "checkpoint weights") -> None:
+    params = dict(s.accelerator.unwrap_model(s.model).named_parameters())
+    missing = sorted(set(n for n, p in params.items() if p.requires_grad) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    shapes = [f"{n}: {tuple(t.shape)} in the checkpoint, {tuple(params[n].shape)} in the model"
+              for n, t in tensors.items() if n in params and t.shape != params[n].shape]
+    problems = [f"missing {n}" for n in missing] + [f"unexpected {n}" for n in unexpected] + shapes
+    if problems:
+        raise UserError(f"{source} do not match the model", problems[:10])
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+
+
+def save_checkpoint(s, updates: int, data_step: int) -> None:
+    opt_meta, opt_tensors = ckpt.optimizer_to_tensors(s.optimizer)
+    rng_meta, rng_tensors = ckpt.rng_state()
+    tensors = {"trainable.safetensors": trainable_state(s), "optimizer.safetensors": opt_tensors,
+               "rng.safetensors": rng_tensors}
+    if s.best_weights is not None:
+        tensors["best.safetensors"] = s.best_weights
+    state = {"step": updates, "data_step": data_step, "epoch": s.plan.epoch_of(max(data_step - 1, 0)),
+             "optimizer": opt_meta, "rng": rng_meta, "scheduler": {"last_epoch": s.scheduler.last_epoch},
+             "early_stopping": s.stopper.state_dict(), "counters": s.counters,
+             "fingerprint": s.examples.fingerprint, "world_size": s.accelerator.num_processes}
+    if s.accelerator.is_main_process:
+        ckpt.save_checkpoint(s.run / "checkpoints", updates, tensors, state, s.cfg.train.save_total_limit)
+    s.accelerator.wait_for_everyone()
+
+
+def pick_checkpoint(root: Path, fallback: bool) -> Path | None:
+    """The newest checkpoint that verifies; an older one only with --fallback, never silently."""
+    candidates = list(reversed(ckpt.list_checkpoints(root)))
+    ckpt.latest_checkpoint(root)  # removes staging leftovers of killed saves
+    for i, path in enumerate(candidates):
+        try:
+            ckpt.verify(path, REQUIRED)
+            return path
+        except UserError as err:
+            if not fallback:
+                raise UserError(f"Refusing to resume: {err.title}", err.problems,
+                                hint="Resume with --fallback to use the previous checkpoint instead.") from None
+            from tunesmith.training.progress import console
+
+            console.print(f"[yellow]skipping {path.name}: {err.title}[/]")
+    return None
+
+
+def restore(s, path: Path, allow_drift: bool = False) -> tuple[int, int]:
+    state, tensors = ckpt.load_checkpoint(path, REQUIRED)
+    if state["fingerprint"] != s.examples.fingerprint:
+        problem = f"dataset fingerprint {state['fingerprint'][:12]} -> {s.examples.fingerprint[:12]}"
+        if not allow_drift:
+            raise UserError(f"Refusing to resume from {path}: the training/validation data changed", [problem],
+                            hint="Use --allow-drift to resume anyway (recorded in run.json).")
+        s.run.update_run(drift=s.run.read_json("run.json", {}).get("drift", []) + [problem])
+    if state.get("world_size", 1) != s.accelerator.num_processes:
+        raise UserError(f"Refusing to resume from {path}: saved with {state.get('world_size', 1)} processes, "
+                        f"now {s.accelerator.num_processes}", hint="Resume with the same number of processes.")
+    load_trainable(s, tensors["trainable.safetensors"], f"{path}/trainable.safetensors")
+    ckpt.optimizer_from_tensors(s.optimizer, state["optimizer"], tensors["optimizer.safetensors"])
+    s.scheduler.last_epoch = state["scheduler"]["last_epoch"]
+    s.scheduler._last_lr = [g["lr"] for g in s.optimizer.param_groups]
+    s.stopper.load_state_dict(state["early_stopping"])
+    s.best_weights = tensors.get("best.safetensors")
+    s.counters = state["counters"]
+    ckpt.set_rng_state(state["rng"], tensors["rng.safetensors"])
+    return state["step"], state.get("data_step", state["step"])

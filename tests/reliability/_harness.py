@@ -1,0 +1,182 @@
+"""Shared helpers for the reliability tests (RELIABILITY.md sections 1, 2 and 5).
+
+- `rel_config`: the tiny-Llama run used throughout (64 rows, LoRA r=4 with dropout, cosine warmup).
+- `cli`: the real CLI in a fresh process, either plain (`python -m tunesmith`) or through `RUNNER`,
+  a small `python -c` program that installs one fault (SIGKILL at a chosen point, NaN at chosen data
+  steps) or records the row ids each micro-batch consumes, then calls `tunesmith.cli.main()`.
+  Faults are installed from outside by wrapping tunesmith functions; src/ has no test hooks.
+- `main_in_process`: `tunesmith.cli.main()` in this process (exit code, no import cost).
+- readers for metrics.jsonl, adapters and checkpoints.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+HERE = Path(__file__).resolve().parent
+# tests/conftest.py by path: `import conftest` could resolve to another conftest.py on sys.path.
+_spec = importlib.util.spec_from_file_location("_tunesmith_tests_conftest", HERE.parent / "conftest.py")
+fixtures = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fixtures)
+write_config, write_jsonl, instruction_rows = fixtures.write_config, fixtures.write_jsonl, fixtures.instruction_rows
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "COLUMNS": "500"}
+
+# Runs `tunesmith <argv>` after installing the fault described by the JSON in $TS_FAULT:
+#   record_rows: path      append {"ids": [...]} per micro-batch collated for training
+#   kill_after_step: N     SIGKILL right after the metrics line of optimizer update N is written
+#   kill_on_collate: N     SIGKILL when the N-th training micro-batch is about to be collated
+#   nan_data_steps: [..]   the model's final norm outputs NaN (training forward only) at these
+#                          1-based data steps (`data_step` in metrics.jsonl)
+#   nan_from: k            the same for every data step >= k
+#   skip_rng_restore: true a resume does not restore the random streams (a control that must fail R1)
+RUNNER = r"""
+import json, os, signal, sys
+fault = json.loads(os.environ.get("TS_FAULT") or "{}")
+import torch
+from tunesmith import cli
+from tunesmith.recipes import loop
+from tunesmith.rundir import RunDir
+from tunesmith.training.plan import ShuffledPlan
+
+current = {"data_step": 0, "collated": 0}
+real_micro_batches = ShuffledPlan.micro_batches
+def micro_batches(self, step):
+    current["data_step"] = step + 1  # fit() asks for the 0-based step, then logs step + 1
+    return real_micro_batches(self, step)
+ShuffledPlan.micro_batches = micro_batches
+
+def poisoned(data_step):
+    return data_step in fault.get("nan_data_steps", ()) or ("nan_from" in fault and data_step >= fault["nan_from"])
+
+real_build = loop.build
+def build(*args, **fns):
+    collate = fns["collate"]
+    def recording_collate(rows):
+        current["collated"] += 1
+        if current["collated"] == fault.get("kill_on_collate"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if "record_rows" in fault:
+            with open(fault["record_rows"], "a") as f:
+                f.write(json.dumps({"data_step": current["data_step"], "ids": [r.id for r in rows]}) + "\n")
+        return collate(rows)
+    fns["collate"] = recording_collate
+    s = real_build(*args, **fns)
+    if "nan_data_steps" in fault or "nan_from" in fault:
+        norm = s.accelerator.unwrap_model(s.model).get_base_model().model.norm
+        norm.register_forward_hook(
+            lambda mod, inputs, out: out * float("nan") if mod.training and poisoned(current["data_step"]) else None)
+    return s
+loop.build = build
+
+real_log = RunDir.log
+def log(self, record):
+    real_log(self, record)
+    if "loss" in record and record.get("step") == fault.get("kill_after_step"):
+        os.kill(os.getpid(), signal.SIGKILL)
+RunDir.log = log
+
+if fault.get("skip_rng_restore"):
+    from tunesmith.training import checkpoint
+    checkpoint.set_rng_state = lambda meta, tensors: None
+
+sys.argv = ["tunesmith", *sys.argv[1:]]
+cli.main()
+"""
+
+
+def cli(*args, fault: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`tunesmith <args>` in a fresh process; with `fault`, through RUNNER."""
+    if fault is None:
+        cmd = [sys.executable, "-m", "tunesmith", *map(str, args)]
+        env = ENV
+    else:
+        cmd = [sys.executable, "-c", RUNNER, *map(str, args)]
+        env = {**ENV, "TS_FAULT": json.dumps(fault)}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def main_in_process(*args) -> int:
+    """`tunesmith.cli.main()` in this process: its exit code (0 when it returns)."""
+    from tunesmith import cli as tcli
+
+    old = sys.argv
+    sys.argv = ["tunesmith", *map(str, args)]
+    try:
+        tcli.main()
+        return 0
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    finally:
+        sys.argv = old
+
+
+def rel_config(tmp_path: Path, model: Path, n_rows: int = 64, **train) -> dict:
+    """The R1 run: 64 rows, LoRA r=4 with dropout 0.1, batch 4 x GA 2, cosine with warmup, seed 0."""
+    train_file = write_jsonl(tmp_path / "data" / "train.jsonl", instruction_rows(n_rows))
+    val_file = write_jsonl(tmp_path / "data" / "val.jsonl", instruction_rows(12, seed=1))
+    return {
+        "name": "rel",
+        "output_dir": str(tmp_path / "runs"),
+        "seed": 0,
+        "model": {"name": str(model)},
+        "peft": {"method": "lora", "r": 4, "dropout": 0.1},
+        "data": {"train": str(train_file), "validation": str(val_file), "format": "instruction",
+                 "max_length": 128, "overlength": "drop"},
+        "train": {"lr": 1e-2, "batch_size": 4, "grad_accum": 2, "warmup_steps": 3, "schedule": "cosine",
+                  "max_steps": 24, **train},
+        # Keep the final evaluation cheap: these tests are about training state, not metrics.
+        "eval": {"batch_size": 8, "max_new_tokens": 2, "samples": 0, "before_after": False, "generate_rows": 2,
+                 "max_rows": 4},
+    }
+
+
+def records(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def step_lines(run_dir: Path) -> list[dict]:
+    """Metrics lines of optimizer updates, in file order."""
+    return [r for r in records(run_dir) if "loss" in r]
+
+
+def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(run_dir) / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_tensors_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    unequal = [n for n in a if not torch.equal(a[n], b[n])]
+    assert not unequal, f"{len(unequal)} of {len(a)} tensors differ, e.g. {unequal[:3]}"
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    root = Path(run_dir) / "checkpoints"
+    return sorted(int(p.name.split("-")[1]) for p in root.glob("step-*")) if root.is_dir() else []
+
+
+def leftovers(run_dir: Path) -> list[str]:
+    root = Path(run_dir) / "checkpoints"
+    return sorted(p.name for p in root.iterdir() if p.name.startswith(".")) if root.is_dir() else []
+
+
+def row_log(path: Path) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text().splitlines()] if Path(path).exists() else []
+
+
+def says(text: str, phrase: str) -> bool:
+    """`phrase` occurs in console output, ignoring whitespace (rich wraps long lines at the terminal width)."""
+    return "".join(phrase.split()) in "".join(text.split())
+
+
+def killed(res: subprocess.CompletedProcess) -> bool:
+    return res.returncode == -9
