@@ -380,8 +380,6 @@ def test_r5_resume_refuses_a_changed_training_file(tmp_path, tiny_llama, capsys)
     assert (run / "metrics.jsonl").read_bytes() == metrics_before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG loop.train: the data fingerprint is only compared in state.restore, "
-                   "after run.json was set to 'running' (and 'started' rewritten)")
 def test_r5_refused_data_change_leaves_run_json_as_it_was(tmp_path, tiny_llama):
     cfg = write_config(tmp_path, rel_config(tmp_path, tiny_llama, max_steps=3, save_every=3))
     assert main_in_process("train", cfg) == 0

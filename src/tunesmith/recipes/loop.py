@@ -171,15 +171,18 @@ def train(cfg: Config, recipe, resume: bool = False, overwrite: bool = False, al
         check_drift(run, cfg, allow_drift)
     # Verify the checkpoint before loading data or weights: a refused resume should take seconds.
     latest = pick_checkpoint(run / "checkpoints", fallback) if resume else None
+    before = run.read_json("run.json") if resume else None
     run.write_config(cfg)
     run.update_run(status="running", started=time.time(), task=cfg.task_name, secret_hashes=secret_hashes(cfg))
     try:
         s = recipe.setup(cfg, run)
+        updates, data_step = restore(s, latest, allow_drift) if latest else (0, 0)
     except UserError:
         if not resume:  # bad data or model: leave no half-made run behind to block the corrected one
             shutil.rmtree(run.path, ignore_errors=True)
+        elif before is not None:  # a refused resume leaves the run's record as it was
+            run.write_json("run.json", before)
         raise
-    updates, data_step = restore(s, latest, allow_drift) if latest else (0, 0)
     if latest:
         run.truncate_log(updates, data_step)
         console.print(f"Resumed from {latest} (step {updates} of {s.total_steps})")
