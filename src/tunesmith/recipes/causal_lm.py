@@ -93,12 +93,7 @@ def evaluate(s: loop.Setup, which: str) -> dict:
 
 
 def save(s: loop.Setup) -> None:
-    model = s.accelerator.unwrap_model(s.model)
-    if not s.accelerator.is_main_process:
-        return
-    target = s.run / ("adapter" if s.cfg.peft.method == "lora" else "model")
-    model.save_pretrained(target, safe_serialization=True)
-    s.tokenizer.save_pretrained(target)
+    loop.save_weights(s)
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, **options) -> RunDir:

@@ -130,13 +130,9 @@ def zero_shot(s: loop.Setup, split: str, rows: list[LabeledRow]) -> list[str]:
 
 
 def save(s: loop.Setup) -> None:
-    model = s.accelerator.unwrap_model(s.model)
-    if not s.accelerator.is_main_process:
-        return
-    target = s.run / ("adapter" if s.cfg.peft.method == "lora" else "model")
-    model.save_pretrained(target, safe_serialization=True)
-    s.tokenizer.save_pretrained(target)
-    (target / "labels.json").write_text(json.dumps(s.extra["labels"]))
+    target = loop.save_weights(s)
+    if target is not None:
+        (target / "labels.json").write_text(json.dumps(s.extra["labels"]))
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, **options) -> RunDir:

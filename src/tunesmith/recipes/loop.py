@@ -206,6 +206,18 @@ def train(cfg: Config, recipe, resume: bool = False, overwrite: bool = False, al
     return run
 
 
+def save_weights(s: Setup):
+    """The adapter (LoRA) or full model plus tokenizer, in the format plain peft/transformers load.
+    Returns the directory on the main process, None elsewhere."""
+    model = s.accelerator.unwrap_model(s.model)
+    if not s.accelerator.is_main_process:
+        return None
+    target = s.run / ("adapter" if s.cfg.peft.method == "lora" else "model")
+    model.save_pretrained(target, safe_serialization=True)
+    s.tokenizer.save_pretrained(target)
+    return target
+
+
 def merge_samples(report: dict) -> list[dict]:
     """Line up base and fine-tuned outputs of the same rows: {id, prompt, base, finetuned, reference}."""
     base = {x["id"]: x for x in report.get("base", {}).pop("samples", [])}
