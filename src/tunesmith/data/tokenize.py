@@ -84,6 +84,22 @@ def _texts(tokenizer, examples: list[Example]) -> tuple[list[str], list[str]]:
     return prompts, completions
 
 
+def length_policy(out: TokenizedSplit, where: str, length: int, cfg: DataConfig) -> int:
+    """Record the row's length and apply data.overlength; return how many tokens to keep (0: drop).
+    With `error` the row is kept whole and listed; tokenize_splits then stops the run."""
+    out.lengths.append(length)
+    if length <= cfg.max_length:
+        return length
+    out.overlength.append(where)
+    if cfg.overlength == "drop":
+        out.counts["dropped_overlength"] += 1
+        return 0
+    if cfg.overlength == "truncate":
+        out.counts["truncated"] += 1
+        return cfg.max_length
+    return length
+
+
 def tokenize_examples(examples: list[Example], tokenizer, cfg: DataConfig) -> TokenizedSplit:
     out = TokenizedSplit()
     if not examples:
@@ -96,15 +112,10 @@ def tokenize_examples(examples: list[Example], tokenizer, cfg: DataConfig) -> To
         ids = list(p) + list(c)
         loss_on_prompt = ex.prompt is None or not cfg.completion_only_loss
         labels = ids.copy() if loss_on_prompt else [IGNORE] * len(p) + list(c)
-        out.lengths.append(len(ids))
-        if len(ids) > cfg.max_length:
-            out.overlength.append(ex.where)
-            if cfg.overlength == "drop":
-                out.counts["dropped_overlength"] += 1
-                continue
-            if cfg.overlength == "truncate":
-                out.counts["truncated"] += 1
-                ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
+        keep = length_policy(out, ex.where, len(ids), cfg)
+        if keep == 0:
+            continue
+        ids, labels = ids[:keep], labels[:keep]
         row = Tokenized(ex.id, ex.where, ids, labels)
         if row.n_trainable == 0:
             out.counts["dropped_no_trainable"] += 1
@@ -119,15 +130,10 @@ def tokenize_classification(examples: list[Example], tokenizer, cfg: DataConfig,
     index = {lab: i for i, lab in enumerate(labels)}
     ids = tokenizer([ex.text for ex in examples], add_special_tokens=True)["input_ids"]
     for ex, row_ids in zip(examples, ids):
-        out.lengths.append(len(row_ids))
-        if len(row_ids) > cfg.max_length:
-            out.overlength.append(ex.where)
-            if cfg.overlength == "drop":
-                out.counts["dropped_overlength"] += 1
-                continue
-            if cfg.overlength == "truncate":
-                out.counts["truncated"] += 1
-                # keep the closing special token ([SEP]): encoders expect it
-                row_ids = row_ids[: cfg.max_length - 1] + row_ids[-1:]
+        keep = length_policy(out, ex.where, len(row_ids), cfg)
+        if keep == 0:
+            continue
+        if keep < len(row_ids):  # keep the closing special token ([SEP]): encoders expect it
+            row_ids = row_ids[: keep - 1] + row_ids[-1:]
         out.rows.append(LabeledRow(ex.id, ex.where, list(row_ids), index[ex.label]))
     return out
