@@ -114,7 +114,10 @@ def main() -> None:
         print(json.dumps(results[name]), flush=True)
         ordered = [results[n] for n in TARGETS if n in results]
         json_path.write_text(json.dumps(ordered, indent=2) + "\n")
-        (out / "tasks.md").write_text(markdown(ordered))
+        md_path = out / "tasks.md"
+        # Hand-written notes below the generated table survive reruns.
+        notes = md_path.read_text().partition("\n## Notes")[2] if md_path.exists() else ""
+        md_path.write_text(markdown(ordered) + (f"\n## Notes{notes}" if notes else ""))
 
 
 if __name__ == "__main__":

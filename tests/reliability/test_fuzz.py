@@ -506,8 +506,6 @@ def test_lone_surrogate_in_chat_is_a_clean_row_error(scratch):
     assert caught.value.problems == [f"{path}:4: column 'messages' has a lone surrogate"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG data/formats._label quotes the row's label in the unknown_label problem, "
-                   "against sources.py's rule that problems never quote row content (it reaches stderr)")
 def test_problems_never_quote_row_text(scratch):
     path = scratch / "cls.jsonl"
     path.write_text(json.dumps({"text": "fine", "label": f"{MARK}private"}) + "\n")

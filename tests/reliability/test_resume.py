@@ -429,8 +429,6 @@ def test_r5_allow_drift_with_a_changed_adapter_shape_fails_cleanly(tmp_path, tin
     assert (tmp_path / "runs" / "rel" / "metrics.jsonl").read_bytes() == metrics_before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG state.restore: the optimizer's param_groups (lr included) come from the "
-                   "checkpoint, so a drifted train.lr only takes effect from the second resumed update")
 def test_r5_allow_drift_lr_applies_from_the_first_resumed_update(tmp_path, tiny_llama):
     cfg = write_config(tmp_path, rel_config(tmp_path, tiny_llama, max_steps=3, save_every=3, warmup_steps=0,
                                             schedule="constant"))

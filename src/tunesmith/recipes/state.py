@@ -83,8 +83,13 @@ def restore(s, path: Path, allow_drift: bool = False) -> tuple[int, int]:
                         f"now {s.accelerator.num_processes}", hint="Resume with the same number of processes.")
     load_trainable(s, tensors["trainable.safetensors"], f"{path}/trainable.safetensors")
     ckpt.optimizer_from_tensors(s.optimizer, state["optimizer"], tensors["optimizer.safetensors"])
-    s.scheduler.last_epoch = state["scheduler"]["last_epoch"]
-    s.scheduler._last_lr = [g["lr"] for g in s.optimizer.param_groups]
+    # The rate comes from this config's schedule, not the checkpoint's param_groups: identical without
+    # drift, and with --allow-drift a changed train.lr applies from the first resumed update.
+    sched = s.scheduler
+    sched.last_epoch = state["scheduler"]["last_epoch"]
+    for group, base, fn in zip(s.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["initial_lr"], group["lr"] = base, base * fn(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in s.optimizer.param_groups]
     s.stopper.load_state_dict(state["early_stopping"])
     s.best_weights = tensors.get("best.safetensors")
     s.counters = state["counters"]
