@@ -132,28 +132,45 @@ def test_k2_second_signal_exits_at_once_and_leaves_committed_checkpoints_intact(
 # ------------------------------------------------------------------------------------------------ K3
 
 
-def test_k3_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, tiny_llama, monkeypatch):
+@pytest.mark.parametrize("error", ["oserror", "safetensors"])
+def test_k3_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, tiny_llama, monkeypatch, capsys, error):
+    from safetensors import SafetensorError
+
+    from tunesmith import cli as tcli
+
     cfg_dict = rel_config(tmp_path, tiny_llama, max_steps=6, save_every=2)
     cfg = config_from_dict(cfg_dict)
     real_save_file = ckpt.save_file
     calls = []
 
     def save_file(tensors, filename, *args, **kwargs):
-        calls.append(Path(filename).name)
+        calls.append(Path(filename))
         if len(calls) == 5:  # checkpoint 2 (step-4): trainable written, optimizer half way
             real_save_file(tensors, filename, *args, **kwargs)
             with open(filename, "r+b") as f:
                 f.truncate(os.path.getsize(filename) // 2)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+            if error == "oserror":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                  'message: "No space left on device" })')
         return real_save_file(tensors, filename, *args, **kwargs)
 
     monkeypatch.setattr(ckpt, "save_file", save_file)
-    with pytest.raises(OSError) as exc:
+    with pytest.raises(ckpt.DiskFull) as exc:
         causal_lm.train(cfg)
-    assert exc.value.errno == errno.ENOSPC
-    assert calls == ["trainable.safetensors", "optimizer.safetensors", "rng.safetensors",
-                     "trainable.safetensors", "optimizer.safetensors"]
+    message = str(exc.value)
+    assert "No space left on device while writing checkpoint step-4" in message and "--resume" in message
+    # Bytes needed: the tensor bytes of a checkpoint, just under its files on disk (headers aside).
+    on_disk = sum(p.stat().st_size for p in (cfg.run_dir / "checkpoints" / "step-2").glob("*.safetensors"))
+    stated = int(message.split("needs about ")[1].split(" bytes")[0].replace(",", ""))
+    assert 0.7 * on_disk <= stated <= on_disk  # tiny tensors: the headers are ~15% here
+    assert message.split("MB), ")[1].split(" bytes")[0].replace(",", "").isdigit()  # bytes free
+    assert [p.name for p in calls] == ["trainable.safetensors", "optimizer.safetensors", "rng.safetensors",
+                                       "trainable.safetensors", "optimizer.safetensors"]
+    # Staged on the destination filesystem (next to the checkpoints), never in $TMPDIR.
+    assert all(p.parent.parent == cfg.run_dir / "checkpoints" for p in calls)
     run = cfg.run_dir
+    assert json.loads((run / "run.json").read_text())["status"] == "halted"
     assert checkpoint_steps(run) == [2]  # no step-4, not even a partial one
     assert leftovers(run) == []  # the staging directory was removed
     manifest = ckpt.verify(run / "checkpoints" / "step-2", REQUIRED)
@@ -161,9 +178,39 @@ def test_k3_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, tiny
     state, tensors = ckpt.load_checkpoint(run / "checkpoints" / "step-2", REQUIRED)
     assert state["step"] == 2 and set(REQUIRED) - {"state.json"} <= set(tensors)
 
+    # Through the CLI the same failure is one clean line and a non-zero exit, no traceback.
+    calls.clear()
+    capsys.readouterr()
+    old_argv = sys.argv
+    sys.argv = ["tunesmith", "train", str(write_config(tmp_path, {**cfg_dict, "name": "cli"}))]
+    try:
+        with pytest.raises(SystemExit) as code:
+            tcli.main()
+    finally:
+        sys.argv = old_argv
+    err = capsys.readouterr().err
+    assert code.value.code == 3 and "Traceback" not in err and "No space left on device while writing" in err
+
     # Space is back: the resume starts from step-2 and ends where an uninterrupted run ends.
     monkeypatch.setattr(ckpt, "save_file", real_save_file)
     resumed = causal_lm.train(cfg, resume=True)
     reference = causal_lm.train(config_from_dict({**cfg_dict, "name": "reference"}))
     assert [r["step"] for r in step_lines(resumed.path)] == list(range(1, 7))
     assert_tensors_equal(adapter(resumed.path), adapter(reference.path))
+
+
+def test_k3_low_free_space_warns_before_the_save(tmp_path, tiny_llama, monkeypatch, capsys):
+    cfg = config_from_dict(rel_config(tmp_path, tiny_llama, max_steps=2, save_every=2))
+    usage = SimpleNamespace(total=10**9, used=10**9 - 1000, free=1000)  # 1 kB free: under 2x any checkpoint
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage)
+    causal_lm.train(cfg)
+    lines = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    warnings = [r["warning"] for r in lines if "warning" in r]
+    assert len(warnings) == 1 and "low disk space" in warnings[0] and "1,000 bytes (0.0 MB) free" in warnings[0]
+    assert says(capsys.readouterr().err, "warning: low disk space")
+
+
+def test_k3_enough_free_space_gives_no_warning(tmp_path, tiny_llama):
+    cfg = config_from_dict(rel_config(tmp_path, tiny_llama, max_steps=2, save_every=2))
+    causal_lm.train(cfg)
+    assert "low disk space" not in (cfg.run_dir / "metrics.jsonl").read_text()

@@ -48,7 +48,20 @@ def save_checkpoint(s, updates: int, data_step: int) -> None:
              "early_stopping": s.stopper.state_dict(), "counters": s.counters,
              "fingerprint": s.examples.fingerprint, "world_size": s.accelerator.num_processes}
     if s.accelerator.is_main_process:
-        ckpt.save_checkpoint(s.run / "checkpoints", updates, tensors, state, s.cfg.train.save_total_limit)
+        warning = ckpt.low_space_warning(s.run / "checkpoints", tensors)
+        if warning:
+            from tunesmith.training.progress import console
+
+            console.print(f"[yellow]warning: {warning}[/]")
+            s.run.log({"step": updates, "warning": warning})
+        try:
+            ckpt.save_checkpoint(s.run / "checkpoints", updates, tensors, state, s.cfg.train.save_total_limit)
+        except ckpt.DiskFull:
+            try:
+                s.run.update_run(status="halted", step=updates)
+            except OSError:
+                pass  # the disk is full: the error message matters more than the status line
+            raise
     s.accelerator.wait_for_everyone()
 
 

@@ -7,6 +7,7 @@ manifest of sha256 hashes written last, and committed by one rename. A directory
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from tunesmith.errors import UserError
+from tunesmith.errors import TrainingHalted, UserError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
@@ -111,8 +112,14 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Te
             shutil.rmtree(old, ignore_errors=True)
         os.replace(staging, final)
         _fsync(root)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if _disk_full(exc):
+            needed = checkpoint_bytes(tensors)
+            raise DiskFull(f"No space left on device while writing checkpoint {final.name} in {root}: it needs "
+                           f"about {_mb(needed)}, {_mb(shutil.disk_usage(root).free)} are free. "
+                           f"The previous checkpoint is intact and no {final.name} was committed; free space "
+                           "and continue with --resume.") from None
         raise
     if keep is not None:
         # Rotation only after the new checkpoint is committed: a crash never leaves zero checkpoints.
@@ -124,6 +131,33 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Te
         for old in newer + older[: max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+class DiskFull(TrainingHalted):
+    pass
+
+
+def _disk_full(exc: BaseException) -> bool:
+    # safetensors reports a full disk as SafetensorError with the OS message, not as OSError(ENOSPC).
+    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in str(exc)
+
+
+def _mb(n: int) -> str:
+    return f"{n:,} bytes ({n / 1e6:,.1f} MB)"
+
+
+def checkpoint_bytes(tensors: dict[str, dict[str, torch.Tensor]]) -> int:
+    return sum(t.numel() * t.element_size() for tdict in tensors.values() for t in tdict.values())
+
+
+def low_space_warning(root: Path, tensors: dict[str, dict[str, torch.Tensor]]) -> str | None:
+    """A warning when free space is under twice a checkpoint's size: the next save (staged next to
+    the current one before rotation) may not fit."""
+    root.mkdir(parents=True, exist_ok=True)
+    needed, free = checkpoint_bytes(tensors), shutil.disk_usage(root).free
+    if free < 2 * needed:
+        return f"low disk space in {root}: {_mb(free)} free, a checkpoint takes about {_mb(needed)}"
+    return None
 
 
 def list_checkpoints(root: Path) -> list[Path]:
