@@ -156,7 +156,27 @@ class TrainConfig(Strict):
     resume: Literal["never", "auto"] = Field(
         "never", description="auto: continue the run of this name from its newest complete checkpoint if it exists."
     )
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast where the hardware has it.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="bf16 autocast where the hardware has it; fp16 autocast with a loss scaler (GradScaler)."
+    )
+    oom_backoff: bool = Field(
+        True, description="On out-of-memory, halve the micro-batch and double accumulation (same effective batch)."
+    )
+    on_spike: Literal["warn", "skip", "rollback"] = Field(
+        "warn", description="A loss spike (over spike_factor x the recent median) is logged (warn), not applied "
+        "(skip), or, after spike_rollback_after spikes within spike_window steps, rolled back to the last "
+        "checkpoint with the spiking rows excluded from then on (rollback; needs save_every).",
+    )
+    spike_factor: float = Field(5.0, gt=1, description="Loss over this multiple of the recent median is a spike.")
+    spike_window: int = Field(50, ge=10, description="Steps in the median window, and the rollback window.")
+    spike_rollback_after: int = Field(3, ge=1, description="Spikes within the window that trigger a rollback.")
+    max_rollbacks: int = Field(3, ge=1, description="Rollbacks before the run halts (the spikes are not the rows).")
+
+    @model_validator(mode="after")
+    def _rollback_needs_checkpoints(self) -> TrainConfig:
+        if self.on_spike == "rollback" and not self.save_every:
+            raise ValueError("on_spike: rollback needs save_every (a checkpoint to roll back to)")
+        return self
     chunked_loss: bool = Field(
         True, description="Project only target positions to the vocabulary, in chunks (same loss, far less memory)."
     )

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -20,6 +21,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from tunesmith.recipes import loop
+from tunesmith.training.plan import ShuffledPlan
 
 HERE = Path(__file__).resolve().parent
 # tests/conftest.py by path: `import conftest` could resolve to another conftest.py on sys.path.
@@ -102,6 +106,72 @@ def cli(*args, fault: dict | None = None, timeout: float = 300) -> subprocess.Co
         cmd = [sys.executable, "-c", RUNNER, *map(str, args)]
         env = {**ENV, "TS_FAULT": json.dumps(fault)}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _state(s) -> dict:
+    """Everything a skipped step must leave untouched, hashed; plus finiteness and the raw weights."""
+    model = s.accelerator.unwrap_model(s.model)
+    params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = s.optimizer.state_dict()
+    opt_tensors = [v for st in opt["state"].values() for v in st.values() if torch.is_tensor(v)]
+    return {
+        "params": {n: _digest(p) for n, p in params.items()},
+        "optimizer": {f"{pid}.{k}": _digest(v) if torch.is_tensor(v) else v
+                      for pid, st in opt["state"].items() for k, v in st.items()},
+        "lr": [g["lr"] for g in s.optimizer.param_groups],
+        "scheduler": s.scheduler.last_epoch,
+        "finite": all(bool(torch.isfinite(t).all()) for t in list(params.values()) + opt_tensors),
+        "weights": params,
+    }
+
+
+class Probe:
+    """Installs faults in an in-process run and records the training state at every data step."""
+
+    def __init__(self, monkeypatch, nan_at=(), scale_loss_at=None, sgd=False, factor=1e6):
+        self.s = None
+        self.data_step = 0
+        self.micro = 0
+        self.before: dict[int, dict] = {}  # 1-based data step -> state before it ran
+        self.nan_at, self.scale_loss_at = set(nan_at), scale_loss_at
+        real_build, real_micro_batches = loop.build, ShuffledPlan.micro_batches
+        probe = self
+
+        def micro_batches(plan, step):
+            probe.data_step, probe.micro = step + 1, 0
+            if probe.s is not None:
+                probe.before[step + 1] = _state(probe.s)
+            return real_micro_batches(plan, step)
+
+        def build(*args, **fns):
+            loss_sum = fns["loss_sum"]
+
+            def scaled_loss(model, batch):
+                loss, n = loss_sum(model, batch)
+                probe.micro += 1
+                at = probe.scale_loss_at
+                hit = probe.data_step in at if isinstance(at, (set, list, tuple)) else probe.data_step == at
+                if hit and probe.micro == 1 and model.training:
+                    loss = loss * factor  # one micro-batch's loss explodes
+                return loss, n
+
+            fns["loss_sum"] = scaled_loss
+            s = real_build(*args, **fns)
+            norm = s.accelerator.unwrap_model(s.model).get_base_model().model.norm
+            norm.register_forward_hook(
+                lambda mod, i, out: out * float("nan") if mod.training and probe.data_step in probe.nan_at else None)
+            probe.s = s
+            return s
+
+        monkeypatch.setattr(ShuffledPlan, "micro_batches", micro_batches)
+        monkeypatch.setattr(loop, "build", build)
+        if sgd:
+            monkeypatch.setattr(loop, "build_optimizer", lambda model, t: torch.optim.SGD(
+                [p for p in model.parameters() if p.requires_grad], lr=t.lr))
 
 
 def main_in_process(*args) -> int:

@@ -1,8 +1,7 @@
 """N1, N2, N4 of docs RELIABILITY.md section 2: a non-finite step is skipped whole, persistent NaN
 halts cleanly with the last good checkpoint intact, and an exploding gradient is clipped.
 
-N3 (fp16 GradScaler) and N5 (loss-spike policy) are not implemented in tunesmith: there is no fp16
-training path (train.precision is fp32 or bf16) and no spike detection, so there is nothing to test.
+N3 (fp16 GradScaler) and N5 (loss spikes) are in test_guards.py.
 
 NaN is injected by a forward hook on the model's final norm (training forward passes only), at
 chosen 1-based data steps (`data_step` in metrics.jsonl). In-process runs install it by wrapping
@@ -11,7 +10,6 @@ chosen 1-based data steps (`data_step` in metrics.jsonl). In-process runs instal
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
@@ -22,6 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (  # noqa: E402
+    Probe,
+    _state,
     adapter,
     assert_tensors_equal,
     checkpoint_steps,
@@ -39,83 +39,8 @@ from tunesmith.recipes import causal_lm, loop  # noqa: E402
 from tunesmith.recipes.state import REQUIRED  # noqa: E402
 from tunesmith.training import checkpoint as ckpt  # noqa: E402
 from tunesmith.training.optim import lr_factor  # noqa: E402
-from tunesmith.training.plan import ShuffledPlan  # noqa: E402
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """Accelerate keeps one process-wide state; a bf16 run after an fp32 one needs it reset."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def _digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-def _state(s) -> dict:
-    """Everything a skipped step must leave untouched, hashed; plus finiteness and the raw weights."""
-    model = s.accelerator.unwrap_model(s.model)
-    params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    opt = s.optimizer.state_dict()
-    opt_tensors = [v for st in opt["state"].values() for v in st.values() if torch.is_tensor(v)]
-    return {
-        "params": {n: _digest(p) for n, p in params.items()},
-        "optimizer": {f"{pid}.{k}": _digest(v) if torch.is_tensor(v) else v
-                      for pid, st in opt["state"].items() for k, v in st.items()},
-        "lr": [g["lr"] for g in s.optimizer.param_groups],
-        "scheduler": s.scheduler.last_epoch,
-        "finite": all(bool(torch.isfinite(t).all()) for t in list(params.values()) + opt_tensors),
-        "weights": params,
-    }
-
-
-class Probe:
-    """Installs faults in an in-process run and records the training state at every data step."""
-
-    def __init__(self, monkeypatch, nan_at=(), scale_loss_at=None, sgd=False):
-        self.s = None
-        self.data_step = 0
-        self.micro = 0
-        self.before: dict[int, dict] = {}  # 1-based data step -> state before it ran
-        self.nan_at, self.scale_loss_at = set(nan_at), scale_loss_at
-        real_build, real_micro_batches = loop.build, ShuffledPlan.micro_batches
-        probe = self
-
-        def micro_batches(plan, step):
-            probe.data_step, probe.micro = step + 1, 0
-            if probe.s is not None:
-                probe.before[step + 1] = _state(probe.s)
-            return real_micro_batches(plan, step)
-
-        def build(*args, **fns):
-            loss_sum = fns["loss_sum"]
-
-            def scaled_loss(model, batch):
-                loss, n = loss_sum(model, batch)
-                probe.micro += 1
-                if probe.data_step == probe.scale_loss_at and probe.micro == 1 and model.training:
-                    loss = loss * 1e6  # one micro-batch's loss explodes
-                return loss, n
-
-            fns["loss_sum"] = scaled_loss
-            s = real_build(*args, **fns)
-            norm = s.accelerator.unwrap_model(s.model).get_base_model().model.norm
-            norm.register_forward_hook(
-                lambda mod, i, out: out * float("nan") if mod.training and probe.data_step in probe.nan_at else None)
-            probe.s = s
-            return s
-
-        monkeypatch.setattr(ShuffledPlan, "micro_batches", micro_batches)
-        monkeypatch.setattr(loop, "build", build)
-        if sgd:
-            monkeypatch.setattr(loop, "build_optimizer", lambda model, t: torch.optim.SGD(
-                [p for p in model.parameters() if p.requires_grad], lr=t.lr))
 
 
 def _rows_of(s, data_step: int) -> list[str]:

@@ -20,11 +20,19 @@ from accelerate import Accelerator
 from tunesmith.config import Config
 from tunesmith.data.prepare import Examples
 from tunesmith.errors import TrainingHalted, UserError
-from tunesmith.recipes.state import load_trainable, pick_checkpoint, restore, save_checkpoint, trainable_state
+from tunesmith.recipes.state import (
+    load_trainable,
+    pick_checkpoint,
+    restore,
+    rollback,
+    save_checkpoint,
+    trainable_state,
+)
 from tunesmith.reporting import print_before_after, print_setup
 from tunesmith.resume import check_drift, secret_hashes
 from tunesmith.rundir import RunDir
 from tunesmith.training.early_stopping import EarlyStopper
+from tunesmith.training.guards import Precision, SpikeDetector, is_oom
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.plan import ShuffledPlan
 from tunesmith.training.progress import TrainProgress, console
@@ -50,6 +58,10 @@ class Setup:
     count: Callable[[list], int]  # targets in a micro-batch: tokens for LMs, rows for classifiers
     quick_eval: Callable[[Setup, str], dict]  # cheap metrics used during training and for early stopping
     stopper: EarlyStopper = None  # type: ignore[assignment]
+    precision: Precision = None  # type: ignore[assignment]
+    spikes: SpikeDetector = None  # type: ignore[assignment]
+    excluded: set[int] = field(default_factory=set)  # train rows rolled back after spikes; never fed again
+    spike_rows: dict[int, list[int]] = field(default_factory=dict)  # data step -> rows, for rollback
     best_weights: dict[str, torch.Tensor] | None = None
     counters: dict = field(default_factory=lambda: {"skipped_nonfinite": 0, "tokens": 0})
     extra: dict = field(default_factory=dict)  # recipe-specific state (label map, samples...)
@@ -57,6 +69,7 @@ class Setup:
 
 def build(cfg: Config, run: RunDir, examples: Examples, data: dict, tokenizer, model, model_path: str, **fns) -> Setup:
     """Wrap a freshly loaded model with the optimizer, schedule, batch plan and accelerator."""
+    # fp16 is handled by Precision (its own GradScaler): accelerate has none on CPU.
     accelerator = Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no")
     optimizer = build_optimizer(model, cfg.train)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -67,51 +80,54 @@ def build(cfg: Config, run: RunDir, examples: Examples, data: dict, tokenizer, m
     s = Setup(cfg, run, accelerator, examples, data, tokenizer, model, optimizer,
               build_scheduler(optimizer, t, total), plan, total, model_path, **fns)
     s.stopper = EarlyStopper(t.early_stopping)
+    s.precision = Precision(t.precision, accelerator)
+    s.spikes = SpikeDetector(t.spike_factor, t.spike_window)
     print_setup(s)
     return s
 
 
 def fit(s: Setup, updates: int = 0, data_step: int = 0) -> dict:
-    """Train until `total_steps` optimizer updates. A step whose loss or gradient is not finite is
-    skipped whole (weights, optimizer and schedule untouched) and does not count as an update; its
-    rows are consumed all the same, so no batch is replayed."""
-    cfg, acc, model, opt = s.cfg, s.accelerator, s.model, s.optimizer
-    train_rows = s.data["train"]
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    """Train until `total_steps` optimizer updates. A step whose loss or gradient is not finite (or,
+    by `train.on_spike`, spikes) is skipped whole (weights, optimizer and schedule untouched) and does
+    not count as an update; its rows are consumed all the same, so no batch is replayed."""
+    cfg, acc, opt = s.cfg, s.accelerator, s.optimizer
+    trainable = [p for p in s.model.parameters() if p.requires_grad]
     consecutive_skips, stopped_early = 0, False
-    model.train()
+    s.model.train()
     with TrainProgress(s.total_steps, updates) as progress, GracefulStop() as stop:
         while updates < s.total_steps:
             t0 = time.perf_counter()
-            micro = [[train_rows[i] for i in idx] for idx in s.plan.micro_batches(data_step)]
+            step_rows = [i for m in s.plan.micro_batches(data_step) for i in m if i not in s.excluded]
             data_step += 1
             # Normalise by the targets (tokens, or rows) of the whole step: every micro-batch, every rank.
-            n_targets = acc.reduce(torch.tensor(sum(s.count(m) for m in micro), device=acc.device), "sum").item()
-            loss_sum, real_tokens = 0.0, 0
-            for i, rows in enumerate(micro):
-                batch = {k: v.to(acc.device) for k, v in s.collate(rows).items()}
-                sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(model)
-                with sync:
-                    with acc.autocast():
-                        loss, _ = s.loss_sum(model, batch)
-                    # DDP averages gradients over ranks, so scale the sum back up by the world size.
-                    acc.backward(loss * acc.num_processes / max(n_targets, 1))
-                loss_sum += loss.item()
-                real_tokens += int(batch["attention_mask"].sum())
+            n_local = s.count([s.data["train"][i] for i in step_rows])
+            n_targets = acc.reduce(torch.tensor(n_local, device=acc.device), "sum").item()
+            if n_targets == 0:
+                continue  # every row of the step was excluded after spikes: nothing to learn, no update
+            loss_sum, real_tokens, micro = accumulate(s, data_step - 1, n_targets)
+            s.precision.unscale(opt)
             grad_norm = acc.clip_grad_norm_(trainable, cfg.train.max_grad_norm or float("inf"))  # pre-clip norm
             step_loss = acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum").item() / max(n_targets, 1)
             lr = s.scheduler.get_last_lr()[0]  # the rate this update uses, logged with it
-            finite = math.isfinite(step_loss) and bool(torch.isfinite(grad_norm))
-            if finite:
-                opt.step()
+            problem = None if math.isfinite(step_loss) and bool(torch.isfinite(grad_norm)) else "nonfinite"
+            if problem is None and s.spikes.check(step_loss, data_step) and cfg.train.on_spike != "warn":
+                problem = "spike"
+            if problem is None:
+                s.precision.step(opt)
                 s.scheduler.step()
                 updates += 1
                 consecutive_skips = 0
+            else:
+                s.precision.skipped()
             opt.zero_grad(set_to_none=True)
-            if not finite:
+            if problem == "nonfinite":
                 consecutive_skips += 1
                 skipped(s, updates, data_step, micro, consecutive_skips)
                 continue
+            if data_step in s.spikes.flagged:
+                updates, data_step = spiked(s, updates, data_step, micro, step_rows, step_loss)
+                if problem:
+                    continue
             s.counters["tokens"] += real_tokens
             tps = real_tokens * acc.num_processes / (time.perf_counter() - t0)
             if updates % cfg.train.log_every == 0 and acc.is_main_process:
@@ -137,6 +153,65 @@ def fit(s: Setup, updates: int = 0, data_step: int = 0) -> dict:
         console.print(f"Restored the best weights (step {s.stopper.best_step}, "
                       f"{cfg.train.early_stopping.metric} {s.stopper.best:.4f})")
     return {"steps": updates, "data_steps": data_step, "stopped_early": stopped_early, **s.counters}
+
+
+def accumulate(s: Setup, step: int, n_targets: int) -> tuple[float, int, list]:
+    """Forward and backward over this rank's micro-batches of `step`. On out-of-memory the micro-batch
+    halves (accumulation doubles) and the step starts over: same rows, same summed loss, same update."""
+    acc, rows = s.accelerator, s.data["train"]
+    while True:
+        micro = [[rows[i] for i in m if i not in s.excluded] for m in s.plan.micro_batches(step)]
+        micro = [m for m in micro if m]
+        loss_sum, real_tokens = 0.0, 0
+        try:
+            for i, batch_rows in enumerate(micro):
+                batch = {k: v.to(acc.device) for k, v in s.collate(batch_rows).items()}
+                sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(s.model)
+                with sync:
+                    with s.precision.autocast():
+                        loss, _ = s.loss_sum(s.model, batch)
+                    # DDP averages gradients over ranks, so scale the sum back up by the world size.
+                    acc.backward(s.precision.scale(loss * acc.num_processes / max(n_targets, 1)))
+                loss_sum += loss.item()
+                real_tokens += int(batch["attention_mask"].sum())
+            return loss_sum, real_tokens, micro
+        except RuntimeError as exc:
+            if not (is_oom(exc) and s.cfg.train.oom_backoff):
+                raise
+            batch = loss = None  # drop the references that hold activations before retrying
+            s.optimizer.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if s.plan.micro_size == 1:
+                s.run.update_run(status="halted")
+                raise TrainingHalted("Out of memory with a micro-batch of 1 row; halted. The last committed "
+                                     "checkpoint is intact; lower data.max_length or use a smaller model.") from None
+            s.plan.micro_size //= 2
+            per_step = math.ceil(s.plan.rows_per_step / acc.num_processes / s.plan.micro_size)
+            message = (f"out of memory at data step {step + 1}: micro-batch {s.plan.micro_size * 2} -> "
+                       f"{s.plan.micro_size}, {per_step} micro-batches per step (effective batch unchanged, "
+                       f"{s.plan.rows_per_step} rows)")
+            console.print(f"[yellow]{message}[/]")
+            s.run.log({"data_step": step + 1, "oom_backoff": s.plan.micro_size, "warning": message})
+
+
+def spiked(s: Setup, updates: int, data_step: int, micro: list, indices: list[int], loss: float) -> tuple[int, int]:
+    """Log a spike; under on_spike=rollback, enough of them in the window restore the last checkpoint."""
+    t = s.cfg.train
+    s.counters["spikes"] = s.counters.get("spikes", 0) + 1
+    ids = [r.id for m in micro for r in m]
+    s.spike_rows[data_step] = indices
+    s.run.log({"step": updates, "data_step": data_step, "spike": round(loss, 6), "rows": ids,
+               "applied": t.on_spike == "warn"})
+    console.print(f"[yellow]loss spike at data step {data_step}: {loss:.4f} "
+                  f"({'applied' if t.on_spike == 'warn' else 'not applied'})[/]")
+    if t.on_spike != "rollback" or len(s.spikes.flagged) < t.spike_rollback_after:
+        return updates, data_step
+    if s.counters.get("rollbacks", 0) >= t.max_rollbacks:
+        s.run.update_run(status="halted", step=updates)
+        raise TrainingHalted(f"Loss spikes persist after {t.max_rollbacks} rollbacks (train.max_rollbacks); halted. "
+                             "Excluding rows did not help: lower train.lr or raise train.spike_factor.")
+    return rollback(s, [i for d in s.spikes.flagged for i in s.spike_rows.get(d, [])], updates, data_step)
 
 
 def skipped(s: Setup, updates: int, data_step: int, micro: list, consecutive: int) -> None:

@@ -14,6 +14,7 @@ import torch
 from tunesmith.errors import UserError
 from tunesmith.training import checkpoint as ckpt
 
+EXCLUDED = "excluded_rows.json"  # train rows removed by spike rollbacks, kept across resumes
 REQUIRED = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 
 
@@ -46,7 +47,9 @@ def save_checkpoint(s, updates: int, data_step: int) -> None:
     state = {"step": updates, "data_step": data_step, "epoch": s.plan.epoch_of(max(data_step - 1, 0)),
              "optimizer": opt_meta, "rng": rng_meta, "scheduler": {"last_epoch": s.scheduler.last_epoch},
              "early_stopping": s.stopper.state_dict(), "counters": s.counters,
-             "fingerprint": s.examples.fingerprint, "world_size": s.accelerator.num_processes}
+             "fingerprint": s.examples.fingerprint, "world_size": s.accelerator.num_processes,
+             "grad_scaler": s.precision.state_dict(), "spikes": s.spikes.state_dict(),
+             "micro_batch_size": s.plan.micro_size}
     if s.accelerator.is_main_process:
         warning = ckpt.low_space_warning(s.run / "checkpoints", tensors)
         if warning:
@@ -106,5 +109,32 @@ def restore(s, path: Path, allow_drift: bool = False) -> tuple[int, int]:
     s.stopper.load_state_dict(state["early_stopping"])
     s.best_weights = tensors.get("best.safetensors")
     s.counters = state["counters"]
+    s.precision.load_state_dict(state.get("grad_scaler"))  # None after a drift from fp32: a fresh scaler
+    s.spikes.load_state_dict(state.get("spikes", {"history": [], "flagged": []}))
+    s.plan.micro_size = state.get("micro_batch_size", s.plan.micro_size)  # keep an out-of-memory back-off
+    s.excluded = set(s.run.read_json(EXCLUDED, {}).get("rows", []))
     ckpt.set_rng_state(state["rng"], tensors["rng.safetensors"])
     return state["step"], state.get("data_step", state["step"])
+
+
+def rollback(s, rows: list[int], updates: int, data_step: int) -> tuple[int, int]:
+    """Back to the last committed checkpoint, with `rows` (train indices) excluded from then on."""
+    from tunesmith.training.progress import console
+
+    spikes = len(s.spikes.flagged)
+    s.excluded |= set(rows)
+    s.spike_rows.clear()
+    s.run.write_json(EXCLUDED, {"rows": sorted(s.excluded)})
+    latest = ckpt.latest_checkpoint(s.run / "checkpoints")
+    if latest is None:
+        console.print("[yellow]spikes: no checkpoint yet to roll back to; the rows are excluded from now on[/]")
+        return updates, data_step
+    rollbacks = s.counters.get("rollbacks", 0) + 1
+    back_to, back_data = restore(s, latest)
+    s.counters["rollbacks"] = rollbacks
+    s.run.truncate_log(back_to, back_data)
+    ids = [s.data["train"][i].id for i in sorted(rows)]
+    s.run.log({"step": back_to, "data_step": back_data, "rollback": latest.name, "excluded": ids})
+    console.print(f"[yellow]{spikes} spikes within "
+                  f"{s.cfg.train.spike_window} steps: rolled back to {latest.name}; {len(ids)} rows excluded[/]")
+    return back_to, back_data

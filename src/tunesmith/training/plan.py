@@ -21,6 +21,9 @@ class ShuffledPlan:
         self.seed, self.world_size, self.rank = seed, world_size, rank
         self.rows_per_step = batch_size * grad_accum * world_size
         self.steps_per_epoch = math.ceil(n_rows / self.rows_per_step)
+        # Rows per forward pass. Out-of-memory back-off lowers it; the step's rows stay the same, so
+        # the effective batch (and, with a summed loss, the gradient) does not change.
+        self.micro_size = batch_size
         self._order: tuple[int, list[int]] | None = None
 
     def epoch_order(self, epoch: int) -> list[int]:
@@ -42,4 +45,4 @@ class ShuffledPlan:
         rows = self.step_rows(step)
         per_rank = math.ceil(len(rows) / self.world_size)
         mine = rows[self.rank * per_rank : (self.rank + 1) * per_rank]
-        return [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+        return [mine[i : i + self.micro_size] for i in range(0, len(mine), self.micro_size)]
