@@ -38,8 +38,12 @@ def _clean(obj):
 
 
 class RunDir:
-    def __init__(self, path: Path):
+    """`writer=False` is the view of every process but the main one under several processes: it
+    reads, and its writes are dropped, so one process owns every file."""
+
+    def __init__(self, path: Path, writer: bool = True):
         self.path = Path(path)
+        self.writer = writer
 
     @classmethod
     def create(cls, cfg: Config, resume: bool, overwrite: bool) -> RunDir:
@@ -73,6 +77,8 @@ class RunDir:
         self.write_text("config.yaml", dump_config(cfg))
 
     def write_text(self, name: str, text: str) -> None:
+        if not self.writer:
+            return
         tmp = self / f".{name}.tmp"
         tmp.write_text(redact(text), encoding="utf-8")  # secrets never reach the run directory
         tmp.replace(self / name)
@@ -85,6 +91,8 @@ class RunDir:
         return json.loads(p.read_text()) if p.exists() else default
 
     def log(self, record: dict) -> None:
+        if not self.writer:
+            return
         record = {"time": round(time.time(), 3), **record}
         with open(self / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(redact(json.dumps(_clean(record))) + "\n")

@@ -42,6 +42,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", 
 #                          1-based data steps (`data_step` in metrics.jsonl)
 #   nan_from: k            the same for every data step >= k
 #   skip_rng_restore: true a resume does not restore the random streams (a control that must fail R1)
+#   kill_before_part: N    SIGKILL when this rank is about to write its part of the N-th checkpoint
+#   rank: R                under torchrun, the kill faults above hit rank R only
 RUNNER = r"""
 import json, os, signal, sys
 fault = json.loads(os.environ.get("TS_FAULT") or "{}")
@@ -51,7 +53,9 @@ from tunesmith.recipes import loop
 from tunesmith.rundir import RunDir
 from tunesmith.training.plan import ShuffledPlan
 
-current = {"data_step": 0, "collated": 0}
+current = {"data_step": 0, "collated": 0, "parts": 0}
+RANK = int(os.environ.get("RANK", "0"))  # under torchrun; faults with "rank" hit only that process
+mine = fault.get("rank", RANK) == RANK
 real_micro_batches = ShuffledPlan.micro_batches
 def micro_batches(self, step):
     current["data_step"] = step + 1  # fit() asks for the 0-based step, then logs step + 1
@@ -66,11 +70,11 @@ def build(*args, **fns):
     collate = fns["collate"]
     def recording_collate(rows):
         current["collated"] += 1
-        if current["collated"] == fault.get("kill_on_collate"):
+        if current["collated"] == fault.get("kill_on_collate") and mine:
             os.kill(os.getpid(), signal.SIGKILL)
         if "record_rows" in fault:
             with open(fault["record_rows"], "a") as f:
-                f.write(json.dumps({"data_step": current["data_step"], "ids": [r.id for r in rows]}) + "\n")
+                f.write(json.dumps({"data_step": current["data_step"], "rank": RANK, "ids": [r.id for r in rows]}) + "\n")
         return collate(rows)
     fns["collate"] = recording_collate
     s = real_build(*args, **fns)
@@ -84,9 +88,20 @@ loop.build = build
 real_log = RunDir.log
 def log(self, record):
     real_log(self, record)
-    if "loss" in record and record.get("step") == fault.get("kill_after_step"):
+    if "loss" in record and record.get("step") == fault.get("kill_after_step") and mine:
         os.kill(os.getpid(), signal.SIGKILL)
 RunDir.log = log
+
+if "kill_before_part" in fault:
+    from tunesmith.training import checkpoint
+    real_part = checkpoint.write_part
+    def write_part(staging, tensors, meta=None):
+        if any(name.startswith("rng-rank") for name in tensors):
+            current["parts"] += 1
+            if current["parts"] == fault["kill_before_part"] and mine:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real_part(staging, tensors, meta)
+    checkpoint.write_part = write_part
 
 if fault.get("skip_rng_restore"):
     from tunesmith.training import checkpoint

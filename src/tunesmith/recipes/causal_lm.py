@@ -60,7 +60,7 @@ def setup(cfg: Config, run: RunDir) -> loop.Setup:
 
 
 def loss_eval(s: loop.Setup, split: str) -> dict:
-    return evaluate_loss(s.model, s.data[split], s.cfg.eval.batch_size, s.tokenizer.pad_token_id,
+    return evaluate_loss(s.accelerator.unwrap_model(s.model), s.data[split], s.cfg.eval.batch_size, s.tokenizer.pad_token_id,
                          s.accelerator.device, s.cfg.eval.max_rows, s.loss_sum)
 
 

@@ -62,7 +62,7 @@ def setup(cfg: Config, run: RunDir) -> loop.Setup:
 
 @torch.no_grad()
 def predict(s: loop.Setup, rows: list[LabeledRow]) -> tuple[list[int], float]:
-    model, pad = s.model, s.tokenizer.pad_token_id
+    model, pad = s.accelerator.unwrap_model(s.model), s.tokenizer.pad_token_id
     model.eval()
     preds, total = [], 0.0
     for i in range(0, len(rows), s.cfg.eval.batch_size):

@@ -11,11 +11,13 @@ import math
 import shutil
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list
 
 from tunesmith.config import Config
 from tunesmith.data.prepare import Examples
@@ -70,7 +72,8 @@ class Setup:
 def build(cfg: Config, run: RunDir, examples: Examples, data: dict, tokenizer, model, model_path: str, **fns) -> Setup:
     """Wrap a freshly loaded model with the optimizer, schedule, batch plan and accelerator."""
     # fp16 is handled by Precision (its own GradScaler): accelerate has none on CPU.
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no")
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
+                              cpu=cpu_only())
     optimizer = build_optimizer(model, cfg.train)
     model, optimizer = accelerator.prepare(model, optimizer)
     t = cfg.train
@@ -161,7 +164,9 @@ def accumulate(s: Setup, step: int, n_targets: int) -> tuple[float, int, list]:
     acc, rows = s.accelerator, s.data["train"]
     while True:
         micro = [[rows[i] for i in m if i not in s.excluded] for m in s.plan.micro_batches(step)]
-        micro = [m for m in micro if m]
+        micro, weight = [m for m in micro if m], 1.0
+        if not micro:  # a short last step left this rank no rows: a zero-weight pass keeps DDP in step
+            micro, weight = [[rows[s.plan.step_rows(step)[0]]]], 0.0
         loss_sum, real_tokens = 0.0, 0
         try:
             for i, batch_rows in enumerate(micro):
@@ -171,9 +176,9 @@ def accumulate(s: Setup, step: int, n_targets: int) -> tuple[float, int, list]:
                     with s.precision.autocast():
                         loss, _ = s.loss_sum(s.model, batch)
                     # DDP averages gradients over ranks, so scale the sum back up by the world size.
-                    acc.backward(s.precision.scale(loss * acc.num_processes / max(n_targets, 1)))
-                loss_sum += loss.item()
-                real_tokens += int(batch["attention_mask"].sum())
+                    acc.backward(s.precision.scale(loss * (weight * acc.num_processes / max(n_targets, 1))))
+                loss_sum += loss.item() * weight
+                real_tokens += int(batch["attention_mask"].sum()) if weight else 0
             return loss_sum, real_tokens, micro
         except RuntimeError as exc:
             if not (is_oom(exc) and s.cfg.train.oom_backoff):
@@ -239,20 +244,30 @@ def evaluate_during_training(s: Setup, step: int, progress: TrainProgress) -> bo
 def train(cfg: Config, recipe, resume: bool = False, overwrite: bool = False, allow_drift: bool = False,
           fallback: bool = False) -> RunDir:
     """setup -> evaluate the base model -> fit -> save -> evaluate the fine-tuned model -> report."""
-    if cfg.train.resume == "auto" and not overwrite and (cfg.run_dir / "config.yaml").exists():
-        resume = True
-    run = RunDir.create(cfg, resume, overwrite)
-    if resume:
-        check_drift(run, cfg, allow_drift)
-    # Verify the checkpoint before loading data or weights: a refused resume should take seconds.
-    latest = pick_checkpoint(run / "checkpoints", fallback) if resume else None
-    before = run.read_json("run.json") if resume else None
-    run.write_config(cfg)
-    run.update_run(status="running", started=time.time(), task=cfg.task_name, secret_hashes=secret_hashes(cfg))
+    state = process_state()
+    if not state.is_main_process:
+        console.quiet = True  # one process talks
+    opened: list = [None]
+    if state.is_main_process:  # only the main process creates, checks and cleans the run directory
+        try:
+            opened = [open_run(cfg, resume, overwrite, allow_drift, fallback)]
+        except UserError as err:
+            opened = [err.exit_code]
+            if state.num_processes > 1:
+                broadcast_object_list(opened)
+            raise
+    opened = broadcast_object_list(opened)  # every rank starts from the same checkpoint
+    if isinstance(opened[0], int):
+        raise SystemExit(opened[0])  # the main process has reported the error
+    resume, latest, before = opened[0]
+    latest = Path(latest) if latest else None
+    run = RunDir(cfg.run_dir, writer=state.is_main_process)
     try:
         s = recipe.setup(cfg, run)
         updates, data_step = restore(s, latest, allow_drift) if latest else (0, 0)
     except UserError:
+        if not run.writer:
+            raise
         if not resume:  # bad data or model: leave no half-made run behind to block the corrected one
             shutil.rmtree(run.path, ignore_errors=True)
         elif before is not None:  # a refused resume leaves the run's record as it was
@@ -279,6 +294,31 @@ def train(cfg: Config, recipe, resume: bool = False, overwrite: bool = False, al
     run.update_run(status="finished", finished=time.time(), model_path=s.model_path, steps=summary["steps"])
     print_before_after(report)
     return run
+
+
+def process_state() -> PartialState:
+    """The launch's processes (one, or several under accelerate launch / torchrun). Without a GPU the
+    processes are CPU ranks over gloo; accelerate only picks that when told the run is CPU-only."""
+    return PartialState(cpu=cpu_only())
+
+
+def cpu_only() -> bool:
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available())
+
+
+def open_run(cfg: Config, resume: bool, overwrite: bool, allow_drift: bool, fallback: bool) -> tuple:
+    """Create or reopen the run directory; returns (resume, checkpoint path or None, run.json before)."""
+    if cfg.train.resume == "auto" and not overwrite and (cfg.run_dir / "config.yaml").exists():
+        resume = True
+    run = RunDir.create(cfg, resume, overwrite)
+    if resume:
+        check_drift(run, cfg, allow_drift)
+    # Verify the checkpoint before loading data or weights: a refused resume should take seconds.
+    latest = pick_checkpoint(run / "checkpoints", fallback) if resume else None
+    before = run.read_json("run.json") if resume else None
+    run.write_config(cfg)
+    run.update_run(status="running", started=time.time(), task=cfg.task_name, secret_hashes=secret_hashes(cfg))
+    return resume, str(latest) if latest else None, before
 
 
 def save_weights(s: Setup):

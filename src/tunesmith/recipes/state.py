@@ -50,22 +50,36 @@ def save_checkpoint(s, updates: int, data_step: int) -> None:
              "fingerprint": s.examples.fingerprint, "world_size": s.accelerator.num_processes,
              "grad_scaler": s.precision.state_dict(), "spikes": s.spikes.state_dict(),
              "micro_batch_size": s.plan.micro_size}
-    if s.accelerator.is_main_process:
-        warning = ckpt.low_space_warning(s.run / "checkpoints", tensors)
+    acc, root = s.accelerator, s.run / "checkpoints"
+    parts = None
+    if acc.num_processes > 1:
+        # Several ranks: each writes its own random streams into the main process's staging
+        # directory; only when all have (barrier) does the main process write the manifest and rename.
+        def parts(staging: Path) -> None:
+            acc.wait_for_everyone()  # staging exists
+            acc.wait_for_everyone()  # every rank's part is written
+
+        if not acc.is_main_process:
+            acc.wait_for_everyone()
+            ckpt.write_part(ckpt.staging_dir(root, updates),
+                            {f"rng-rank{acc.process_index}.safetensors": rng_tensors}, rng_meta)
+            acc.wait_for_everyone()
+    if acc.is_main_process:
+        warning = ckpt.low_space_warning(root, tensors)
         if warning:
             from tunesmith.training.progress import console
 
             console.print(f"[yellow]warning: {warning}[/]")
             s.run.log({"step": updates, "warning": warning})
         try:
-            ckpt.save_checkpoint(s.run / "checkpoints", updates, tensors, state, s.cfg.train.save_total_limit)
+            ckpt.save_checkpoint(root, updates, tensors, state, s.cfg.train.save_total_limit, parts)
         except ckpt.DiskFull:
             try:
                 s.run.update_run(status="halted", step=updates)
             except OSError:
                 pass  # the disk is full: the error message matters more than the status line
             raise
-    s.accelerator.wait_for_everyone()
+    acc.wait_for_everyone()
 
 
 def pick_checkpoint(root: Path, fallback: bool) -> Path | None:
@@ -113,7 +127,12 @@ def restore(s, path: Path, allow_drift: bool = False) -> tuple[int, int]:
     s.spikes.load_state_dict(state.get("spikes", {"history": [], "flagged": []}))
     s.plan.micro_size = state.get("micro_batch_size", s.plan.micro_size)  # keep an out-of-memory back-off
     s.excluded = set(s.run.read_json(EXCLUDED, {}).get("rows", []))
-    ckpt.set_rng_state(state["rng"], tensors["rng.safetensors"])
+    rank = s.accelerator.process_index
+    if rank == 0:
+        ckpt.set_rng_state(state["rng"], tensors["rng.safetensors"])
+    else:
+        own = path / f"rng-rank{rank}.safetensors"
+        ckpt.set_rng_state(ckpt.load_part_meta(own), tensors[own.name])
     return state["step"], state.get("data_step", state["step"])
 
 

@@ -87,40 +87,45 @@ def optimizer_from_tensors(opt: torch.optim.Optimizer, meta: dict, tensors: dict
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict,
-                    keep: int | None = None) -> Path:
-    """Write `tensors` (file name -> tensors) and `state` as checkpoint `root/step-<step>`."""
+def staging_dir(root: Path, step: int) -> Path:
+    # A fixed name, so every rank of a multi-process run writes its part into the same directory.
+    return root / f".staging-step-{step}"
+
+
+def begin(root: Path, step: int) -> Path:
+    """A fresh staging directory next to the destination (same filesystem: the commit is a rename)."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    staging = root / f".staging-step-{step}-{os.getpid()}"
+    staging = staging_dir(root, step)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    try:
-        for fname, tdict in tensors.items():
-            save_file({k: v.detach().cpu().contiguous() for k, v in tdict.items()}, str(staging / fname))
-        (staging / "state.json").write_text(json.dumps(state, indent=1))
-        files = sorted(p.name for p in staging.iterdir())
-        for name in files:
-            _fsync(staging / name)
-        manifest = {"step": step, "files": {name: _sha256(staging / name) for name in files}}
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _fsync(staging / MANIFEST)
-        _fsync(staging)
-        if final.exists():  # a re-run of the same step after a resume: replace it whole
-            old = root / f".old-step-{step}-{os.getpid()}"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(staging, final)
-        _fsync(root)
-    except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        if _disk_full(exc):
-            needed = checkpoint_bytes(tensors)
-            raise DiskFull(f"No space left on device while writing checkpoint {final.name} in {root}: it needs "
-                           f"about {_mb(needed)}, {_mb(shutil.disk_usage(root).free)} are free. "
-                           f"The previous checkpoint is intact and no {final.name} was committed; free space "
-                           "and continue with --resume.") from None
-        raise
+    return staging
+
+
+def write_part(staging: Path, tensors: dict[str, dict[str, torch.Tensor]], meta: dict | None = None) -> None:
+    """Write tensor files into the staging directory and fsync them. `meta` (JSON-able) rides in the
+    safetensors header, so a rank's part is one file."""
+    header = {"meta": json.dumps(meta)} if meta is not None else None
+    for fname, tdict in tensors.items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in tdict.items()}, str(staging / fname), metadata=header)
+        _fsync(staging / fname)
+
+
+def commit(root: Path, step: int, state: dict, keep: int | None = None) -> Path:
+    """state.json, then the manifest of every staged file (all ranks' parts), then one rename."""
+    staging, final = staging_dir(root, step), root / f"step-{step}"
+    (staging / "state.json").write_text(json.dumps(state, indent=1))
+    _fsync(staging / "state.json")
+    files = sorted(p.name for p in staging.iterdir())
+    manifest = {"step": step, "files": {name: _sha256(staging / name) for name in files}}
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    _fsync(staging / MANIFEST)
+    _fsync(staging)
+    if final.exists():  # a re-run of the same step after a resume: replace it whole
+        old = root / f".old-step-{step}-{os.getpid()}"
+        os.replace(final, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(staging, final)
+    _fsync(root)
     if keep is not None:
         # Rotation only after the new checkpoint is committed: a crash never leaves zero checkpoints.
         # Checkpoints numbered above this one belong to a run abandoned by --fallback; the one just
@@ -131,6 +136,34 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Te
         for old in newer + older[: max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict,
+                    keep: int | None = None, parts=None) -> Path:
+    """Write `tensors` (file name -> tensors) and `state` as checkpoint `root/step-<step>`.
+    `parts`, if given, is called between staging and commit: other ranks write their files then."""
+    staging = begin(root, step)
+    try:
+        if parts is not None:
+            parts(staging)
+        write_part(staging, tensors)
+        return commit(root, step, state, keep)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if _disk_full(exc):
+            needed = checkpoint_bytes(tensors)
+            raise DiskFull(f"No space left on device while writing checkpoint step-{step} in {root}: it needs "
+                           f"about {_mb(needed)}, {_mb(shutil.disk_usage(root).free)} are free. "
+                           f"The previous checkpoint is intact and no step-{step} was committed; free space "
+                           "and continue with --resume.") from None
+        raise
+
+
+def load_part_meta(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {})["meta"])
 
 
 class DiskFull(TrainingHalted):

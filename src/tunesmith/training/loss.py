@@ -42,7 +42,8 @@ def chunked_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     keep = targets != IGNORE
     hidden = out.hidden_states[-1][:, :-1][keep]
     targets = targets[keep]
-    head = model.get_output_embeddings()
+    # Under DDP the forward above goes through the wrapper (gradient sync); the head is the inner one.
+    head = getattr(model, "module", model).get_output_embeddings()
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, len(targets), CHUNK):
         total = total + checkpoint(_chunk_loss, head, hidden[i : i + CHUNK], targets[i : i + CHUNK], use_reentrant=False)

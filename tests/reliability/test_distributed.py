@@ -1,0 +1,141 @@
+"""Two CPU processes over gloo (torchrun): the same run as one process, one run directory, and a
+checkpoint that commits only when every rank has written its part (RELIABILITY.md K5).
+
+Each run is `torchrun --nproc_per_node 2 <_harness.RUNNER> train CONFIG`, so faults (SIGKILL of one
+rank) are installed the same way as in the single-process tests.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import (  # noqa: E402
+    ENV,
+    RUNNER,
+    adapter,
+    assert_tensors_equal,
+    checkpoint_steps,
+    cli,
+    leftovers,
+    rel_config,
+    row_log,
+    says,
+    step_lines,
+    write_config,
+)
+
+from tunesmith.recipes.state import REQUIRED  # noqa: E402
+from tunesmith.training import checkpoint as ckpt  # noqa: E402
+
+# 57 rows, 8 per step (4 per rank): the last step of each epoch (step 8) has 1 row, so rank 1 gets
+# none and takes a zero-weight pass, and the epoch boundary falls inside the run. Dropout off: one
+# process and two would draw their masks differently.
+N_ROWS, STEPS = 57, 12
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(tmp_path: Path, *args, fault: dict | None = None) -> subprocess.CompletedProcess:
+    runner = tmp_path / "runner.py"
+    runner.write_text(RUNNER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(runner), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**ENV, "TS_FAULT": json.dumps(fault or {})})
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory, tiny_llama):
+    """The uninterrupted runs: two processes of batch 4, and one process of batch 8."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    cfg_dict = rel_config(tmp, tiny_llama, n_rows=N_ROWS, max_steps=STEPS, save_every=4, grad_accum=1,
+                          batch_size=4)
+    cfg_dict["peft"]["dropout"] = 0.0
+    cfg = write_config(tmp, cfg_dict)
+    res = torchrun(tmp, "train", cfg, "name=two", fault={"record_rows": str(tmp / "rows-two.jsonl")})
+    assert res.returncode == 0, res.stderr[-4000:]
+    one = cli("train", cfg, "name=one", "train.batch_size=8")
+    assert one.returncode == 0, one.stderr[-3000:]
+    return tmp, cfg, res
+
+
+def test_two_processes_match_one_with_the_same_global_batch(two):
+    tmp, _, _ = two
+    runs = tmp / "runs"
+    a, b = step_lines(runs / "two"), step_lines(runs / "one")
+    assert [r["step"] for r in a] == list(range(1, STEPS + 1))  # logged once, by the main process
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
+    got, want = adapter(runs / "two"), adapter(runs / "one")
+    assert sorted(got) == sorted(want)
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+    loss = [json.loads((runs / n / "eval.json").read_text())["finetuned"]["validation"]["loss"] for n in ("two", "one")]
+    assert loss[0] == pytest.approx(loss[1], abs=1e-5)
+
+
+def test_each_row_once_per_epoch_and_one_run_directory(two):
+    tmp, _, res = two
+    log = row_log(tmp / "rows-two.jsonl")
+    assert {r["rank"] for r in log} == {0, 1}
+    steps_per_epoch = -(-N_ROWS // 8)
+    last = [[i for r in log if r["data_step"] == steps_per_epoch and r["rank"] == k for i in r["ids"]] for k in (0, 1)]
+    assert len(last[0]) == 1 and last[1] == last[0]  # rank 1's zero-weight pass reuses rank 0's one row
+    learned = [i for r in log if r["data_step"] <= steps_per_epoch
+               and not (r["rank"] == 1 and r["data_step"] == steps_per_epoch) for i in r["ids"]]
+    assert sorted(learned) == sorted(f"r{i}" for i in range(N_ROWS))  # every row, none twice
+    for step in range(1, STEPS + 1):  # within a step the ranks never share a row (but for that pass)
+        if step % steps_per_epoch == 0:
+            continue
+        by_rank = [{i for r in log if r["data_step"] == step and r["rank"] == k for i in r["ids"]} for k in (0, 1)]
+        assert not by_rank[0] & by_rank[1]
+    assert sorted(p.name for p in (tmp / "runs").iterdir()) == ["one", "two"]
+    run = tmp / "runs" / "two"
+    assert sorted(p.name for p in (run / "checkpoints" / "step-12").iterdir()) == sorted(
+        [*REQUIRED, "manifest.json", "rng-rank1.safetensors"])
+    assert res.stdout.count("Run directory:") + res.stderr.count("Run directory:") == 1  # one process talks
+
+
+def test_resume_after_killing_one_rank_matches_the_uninterrupted_run(two, tmp_path):
+    tmp, cfg, _ = two
+    run = tmp / "runs" / "killed"
+    res = torchrun(tmp, "train", cfg, "name=killed", fault={"kill_on_collate": 7, "rank": 1})  # in step 7
+    assert res.returncode != 0
+    assert checkpoint_steps(run) == [4]
+    res = torchrun(tmp, "train", cfg, "name=killed", "--resume")
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert says(res.stdout + res.stderr, "step-4 (step 4 of 12)")
+    assert_tensors_equal(adapter(run), adapter(tmp / "runs" / "two"))
+
+
+def test_k5_a_rank_killed_before_its_part_leaves_the_checkpoint_uncommitted(two):
+    tmp, cfg, _ = two
+    run = tmp / "runs" / "k5"
+    res = torchrun(tmp, "train", cfg, "name=k5", fault={"kill_before_part": 2, "rank": 1})
+    assert res.returncode != 0
+    assert checkpoint_steps(run) == [4]  # step-8 was never committed: rank 1's part is missing
+    ckpt.verify(run / "checkpoints" / "step-4", (*REQUIRED, "rng-rank1.safetensors"))
+    res = torchrun(tmp, "train", cfg, "name=k5", "--resume")
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert says(res.stdout + res.stderr, "step-4 (step 4 of 12)")
+    assert leftovers(run) == []  # the staging directory of the killed save was cleaned
+    assert_tensors_equal(adapter(run), adapter(tmp / "runs" / "two"))
+
+
+def test_resume_on_another_number_of_processes_is_refused(two):
+    tmp, cfg, _ = two
+    res = cli("train", cfg, "name=two", "--resume", "train.max_steps=16", "--allow-drift")
+    assert res.returncode == 2
+    assert "saved with 2 processes, now 1" in res.stderr
