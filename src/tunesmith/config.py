@@ -112,6 +112,13 @@ class DataConfig(Strict):
         description="Rows longer than max_length: error (stop and report), truncate (keep the start), or drop. "
         "Never silent: counts go to the data report.",
     )
+    group_by_length: bool = Field(
+        False, description="Batch training rows of similar length together (less padding), shuffled per epoch."
+    )
+    packing: bool = Field(
+        False, description="Pack several training rows into each max_length sequence (no padding; each row "
+        "attends only to itself). Causal LMs with sdpa attention only.",
+    )
     completion_only_loss: bool = Field(True, description="Train only on completion tokens (instruction/chat).")
     validation_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Share split off for validation.")
     test_fraction: float = Field(0.0, ge=0.0, lt=0.5, description="Share split off for test (0: none).")
@@ -232,6 +239,15 @@ class Config(Strict):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
             raise ValueError("use letters, digits, '.', '_' and '-' (it becomes a directory name)")
         return v
+
+    @model_validator(mode="after")
+    def _packing_fits(self) -> Config:
+        if self.data.packing and self.data.format == "classification":
+            raise ValueError("data.packing is for causal LM training; classification rows are not packed")
+        if self.data.packing and self.model.attn_implementation != "sdpa":
+            raise ValueError("data.packing needs model.attn_implementation: sdpa (eager misreads the packed "
+                             "rows' boolean block mask and would let them attend to each other)")
+        return self
 
     @model_validator(mode="after")
     def _task_fits_format(self) -> Config:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -187,6 +188,17 @@ class Probe:
         if sgd:
             monkeypatch.setattr(loop, "build_optimizer", lambda model, t: torch.optim.SGD(
                 [p for p in model.parameters() if p.requires_grad], lr=t.lr))
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Accelerate keeps one process-wide state; a bf16 or fp16 run after an fp32 one needs it reset.
+    Autouse in every test module that imports it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def main_in_process(*args) -> int:

@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (  # noqa: E402
     Probe,
+    fresh_accelerator_state,  # noqa: F401  (autouse fixture)
     adapter,
     assert_tensors_equal,
     checkpoint_steps,

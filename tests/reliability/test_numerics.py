@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (  # noqa: E402
     Probe,
+    fresh_accelerator_state,  # noqa: F401  (autouse fixture)
     _state,
     adapter,
     assert_tensors_equal,

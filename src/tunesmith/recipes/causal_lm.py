@@ -16,6 +16,7 @@ from tunesmith import models
 from tunesmith.config import Config, DataConfig
 from tunesmith.data.collate import collate, count_targets
 from tunesmith.data.formats import parse_rows
+from tunesmith.data.pack import collate_packed, pack
 from tunesmith.data.prepare import apply_error_policy, load_examples, tokenize_splits
 from tunesmith.data.sources import read_source
 from tunesmith.data.tokenize import tokenize_examples
@@ -54,8 +55,16 @@ def setup(cfg: Config, run: RunDir) -> loop.Setup:
     model = models.apply_peft(models.load_causal_lm(model_path, cfg.model), cfg.peft)
     pad = tokenizer.pad_token_id
     loss_fn = choose_loss(model, collate(data["train"][:2], pad), cfg.train.chunked_loss)
+    batch_fn = collate
+    if cfg.data.packing:  # training rows only: evaluation and generation see rows one by one
+        n_rows = len(data["train"])
+        data["train"], batch_fn = pack(data["train"], cfg.data.max_length), collate_packed
+        examples.report["packing"] = {"rows": n_rows, "packs": len(data["train"]),
+                                      "fill": round(sum(len(p.input_ids) for p in data["train"])
+                                                    / (len(data["train"]) * cfg.data.max_length), 4)}
+        run.write_json("data_report.json", examples.report)
     return loop.build(cfg, run, examples, data, tokenizer, model, model_path,
-                      collate=lambda rows: collate(rows, pad), loss_sum=loss_fn, count=count_targets,
+                      collate=lambda rows: batch_fn(rows, pad), loss_sum=loss_fn, count=count_targets,
                       quick_eval=loss_eval)
 
 

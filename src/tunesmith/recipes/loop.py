@@ -36,7 +36,7 @@ from tunesmith.rundir import RunDir
 from tunesmith.training.early_stopping import EarlyStopper
 from tunesmith.training.guards import Precision, SpikeDetector, is_oom
 from tunesmith.training.optim import build_optimizer, build_scheduler
-from tunesmith.training.plan import ShuffledPlan
+from tunesmith.training.plan import LengthGroupedPlan, ShuffledPlan
 from tunesmith.training.progress import TrainProgress, console
 from tunesmith.training.signals import GracefulStop
 
@@ -77,12 +77,15 @@ def build(cfg: Config, run: RunDir, examples: Examples, data: dict, tokenizer, m
     optimizer = build_optimizer(model, cfg.train)
     model, optimizer = accelerator.prepare(model, optimizer)
     t = cfg.train
-    plan = ShuffledPlan(len(data["train"]), t.batch_size, t.grad_accum, cfg.seed,
-                        accelerator.num_processes, accelerator.process_index)
+    shape = (t.batch_size, t.grad_accum, cfg.seed, accelerator.num_processes, accelerator.process_index)
+    plan = (LengthGroupedPlan([len(r.input_ids) for r in data["train"]], *shape) if cfg.data.group_by_length
+            else ShuffledPlan(len(data["train"]), *shape))
     total = t.max_steps or math.ceil(t.epochs * plan.steps_per_epoch)
     s = Setup(cfg, run, accelerator, examples, data, tokenizer, model, optimizer,
               build_scheduler(optimizer, t, total), plan, total, model_path, **fns)
     s.stopper = EarlyStopper(t.early_stopping)
+    run.update_run(processes=accelerator.num_processes, distributed=str(accelerator.distributed_type).split(".")[-1],
+                   device=str(accelerator.device))
     s.precision = Precision(t.precision, accelerator)
     s.spikes = SpikeDetector(t.spike_factor, t.spike_window)
     print_setup(s)
@@ -155,7 +158,10 @@ def fit(s: Setup, updates: int = 0, data_step: int = 0) -> dict:
         load_trainable(s, s.best_weights)  # restore the best evaluation's weights, not the last
         console.print(f"Restored the best weights (step {s.stopper.best_step}, "
                       f"{cfg.train.early_stopping.metric} {s.stopper.best:.4f})")
-    return {"steps": updates, "data_steps": data_step, "stopped_early": stopped_early, **s.counters}
+    summary = {"steps": updates, "data_steps": data_step, "stopped_early": stopped_early, **s.counters}
+    if torch.cuda.is_available():
+        summary["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return summary
 
 
 def accumulate(s: Setup, step: int, n_targets: int) -> tuple[float, int, list]:
@@ -178,7 +184,8 @@ def accumulate(s: Setup, step: int, n_targets: int) -> tuple[float, int, list]:
                     # DDP averages gradients over ranks, so scale the sum back up by the world size.
                     acc.backward(s.precision.scale(loss * (weight * acc.num_processes / max(n_targets, 1))))
                 loss_sum += loss.item() * weight
-                real_tokens += int(batch["attention_mask"].sum()) if weight else 0
+                if weight:  # a packed batch's mask is 4-D: it says how many tokens are real
+                    real_tokens += int(batch["n_tokens"] if "n_tokens" in batch else batch["attention_mask"].sum())
             return loss_sum, real_tokens, micro
         except RuntimeError as exc:
             if not (is_oom(exc) and s.cfg.train.oom_backoff):

@@ -23,7 +23,8 @@ CHUNK = 1024  # target positions per lm_head chunk: ~200 MB of fp32 logits at a 
 
 
 def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch.get("position_ids"), use_cache=False)
     logits = out.logits[:, :-1, :].float()
     targets = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
@@ -37,7 +38,7 @@ def _chunk_loss(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 def chunked_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     # logits_to_keep=1: the model computes one position's logits, not all of them.
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                output_hidden_states=True, logits_to_keep=1)
+                position_ids=batch.get("position_ids"), output_hidden_states=True, logits_to_keep=1)
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     hidden = out.hidden_states[-1][:, :-1][keep]

@@ -46,3 +46,33 @@ class ShuffledPlan:
         per_rank = math.ceil(len(rows) / self.world_size)
         mine = rows[self.rank * per_rank : (self.rank + 1) * per_rank]
         return [mine[i : i + self.micro_size] for i in range(0, len(mine), self.micro_size)]
+
+
+class LengthGroupedPlan(ShuffledPlan):
+    """Rows of similar length in the same micro-batch (less padding), still shuffled every epoch:
+    the epoch's random order is cut into windows of 64 steps, each window sorted by length, and the
+    window's steps shuffled again so long and short steps interleave. A pure function of (seed,
+    epoch) like the plain plan, so resume stays exact."""
+
+    WINDOW_STEPS = 64
+
+    def __init__(self, lengths: list[int], batch_size: int, grad_accum: int, seed: int, world_size: int = 1,
+                 rank: int = 0):
+        super().__init__(len(lengths), batch_size, grad_accum, seed, world_size, rank)
+        self.lengths = lengths
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        if self._order is not None and self._order[0] == epoch:
+            return self._order[1]
+        base = super().epoch_order(epoch)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 7_919)
+        window, step = self.WINDOW_STEPS * self.rows_per_step, self.rows_per_step
+        order: list[int] = []
+        for w in range(0, len(base), window):
+            chunk = sorted(base[w : w + window], key=lambda i: -self.lengths[i])
+            steps = [chunk[k : k + step] for k in range(0, len(chunk), step)]
+            full = [s for s in steps if len(s) == step]  # a short step stays last: it ends the epoch
+            order += [i for k in torch.randperm(len(full), generator=g).tolist() for i in full[k]]
+            order += [i for s in steps if len(s) < step for i in s]
+        self._order = (epoch, order)
+        return order
