@@ -24,9 +24,9 @@ python3 -c "import torch, transformers, peft, accelerate, trl, datasets; print('
 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__, \
 'trl', trl.__version__, 'datasets', datasets.__version__)" | tee -a "$OUT/gpu.txt"
 common=(--data .gpu/alpaca.jsonl --peer .gpu/peer_trl_sft.py --out "$OUT" --batch-size 8 --max-length 512)
-timeout 260 python3 benchmarks/throughput.py --random-init smollm2-135m --steps 20 --rounds 2 \
+timeout 230 python3 benchmarks/throughput.py --random-init smollm2-135m --steps 20 --rounds 2 \
   --modes bf16-packed,bf16 --peer-modes bf16,bf16-packing "${common[@]}" 2>&1 | tee "$OUT/throughput-135m.log" | grep -v "it/s\]"
-timeout 150 python3 benchmarks/throughput.py --random-init llama-0.5b --steps 20 --rounds 1 \
+timeout 130 python3 benchmarks/throughput.py --random-init llama-0.5b --steps 20 --rounds 1 \
   --modes bf16-packed --peer-modes bf16,bf16-packing "${common[@]}" 2>&1 | tee "$OUT/throughput-05b.log" | grep -v "it/s\]"
 # nccl smoke: a tiny random model, 20 steps with a checkpoint at 10, then a resume to 30.
 python3 - <<'EOF'
@@ -41,9 +41,9 @@ AutoTokenizer.from_pretrained(".gpu/tokenizer").save_pretrained(p / "model")
   "train": {"max_steps": 20, "batch_size": 8, "precision": "bf16", "save_every": 10},
   "eval": {"before_after": False, "samples": 0, "max_rows": 16, "generate_rows": 4, "max_new_tokens": 8}}))
 EOF
-timeout 120 torchrun --nproc_per_node 1 -m tunesmith train /tmp/smoke/c.yaml \
+timeout 100 torchrun --nproc_per_node 1 -m tunesmith train /tmp/smoke/c.yaml \
   > "$OUT/ddp-smoke.log" 2>&1; echo "torchrun exit $?" | tee -a "$OUT/ddp-smoke.log"
-timeout 60 accelerate launch --num_processes 1 -m tunesmith train /tmp/smoke/c.yaml --resume train.max_steps=30 \
+timeout 50 accelerate launch --num_processes 1 -m tunesmith train /tmp/smoke/c.yaml --resume train.max_steps=30 \
   --allow-drift >> "$OUT/ddp-smoke.log" 2>&1; echo "resume exit $?" | tee -a "$OUT/ddp-smoke.log"
 grep -E "Resumed|step 30/|Run directory" "$OUT/ddp-smoke.log" | tail -3
 cp /tmp/smoke/runs/smoke/run.json "$OUT/smoke-run.json" 2>/dev/null
