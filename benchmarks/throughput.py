@@ -38,6 +38,7 @@ MODES = {
     "fp32-packed": {"train": {"precision": "fp32"}, "data": {"packing": True}},
     "bf16": {"train": {"precision": "bf16"}, "data": {"packing": False}},
     "bf16-packed": {"train": {"precision": "bf16"}, "data": {"packing": True}},
+    "bf16-packed-gc": {"train": {"precision": "bf16", "gradient_checkpointing": True}, "data": {"packing": True}},
 }
 PEER_MODES = {"fp32": [], "packing": ["--packing"], "bf16": ["--bf16"], "bf16-packing": ["--bf16", "--packing"]}
 ARCHS = {  # --random-init: throughput does not depend on weight values

@@ -184,6 +184,9 @@ class TrainConfig(Strict):
         if self.on_spike == "rollback" and not self.save_every:
             raise ValueError("on_spike: rollback needs save_every (a checkpoint to roll back to)")
         return self
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward instead of keeping them: less memory, ~30% slower."
+    )
     chunked_loss: bool = Field(
         True, description="Project only target positions to the vocabulary, in chunks (same loss, far less memory)."
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -56,14 +57,20 @@ def _cache_gguf(entry: Embedded, gguf: Path) -> Path:
     """Dequantize the GGUF once and keep an fp32 safetensors copy: later loads take seconds, not ~20 s."""
     target = home() / "models" / entry.name
     if (target / "config.json").exists():
+        _drop_gguf_quantization(target / "config.json")  # caches made before this fix still carry it
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild from its config.
-    fresh = AutoModelForCausalLM.from_config(loaded.config)
+    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild from its config. The weights
+    # are dequantized fp32 now, so the config must not claim GGUF quantization (the HF Trainer, and
+    # so TRL, refuse to train a model whose config says it is quantized).
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config)
     fresh.load_state_dict(loaded.state_dict())
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=target.parent))
     try:
@@ -75,6 +82,15 @@ def _cache_gguf(entry: Embedded, gguf: Path) -> Path:
         if not (target / "config.json").exists():
             raise
     return target
+
+
+def _drop_gguf_quantization(config_path: Path) -> None:
+    config = json.loads(config_path.read_text())
+    if config.get("quantization_config", {}).get("quant_method") == "gguf":
+        del config["quantization_config"]
+        tmp = config_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+        os.replace(tmp, config_path)
 
 
 def resolve(mcfg: ModelConfig) -> str:

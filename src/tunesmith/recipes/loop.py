@@ -74,6 +74,11 @@ def build(cfg: Config, run: RunDir, examples: Examples, data: dict, tokenizer, m
     # fp16 is handled by Precision (its own GradScaler): accelerate has none on CPU.
     accelerator = Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
                               cpu=cpu_only())
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) and with DDP's hooks.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
     optimizer = build_optimizer(model, cfg.train)
     model, optimizer = accelerator.prepare(model, optimizer)
     t = cfg.train
@@ -300,6 +305,8 @@ def train(cfg: Config, recipe, resume: bool = False, overwrite: bool = False, al
     run.write_json("eval.json", report)
     run.update_run(status="finished", finished=time.time(), model_path=s.model_path, steps=summary["steps"])
     print_before_after(report)
+    if torch.distributed.is_initialized():
+        state.destroy_process_group()  # a clean exit under torchrun, without NCCL's leak warning
     return run
 
 
