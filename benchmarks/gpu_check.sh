@@ -24,6 +24,12 @@ python3 -c "import torch, transformers, peft, accelerate, trl, datasets; print('
 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__, \
 'trl', trl.__version__, 'datasets', datasets.__version__)" | tee -a "$OUT/gpu.txt"
 common=(--data .gpu/alpaca.jsonl --peer .gpu/peer_trl_sft.py --out "$OUT" --batch-size 8 --max-length 512)
+if [ "${1:-all}" = "memory" ]; then  # second call: gradient checkpointing against the peer's best mode
+  timeout 300 python3 benchmarks/throughput.py --random-init smollm2-135m --steps 20 --rounds 2 \
+    --modes bf16-packed,bf16-packed-gc --peer-modes bf16-packing "${common[@]}" 2>&1 | tee "$OUT/throughput-135m-gc.log" \
+    | grep -v "it/s\]"
+  exit
+fi
 timeout 230 python3 benchmarks/throughput.py --random-init smollm2-135m --steps 20 --rounds 2 \
   --modes bf16-packed,bf16 --peer-modes bf16,bf16-packing "${common[@]}" 2>&1 | tee "$OUT/throughput-135m.log" | grep -v "it/s\]"
 timeout 130 python3 benchmarks/throughput.py --random-init llama-0.5b --steps 20 --rounds 1 \
