@@ -403,7 +403,9 @@ Cells: checkpoints present after the kill → checkpoint the resume started from
 |---|---|---|---|---|
 """ + "\n".join(rows) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    # Sections written by hand after the matrix (the bad-input figures) survive reruns.
+    rest = out.read_text().partition("\n# Bad input")[2] if out.exists() else ""
+    out.write_text(text + (f"\n# Bad input{rest}" if rest else ""))
     print(f"wrote {out}")
 
 

@@ -39,6 +39,13 @@ MODES = {
     "bf16": {"train": {"precision": "bf16"}, "data": {"packing": False}},
     "bf16-packed": {"train": {"precision": "bf16"}, "data": {"packing": True}},
     "bf16-packed-gc": {"train": {"precision": "bf16", "gradient_checkpointing": True}, "data": {"packing": True}},
+    # Frozen base weights stored in bf16 (the LoRA matrices stay fp32): autocast computes in bf16 anyway.
+    "bf16w-packed-gc": {"train": {"precision": "bf16", "gradient_checkpointing": True}, "data": {"packing": True},
+                        "model": {"dtype": "bfloat16"}},
+    # The same config in a process started with one malloc arena (glibc's per-thread arenas can hold
+    # freed activation memory). Kept as an experiment: see results/throughput.md for what it did.
+    "bf16-packed-gc-arena1": {"train": {"precision": "bf16", "gradient_checkpointing": True},
+                              "data": {"packing": True}, "env": {"MALLOC_ARENA_MAX": "1"}},
 }
 PEER_MODES = {"fp32": [], "packing": ["--packing"], "bf16": ["--bf16"], "bf16-packing": ["--bf16", "--packing"]}
 ARCHS = {  # --random-init: throughput does not depend on weight values
@@ -85,12 +92,14 @@ def tunesmith_run(mode: str, model: str, a, out: Path, k: int) -> dict:
                      "schedule": "cosine"},
            "eval": {"before_after": False, "samples": 0, "max_rows": 32, "generate_rows": 1, "max_new_tokens": 1,
                     "batch_size": a.batch_size}}
+    env = {**os.environ, **MODES[mode].get("env", {})}
     for section, values in MODES[mode].items():
-        cfg[section].update(values)
+        if section != "env":
+            cfg.setdefault(section, {}).update(values)
     path = out / f"{mode}-{k}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     code, wall, rss = run_child([sys.executable, "-m", "tunesmith", "train", str(path), "--overwrite"],
-                                out / f"{mode}-{k}.log")
+                                out / f"{mode}-{k}.log", env)
     run = out / "runs" / f"{mode}-{k}"
     steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     first, last = steps[0], steps[-1]  # tokens/s over steps 2..N: the first step is warm-up
@@ -195,10 +204,10 @@ def main() -> None:
           f"GFLOP/s; model {model} ({n_params / 1e6:.1f}M parameters)", flush=True)
     results = []
     for k in range(a.rounds):
-        for mode in a.peer_modes.split(","):
+        for mode in filter(None, a.peer_modes.split(",")):
             results.append(peer_run(mode, model, a, work, k))
             print(json.dumps(results[-1]), flush=True)
-        for mode in a.modes.split(","):
+        for mode in filter(None, a.modes.split(",")):
             results.append(tunesmith_run(mode, model, a, work, k))
             print(json.dumps(results[-1]), flush=True)
     if a.quality:

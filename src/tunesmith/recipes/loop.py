@@ -139,8 +139,10 @@ def fit(s: Setup, updates: int = 0, data_step: int = 0) -> dict:
                 updates, data_step = spiked(s, updates, data_step, micro, step_rows, step_loss)
                 if problem:
                     continue
+            if acc.num_processes > 1:  # every rank's tokens, so tokens/s is the whole launch's
+                real_tokens = int(acc.reduce(torch.tensor(real_tokens, device=acc.device), "sum").item())
             s.counters["tokens"] += real_tokens
-            tps = real_tokens * acc.num_processes / (time.perf_counter() - t0)
+            tps = real_tokens / (time.perf_counter() - t0)
             if updates % cfg.train.log_every == 0 and acc.is_main_process:
                 s.run.log({"step": updates, "epoch": s.plan.epoch_of(data_step - 1), "loss": step_loss, "lr": lr,
                            "grad_norm": float(grad_norm), "tokens_per_s": round(tps, 1), "tokens": s.counters["tokens"]})

@@ -32,7 +32,8 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
 
 
 def _chunk_loss(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    # fp32 LoRA outputs promote the hidden stream to fp32 when the frozen weights are bf16.
+    return F.cross_entropy(head(hidden.to(head.weight.dtype)).float(), targets, reduction="sum")
 
 
 def chunked_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
