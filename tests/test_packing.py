@@ -157,3 +157,30 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tiny_llama):
     assert moved  # the comparison is between trained adapters, not two zero matrices
     for k in weights[0]:
         torch.testing.assert_close(weights[0][k], weights[1][k], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_loss_curve_stays_within_tolerance_of_fp32(tmp_path, tiny_llama):
+    from accelerate.state import AcceleratorState
+
+    from tunesmith.config import load_config
+    from tunesmith.recipes import causal_lm
+
+    train = write_jsonl(tmp_path / "train.jsonl", instruction_rows(64))
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        AcceleratorState._reset_state(reset_partial_state=True)  # one mixed-precision setting per state
+        cfg = write_config(tmp_path, {
+            "name": precision, "output_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_llama)},
+            "peft": {"method": "lora", "r": 4, "dropout": 0.0},
+            "data": {"train": str(train), "format": "instruction", "max_length": 128, "packing": True},
+            "train": {"max_steps": 12, "batch_size": 4, "lr": 1e-2, "precision": precision},
+            "eval": {"samples": 0, "before_after": False, "max_new_tokens": 2, "generate_rows": 2}})
+        run = causal_lm.train(load_config(cfg, []))
+        curves[precision] = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                             if "loss" in r]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert len(curves["fp32"]) == len(curves["bf16"]) == 12
+    assert curves["fp32"][-1] < curves["fp32"][0]  # the curve is a learning curve, not flat
+    for a, b in zip(curves["fp32"], curves["bf16"]):
+        assert b == pytest.approx(a, rel=0.02)  # bf16 matmuls: ~3 significant digits
+    assert curves["bf16"] != curves["fp32"]  # and bf16 really ran

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.tokenize import IGNORE
 
-CHUNK = 1024  # target positions per lm_head chunk: ~200 MB of fp32 logits at a 49k vocabulary
+CHUNK = 256  # target positions per lm_head chunk: ~50 MB of fp32 logits at a 49k vocabulary
 
 
 def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
