@@ -114,11 +114,18 @@ def _percentiles(lengths: list[int]) -> dict[str, int]:
 
 
 def tokenize_splits(cfg: Config, examples: Examples, tokenizer) -> dict[str, TokenizedSplit]:
-    if cfg.data.format == "classification":
-        out = {name: tokenize_classification(rows, tokenizer, cfg.data, examples.labels)
-               for name, rows in examples.splits.items()}
-    else:
-        out = {name: tokenize_examples(rows, tokenizer, cfg.data) for name, rows in examples.splits.items()}
+    """Tokenize every split once; later runs on the same data, tokenizer and settings read the cache."""
+    from tunesmith.data import token_cache
+
+    key = token_cache.cache_key(examples.splits, tokenizer, cfg.data)
+    out = token_cache.load(key)
+    if out is None:
+        if cfg.data.format == "classification":
+            out = {name: tokenize_classification(rows, tokenizer, cfg.data, examples.labels)
+                   for name, rows in examples.splits.items()}
+        else:
+            out = {name: tokenize_examples(rows, tokenizer, cfg.data) for name, rows in examples.splits.items()}
+        token_cache.save(key, out)
     over = [w for t in out.values() for w in t.overlength]
     if over and cfg.data.overlength == "error":
         listed = [f"{w}: longer than data.max_length={cfg.data.max_length} tokens" for w in over[:MAX_LISTED]]
