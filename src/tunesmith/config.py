@@ -215,6 +215,26 @@ class RetentionSet(Strict):
     max_rows: int | None = Field(200, gt=0, description="Rows evaluated (the first N).")
 
 
+class Retention(Strict):
+    """Catastrophic-forgetting guard. A plain list in YAML is taken as `sets`."""
+
+    sets: list[RetentionSet] = Field(default_factory=list, description="General-text sets measured before, "
+                                     "at every evaluation, and after.")
+    max_increase: float | None = Field(
+        None, gt=0, description="Largest allowed rise of retention perplexity (0.05: +5%). The best checkpoint is "
+        "chosen among evaluations under it; with stop_when_exceeded, training stops at the first one over it.",
+    )
+    stop_when_exceeded: bool = Field(False, description="Stop training when forgetting exceeds max_increase.")
+
+    @model_validator(mode="after")
+    def _limit_needs_sets(self) -> Retention:
+        if (self.max_increase is not None or self.stop_when_exceeded) and not self.sets:
+            raise ValueError("max_increase and stop_when_exceeded need at least one retention set (sets:)")
+        if self.stop_when_exceeded and self.max_increase is None:
+            raise ValueError("stop_when_exceeded needs max_increase")
+        return self
+
+
 class Config(Strict):
     name: str = Field("run", description="Run name: the run directory is <output_dir>/<name>/.")
     task: Literal["instruction", "summarization", "constrained_generation", "language_modeling", "classification"] | None = Field(
@@ -232,9 +252,14 @@ class Config(Strict):
         description="Directories every data/model/output path must resolve under (symlinks followed). Empty: "
         "anywhere except system and credential locations.",
     )
-    retention: list[RetentionSet] = Field(
-        default_factory=list, description="General-text sets whose perplexity is measured before and after."
+    retention: Retention = Field(
+        default_factory=lambda: Retention(), description="Forgetting: general text whose perplexity should not rise."
     )
+
+    @field_validator("retention", mode="before")
+    @classmethod
+    def _retention_list_form(cls, v: Any) -> Any:
+        return {"sets": v} if isinstance(v, list) else v
 
     @field_validator("name")
     @classmethod

@@ -90,8 +90,8 @@ def config_path_problems(cfg) -> list[str]:
         value = getattr(cfg.data, field)
         if value is not None:
             problems.append(path_problem(value, f"data.{field}", roots))
-    for i, r in enumerate(cfg.retention):
-        problems.append(path_problem(r.data, f"retention.{i}.data", roots))
+    for i, r in enumerate(cfg.retention.sets):
+        problems.append(path_problem(r.data, f"retention.sets.{i}.data", roots))
     problems.append(path_problem(cfg.model.name, "model.name", roots))
     return [p for p in problems if p]
 

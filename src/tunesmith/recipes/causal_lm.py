@@ -20,6 +20,7 @@ from tunesmith.data.pack import collate_packed, pack
 from tunesmith.data.prepare import apply_error_policy, load_examples, tokenize_splits
 from tunesmith.data.sources import read_source
 from tunesmith.data.tokenize import tokenize_examples
+from tunesmith.evaluation.forgetting import forgetting, worst_ratio
 from tunesmith.evaluation.generate import generate
 from tunesmith.evaluation.lm import evaluate_loss
 from tunesmith.evaluation.tasks import TASKS, generation_rows
@@ -32,7 +33,7 @@ def retention_rows(cfg: Config, tokenizer, report: dict) -> dict[str, list]:
     """General text whose perplexity should not rise (the forgetting check), tokenized like training text.
     Its bad rows follow data.on_error like the training data's; its cuts are counted in the report."""
     out = {}
-    for r in cfg.retention:
+    for r in cfg.retention.sets:
         dcfg = DataConfig(train=r.data, format="text", columns={"text": r.column}, max_length=cfg.data.max_length,
                           overlength="truncate", on_error=cfg.data.on_error, max_bad_fraction=cfg.data.max_bad_fraction)
         raw = read_source(r.data)
@@ -63,9 +64,27 @@ def setup(cfg: Config, run: RunDir) -> loop.Setup:
                                       "fill": round(sum(len(p.input_ids) for p in data["train"])
                                                     / (len(data["train"]) * cfg.data.max_length), 4)}
         run.write_json("data_report.json", examples.report)
-    return loop.build(cfg, run, examples, data, tokenizer, model, model_path,
-                      collate=lambda rows: batch_fn(rows, pad), loss_sum=loss_fn, count=count_targets,
-                      quick_eval=loss_eval)
+    s = loop.build(cfg, run, examples, data, tokenizer, model, model_path,
+                   collate=lambda rows: batch_fn(rows, pad), loss_sum=loss_fn, count=count_targets,
+                   quick_eval=train_eval)
+    # The base model's retention perplexity, before any update (also after a resume: the checkpoint is
+    # restored later), so every evaluation can say how much was forgotten.
+    s.extra["retention_base"] = retention_perplexity(s)
+    return s
+
+
+def retention_perplexity(s: loop.Setup) -> dict[str, float]:
+    return {name.split(":", 1)[1]: loss_eval(s, name)["perplexity"] for name in s.data if name.startswith("retention:")}
+
+
+def train_eval(s: loop.Setup, split: str) -> dict:
+    """Validation loss, plus forgetting when retention sets are configured."""
+    metrics = loss_eval(s, split)
+    if s.extra.get("retention_base"):
+        report = forgetting(s.extra["retention_base"], retention_perplexity(s))
+        metrics["forgetting"] = report
+        metrics["forgetting_ratio"] = worst_ratio(report)
+    return metrics
 
 
 def loss_eval(s: loop.Setup, split: str) -> dict:
@@ -97,6 +116,10 @@ def evaluate(s: loop.Setup, which: str) -> dict:
     retention = {name.split(":", 1)[1]: loss_eval(s, name) for name in s.data if name.startswith("retention:")}
     if retention:
         results["retention"] = retention
+        if which != "base" and s.extra.get("retention_base"):
+            report = forgetting(s.extra["retention_base"], {k: v["perplexity"] for k, v in retention.items()})
+            results["forgetting"] = {"sets": report, "ratio": worst_ratio(report),
+                                     "max_increase": s.cfg.retention.max_increase}
     s.model.train()
     return results
 

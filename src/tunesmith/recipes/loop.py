@@ -34,6 +34,7 @@ from tunesmith.reporting import print_before_after, print_setup
 from tunesmith.resume import check_drift, secret_hashes
 from tunesmith.rundir import RunDir
 from tunesmith.training.early_stopping import EarlyStopper
+from tunesmith.evaluation.forgetting import over_limit
 from tunesmith.training.guards import Precision, SpikeDetector, is_oom
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.plan import LengthGroupedPlan, ShuffledPlan
@@ -157,14 +158,17 @@ def fit(s: Setup, updates: int = 0, data_step: int = 0) -> dict:
                 s.run.update_run(status="interrupted", step=updates)
                 raise SystemExit(stop.exit_code)
             if stopped_early:
-                console.print(f"Early stopping at step {updates}: no improvement in {s.stopper.bad_evals} evaluations")
+                console.print(f"Early stopping at step {updates}: " + s.extra.pop(
+                    "stop_reason", f"no improvement in {s.stopper.bad_evals} evaluations"))
                 break
-        if cfg.train.early_stopping.patience and not stopped_early:
+        if selects_best(cfg) and not stopped_early:
             evaluate_during_training(s, updates, progress)  # the last step competes for "best" too
-    if s.stopper.best_step is not None and s.best_weights is not None and cfg.train.early_stopping.patience:
+    if s.stopper.best_step is not None and s.best_weights is not None and selects_best(cfg):
         load_trainable(s, s.best_weights)  # restore the best evaluation's weights, not the last
         console.print(f"Restored the best weights (step {s.stopper.best_step}, "
                       f"{cfg.train.early_stopping.metric} {s.stopper.best:.4f})")
+    elif cfg.retention.max_increase is not None and s.stopper.best_step is None:
+        console.print("[yellow]No evaluation stayed within retention.max_increase: the last weights are kept[/]")
     summary = {"steps": updates, "data_steps": data_step, "stopped_early": stopped_early, **s.counters}
     if torch.cuda.is_available():
         summary["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
@@ -245,14 +249,30 @@ def skipped(s: Setup, updates: int, data_step: int, micro: list, consecutive: in
 
 
 def evaluate_during_training(s: Setup, step: int, progress: TrainProgress) -> bool:
+    """Evaluate, keep the best weights, and say whether to stop. An evaluation whose forgetting is over
+    retention.max_increase is never the best, whatever its task metric."""
     metrics = s.quick_eval(s, "validation")
+    limit = s.cfg.retention.max_increase
+    over = over_limit(metrics.get("forgetting_ratio"), limit)
+    if over:
+        metrics["over_forgetting_limit"] = True
+        console.print(f"[yellow]step {step}: forgetting {metrics['forgetting_ratio']:.3f}x is over "
+                      f"retention.max_increase ({1 + limit:.3f}x): not a candidate for best[/]")
     s.run.log({"step": step, "eval": metrics})
     progress.eval(step, metrics)
     value = metrics.get(s.cfg.train.early_stopping.metric.removeprefix("eval_"))
-    if s.stopper.update(value, step) and s.cfg.train.early_stopping.patience:
+    if s.stopper.update(None if over else value, step) and selects_best(s.cfg):
         s.best_weights = trainable_state(s)
     s.model.train()
+    if over and s.cfg.retention.stop_when_exceeded:
+        s.extra["stop_reason"] = f"forgetting over retention.max_increase at step {step}"
+        return True
     return s.stopper.should_stop
+
+
+def selects_best(cfg: Config) -> bool:
+    """Whether evaluations pick the weights kept at the end (else the last weights are kept)."""
+    return bool(cfg.train.early_stopping.patience) or cfg.retention.max_increase is not None
 
 
 def train(cfg: Config, recipe, resume: bool = False, overwrite: bool = False, allow_drift: bool = False,

@@ -38,7 +38,8 @@ class TrainProgress:
             console.print(f"step {step}/{int(total)}: {info}")  # no live bar in logs: print every ~10%
 
     def eval(self, step: int, metrics: dict) -> None:
-        shown = {k: v for k, v in metrics.items() if k in ("loss", "perplexity", "accuracy") and isinstance(v, float)}
+        shown = {k: v for k, v in metrics.items()
+                 if k in ("loss", "perplexity", "accuracy", "forgetting_ratio") and isinstance(v, float)}
         self.last_eval = "| val " + " ".join(f"{k} {v:.4g}" for k, v in shown.items())
         if self.progress.disable:
             console.print(f"step {step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))

@@ -1,0 +1,112 @@
+"""Forgetting: retention perplexity before, at every evaluation and after; selection under max_increase."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import write_jsonl
+from safetensors.torch import load_file
+
+from tunesmith.config import config_from_dict
+from tunesmith.errors import ConfigError
+from tunesmith.evaluation.forgetting import forgetting, over_limit, worst_ratio
+from tunesmith.recipes import causal_lm, loop
+
+
+def test_forgetting_against_hand_computed_values():
+    report = forgetting({"wiki": 10.0, "news": 20.0}, {"wiki": 11.0, "news": 19.0})
+    assert report == {"wiki": {"before": 10.0, "after": 11.0, "ratio": 1.1, "change": 1.0},
+                      "news": {"before": 20.0, "after": 19.0, "ratio": 0.95, "change": -1.0}}
+    assert worst_ratio(report) == 1.1
+    assert over_limit(1.1, 0.05) and not over_limit(1.04, 0.05) and not over_limit(1.05, 0.05)
+    assert over_limit(math.nan, 0.05)  # a diverged model is never within the limit
+    assert not over_limit(1.5, None) and not over_limit(None, 0.05)
+
+
+def test_retention_config_forms_and_errors():
+    base = {"data": {"train": "x.jsonl"}}
+    sets = [{"name": "wiki", "data": "w.jsonl"}]
+    assert config_from_dict({**base, "retention": sets}).retention.sets[0].name == "wiki"  # the list form
+    block = config_from_dict({**base, "retention": {"sets": sets, "max_increase": 0.05, "stop_when_exceeded": True}})
+    assert block.retention.max_increase == 0.05 and block.retention.stop_when_exceeded
+    with pytest.raises(ConfigError, match="need at least one retention set"):
+        config_from_dict({**base, "retention": {"max_increase": 0.05}})
+    with pytest.raises(ConfigError, match="stop_when_exceeded needs max_increase"):
+        config_from_dict({**base, "retention": {"sets": sets, "stop_when_exceeded": True}})
+    with pytest.raises(ConfigError):
+        config_from_dict({**base, "retention": {"sets": sets, "max_increase": 0}})
+
+
+@pytest.fixture
+def retention_cfg(tmp_path, tiny_config):
+    general = write_jsonl(tmp_path / "data" / "general.jsonl",
+                          [{"text": f"plain general text number {i} about weather and towns"} for i in range(12)])
+    return {**tiny_config, "retention": {"sets": [{"name": "general", "data": str(general)}]},
+            "eval": {**tiny_config["eval"], "every": 2, "samples": 0},
+            "train": {**tiny_config["train"], "lr": 5e-2}}
+
+
+def test_forgetting_is_logged_at_every_evaluation_and_in_eval_json(retention_cfg):
+    run = causal_lm.train(config_from_dict(retention_cfg))
+    evals = [r["eval"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if "eval" in r and not r.get("final")]
+    assert [e["forgetting"]["general"]["before"] for e in evals]  # steps 2 and 4 (6 is the final eval)
+    report = json.loads((run / "eval.json").read_text())
+    before = report["base"]["retention"]["general"]["perplexity"]
+    after = report["finetuned"]["retention"]["general"]["perplexity"]
+    sets = report["finetuned"]["forgetting"]["sets"]["general"]
+    assert sets["before"] == pytest.approx(before, rel=1e-6) and sets["after"] == pytest.approx(after, rel=1e-6)
+    assert sets["ratio"] == pytest.approx(after / before) and sets["change"] == pytest.approx(after - before)
+    assert report["finetuned"]["forgetting"]["ratio"] == pytest.approx(after / before)
+    for e in evals:
+        assert e["forgetting_ratio"] == pytest.approx(e["forgetting"]["general"]["after"] / before, rel=1e-6)
+
+
+def _scripted(monkeypatch, losses: dict[int, float], ratios: dict[int, float]):
+    """Evaluations report the given loss and forgetting ratio at each step (the selection logic alone)."""
+    seen = {"step": 0}
+    real_log = loop.RunDir.log
+
+    def log(self, record):
+        if "loss" in record and "step" in record:
+            seen["step"] = record["step"]
+        real_log(self, record)
+
+    monkeypatch.setattr(loop.RunDir, "log", log)
+    monkeypatch.setattr(causal_lm, "train_eval", lambda s, split: {
+        "loss": losses[seen["step"]], "forgetting_ratio": ratios[seen["step"]]})
+
+
+def _trainable_at(run, step: int) -> list[torch.Tensor]:
+    tensors = load_file(str(run / "checkpoints" / f"step-{step}" / "trainable.safetensors"))
+    return [tensors[k] for k in sorted(tensors)]
+
+
+def _adapter(run) -> list[torch.Tensor]:
+    tensors = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    return [tensors[k] for k in sorted(tensors)]
+
+
+@pytest.mark.parametrize("limit, best", [(0.05, 2), (None, 6)])
+def test_best_checkpoint_is_chosen_among_evaluations_under_the_limit(retention_cfg, monkeypatch, limit, best):
+    """Loss improves at every evaluation, but forgetting passes the limit after step 2."""
+    _scripted(monkeypatch, losses={2: 3.0, 4: 2.0, 6: 1.0}, ratios={2: 1.01, 4: 1.2, 6: 1.3})
+    cfg = {**retention_cfg, "train": {**retention_cfg["train"], "save_every": 2, "save_total_limit": 5,
+                                      "early_stopping": {"patience": 10}},
+           "retention": {**retention_cfg["retention"], "max_increase": limit}}
+    run = causal_lm.train(config_from_dict(cfg))
+    assert all(torch.equal(a, b) for a, b in zip(_adapter(run), _trainable_at(run, best)))
+    assert not all(torch.equal(a, b) for a, b in zip(_adapter(run), _trainable_at(run, 8 - best)))
+
+
+def test_stop_when_exceeded_stops_at_the_first_evaluation_over_the_limit(retention_cfg, monkeypatch, capsys):
+    _scripted(monkeypatch, losses={2: 3.0, 4: 2.0, 6: 1.0}, ratios={2: 1.01, 4: 1.2, 6: 1.3})
+    cfg = {**retention_cfg, "retention": {**retention_cfg["retention"], "max_increase": 0.05,
+                                          "stop_when_exceeded": True}}
+    run = causal_lm.train(config_from_dict(cfg))
+    steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == [1, 2, 3, 4]
+    assert "forgetting over retention.max_increase at step 4" in capsys.readouterr().err.replace("\n", "")
