@@ -110,3 +110,51 @@ def test_stop_when_exceeded_stops_at_the_first_evaluation_over_the_limit(retenti
     steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert steps == [1, 2, 3, 4]
     assert "forgetting over retention.max_increase at step 4" in capsys.readouterr().err.replace("\n", "")
+
+
+def test_replay_plan_mixes_the_fraction_into_every_step():
+    from tunesmith.training.plan import ReplayPlan
+
+    plan = ReplayPlan(100, 40, 0.2, batch_size=4, grad_accum=2, seed=0)
+    assert plan.k == 2  # 8 task rows + 2 replayed = 20% of each step
+    for step in range(30):
+        rows = plan.step_rows(step)
+        replayed = [i for i in rows if i >= 100]
+        full = step % plan.steps_per_epoch < plan.steps_per_epoch - 1  # the epoch's last step is short
+        assert (len(rows) == 10 or not full) and len(replayed) == 2 and len(set(replayed)) == 2 and max(replayed) < 140
+    seen = {i for step in range(30) for i in plan.step_rows(step) if i >= 100}
+    assert len(seen) > 20  # the pool is sampled across steps, not the same rows each time
+    assert ReplayPlan(100, 40, 0.2, 4, 2, seed=0).step_rows(17) == plan.step_rows(17)  # a pure function of the step
+    task = [i for step in range(plan.steps_per_epoch) for i in plan.step_rows(step) if i < 100]
+    assert sorted(task) == list(range(100))  # task rows: each once per epoch, as without replay
+
+
+def test_replay_run_feeds_general_text_and_l2sp_pulls_toward_the_start(retention_cfg, tmp_path, monkeypatch):
+    replay = write_jsonl(tmp_path / "data" / "replay.jsonl",
+                         [{"text": f"replayed general sentence {i} on ordinary topics"} for i in range(30)])
+    fed = []
+    real_build = loop.build
+
+    def build(*args, **fns):
+        collate = fns["collate"]
+        fns["collate"] = lambda rows: (fed.extend(r.id for r in rows), collate(rows))[1]
+        return real_build(*args, **fns)
+
+    monkeypatch.setattr(loop, "build", build)
+    base = {**retention_cfg, "eval": {**retention_cfg["eval"], "every": None}, "peft": {"method": "full"}}
+    cfg = {**base, "name": "replay", "retention": {**base["retention"], "replay": {"data": str(replay), "fraction": 0.2}}}
+    run = causal_lm.train(config_from_dict(cfg))
+    replayed = [i for i in fed if "replay.jsonl" in i]
+    assert len(replayed) == 6 and len(fed) == 6 * 5  # 1 of every 5 rows fed is replayed text (4 task + 1)
+    assert json.loads((run / "data_report.json").read_text())["replay"]["rows"] == 30
+
+    def distance(name: str, l2sp: float) -> float:
+        out = causal_lm.train(config_from_dict({**base, "name": name, "retention": {**base["retention"], "l2sp": l2sp}}))
+        from transformers import AutoModelForCausalLM
+
+        tuned = AutoModelForCausalLM.from_pretrained(out / "model")
+        start = AutoModelForCausalLM.from_pretrained(retention_cfg["model"]["name"])
+        return sum(float((a - b).pow(2).sum()) for a, b in zip(tuned.parameters(), start.parameters()))
+
+    assert distance("l2sp", 50.0) < 0.8 * distance("plain", 0.0)
+

@@ -215,6 +215,13 @@ class RetentionSet(Strict):
     max_rows: int | None = Field(200, gt=0, description="Rows evaluated (the first N).")
 
 
+class Replay(Strict):
+    data: str = Field(..., description="General text to replay (not a retention set's rows: those measure).")
+    column: str = Field("text", description="Column holding the text.")
+    fraction: float = Field(0.1, gt=0, lt=1, description="Share of each step's rows that are replayed text.")
+    max_rows: int | None = Field(2000, gt=0, description="Rows of the replay pool (the first N).")
+
+
 class Retention(Strict):
     """Catastrophic-forgetting guard. A plain list in YAML is taken as `sets`."""
 
@@ -225,6 +232,11 @@ class Retention(Strict):
         "chosen among evaluations under it; with stop_when_exceeded, training stops at the first one over it.",
     )
     stop_when_exceeded: bool = Field(False, description="Stop training when forgetting exceeds max_increase.")
+    replay: Replay | None = Field(None, description="Mix general text into every training step (mitigation).")
+    l2sp: float = Field(
+        0.0, ge=0, description="L2-SP: pull trainable weights toward their pretrained values with this strength "
+        "(adds l2sp * (w - w0) to each gradient). Meant for full fine-tuning.",
+    )
 
     @model_validator(mode="after")
     def _limit_needs_sets(self) -> Retention:
@@ -267,6 +279,14 @@ class Config(Strict):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
             raise ValueError("use letters, digits, '.', '_' and '-' (it becomes a directory name)")
         return v
+
+    @model_validator(mode="after")
+    def _replay_fits(self) -> Config:
+        if self.retention.replay is not None and self.data.packing:
+            raise ValueError("retention.replay with data.packing is not supported yet: packing would blur the mix")
+        if self.retention.replay is not None and self.data.format == "classification":
+            raise ValueError("retention.replay is for causal LM training (text is replayed as language modeling)")
+        return self
 
     @model_validator(mode="after")
     def _packing_fits(self) -> Config:

@@ -92,6 +92,8 @@ def config_path_problems(cfg) -> list[str]:
             problems.append(path_problem(value, f"data.{field}", roots))
     for i, r in enumerate(cfg.retention.sets):
         problems.append(path_problem(r.data, f"retention.sets.{i}.data", roots))
+    if cfg.retention.replay is not None:
+        problems.append(path_problem(cfg.retention.replay.data, "retention.replay.data", roots))
     problems.append(path_problem(cfg.model.name, "model.name", roots))
     return [p for p in problems if p]
 

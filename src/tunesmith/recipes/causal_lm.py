@@ -29,20 +29,34 @@ from tunesmith.rundir import RunDir
 from tunesmith.training.loss import choose_loss
 
 
+def general_text(cfg: Config, source: str, column: str, max_rows: int | None, tokenizer) -> tuple[list, int, dict]:
+    """General text (retention sets, replay) tokenized like training text, loss on every token. Its bad
+    rows follow data.on_error like the training data's; its cuts are counted."""
+    dcfg = DataConfig(train=source, format="text", columns={"text": column}, max_length=cfg.data.max_length,
+                      overlength="truncate", on_error=cfg.data.on_error, max_bad_fraction=cfg.data.max_bad_fraction)
+    raw = read_source(source)
+    examples, problems = parse_rows(raw, dcfg)
+    bad = apply_error_policy(cfg.data, problems, raw.total)
+    tokenized = tokenize_examples(examples[:max_rows], tokenizer, dcfg)
+    return tokenized.rows, bad, tokenized.counts
+
+
 def retention_rows(cfg: Config, tokenizer, report: dict) -> dict[str, list]:
-    """General text whose perplexity should not rise (the forgetting check), tokenized like training text.
-    Its bad rows follow data.on_error like the training data's; its cuts are counted in the report."""
+    """The sets whose perplexity should not rise (the forgetting check)."""
     out = {}
     for r in cfg.retention.sets:
-        dcfg = DataConfig(train=r.data, format="text", columns={"text": r.column}, max_length=cfg.data.max_length,
-                          overlength="truncate", on_error=cfg.data.on_error, max_bad_fraction=cfg.data.max_bad_fraction)
-        raw = read_source(r.data)
-        examples, problems = parse_rows(raw, dcfg)
-        bad = apply_error_policy(cfg.data, problems, raw.total)
-        tokenized = tokenize_examples(examples[: r.max_rows], tokenizer, dcfg)
-        out[f"retention:{r.name}"] = tokenized.rows
-        report.setdefault("retention", {})[r.name] = {"rows": len(tokenized.rows), "bad_rows": bad, **tokenized.counts}
+        rows, bad, counts = general_text(cfg, r.data, r.column, r.max_rows, tokenizer)
+        out[f"retention:{r.name}"] = rows
+        report.setdefault("retention", {})[r.name] = {"rows": len(rows), "bad_rows": bad, **counts}
     return out
+
+
+def replay_rows(cfg: Config, tokenizer, report: dict) -> list:
+    """General text mixed into every training step (the replay mitigation)."""
+    r = cfg.retention.replay
+    rows, bad, counts = general_text(cfg, r.data, r.column, r.max_rows, tokenizer)
+    report["replay"] = {"rows": len(rows), "bad_rows": bad, "fraction": r.fraction, **counts}
+    return rows
 
 
 def setup(cfg: Config, run: RunDir) -> loop.Setup:
@@ -51,6 +65,8 @@ def setup(cfg: Config, run: RunDir) -> loop.Setup:
     tokenizer = models.load_tokenizer(model_path, cfg.model)
     data = {name: split.rows for name, split in tokenize_splits(cfg, examples, tokenizer).items()}
     data.update(retention_rows(cfg, tokenizer, examples.report))
+    if cfg.retention.replay:
+        data["replay"] = replay_rows(cfg, tokenizer, examples.report)
     run.write_json("data_report.json", examples.report)
     set_seed(cfg.seed)  # before the model: LoRA's A matrices are initialised from it
     model = models.apply_peft(models.load_causal_lm(model_path, cfg.model), cfg.peft)

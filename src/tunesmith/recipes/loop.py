@@ -37,7 +37,7 @@ from tunesmith.training.early_stopping import EarlyStopper
 from tunesmith.evaluation.forgetting import over_limit
 from tunesmith.training.guards import Precision, SpikeDetector, is_oom
 from tunesmith.training.optim import build_optimizer, build_scheduler
-from tunesmith.training.plan import LengthGroupedPlan, ShuffledPlan
+from tunesmith.training.plan import LengthGroupedPlan, ReplayPlan, ShuffledPlan
 from tunesmith.training.progress import TrainProgress, console
 from tunesmith.training.signals import GracefulStop
 
@@ -65,6 +65,7 @@ class Setup:
     spikes: SpikeDetector = None  # type: ignore[assignment]
     excluded: set[int] = field(default_factory=set)  # train rows rolled back after spikes; never fed again
     spike_rows: dict[int, list[int]] = field(default_factory=dict)  # data step -> rows, for rollback
+    anchors: list[torch.Tensor] | None = None  # pretrained values of the trainables, for L2-SP
     best_weights: dict[str, torch.Tensor] | None = None
     counters: dict = field(default_factory=lambda: {"skipped_nonfinite": 0, "tokens": 0})
     extra: dict = field(default_factory=dict)  # recipe-specific state (label map, samples...)
@@ -84,8 +85,15 @@ def build(cfg: Config, run: RunDir, examples: Examples, data: dict, tokenizer, m
     model, optimizer = accelerator.prepare(model, optimizer)
     t = cfg.train
     shape = (t.batch_size, t.grad_accum, cfg.seed, accelerator.num_processes, accelerator.process_index)
-    plan = (LengthGroupedPlan([len(r.input_ids) for r in data["train"]], *shape) if cfg.data.group_by_length
-            else ShuffledPlan(len(data["train"]), *shape))
+    replay = data.pop("replay", None)
+    if replay:  # replayed general text rides after the task rows; the plan mixes it into every step
+        n_task = len(data["train"])
+        data["train"] = data["train"] + replay
+        plan = ReplayPlan(n_task, len(replay), cfg.retention.replay.fraction, *shape)
+    elif cfg.data.group_by_length:
+        plan = LengthGroupedPlan([len(r.input_ids) for r in data["train"]], *shape)
+    else:
+        plan = ShuffledPlan(len(data["train"]), *shape)
     total = t.max_steps or math.ceil(t.epochs * plan.steps_per_epoch)
     s = Setup(cfg, run, accelerator, examples, data, tokenizer, model, optimizer,
               build_scheduler(optimizer, t, total), plan, total, model_path, **fns)
@@ -93,6 +101,8 @@ def build(cfg: Config, run: RunDir, examples: Examples, data: dict, tokenizer, m
     run.update_run(processes=accelerator.num_processes, distributed=str(accelerator.distributed_type).split(".")[-1],
                    device=str(accelerator.device))
     s.precision = Precision(t.precision, accelerator)
+    if cfg.retention.l2sp:  # L2-SP pulls toward the pretrained values: keep them (a copy of the trainables)
+        s.anchors = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     s.spikes = SpikeDetector(t.spike_factor, t.spike_window)
     print_setup(s)
     return s
@@ -118,6 +128,11 @@ def fit(s: Setup, updates: int = 0, data_step: int = 0) -> dict:
                 continue  # every row of the step was excluded after spikes: nothing to learn, no update
             loss_sum, real_tokens, micro = accumulate(s, data_step - 1, n_targets)
             s.precision.unscale(opt)
+            if s.anchors is not None:  # L2-SP: the penalty's gradient, l2sp * (w - w0), once per step
+                with torch.no_grad():
+                    for p, p0 in zip(trainable, s.anchors):
+                        if p.grad is not None:
+                            p.grad.add_(p - p0, alpha=cfg.retention.l2sp)
             grad_norm = acc.clip_grad_norm_(trainable, cfg.train.max_grad_norm or float("inf"))  # pre-clip norm
             step_loss = acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum").item() / max(n_targets, 1)
             lr = s.scheduler.get_last_lr()[0]  # the rate this update uses, logged with it

@@ -76,3 +76,20 @@ class LengthGroupedPlan(ShuffledPlan):
             order += [i for s in steps if len(s) < step for i in s]
         self._order = (epoch, order)
         return order
+
+
+class ReplayPlan(ShuffledPlan):
+    """Each step's task rows plus `k` rows of a replay pool, so the replayed share of the step's rows is
+    `fraction`. Replay rows are indices n_task.. n_task + n_replay - 1 of the training list, drawn
+    without replacement from a generator seeded by (seed, step): a pure function of the step."""
+
+    def __init__(self, n_task: int, n_replay: int, fraction: float, batch_size: int, grad_accum: int, seed: int,
+                 world_size: int = 1, rank: int = 0):
+        super().__init__(n_task, batch_size, grad_accum, seed, world_size, rank)
+        self.n_replay = n_replay
+        self.k = min(n_replay, max(1, round(self.rows_per_step * fraction / (1 - fraction))))
+
+    def step_rows(self, step: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 104_729 + step)
+        replay = torch.randperm(self.n_replay, generator=g)[: self.k].tolist()
+        return super().step_rows(step) + [self.n_rows + j for j in replay]
