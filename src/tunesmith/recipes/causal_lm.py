@@ -85,19 +85,21 @@ def setup(cfg: Config, run: RunDir) -> loop.Setup:
                    quick_eval=train_eval)
     # The base model's retention perplexity, before any update (also after a resume: the checkpoint is
     # restored later), so every evaluation can say how much was forgotten.
-    s.extra["retention_base"] = retention_perplexity(s)
+    # Kept whole: the base model's evaluation reuses it instead of measuring the same rows again.
+    s.extra["retention_at_start"] = retention_eval(s)
+    s.extra["retention_base"] = {k: v["perplexity"] for k, v in s.extra["retention_at_start"].items()}
     return s
 
 
-def retention_perplexity(s: loop.Setup) -> dict[str, float]:
-    return {name.split(":", 1)[1]: loss_eval(s, name)["perplexity"] for name in s.data if name.startswith("retention:")}
+def retention_eval(s: loop.Setup) -> dict[str, dict]:
+    return {name.split(":", 1)[1]: loss_eval(s, name) for name in s.data if name.startswith("retention:")}
 
 
 def train_eval(s: loop.Setup, split: str) -> dict:
     """Validation loss, plus forgetting when retention sets are configured."""
     metrics = loss_eval(s, split)
     if s.extra.get("retention_base"):
-        report = forgetting(s.extra["retention_base"], retention_perplexity(s))
+        report = forgetting(s.extra["retention_base"], {k: v["perplexity"] for k, v in retention_eval(s).items()})
         metrics["forgetting"] = report
         metrics["forgetting_ratio"] = worst_ratio(report)
     return metrics
@@ -129,7 +131,8 @@ def evaluate(s: loop.Setup, which: str) -> dict:
         if split == "validation":
             results["samples"] = [{"id": ex.id, "prompt": ex.prompt[-1]["content"], "output": out,
                                    "reference": ex.completion} for ex, out in zip(rows[: cfg.samples], outputs)]
-    retention = {name.split(":", 1)[1]: loss_eval(s, name) for name in s.data if name.startswith("retention:")}
+    at_start = s.extra.pop("retention_at_start", None)
+    retention = at_start if which == "base" and at_start is not None else retention_eval(s)
     if retention:
         results["retention"] = retention
         if which != "base" and s.extra.get("retention_base"):

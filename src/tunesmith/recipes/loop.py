@@ -11,8 +11,8 @@ import math
 import shutil
 import time
 from contextlib import nullcontext
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -33,8 +33,8 @@ from tunesmith.recipes.state import (
 from tunesmith.reporting import print_before_after, print_setup
 from tunesmith.resume import check_drift, secret_hashes
 from tunesmith.rundir import RunDir
-from tunesmith.training.early_stopping import EarlyStopper
 from tunesmith.evaluation.forgetting import over_limit
+from tunesmith.training.early_stopping import EarlyStopper
 from tunesmith.training.guards import Precision, SpikeDetector, is_oom
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.plan import LengthGroupedPlan, ReplayPlan, ShuffledPlan
@@ -126,7 +126,7 @@ def fit(s: Setup, updates: int = 0, data_step: int = 0) -> dict:
             n_targets = acc.reduce(torch.tensor(n_local, device=acc.device), "sum").item()
             if n_targets == 0:
                 continue  # every row of the step was excluded after spikes: nothing to learn, no update
-            loss_sum, real_tokens, micro = accumulate(s, data_step - 1, n_targets)
+            loss_sum, real_tokens, micro = accumulate(s, data_step - 1, step_rows, n_targets)
             s.precision.unscale(opt)
             if s.anchors is not None:  # L2-SP: the penalty's gradient, l2sp * (w - w0), once per step
                 with torch.no_grad():
@@ -190,13 +190,12 @@ def fit(s: Setup, updates: int = 0, data_step: int = 0) -> dict:
     return summary
 
 
-def accumulate(s: Setup, step: int, n_targets: int) -> tuple[float, int, list]:
-    """Forward and backward over this rank's micro-batches of `step`. On out-of-memory the micro-batch
-    halves (accumulation doubles) and the step starts over: same rows, same summed loss, same update."""
+def accumulate(s: Setup, step: int, step_rows: list[int], n_targets: int) -> tuple[float, int, list]:
+    """Forward and backward over this rank's rows of `step`, in micro-batches. On out-of-memory the
+    micro-batch halves (accumulation doubles) and the step starts over: same rows, same summed loss."""
     acc, rows = s.accelerator, s.data["train"]
     while True:
-        micro = [[rows[i] for i in m if i not in s.excluded] for m in s.plan.micro_batches(step)]
-        micro, weight = [m for m in micro if m], 1.0
+        micro, weight = [[rows[i] for i in m] for m in s.plan.split(step_rows)], 1.0
         if not micro:  # a short last step left this rank no rows: a zero-weight pass keeps DDP in step
             micro, weight = [[rows[s.plan.step_rows(step)[0]]]], 0.0
         loss_sum, real_tokens = 0.0, 0

@@ -44,8 +44,11 @@ class ShuffledPlan:
         """This rank's micro-batches for `step`; the last step of an epoch may be short."""
         rows = self.step_rows(step)
         per_rank = math.ceil(len(rows) / self.world_size)
-        mine = rows[self.rank * per_rank : (self.rank + 1) * per_rank]
-        return [mine[i : i + self.micro_size] for i in range(0, len(mine), self.micro_size)]
+        return self.split(rows[self.rank * per_rank : (self.rank + 1) * per_rank])
+
+    def split(self, rows: list[int]) -> list[list[int]]:
+        """This rank's rows of a step as micro-batches of `micro_size`."""
+        return [rows[i : i + self.micro_size] for i in range(0, len(rows), self.micro_size)]
 
 
 class LengthGroupedPlan(ShuffledPlan):
