@@ -65,6 +65,33 @@ def eval_cmd(
     evaluate_run(str(run), split, data)
 
 
+@app.command()
+def audit(
+    run: Annotated[Path, typer.Argument(help="Run directory (runs/<name>) whose config is audited.")],
+    canaries: Annotated[bool, typer.Option("--canaries", help="Insert random secrets and measure their exposure.")] = False,
+    repetitions: Annotated[str, typer.Option(help="Comma-separated insertion counts.")] = "1,4,16",
+    secrets: Annotated[int, typer.Option(help="Secrets per insertion count.")] = 10,
+    references: Annotated[int, typer.Option(help="Never-inserted reference secrets to rank against.")] = 10_000,
+    epsilon: Annotated[float, typer.Option(help="Target epsilon of the DP variant when the run has no privacy block.")] = 8.0,
+) -> None:
+    """Memorisation audit: retrain the run's config on its data plus canaries, without and with DP, and
+    report each canary's exposure (The Secret Sharer) in RUN/audit.json.
+
+    Example: tunesmith audit runs/spanish --canaries
+    """
+    from tunesmith.privacy.audit import audit as run_audit
+
+    if not canaries:
+        raise UserError("Nothing to audit: pass --canaries")
+    try:
+        reps = [int(x) for x in repetitions.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--repetitions must be comma-separated integers, got {repetitions!r}") from None
+    if not reps or min(reps) < 1 or secrets < 1 or references < 10:
+        raise UserError("--repetitions need counts >= 1, --secrets >= 1 and --references >= 10")
+    run_audit(str(run), reps, secrets, references, epsilon)
+
+
 @data_app.command("check")
 def data_check(config: Annotated[Path, typer.Argument(help="YAML config file.")], overrides: Overrides = None) -> None:
     """Print the data report (rows, bad rows, duplicates, leakage, token lengths) without training."""

@@ -148,6 +148,7 @@ class TrainConfig(Strict):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if max_steps is set).")
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
     lr: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw, or plain SGD (DP-SGD's textbook form).")
     batch_size: int = Field(8, gt=0, description="Rows per micro-batch (per process).")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (never on biases and norms).")
@@ -247,6 +248,42 @@ class Retention(Strict):
         return self
 
 
+class Privacy(Strict):
+    """DP-SGD through Opacus: Poisson sampling, per-example clipping, Gaussian noise, an accountant."""
+
+    target_epsilon: float | None = Field(
+        None, description="Privacy budget: the noise is set so training ends at or under this epsilon, and training "
+        "stops before a step would exceed it.",
+    )
+    delta: float | None = Field(None, description="delta of (epsilon, delta)-DP; must be below 1/N (N: privacy "
+                                "units). Default 1/(10 N).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Per-example clipping norm C.")
+    noise_multiplier: float | None = Field(
+        None, ge=0, description="Noise std as a multiple of C, instead of deriving it from target_epsilon (with both, "
+        "target_epsilon is the budget training stops at).",
+    )
+    accountant: Literal["prv", "rdp"] = Field("prv", description="Privacy accountant (prv is tighter).")
+    unit: Literal["sample", "user"] = Field(
+        "sample", description="Privacy unit. user: one row per sampled user per step, so the guarantee covers "
+        "everything a user contributed (needs user_column).",
+    )
+    user_column: str | None = Field(None, description="Column holding the user id (unit: user).")
+    secure_mode: bool = Field(False, description="Noise from a cryptographically secure RNG (needs torchcsprng; "
+                              "refused, not downgraded, without it). Off: noise is reproducible from the seed.")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Privacy:
+        if self.target_epsilon is not None and self.target_epsilon <= 0:
+            raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon}")
+        if self.target_epsilon is None and self.noise_multiplier is None:
+            raise ValueError("set target_epsilon (the budget) or noise_multiplier")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        if self.unit == "user" and not self.user_column:
+            raise ValueError("unit: user needs user_column (the column with each row's user id)")
+        return self
+
+
 class Config(Strict):
     name: str = Field("run", description="Run name: the run directory is <output_dir>/<name>/.")
     task: Literal["instruction", "summarization", "constrained_generation", "language_modeling", "classification"] | None = Field(
@@ -267,6 +304,7 @@ class Config(Strict):
     retention: Retention = Field(
         default_factory=lambda: Retention(), description="Forgetting: general text whose perplexity should not rise."
     )
+    privacy: Privacy | None = Field(None, description="Differential privacy (DP-SGD); absent: off.")
 
     @field_validator("retention", mode="before")
     @classmethod
@@ -295,6 +333,21 @@ class Config(Strict):
         if self.data.packing and self.model.attn_implementation != "sdpa":
             raise ValueError("data.packing needs model.attn_implementation: sdpa (eager misreads the packed "
                              "rows' boolean block mask and would let them attend to each other)")
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_fits(self) -> Config:
+        if self.privacy is None:
+            return self
+        # Each of these would break what the guarantee rests on: one example per clipped gradient, sampling
+        # that does not look at the data, and per-example activations captured once per forward.
+        clashes = {"data.packing": self.data.packing, "retention.replay": self.retention.replay is not None,
+                   "train.on_spike: rollback": self.train.on_spike == "rollback",
+                   "train.gradient_checkpointing": self.train.gradient_checkpointing,
+                   "train.precision: fp16": self.train.precision == "fp16", "retention.l2sp": self.retention.l2sp > 0}
+        bad = [name for name, on in clashes.items() if on]
+        if bad:
+            raise ValueError(f"privacy (DP-SGD) does not work with {', '.join(bad)}")
         return self
 
     @model_validator(mode="after")

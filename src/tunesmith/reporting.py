@@ -26,6 +26,12 @@ def print_setup(s) -> None:
         f"batch      {t.batch_size} x {t.grad_accum} accum x {s.accelerator.num_processes} proc = {eff} rows/step",
         f"steps      {s.plan.steps_per_epoch}/epoch, {s.total_steps} total, lr {t.lr:g} {t.schedule}",
     ]
+    if s.dp is not None:
+        d, p = s.dp, cfg.privacy
+        budget = f"target epsilon {p.target_epsilon:g}" if p.target_epsilon is not None else "no epsilon target"
+        lines.append(f"privacy    DP-SGD, {p.unit}-level: Poisson rate q={d.sample_rate:.4g} of {d.n_units} units, "
+                     f"clip C={p.max_grad_norm:g}, noise multiplier {d.sigma:.3f}, delta {d.delta:.3g}, {budget} "
+                     f"({p.accountant})")
     for name, info in rep.get("tokens", {}).items():
         cut = {k: v for k, v in info.items() if k not in ("rows", "token_lengths") and v}
         lens = info["token_lengths"]

@@ -40,6 +40,7 @@ class Example:
     label: str | None = None
     references: list[str] | None = None  # all acceptable answers, when the data has several
     concepts: list[str] | None = None
+    user: str | None = None  # the privacy unit, with privacy.unit: user
 
     def key_fields(self) -> tuple:
         """What makes two examples the same, for deduplication and leakage checks."""
@@ -105,7 +106,16 @@ def _label(value: Any, labels: list[str] | None) -> str:
     return label
 
 
-def to_example(where: str, row: dict, cfg: DataConfig, system: str | None) -> Example:
+def to_example(where: str, row: dict, cfg: DataConfig, system: str | None, user_column: str | None = None) -> Example:
+    ex = _to_example(where, row, cfg, system)
+    if user_column is not None:
+        if row.get(user_column) is None or isinstance(row[user_column], (dict, list)) or not str(row[user_column]).strip():
+            raise RowError("missing_user", f"no user id in column '{user_column}' (privacy.unit: user)")
+        ex.user = str(row[user_column])
+    return ex
+
+
+def _to_example(where: str, row: dict, cfg: DataConfig, system: str | None) -> Example:
     fmt = cfg.format
     cols = {c: cfg.columns.get(c, c) for c in CANONICAL_COLUMNS[fmt]}
     missing = [f"'{cols[c]}'" for c in REQUIRED[fmt] if cols[c] not in row]
@@ -145,7 +155,7 @@ def to_example(where: str, row: dict, cfg: DataConfig, system: str | None) -> Ex
     return Example(where, ex_id, text=_string(row, cols["text"], "text"), label=_label(row[cols["label"]], cfg.labels))
 
 
-def parse_rows(raw: RawRows, cfg: DataConfig) -> tuple[list[Example], list[Problem]]:
+def parse_rows(raw: RawRows, cfg: DataConfig, user_column: str | None = None) -> tuple[list[Example], list[Problem]]:
     problems = list(raw.problems)
     if raw.header is not None:
         cols = {c: cfg.columns.get(c, c) for c in CANONICAL_COLUMNS[cfg.format]}
@@ -157,10 +167,15 @@ def parse_rows(raw: RawRows, cfg: DataConfig) -> tuple[list[Example], list[Probl
             if len(raw.header) == 1 and any(d in raw.header[0] for d in ";\t|"):
                 hint = "The header is one field holding ';', tab or '|': is the delimiter not a comma?"
             raise DataError(f"{raw.source}:1: missing column(s) {missing}; found {raw.header}", hint=hint)
+        if user_column is not None and user_column not in raw.header:
+            from tunesmith.errors import DataError
+
+            raise DataError(f"{raw.source}:1: no user id column '{user_column}' (privacy.unit: user); "
+                            f"found {raw.header}")
     examples = []
     for where, row in raw.rows:
         try:
-            examples.append(to_example(where, row, cfg, cfg.system_prompt))
+            examples.append(to_example(where, row, cfg, cfg.system_prompt, user_column))
         except RowError as err:
             problems.append(Problem(where, err.code, err.message))
     return examples, problems

@@ -67,7 +67,8 @@ def load_examples(cfg: Config) -> Examples:
         if source is None:
             continue
         raw = read_source(source, d.hub_split)
-        examples, bad = parse_rows(raw, d)
+        user_column = cfg.privacy.user_column if cfg.privacy and cfg.privacy.unit == "user" and name == "train" else None
+        examples, bad = parse_rows(raw, d, user_column)
         parsed[name] = examples
         problems += bad
         total += raw.total

@@ -26,7 +26,7 @@ from tunesmith.evaluation.lm import evaluate_loss
 from tunesmith.evaluation.tasks import TASKS, generation_rows
 from tunesmith.recipes import loop
 from tunesmith.rundir import RunDir
-from tunesmith.training.loss import choose_loss
+from tunesmith.training.loss import choose_loss, per_example_loss_sum
 
 
 def general_text(cfg: Config, source: str, column: str, max_rows: int | None, tokenizer) -> tuple[list, int, dict]:
@@ -72,6 +72,9 @@ def setup(cfg: Config, run: RunDir) -> loop.Setup:
     model = models.apply_peft(models.load_causal_lm(model_path, cfg.model), cfg.peft)
     pad = tokenizer.pad_token_id
     loss_fn = choose_loss(model, collate(data["train"][:2], pad), cfg.train.chunked_loss)
+    count = count_targets
+    if cfg.privacy is not None:  # DP clips each example's gradient: each example's own loss, counted in rows
+        loss_fn, count = per_example_loss_sum, len
     batch_fn = collate
     if cfg.data.packing:  # training rows only: evaluation and generation see rows one by one
         n_rows = len(data["train"])
@@ -81,7 +84,7 @@ def setup(cfg: Config, run: RunDir) -> loop.Setup:
                                                     / (len(data["train"]) * cfg.data.max_length), 4)}
         run.write_json("data_report.json", examples.report)
     s = loop.build(cfg, run, examples, data, tokenizer, model, model_path,
-                   collate=lambda rows: batch_fn(rows, pad), loss_sum=loss_fn, count=count_targets,
+                   collate=lambda rows: batch_fn(rows, pad), loss_sum=loss_fn, count=count,
                    quick_eval=train_eval)
     # The base model's retention perplexity, before any update (also after a resume: the checkpoint is
     # restored later), so every evaluation can say how much was forgotten.

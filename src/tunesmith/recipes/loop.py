@@ -34,6 +34,8 @@ from tunesmith.reporting import print_before_after, print_setup
 from tunesmith.resume import check_drift, secret_hashes
 from tunesmith.rundir import RunDir
 from tunesmith.evaluation.forgetting import over_limit
+from tunesmith.privacy.dp import DPSGD
+from tunesmith.privacy.sampling import PoissonPlan, units_of
 from tunesmith.training.early_stopping import EarlyStopper
 from tunesmith.training.guards import Precision, SpikeDetector, is_oom
 from tunesmith.training.optim import build_optimizer, build_scheduler
@@ -67,6 +69,7 @@ class Setup:
     spike_rows: dict[int, list[int]] = field(default_factory=dict)  # data step -> rows, for rollback
     anchors: list[torch.Tensor] | None = None  # pretrained values of the trainables, for L2-SP
     best_weights: dict[str, torch.Tensor] | None = None
+    dp: DPSGD | None = None  # DP-SGD (privacy:): per-example clipping, noise and the accountant
     counters: dict = field(default_factory=lambda: {"skipped_nonfinite": 0, "tokens": 0})
     extra: dict = field(default_factory=dict)  # recipe-specific state (label map, samples...)
 
@@ -82,11 +85,16 @@ def build(cfg: Config, run: RunDir, examples: Examples, data: dict, tokenizer, m
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     optimizer = build_optimizer(model, cfg.train)
-    model, optimizer = accelerator.prepare(model, optimizer)
     t = cfg.train
     shape = (t.batch_size, t.grad_accum, cfg.seed, accelerator.num_processes, accelerator.process_index)
     replay = data.pop("replay", None)
-    if replay:  # replayed general text rides after the task rows; the plan mixes it into every step
+    if cfg.privacy is not None:  # Poisson sampling with the expected logical batch batch_size * grad_accum
+        if accelerator.num_processes > 1:
+            raise UserError("privacy (DP-SGD) runs on one process for now; launch without torchrun/accelerate")
+        where_user = {ex.where: ex.user for ex in examples.splits["train"]}
+        users = [where_user[r.where] for r in data["train"]] if cfg.privacy.unit == "user" else None
+        plan = PoissonPlan(units_of(users, len(data["train"])), t.batch_size * t.grad_accum, t.batch_size, cfg.seed)
+    elif replay:  # replayed general text rides after the task rows; the plan mixes it into every step
         n_task = len(data["train"])
         data["train"] = data["train"] + replay
         plan = ReplayPlan(n_task, len(replay), cfg.retention.replay.fraction, *shape)
@@ -95,9 +103,11 @@ def build(cfg: Config, run: RunDir, examples: Examples, data: dict, tokenizer, m
     else:
         plan = ShuffledPlan(len(data["train"]), *shape)
     total = t.max_steps or math.ceil(t.epochs * plan.steps_per_epoch)
+    dp = DPSGD(model, optimizer, cfg.privacy, plan.n_units, plan.sample_rate, total, cfg.seed) if cfg.privacy else None
+    model, optimizer = accelerator.prepare(model, optimizer)
     s = Setup(cfg, run, accelerator, examples, data, tokenizer, model, optimizer,
               build_scheduler(optimizer, t, total), plan, total, model_path, **fns)
-    s.stopper = EarlyStopper(t.early_stopping)
+    s.stopper, s.dp = EarlyStopper(t.early_stopping), dp
     run.update_run(processes=accelerator.num_processes, distributed=str(accelerator.distributed_type).split(".")[-1],
                    device=str(accelerator.device))
     s.precision = Precision(t.precision, accelerator)
@@ -118,26 +128,34 @@ def fit(s: Setup, updates: int = 0, data_step: int = 0) -> dict:
     s.model.train()
     with TrainProgress(s.total_steps, updates) as progress, GracefulStop() as stop:
         while updates < s.total_steps:
+            if s.dp is not None and s.dp.budget_exhausted():
+                console.print(f"Privacy budget: one more step would exceed epsilon {cfg.privacy.target_epsilon}; "
+                              f"stopping at step {updates} (epsilon {s.dp.epsilon():.3f})")
+                s.counters["stopped_at_budget"] = True
+                break
             t0 = time.perf_counter()
             step_rows = [i for m in s.plan.micro_batches(data_step) for i in m if i not in s.excluded]
             data_step += 1
             # Normalise by the targets (tokens, or rows) of the whole step: every micro-batch, every rank.
             n_local = s.count([s.data["train"][i] for i in step_rows])
             n_targets = acc.reduce(torch.tensor(n_local, device=acc.device), "sum").item()
-            if n_targets == 0:
+            if n_targets == 0 and s.dp is None:
                 continue  # every row of the step was excluded after spikes: nothing to learn, no update
             loss_sum, real_tokens, micro = accumulate(s, data_step - 1, step_rows, n_targets)
             s.precision.unscale(opt)
+            if s.dp is not None:  # each example was clipped after its micro-batch; noise once, account once
+                s.dp.privatize(data_step - 1)
             if s.anchors is not None:  # L2-SP: the penalty's gradient, l2sp * (w - w0), once per step
                 with torch.no_grad():
                     for p, p0 in zip(trainable, s.anchors):
                         if p.grad is not None:
                             p.grad.add_(p - p0, alpha=cfg.retention.l2sp)
-            grad_norm = acc.clip_grad_norm_(trainable, cfg.train.max_grad_norm or float("inf"))  # pre-clip norm
+            # Pre-clip norm. Under DP the clipping was per example: the noisy mean is not clipped again.
+            grad_norm = acc.clip_grad_norm_(trainable, (s.dp is None and cfg.train.max_grad_norm) or float("inf"))
             step_loss = acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum").item() / max(n_targets, 1)
             lr = s.scheduler.get_last_lr()[0]  # the rate this update uses, logged with it
             problem = None if math.isfinite(step_loss) and bool(torch.isfinite(grad_norm)) else "nonfinite"
-            if problem is None and s.spikes.check(step_loss, data_step) and cfg.train.on_spike != "warn":
+            if problem is None and n_targets and s.spikes.check(step_loss, data_step) and cfg.train.on_spike != "warn":
                 problem = "spike"
             if problem is None:
                 s.precision.step(opt)
@@ -159,10 +177,14 @@ def fit(s: Setup, updates: int = 0, data_step: int = 0) -> dict:
                 real_tokens = int(acc.reduce(torch.tensor(real_tokens, device=acc.device), "sum").item())
             s.counters["tokens"] += real_tokens
             tps = real_tokens / (time.perf_counter() - t0)
-            if updates % cfg.train.log_every == 0 and acc.is_main_process:
+            logged = updates % cfg.train.log_every == 0
+            eps = s.dp.epsilon() if s.dp is not None and logged else None
+            privacy = {"epsilon": round(eps, 4) if math.isfinite(eps) else None, "rows": n_targets} if eps is not None else {}
+            if logged and acc.is_main_process:
                 s.run.log({"step": updates, "epoch": s.plan.epoch_of(data_step - 1), "loss": step_loss, "lr": lr,
-                           "grad_norm": float(grad_norm), "tokens_per_s": round(tps, 1), "tokens": s.counters["tokens"]})
-            progress.step(updates, step_loss, lr, float(grad_norm), tps)
+                           "grad_norm": float(grad_norm), "tokens_per_s": round(tps, 1), "tokens": s.counters["tokens"],
+                           **privacy})
+            progress.step(updates, step_loss, lr, float(grad_norm), tps, eps)
             if cfg.eval.every and updates % cfg.eval.every == 0 and updates < s.total_steps:
                 stopped_early = evaluate_during_training(s, updates, progress)
             if (cfg.train.save_every and updates % cfg.train.save_every == 0) or stop.requested:
@@ -196,6 +218,8 @@ def accumulate(s: Setup, step: int, step_rows: list[int], n_targets: int) -> tup
     acc, rows = s.accelerator, s.data["train"]
     while True:
         micro, weight = [[rows[i] for i in m] for m in s.plan.split(step_rows)], 1.0
+        if not micro and s.dp is not None:
+            return 0.0, 0, []  # Poisson sampling drew no rows: the step is noise only
         if not micro:  # a short last step left this rank no rows: a zero-weight pass keeps DDP in step
             micro, weight = [[rows[s.plan.step_rows(step)[0]]]], 0.0
         loss_sum, real_tokens = 0.0, 0
@@ -206,8 +230,12 @@ def accumulate(s: Setup, step: int, step_rows: list[int], n_targets: int) -> tup
                 with sync:
                     with s.precision.autocast():
                         loss, _ = s.loss_sum(s.model, batch)
-                    # DDP averages gradients over ranks, so scale the sum back up by the world size.
-                    acc.backward(s.precision.scale(loss * (weight * acc.num_processes / max(n_targets, 1))))
+                    # DDP averages gradients over ranks, so scale the sum back up by the world size. DP
+                    # needs each example's own gradient: no step-wide normalisation before clipping.
+                    scale = 1.0 if s.dp is not None else weight * acc.num_processes / max(n_targets, 1)
+                    acc.backward(s.precision.scale(loss * scale))
+                if s.dp is not None:
+                    s.dp.accumulate()
                 loss_sum += loss.item() * weight
                 if weight:  # a packed batch's mask is 4-D: it says how many tokens are real
                     real_tokens += int(batch["n_tokens"] if "n_tokens" in batch else batch["attention_mask"].sum())
@@ -217,6 +245,8 @@ def accumulate(s: Setup, step: int, step_rows: list[int], n_targets: int) -> tup
                 raise
             batch = loss = None  # drop the references that hold activations before retrying
             s.optimizer.zero_grad(set_to_none=True)
+            if s.dp is not None:
+                s.dp.reset()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             if s.plan.micro_size == 1:
@@ -318,8 +348,10 @@ def train(cfg: Config, recipe, resume: bool = False, overwrite: bool = False, al
             raise
         if not resume:  # bad data or model: leave no half-made run behind to block the corrected one
             shutil.rmtree(run.path, ignore_errors=True)
-        elif before is not None:  # a refused resume leaves the run's record as it was
-            run.write_json("run.json", before)
+        elif before is not None:  # a refused resume leaves the run's record (and resolved config) as it was
+            run.write_json("run.json", before["run"])
+            if before["config"] is not None:
+                run.write_text("config.yaml", before["config"])
         raise
     if latest:
         run.truncate_log(updates, data_step)
@@ -338,6 +370,11 @@ def train(cfg: Config, recipe, resume: bool = False, overwrite: bool = False, al
     run.log({"step": summary["steps"], "eval": report["finetuned"]["validation"], "final": True})
     report["samples"] = merge_samples(report)
     report["training"] = summary
+    if s.dp is not None:
+        report["privacy"] = s.dp.summary()
+        report["epsilon"], report["delta"] = report["privacy"]["epsilon"], report["privacy"]["delta"]
+        console.print(f"Privacy guarantee: {report['privacy']['guarantee']} after {s.dp.steps_taken} steps "
+                      f"(noise multiplier {s.dp.sigma:.3f}, sample rate {s.dp.sample_rate:.4g}, {cfg.privacy.accountant})")
     run.write_json("eval.json", report)
     run.update_run(status="finished", finished=time.time(), model_path=s.model_path, steps=summary["steps"])
     print_before_after(report)
@@ -357,7 +394,8 @@ def cpu_only() -> bool:
 
 
 def open_run(cfg: Config, resume: bool, overwrite: bool, allow_drift: bool, fallback: bool) -> tuple:
-    """Create or reopen the run directory; returns (resume, checkpoint path or None, run.json before)."""
+    """Create or reopen the run directory; returns (resume, checkpoint path or None, the run's record before:
+    run.json and config.yaml)."""
     if cfg.train.resume == "auto" and not overwrite and (cfg.run_dir / "config.yaml").exists():
         resume = True
     run = RunDir.create(cfg, resume, overwrite)
@@ -365,7 +403,9 @@ def open_run(cfg: Config, resume: bool, overwrite: bool, allow_drift: bool, fall
         check_drift(run, cfg, allow_drift)
     # Verify the checkpoint before loading data or weights: a refused resume should take seconds.
     latest = pick_checkpoint(run / "checkpoints", fallback) if resume else None
-    before = run.read_json("run.json") if resume else None
+    config = run / "config.yaml"
+    before = {"run": run.read_json("run.json"), "config": config.read_text() if config.exists() else None} \
+        if resume else None
     run.write_config(cfg)
     run.update_run(status="running", started=time.time(), task=cfg.task_name, secret_hashes=secret_hashes(cfg))
     return resume, str(latest) if latest else None, before

@@ -49,7 +49,7 @@ def save_checkpoint(s, updates: int, data_step: int) -> None:
              "early_stopping": s.stopper.state_dict(), "counters": s.counters,
              "fingerprint": s.examples.fingerprint, "world_size": s.accelerator.num_processes,
              "grad_scaler": s.precision.state_dict(), "spikes": s.spikes.state_dict(),
-             "micro_batch_size": s.plan.micro_size}
+             "micro_batch_size": s.plan.micro_size, "privacy": s.dp.state_dict() if s.dp is not None else None}
     acc, root = s.accelerator, s.run / "checkpoints"
     parts = None
     if acc.num_processes > 1:
@@ -111,6 +111,12 @@ def restore(s, path: Path, allow_drift: bool = False) -> tuple[int, int]:
     if state.get("world_size", 1) != s.accelerator.num_processes:
         raise UserError(f"Refusing to resume from {path}: saved with {state.get('world_size', 1)} processes, "
                         f"now {s.accelerator.num_processes}", hint="Resume with the same number of processes.")
+    if s.dp is not None:  # epsilon continues from the checkpoint's accountant, or the resume is refused
+        s.dp.load_state_dict(state.get("privacy"), str(path))
+    elif state.get("privacy"):
+        raise UserError(f"Refusing to resume from {path}: it was trained with privacy (DP-SGD), this config has none",
+                        hint="Resume with the original privacy block; a mix of private and non-private steps has "
+                        "no guarantee.")
     load_trainable(s, tensors["trainable.safetensors"], f"{path}/trainable.safetensors")
     ckpt.optimizer_from_tensors(s.optimizer, state["optimizer"], tensors["optimizer.safetensors"])
     # The rate comes from this config's schedule, not the checkpoint's param_groups: identical without

@@ -1,4 +1,4 @@
-"""AdamW with decay only on matrices, and warmup + decay schedules."""
+"""AdamW (or SGD) with decay only on matrices, and warmup + decay schedules."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
             # Biases and norm gains are vectors; decaying them toward 0 only hurts.
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.SGD(groups, lr=cfg.lr) if cfg.optimizer == "sgd" else torch.optim.AdamW(groups, lr=cfg.lr)
 
 
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:

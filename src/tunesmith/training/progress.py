@@ -20,6 +20,7 @@ class TrainProgress:
         )
         self.task = self.progress.add_task("train", total=total, completed=start, info="")
         self.last_eval = ""
+        self.epsilon = ""  # DP runs: the privacy spent so far
 
     def __enter__(self) -> TrainProgress:
         self.progress.__enter__()
@@ -28,10 +29,14 @@ class TrainProgress:
     def __exit__(self, *exc) -> None:
         self.progress.__exit__(*exc)
 
-    def step(self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float) -> None:
+    def step(self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float,
+             epsilon: float | None = None) -> None:
         # An exponential average: single micro-batch losses are too noisy to read.
         self.smooth = loss if self.smooth is None else 0.7 * self.smooth + 0.3 * loss
-        info = f"loss {self.smooth:.4f} lr {lr:.2e} gnorm {grad_norm:.2f} {tokens_per_s:,.0f} tok/s {self.last_eval}"
+        if epsilon is not None:
+            self.epsilon = f"eps {epsilon:.3g} "
+        info = (f"loss {self.smooth:.4f} lr {lr:.2e} gnorm {grad_norm:.2f} {self.epsilon}{tokens_per_s:,.0f} tok/s "
+                f"{self.last_eval}")
         self.progress.update(self.task, completed=step, info=info)
         total = self.progress.tasks[0].total or 1
         if self.progress.disable and (step % max(1, int(total) // 10) == 0 or step == total):

@@ -1,0 +1,104 @@
+"""Privacy benchmark: Rotten Tomatoes accuracy at epsilon in {1, 3, 8, inf} (MiniLM-L6 + LoRA), and
+canary exposure without and with DP (SmolLM2-135M + LoRA on short CommonGen sentences).
+
+Run:  .venv/bin/python benchmarks/privacy.py [--only rt|canary] [--epochs 3]
+
+Every run is the real CLI (`tunesmith train`, `tunesmith audit`) in its own process. Writes
+benchmarks/results/privacy.json; privacy.md is written from it by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "benchmarks" / "results" / "runs"
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def tunesmith(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunesmith", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def rotten_tomatoes(epochs: float) -> list[dict]:
+    # One recipe for every epsilon, so the rows differ only by the privacy block. DP wants large
+    # logical batches (here 256 expected rows) and a higher rate than non-private LoRA.
+    common = ["peft.method=lora", "peft.r=8", "peft.dropout=0.0", "train.batch_size=64", "train.grad_accum=4",
+              f"train.epochs={epochs}", "train.lr=3e-3", "train.warmup_ratio=0.0", "train.schedule=constant",
+              "train.early_stopping.patience=null", "eval.every=null", "eval.samples=0", "train.log_every=5",
+              f"output_dir={RUNS}"]
+    rows = []
+    for eps in ("1", "3", "8", "inf"):
+        name = f"privacy-rt-eps{eps}"
+        privacy = [] if eps == "inf" else [f"privacy.target_epsilon={eps}"]
+        start = time.time()
+        res = tunesmith("train", "examples/sentiment-rotten-tomatoes.yaml", "--overwrite", f"name={name}",
+                        *common, *privacy)
+        row = {"epsilon_target": eps, "exit": res.returncode, "wall_s": round(time.time() - start, 1),
+               "overrides": common + privacy}
+        if res.returncode == 0:
+            report = json.loads((RUNS / name / "eval.json").read_text())
+            val = report["finetuned"]["validation"]
+            row.update(accuracy=val["accuracy"], macro_f1=val.get("macro_f1"), epsilon=report.get("epsilon"),
+                       delta=report.get("delta"), privacy=report.get("privacy"), steps=report["training"]["steps"])
+        else:
+            row["error"] = res.stderr[-1500:]
+        print(json.dumps({k: v for k, v in row.items() if k != "overrides"}), flush=True)
+        rows.append(row)
+    return rows
+
+
+def canary(epochs: float, references: int) -> dict:
+    """A short-text continued-pretraining run (CommonGen targets as plain text), audited with canaries."""
+    data = RUNS / "privacy-canary-data.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    with open(SHARED / "commongen" / "train.jsonl", encoding="utf-8") as f, open(data, "w", encoding="utf-8") as out:
+        for i, line in enumerate(f):
+            if i >= 600:
+                break
+            out.write(json.dumps({"text": json.loads(line)["target"]}) + "\n")
+    cfg = {"name": "privacy-canary", "output_dir": str(RUNS), "model": {"name": "smollm2-135m-instruct"},
+           "peft": {"method": "lora", "r": 16, "dropout": 0.0},
+           "data": {"train": str(data), "format": "text", "max_length": 64, "overlength": "drop"},
+           "train": {"epochs": epochs, "lr": 2e-3, "batch_size": 16, "warmup_ratio": 0.0, "schedule": "constant",
+                     "log_every": 10},
+           "eval": {"batch_size": 64, "samples": 0, "before_after": False, "max_rows": 100}}
+    run = RUNS / "privacy-canary"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))  # the audit reads the run's config only
+    start = time.time()
+    res = tunesmith("audit", str(run), "--canaries", "--references", str(references))
+    result = {"exit": res.returncode, "wall_s": round(time.time() - start, 1), "config": cfg}
+    if res.returncode == 0:
+        result["audit"] = json.loads((run / "audit.json").read_text())
+    else:
+        result["error"] = res.stderr[-2000:]
+    print(json.dumps({k: v for k, v in result.items() if k != "config"})[:2000], flush=True)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", choices=["rt", "canary"])
+    ap.add_argument("--epochs", type=float, default=3)
+    ap.add_argument("--canary-epochs", type=float, default=2)
+    ap.add_argument("--references", type=int, default=10_000)
+    a = ap.parse_args()
+    path = ROOT / "benchmarks" / "results" / "privacy.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if a.only in (None, "rt"):
+        results["rotten_tomatoes"] = rotten_tomatoes(a.epochs)
+    if a.only in (None, "canary"):
+        results["canary"] = canary(a.canary_epochs, a.references)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Poisson sampling for DP-SGD, as a pure function of (seed, step) like every other batch plan.
+
+The accountant's guarantee assumes each privacy unit joins each step independently with probability q,
+so the logical batch size varies from step to step (and may be zero: that step is still taken, with
+noise only). A fixed-size shuffled batch under a Poisson accountant is the shortcut Opacus #80 warns
+about. With user-level privacy a sampled user contributes one of their rows, chosen at random, so a
+user's total influence on a step is one clipped gradient, whatever the number of rows they wrote.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SALT = 2_654_435_761  # keeps the sampling stream apart from the shuffling and replay streams
+
+
+class PoissonPlan:
+    """Rows of step k: each unit (row, or user) independently with probability `sample_rate`."""
+
+    def __init__(self, units: list[list[int]], expected_batch: int, micro_size: int, seed: int):
+        self.units = units  # unit -> its train row indices ([[0], [1], ...] for sample-level privacy)
+        self.n_units = len(units)
+        self.sample_rate = min(1.0, expected_batch / self.n_units)
+        self.seed = seed
+        self.rows_per_step = expected_batch  # the expected logical batch: used in messages only
+        self.steps_per_epoch = max(1, math.ceil(1 / self.sample_rate))
+        self.micro_size = micro_size
+        self.world_size, self.rank = 1, 0
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def step_rows(self, step: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + SALT + step)
+        chosen = (torch.rand(self.n_units, generator=g) < self.sample_rate).nonzero().flatten().tolist()
+        picks = torch.rand(len(chosen), generator=g).tolist()  # which row of each sampled user
+        return [self.units[u][int(r * len(self.units[u]))] for u, r in zip(chosen, picks)]
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        return self.split(self.step_rows(step))
+
+    def split(self, rows: list[int]) -> list[list[int]]:
+        # Physical micro-batches only bound memory: q, and so epsilon, never depend on them.
+        return [rows[i : i + self.micro_size] for i in range(0, len(rows), self.micro_size)]
+
+
+def units_of(users: list[str] | None, n_rows: int) -> list[list[int]]:
+    """Group train row indices by privacy unit: one row each, or all rows of one user together."""
+    if users is None:
+        return [[i] for i in range(n_rows)]
+    groups: dict[str, list[int]] = {}
+    for i, u in enumerate(users):
+        groups.setdefault(u, []).append(i)
+    return list(groups.values())
