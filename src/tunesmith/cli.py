@@ -66,6 +66,24 @@ def eval_cmd(
 
 
 @app.command()
+def search(
+    config: Annotated[Path, typer.Argument(help="YAML config with a search: block.")],
+    overrides: Overrides = None,
+    trials: Annotated[int, typer.Option(help="Trials the study should have in all (a re-run continues it).")] = 12,
+) -> None:
+    """Hyperparameter search (Optuna, TPE + median pruning) over the config's search.space.
+
+    Example: tunesmith search examples/sentiment-rotten-tomatoes.yaml --trials 12
+    """
+    from tunesmith.config import load_config
+    from tunesmith.search.run import search as run_search
+
+    if trials < 1:
+        raise UserError("--trials must be at least 1")
+    run_search(load_config(config, overrides), trials)
+
+
+@app.command()
 def audit(
     run: Annotated[Path, typer.Argument(help="Run directory (runs/<name>) whose config is audited.")],
     canaries: Annotated[bool, typer.Option("--canaries", help="Insert random secrets and measure their exposure.")] = False,

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunesmith.errors import ConfigError
+from tunesmith.search.space import SearchConfig, unknown_keys
 
 
 class Strict(BaseModel):
@@ -127,6 +128,9 @@ class DataConfig(Strict):
         "error", description="Bad rows: error (stop, listing file:line) or skip (drop and count)."
     )
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="With on_error=skip, abort above this share.")
+    train_limit: int | None = Field(None, gt=0, description="Few-shot: train on only this many rows (stratified "
+                                    "by label for classification), drawn with sample_seed.")
+    sample_seed: int | None = Field(None, description="Seed of the train_limit draw (default: the run's seed).")
 
     @model_validator(mode="after")
     def _columns_known(self) -> DataConfig:
@@ -305,6 +309,7 @@ class Config(Strict):
         default_factory=lambda: Retention(), description="Forgetting: general text whose perplexity should not rise."
     )
     privacy: Privacy | None = Field(None, description="Differential privacy (DP-SGD); absent: off.")
+    search: SearchConfig | None = Field(None, description="Hyperparameter search space (tunesmith search).")
 
     @field_validator("retention", mode="before")
     @classmethod
@@ -333,6 +338,13 @@ class Config(Strict):
         if self.data.packing and self.model.attn_implementation != "sdpa":
             raise ValueError("data.packing needs model.attn_implementation: sdpa (eager misreads the packed "
                              "rows' boolean block mask and would let them attend to each other)")
+        return self
+
+    @model_validator(mode="after")
+    def _search_keys_exist(self) -> Config:
+        bad = unknown_keys(Config, list(self.search.space)) if self.search else []
+        if bad:
+            raise ValueError(f"search.space: unknown config key(s) {bad} (use dotted keys such as train.lr)")
         return self
 
     @model_validator(mode="after")

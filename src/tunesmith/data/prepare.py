@@ -96,6 +96,11 @@ def load_examples(cfg: Config) -> Examples:
         for name in ("validation", "test"):
             if name in parsed:
                 parsed[name], report[f"{name}_overlap_removed"] = splitting.remove_overlap(train, parsed[name])
+    if d.train_limit is not None:  # few-shot: after split and overlap removal, so validation is the same for every k
+        seed = cfg.seed if d.sample_seed is None else d.sample_seed
+        parsed["train"] = splitting.sample_k(train, d.train_limit, seed, stratify)
+        report["train_limit"] = {"k": d.train_limit, "from": len(train), "kept": len(parsed["train"]),
+                                 "sample_seed": seed}
     empty = [n for n, rows in parsed.items() if not rows]
     if empty:
         raise DataError(f"No usable rows left in: {', '.join(empty)}")

@@ -75,6 +75,36 @@ def split_off(
     return [sorted(p, key=lambda ex: index[id(ex)]) for p in parts]
 
 
+def sample_k(examples: list[Example], k: int, seed: int, stratify: bool) -> list[Example]:
+    """k examples for few-shot training; per label in proportion to the label counts (largest
+    remainder), every label at least once when k allows, so a small k still shows every class."""
+    if k >= len(examples):
+        return list(examples)
+    groups: dict[str | None, list[Example]] = defaultdict(list)
+    for ex in examples:
+        groups[ex.label if stratify else None].append(ex)
+    labels = sorted(groups, key=lambda x: (x is None, x))
+    exact = {lab: k * len(groups[lab]) / len(examples) for lab in labels}
+    take = {lab: int(exact[lab]) for lab in labels}
+    if k >= len(labels):
+        for lab in labels:
+            take[lab] = max(take[lab], 1)
+    for lab in sorted(labels, key=lambda x: (take[x] - exact[x], str(x))):  # most under-served first
+        if sum(take.values()) >= k:
+            break
+        if take[lab] < len(groups[lab]):
+            take[lab] += 1
+    while sum(take.values()) > k:  # the at-least-one rule overshot: trim the largest share
+        take[max(labels, key=lambda x: take[x] - exact[x])] -= 1
+    chosen: set[int] = set()
+    for lab in labels:
+        members = groups[lab]
+        order = list(range(len(members)))
+        random.Random(f"{seed}:k:{lab}").shuffle(order)
+        chosen |= {id(members[j]) for j in order[: take[lab]]}
+    return [ex for ex in examples if id(ex) in chosen]
+
+
 def fingerprint(train: list[Example], validation: list[Example], seed: int) -> str:
     h = hashlib.sha256(f"seed={seed}".encode())
     for name, part in (("train", train), ("validation", validation)):

@@ -70,6 +70,7 @@ class Setup:
     anchors: list[torch.Tensor] | None = None  # pretrained values of the trainables, for L2-SP
     best_weights: dict[str, torch.Tensor] | None = None
     dp: DPSGD | None = None  # DP-SGD (privacy:): per-example clipping, noise and the accountant
+    on_eval: Callable[[int, dict], None] | None = None  # sees each evaluation (a search's pruner)
     counters: dict = field(default_factory=lambda: {"skipped_nonfinite": 0, "tokens": 0})
     extra: dict = field(default_factory=dict)  # recipe-specific state (label map, samples...)
 
@@ -304,6 +305,8 @@ def evaluate_during_training(s: Setup, step: int, progress: TrainProgress) -> bo
                       f"retention.max_increase ({1 + limit:.3f}x): not a candidate for best[/]")
     s.run.log({"step": step, "eval": metrics})
     progress.eval(step, metrics)
+    if s.on_eval is not None:
+        s.on_eval(step, metrics)
     value = metrics.get(s.cfg.train.early_stopping.metric.removeprefix("eval_"))
     if s.stopper.update(None if over else value, step) and selects_best(s.cfg):
         s.best_weights = trainable_state(s)
@@ -320,7 +323,7 @@ def selects_best(cfg: Config) -> bool:
 
 
 def train(cfg: Config, recipe, resume: bool = False, overwrite: bool = False, allow_drift: bool = False,
-          fallback: bool = False) -> RunDir:
+          fallback: bool = False, on_eval: Callable[[int, dict], None] | None = None) -> RunDir:
     """setup -> evaluate the base model -> fit -> save -> evaluate the fine-tuned model -> report."""
     state = process_state()
     if not state.is_main_process:
@@ -342,6 +345,7 @@ def train(cfg: Config, recipe, resume: bool = False, overwrite: bool = False, al
     run = RunDir(cfg.run_dir, writer=state.is_main_process)
     try:
         s = recipe.setup(cfg, run)
+        s.on_eval = on_eval
         updates, data_step = restore(s, latest, allow_drift) if latest else (0, 0)
     except UserError:
         if not run.writer:

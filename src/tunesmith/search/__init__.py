@@ -1,0 +1,1 @@
+"""Hyperparameter search (Optuna) over the search block of a config."""

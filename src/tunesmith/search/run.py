@@ -1,0 +1,127 @@
+"""`tunesmith search CONFIG --trials N`: an Optuna study over the config's `search:` block.
+
+Each trial is an ordinary run (<output_dir>/<name>-search/trials/<name>-tNNN) trained with the sampled
+values; its validation evaluations (`eval.every`) are reported to the pruner, which stops trials that
+fall behind the median of earlier ones. The study lives in a database (SQLite in the search directory
+by default), so a killed search continues where it was when run again, and several machines can share
+one study through a common database URL. A trial whose process died stops sending heartbeats and is
+marked failed: recorded, never lost, never the best.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import optuna
+import yaml
+
+from tunesmith.config import Config, _set_dotted, config_from_dict, dump_config
+from tunesmith.errors import TrainingHalted, UserError
+from tunesmith.rundir import RunDir
+from tunesmith.training.progress import console
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+
+
+def search_dir(cfg: Config) -> Path:
+    return Path(cfg.output_dir) / f"{cfg.name}-search"
+
+
+def open_study(cfg: Config) -> optuna.Study:
+    sc = cfg.search
+    folder = search_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    url = sc.storage or f"sqlite:///{folder.resolve() / 'study.db'}"
+    storage = optuna.storages.RDBStorage(url, heartbeat_interval=sc.heartbeat_s, grace_period=3 * sc.heartbeat_s)
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed) if sc.sampler == "tpe" else \
+        optuna.samplers.RandomSampler(seed=cfg.seed)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=sc.startup_trials) if sc.pruner == "median" else \
+        optuna.pruners.NopPruner()
+    _, direction = sc.objective(cfg.train.early_stopping.metric)
+    return optuna.create_study(study_name=cfg.name, storage=storage, sampler=sampler, pruner=pruner,
+                               direction=direction, load_if_exists=True)
+
+
+def trial_config(cfg: Config, params: dict, number: int) -> Config:
+    tree = cfg.model_dump(mode="json")
+    tree.pop("search")
+    for key, value in params.items():
+        _set_dotted(tree, key, value)
+    tree.update(name=f"{cfg.name}-t{number:03d}", output_dir=str(search_dir(cfg) / "trials"))
+    tree["train"]["resume"] = "never"
+    return config_from_dict(tree, f"trial {number}")
+
+
+def objective(cfg: Config, metric: str):
+    from tunesmith.recipes import recipe_for
+
+    def run_trial(trial: optuna.Trial) -> float:
+        params = {key: dist.suggest(trial, key) for key, dist in cfg.search.space.items()}
+        tcfg = trial_config(cfg, params, trial.number)
+        console.print(f"[bold]trial {trial.number}[/]: {params}")
+
+        def report(step: int, metrics: dict) -> None:
+            if isinstance(metrics.get(metric), (int, float)):
+                trial.report(float(metrics[metric]), step)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"{metric} {metrics[metric]:.4f} at step {step}")
+
+        trial.set_user_attr("run_dir", str(tcfg.run_dir))
+        try:
+            run = recipe_for(tcfg).train(tcfg, overwrite=True, on_eval=report)
+        except optuna.TrialPruned:
+            RunDir(tcfg.run_dir).update_run(status="pruned")
+            raise
+        except (UserError, TrainingHalted) as err:  # this trial's values do not work: failed, the study goes on
+            trial.set_user_attr("error", str(err).splitlines()[0][:300])
+            raise
+        value = run.read_json("eval.json")["finetuned"]["validation"].get(metric)
+        if not isinstance(value, (int, float)):
+            raise UserError(f"search.metric '{metric}' is not among the validation metrics of this task")
+        return float(value)
+
+    return run_trial
+
+
+def search(cfg: Config, trials: int) -> optuna.Study:
+    if cfg.search is None:
+        raise UserError("This config has no search: block", hint="Add search.space, e.g. "
+                        "search: {space: {train.lr: {log_uniform: [1.0e-5, 1.0e-3]}}}")
+    metric, direction = cfg.search.objective(cfg.train.early_stopping.metric)
+    if cfg.eval.every is None and cfg.search.pruner != "none":
+        console.print("[yellow]eval.every is not set: trials have no intermediate evaluations to prune on[/]")
+    study = open_study(cfg)
+    optuna.storages.fail_stale_trials(study)  # trials of a killed search, silent past the grace period
+    done = len(study.get_trials(deepcopy=False, states=FINISHED))
+    console.print(f"Study '{cfg.name}' ({direction} {metric}): {done} trials finished, running up to {trials}")
+    if done < trials:
+        study.optimize(objective(cfg, metric), callbacks=[optuna.study.MaxTrialsCallback(trials, states=FINISHED)],
+                       catch=(UserError, TrainingHalted), gc_after_trial=True)
+    write_outputs(cfg, study, metric)
+    return study
+
+
+def write_outputs(cfg: Config, study: optuna.Study, metric: str) -> None:
+    from tunesmith.search.report import plots, trials_table
+
+    folder = search_dir(cfg)
+    rows = trials_table(study, metric)
+    (folder / "trials.md").write_text(rows + "\n", encoding="utf-8")
+    console.print(rows)
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if complete:
+        best = study.best_trial
+        tree = cfg.model_dump(mode="json")
+        tree.pop("search")
+        for key, value in best.params.items():
+            _set_dotted(tree, key, value)
+        tree["name"] = f"{cfg.name}-best"
+        (folder / "best.yaml").write_text(f"# best of study '{cfg.name}': trial {best.number}, {metric} "
+                                          f"{best.value:.4f}\n" + dump_config(config_from_dict(tree)),
+                                          encoding="utf-8")
+        console.print(f"Best: trial {best.number}, {metric} {best.value:.4f} -> {folder / 'best.yaml'}")
+    plots(study, folder, metric)
+    (folder / "study.yaml").write_text(yaml.safe_dump({"study": cfg.name, "metric": metric,
+                                                       "direction": study.direction.name.lower(),
+                                                       "written": time.strftime("%Y-%m-%d %H:%M:%S")}))
