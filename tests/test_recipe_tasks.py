@@ -399,6 +399,42 @@ def test_zero_shot_baseline_scores_the_rows_it_is_compared_with(tmp_path, tiny_b
     assert report["base"]["validation"]["accuracy"] == 100.0
 
 
+def test_few_shot_prompting_baseline_puts_k_solved_training_rows_before_the_question(tmp_path, tiny_bert,
+                                                                                       tiny_llama, monkeypatch):
+    import tunesmith.evaluation.generate as generation
+    from tunesmith.reporting import before_after_table
+
+    seen: dict = {}
+
+    def recording(model, tokenizer, prompts, **kw):
+        seen[kw.get("label")] = prompts
+        return oracle_generate(model, tokenizer, prompts, **kw)
+
+    cfg = classification_config(tmp_path, tiny_bert)
+    cfg["eval"].update(baseline_model=str(tiny_llama), baselines=["zero_shot", "few_shot"], few_shot_k=4)
+    cfg["train"]["max_steps"] = 1
+    monkeypatch.setattr(generation, "generate", recording)
+    run, report = train(cfg)
+    few = seen["4-shot prompt"][0]
+    assert [m["role"] for m in few] == ["user", "assistant"] * 4 + ["user"]
+    assert {m["content"] for m in few[1:8:2]} == {"negative", "positive"}  # stratified: both labels shown
+    train_texts = {json.loads(x)["text"] for x in Path(cfg["data"]["train"]).read_text().splitlines()}
+    assert all(m["content"].split("Text: ", 1)[1] in train_texts for m in few[0:8:2])
+    assert len(seen["0-shot prompt"][0]) == 1  # zero-shot: the question alone
+    assert report["base"]["baselines"]["4-shot prompt"]["validation"]["accuracy"] == 100.0
+    rows = [" ".join(str(c) for c in col._cells) for col in before_after_table(report).columns]
+    assert "accuracy vs 4-shot prompt" in rows[1]
+
+
+def test_prompting_baselines_need_a_model(tmp_path, tiny_bert):
+    from tunesmith.errors import UserError
+
+    cfg = classification_config(tmp_path, tiny_bert)
+    cfg["eval"]["baselines"] = ["few_shot"]
+    with pytest.raises(UserError, match="need eval.baseline_model"):
+        config_from_dict(cfg)
+
+
 # ---------------------------------------------------------------- bad rows from the issue
 
 

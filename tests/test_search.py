@@ -163,3 +163,33 @@ def test_train_limit_keeps_validation_unchanged_and_is_reported(tiny_config):
     assert len(few.splits["train"]) == 8
     assert [e.id for e in few.splits["validation"]] == [e.id for e in full.splits["validation"]]
     assert few.report["train_limit"] == {"k": 8, "from": 48, "kept": 8, "sample_seed": 0}
+
+
+# -- learning curve ------------------------------------------------------------------------------------------
+
+def test_curve_trains_each_size_and_seed_and_writes_table_and_plot(tiny_config, tmp_path):
+    from tunesmith.search.curve import curve, parse_sizes
+
+    tiny_config["train"].update(max_steps=3)
+    tiny_config["eval"].update(samples=0, max_rows=4, generate_rows=2, max_new_tokens=2)
+    result = curve(config_from_dict(tiny_config), parse_sizes("4,16,all"), [0, 1], metric="loss")
+    assert [(p["size"], p["seed"]) for p in result["points"]] == [(4, 0), (4, 1), (16, 0), (16, 1), ("all", 0),
+                                                                  ("all", 1)]
+    assert [s["rows"] for s in result["summary"]] == [4, 16, 48]
+    first = result["summary"][0]
+    values = [p["loss"] for p in result["points"][:2]]
+    assert first["mean"] == pytest.approx(sum(values) / 2) and first["runs"] == 2
+    assert len(result["baselines"]) == 1  # the base model, evaluated once
+    folder = tmp_path / "runs" / "tiny-curve"
+    assert (folder / "curve.png").stat().st_size > 1000 and "| all | 48 | 2 |" in (folder / "curve.md").read_text()
+    runs = sorted(p.name for p in (folder / "runs").iterdir())
+    assert runs == ["tiny-k16-s0", "tiny-k16-s1", "tiny-k4-s0", "tiny-k4-s1", "tiny-kall-s0", "tiny-kall-s1"]
+
+
+def test_curve_sizes_are_checked():
+    from tunesmith.search.curve import parse_sizes
+
+    assert parse_sizes("8, 32,all") == [8, 32, None]
+    for bad in ("0", "-4", "ten", ""):
+        with pytest.raises(UserError):
+            parse_sizes(bad)

@@ -84,6 +84,27 @@ def search(
 
 
 @app.command()
+def curve(
+    config: Annotated[Path, typer.Argument(help="YAML config file.")],
+    overrides: Overrides = None,
+    sizes: Annotated[str, typer.Option(help="Training-set sizes, comma-separated; 'all' for every row.")] = "16,64,256,all",
+    seeds: Annotated[int, typer.Option(help="Seeds per size (different rows and initialisation).")] = 1,
+    metric: Annotated[Optional[str], typer.Option(help="Validation metric (default: the early-stopping one).")] = None,
+) -> None:
+    """Learning curve: the validation metric against the number of training rows, with the prompting
+    baselines of eval.baselines as lines (table and PNG).
+
+    Example: tunesmith curve examples/sentiment-rotten-tomatoes.yaml --sizes 16,64,256,1024,all --seeds 3
+    """
+    from tunesmith.config import load_config
+    from tunesmith.search.curve import curve as run_curve, parse_sizes
+
+    if seeds < 1:
+        raise UserError("--seeds must be at least 1")
+    run_curve(load_config(config, overrides), parse_sizes(sizes), list(range(seeds)), metric)
+
+
+@app.command()
 def audit(
     run: Annotated[Path, typer.Argument(help="Run directory (runs/<name>) whose config is audited.")],
     canaries: Annotated[bool, typer.Option("--canaries", help="Insert random secrets and measure their exposure.")] = False,

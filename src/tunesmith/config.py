@@ -211,6 +211,17 @@ class EvalConfig(Strict):
         None, description="Classification: an instruction model prompted zero-shot as the 'before' row "
         "(e.g. smollm2-135m-instruct); without it the 'before' is the majority-class baseline.",
     )
+    baselines: list[Literal["zero_shot", "few_shot"]] = Field(
+        default_factory=list, description="Classification: prompting baselines of eval.baseline_model shown next to "
+        "the fine-tuned model; few_shot puts few_shot_k solved training rows in the prompt.",
+    )
+    few_shot_k: int = Field(4, ge=1, le=64, description="Solved examples in the few-shot prompt.")
+
+    @model_validator(mode="after")
+    def _baselines_need_a_model(self) -> EvalConfig:
+        if self.baselines and not self.baseline_model:
+            raise ValueError("eval.baselines need eval.baseline_model (the instruction model to prompt)")
+        return self
 
 
 class RetentionSet(Strict):

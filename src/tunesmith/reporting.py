@@ -66,6 +66,11 @@ def before_after_table(report: dict) -> Table:
             if metric in ft[split]:
                 b, f = base.get(split, {}).get(metric), ft[split][metric]
                 table.add_row(split, metric, _fmt(b), _fmt(f), _change(b, f, higher))
+    for name, per_split in base.get("baselines", {}).items():  # prompting baselines against the fine-tuned model
+        for split, metrics in per_split.items():
+            for metric in ("accuracy", "macro_f1"):
+                b, f = metrics.get(metric), ft.get(split, {}).get(metric)
+                table.add_row(split, f"{metric} vs {name}", _fmt(b), _fmt(f), _change(b, f, True))
     for name, m in ft.get("retention", {}).items():
         b = base.get("retention", {}).get(name, {}).get("perplexity")
         table.add_row(f"retention:{name}", "perplexity", _fmt(b), _fmt(m["perplexity"]), _change(b, m["perplexity"], False))

@@ -83,8 +83,9 @@ def quick_eval(s: loop.Setup, split: str) -> dict:
 def evaluate(s: loop.Setup, which: str) -> dict:
     labels = s.extra["labels"]
     results: dict = {}
+    prompter = Prompter(s) if which == "base" and s.cfg.eval.baseline_model else None
     if which == "base":
-        results["note"] = (f"zero-shot prompting of {s.cfg.eval.baseline_model}" if s.cfg.eval.baseline_model
+        results["note"] = (f"zero-shot prompting of {s.cfg.eval.baseline_model}" if prompter
                            else "majority-class baseline (always the most frequent training label), not a model")
     for split in ("validation", "test"):
         if split not in s.data:
@@ -92,8 +93,12 @@ def evaluate(s: loop.Setup, which: str) -> dict:
         rows = s.data[split][: s.cfg.eval.max_rows] if s.cfg.eval.max_rows else s.data[split]
         truth = [labels[r.label] for r in rows]
         if which == "base":
-            pred = zero_shot(s, split, rows) if s.cfg.eval.baseline_model else [majority(s)] * len(rows)
+            pred = prompter.predict(split, rows) if prompter else [majority(s)] * len(rows)
             results[split] = classification_metrics(truth, pred, labels)
+            if prompter and "few_shot" in s.cfg.eval.baselines:
+                k = s.cfg.eval.few_shot_k
+                few = classification_metrics(truth, prompter.predict(split, rows, k), labels)
+                results.setdefault("baselines", {}).setdefault(f"{k}-shot prompt", {})[split] = few
         else:
             idx, loss = predict(s, rows)
             pred = [labels[i] for i in idx]
@@ -109,24 +114,38 @@ def majority(s: loop.Setup) -> str:
     return Counter(ex.label for ex in s.examples.splits["train"]).most_common(1)[0][0]
 
 
-def zero_shot(s: loop.Setup, split: str, rows: list[LabeledRow]) -> list[str]:
-    """Ask an instruction model for the label; an answer naming no label counts as wrong."""
-    from tunesmith.config import ModelConfig
-    from tunesmith.evaluation.generate import generate
+class Prompter:
+    """An instruction model asked for the label, with k solved training examples as earlier chat turns
+    (k = 0: zero-shot). An answer naming no label, or several, counts as wrong."""
 
-    labels = s.extra["labels"]
-    mcfg = ModelConfig(name=s.cfg.eval.baseline_model)
-    path = models.resolve(mcfg)
-    tok, lm = models.load_tokenizer(path, mcfg), models.load_causal_lm(path, mcfg)
-    texts = {ex.where: ex.text for ex in s.examples.splits[split]}  # rows may have been dropped: align by origin
-    prompts = [[{"role": "user", "content": f"Classify the text as one of: {', '.join(labels)}. "
-                 f"Answer with the label only.\n\nText: {texts[r.where]}"}] for r in rows]
-    outputs, _ = generate(lm, tok, prompts, max_new_tokens=8, batch_size=s.cfg.eval.batch_size, label="zero-shot")
-    found = []
-    for out in outputs:
-        hits = [lab for lab in labels if lab.lower() in out.lower()]
-        found.append(hits[0] if len(hits) == 1 else "(no label)")
-    return found
+    def __init__(self, s: loop.Setup):
+        from tunesmith.config import ModelConfig
+
+        self.s, self.labels = s, s.extra["labels"]
+        mcfg = ModelConfig(name=s.cfg.eval.baseline_model)
+        path = models.resolve(mcfg)
+        self.tok, self.lm = models.load_tokenizer(path, mcfg), models.load_causal_lm(path, mcfg)
+
+    def ask(self, text: str) -> str:
+        return f"Classify the text as one of: {', '.join(self.labels)}. Answer with the label only.\n\nText: {text}"
+
+    def predict(self, split: str, rows: list[LabeledRow], k: int = 0) -> list[str]:
+        from tunesmith.data.split import sample_k
+        from tunesmith.evaluation.generate import generate
+
+        s = self.s
+        demos = sample_k(s.examples.splits["train"], k, s.cfg.seed, stratify=True) if k else []
+        turns = [m for ex in demos for m in ({"role": "user", "content": self.ask(ex.text)},
+                                             {"role": "assistant", "content": ex.label})]
+        texts = {ex.where: ex.text for ex in s.examples.splits[split]}  # rows may have been dropped: align by origin
+        prompts = [turns + [{"role": "user", "content": self.ask(texts[r.where])}] for r in rows]
+        outputs, _ = generate(self.lm, self.tok, prompts, max_new_tokens=8, batch_size=s.cfg.eval.batch_size,
+                              label=f"{k}-shot prompt")
+        found = []
+        for out in outputs:
+            hits = [lab for lab in self.labels if lab.lower() in out.lower()]
+            found.append(hits[0] if len(hits) == 1 else "(no label)")
+        return found
 
 
 def save(s: loop.Setup) -> None:
