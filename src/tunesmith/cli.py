@@ -44,7 +44,15 @@ def train(
     from tunesmith.recipes import recipe_for
 
     cfg = load_config(config, overrides)
-    run = recipe_for(cfg).train(cfg, resume=resume, overwrite=overwrite, allow_drift=allow_drift, fallback=fallback)
+    if cfg.stages:
+        from tunesmith.recipes.stages import train_staged
+
+        if resume or allow_drift or fallback:
+            raise UserError("--resume, --allow-drift and --fallback are not supported with stages: yet",
+                            hint="Resume a stage's own run directory with its resolved config.yaml.")
+        run = train_staged(cfg, overwrite=overwrite)
+    else:
+        run = recipe_for(cfg).train(cfg, resume=resume, overwrite=overwrite, allow_drift=allow_drift, fallback=fallback)
     _console().print(f"Run directory: {run.path}")
 
 

@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from tunesmith.config_base import Strict
+from tunesmith.config_guards import Privacy, Replay, Retention, RetentionSet  # noqa: F401 (re-exported)
 from tunesmith.errors import ConfigError
 from tunesmith.search.space import SearchConfig, unknown_keys
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Strict):
@@ -224,78 +224,20 @@ class EvalConfig(Strict):
         return self
 
 
-class RetentionSet(Strict):
-    name: str = Field(..., description="Label in tables, e.g. wikitext2-en.")
-    data: str = Field(..., description="General text (JSONL/CSV/Parquet/HF) whose perplexity should not rise.")
-    column: str = Field("text", description="Column holding the text.")
-    max_rows: int | None = Field(200, gt=0, description="Rows evaluated (the first N).")
+class Stage(Strict):
+    """An intermediate task, trained before the config's own (final) task; each stage starts from the
+    previous stage's weights (LoRA merged into them)."""
 
-
-class Replay(Strict):
-    data: str = Field(..., description="General text to replay (not a retention set's rows: those measure).")
-    column: str = Field("text", description="Column holding the text.")
-    fraction: float = Field(0.1, gt=0, lt=1, description="Share of each step's rows that are replayed text.")
-    max_rows: int | None = Field(2000, gt=0, description="Rows of the replay pool (the first N).")
-
-
-class Retention(Strict):
-    """Catastrophic-forgetting guard. A plain list in YAML is taken as `sets`."""
-
-    sets: list[RetentionSet] = Field(default_factory=list, description="General-text sets measured before, "
-                                     "at every evaluation, and after.")
-    max_increase: float | None = Field(
-        None, gt=0, description="Largest allowed rise of retention perplexity (0.05: +5%). The best checkpoint is "
-        "chosen among evaluations under it; with stop_when_exceeded, training stops at the first one over it.",
-    )
-    stop_when_exceeded: bool = Field(False, description="Stop training when forgetting exceeds max_increase.")
-    replay: Replay | None = Field(None, description="Mix general text into every training step (mitigation).")
-    l2sp: float = Field(
-        0.0, ge=0, description="L2-SP: pull trainable weights toward their pretrained values with this strength "
-        "(adds l2sp * (w - w0) to each gradient). Meant for full fine-tuning.",
-    )
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,40}$", description="Stage name (in run names).")
+    task: Literal["instruction", "summarization", "constrained_generation", "language_modeling"] | None = None
+    data: DataConfig
+    train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the top-level train section.")
+    eval: dict[str, Any] = Field(default_factory=dict, description="Overrides of the top-level eval section.")
 
     @model_validator(mode="after")
-    def _limit_needs_sets(self) -> Retention:
-        if (self.max_increase is not None or self.stop_when_exceeded) and not self.sets:
-            raise ValueError("max_increase and stop_when_exceeded need at least one retention set (sets:)")
-        if self.stop_when_exceeded and self.max_increase is None:
-            raise ValueError("stop_when_exceeded needs max_increase")
-        return self
-
-
-class Privacy(Strict):
-    """DP-SGD through Opacus: Poisson sampling, per-example clipping, Gaussian noise, an accountant."""
-
-    target_epsilon: float | None = Field(
-        None, description="Privacy budget: the noise is set so training ends at or under this epsilon, and training "
-        "stops before a step would exceed it.",
-    )
-    delta: float | None = Field(None, description="delta of (epsilon, delta)-DP; must be below 1/N (N: privacy "
-                                "units). Default 1/(10 N).")
-    max_grad_norm: float = Field(1.0, gt=0, description="Per-example clipping norm C.")
-    noise_multiplier: float | None = Field(
-        None, ge=0, description="Noise std as a multiple of C, instead of deriving it from target_epsilon (with both, "
-        "target_epsilon is the budget training stops at).",
-    )
-    accountant: Literal["prv", "rdp"] = Field("prv", description="Privacy accountant (prv is tighter).")
-    unit: Literal["sample", "user"] = Field(
-        "sample", description="Privacy unit. user: one row per sampled user per step, so the guarantee covers "
-        "everything a user contributed (needs user_column).",
-    )
-    user_column: str | None = Field(None, description="Column holding the user id (unit: user).")
-    secure_mode: bool = Field(False, description="Noise from a cryptographically secure RNG (needs torchcsprng; "
-                              "refused, not downgraded, without it). Off: noise is reproducible from the seed.")
-
-    @model_validator(mode="after")
-    def _coherent(self) -> Privacy:
-        if self.target_epsilon is not None and self.target_epsilon <= 0:
-            raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon}")
-        if self.target_epsilon is None and self.noise_multiplier is None:
-            raise ValueError("set target_epsilon (the budget) or noise_multiplier")
-        if self.delta is not None and not 0 < self.delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
-        if self.unit == "user" and not self.user_column:
-            raise ValueError("unit: user needs user_column (the column with each row's user id)")
+    def _generative(self) -> Stage:
+        if self.data.format == "classification":
+            raise ValueError("an intermediate stage must be a generative task (its weights feed the next stage)")
         return self
 
 
@@ -321,6 +263,8 @@ class Config(Strict):
     )
     privacy: Privacy | None = Field(None, description="Differential privacy (DP-SGD); absent: off.")
     search: SearchConfig | None = Field(None, description="Hyperparameter search space (tunesmith search).")
+    stages: list[Stage] = Field(default_factory=list, description="Intermediate tasks trained first, in order; "
+                                "the config's own data/task is the final stage.")
 
     @field_validator("retention", mode="before")
     @classmethod
@@ -349,6 +293,12 @@ class Config(Strict):
         if self.data.packing and self.model.attn_implementation != "sdpa":
             raise ValueError("data.packing needs model.attn_implementation: sdpa (eager misreads the packed "
                              "rows' boolean block mask and would let them attend to each other)")
+        return self
+
+    @model_validator(mode="after")
+    def _stages_are_valid_runs(self) -> Config:
+        for i in range(len(self.stages)):
+            stage_config(self, i)  # a stage that would not train fails here, before anything runs
         return self
 
     @model_validator(mode="after")
@@ -386,6 +336,27 @@ class Config(Strict):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+
+def stage_config(cfg: Config, index: int, model: str | None = None) -> Config:
+    """Stage `index` (0-based; len(stages) is the final task) as a plain config: the final config with
+    the stage's data, task and overrides, starting from `model` (the previous stage's weights)."""
+    tree = cfg.model_dump(mode="json", exclude={"stages"})
+    if index < len(cfg.stages):
+        stage = cfg.stages[index]
+        tree.update(name=f"{cfg.name}-stage{index + 1}-{stage.name}", task=stage.task,
+                    data=stage.data.model_dump(mode="json"))
+        tree["train"].update(stage.train)
+        tree["eval"].update(stage.eval)
+        tree["retention"] = {"sets": tree["retention"]["sets"]}  # measure forgetting; limits are the final's
+        tree.pop("privacy")
+    if model is not None:
+        tree["model"].update(name=model, revision=None)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        where = f"stages[{index}] ({cfg.stages[index].name})" if index < len(cfg.stages) else "final stage"
+        raise ValueError(f"{where}: " + "; ".join(format_validation_error(err))) from None
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -86,3 +86,14 @@ def print_before_after(report: dict) -> None:
         for key in ("base", "finetuned", "reference"):
             console.print(f"[bold]{key:10}[/] {escape(str(sample.get(key))[:300])}")
         console.print()
+
+
+def print_stages(rows: list[dict]) -> None:
+    """The final task's metrics after each stage (and each stage's own validation loss)."""
+    keys = [k for k in SHOWN if all(isinstance(r["final_task"].get(k), (int, float)) for r in rows)][:4]
+    table = Table(title="Stages: the final task's validation metrics after each stage")
+    for col in ("stage", "task", "own loss", *keys):
+        table.add_column(col, justify="left" if col in ("stage", "task") else "right")
+    for r in rows:
+        table.add_row(r["stage"], r["task"], _fmt(r["own"].get("loss")), *(_fmt(r["final_task"][k]) for k in keys))
+    console.print(table)

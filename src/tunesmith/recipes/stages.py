@@ -1,0 +1,66 @@
+"""Multi-stage (intermediate-task) fine-tuning: `stages:` in a config, then its own task last.
+
+Each stage is an ordinary run (<output_dir>/<name>-stageN-<stage>) that starts from the previous
+stage's weights: a LoRA stage's adapter is merged into its base and saved as a plain model directory
+(<run>/merged), which the next stage loads as its model with a fresh adapter. After every stage the
+model is also scored on the final task's validation data, so the report shows what each stage did
+for the task that matters. The final stage is the run named by the config.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from tunesmith.config import Config, stage_config
+from tunesmith.rundir import RunDir
+from tunesmith.training.progress import console
+
+
+def weights_of(run: RunDir, cfg: Config) -> str:
+    """A model directory holding the run's fine-tuned weights, for the next stage to load."""
+    if cfg.peft.method == "lora":
+        from tunesmith.inference import export_merged
+
+        target = run / "merged"
+        export_merged(run, str(target))
+        return str(target)
+    return str(run / "model")
+
+
+def final_task_metrics(final: Config, model: str) -> dict:
+    """The final task's validation metrics of a model, without training it."""
+    from tunesmith.recipes import recipe_for
+
+    cfg = stage_config(final, len(final.stages), model)
+    recipe = recipe_for(cfg)
+    with tempfile.TemporaryDirectory() as scratch:
+        s = recipe.setup(cfg, RunDir(Path(scratch)))
+        return recipe.evaluate(s, "finetuned")["validation"]
+
+
+def train_staged(cfg: Config, overwrite: bool = False) -> RunDir:
+    from tunesmith.recipes import recipe_for
+    from tunesmith.reporting import print_stages
+
+    model, rows = None, []
+    for i, stage in enumerate(cfg.stages):
+        scfg = stage_config(cfg, i, model)
+        console.print(f"[bold]stage {i + 1}/{len(cfg.stages) + 1}[/]: {stage.name} ({scfg.task_name}) "
+                      f"from {scfg.model.name}")
+        run = recipe_for(scfg).train(scfg, overwrite=overwrite)
+        model = weights_of(run, scfg)
+        own = run.read_json("eval.json")["finetuned"]["validation"]
+        rows.append({"stage": stage.name, "task": scfg.task_name, "run": str(run.path), "own": own,
+                     "final_task": final_task_metrics(cfg, model)})
+    final = stage_config(cfg, len(cfg.stages), model)
+    console.print(f"[bold]stage {len(cfg.stages) + 1}/{len(cfg.stages) + 1}[/]: final task ({final.task_name}) "
+                  f"from {final.model.name}")
+    run = recipe_for(final).train(final, overwrite=overwrite)
+    report = run.read_json("eval.json")
+    rows.append({"stage": "final", "task": final.task_name, "run": str(run.path),
+                 "own": report["finetuned"]["validation"], "final_task": report["finetuned"]["validation"]})
+    report["stages"] = rows
+    run.write_json("eval.json", report)
+    print_stages(rows)
+    return run
