@@ -113,6 +113,25 @@ def curve(
 
 
 @app.command()
+def report(run: Annotated[Path, typer.Argument(help="Run directory (runs/<name>).")]) -> None:
+    """Write RUN/report.html: config, data report, curves, before/after, samples (self-contained, offline).
+
+    Example: tunesmith report runs/sentiment-rotten-tomatoes
+    """
+    from tunesmith.report import write_report
+
+    _console().print(f"Report: {write_report(run)}")
+
+
+@app.command()
+def runs(folder: Annotated[Path, typer.Argument(help="Directory holding run directories.")] = Path("runs")) -> None:
+    """List the runs under a directory: task, model, the main metric before -> after, time, status."""
+    from tunesmith.reporting import runs_table
+
+    _console().print(runs_table(folder))
+
+
+@app.command()
 def audit(
     run: Annotated[Path, typer.Argument(help="Run directory (runs/<name>) whose config is audited.")],
     canaries: Annotated[bool, typer.Option("--canaries", help="Insert random secrets and measure their exposure.")] = False,

@@ -97,3 +97,24 @@ def print_stages(rows: list[dict]) -> None:
     for r in rows:
         table.add_row(r["stage"], r["task"], _fmt(r["own"].get("loss")), *(_fmt(r["final_task"][k]) for k in keys))
     console.print(table)
+
+
+def runs_table(folder) -> Table:
+    """One row per run directory under `folder` (those with a config.yaml)."""
+    import json
+    from pathlib import Path
+
+    table = Table(title=f"Runs in {folder}")
+    for col in ("run", "task", "model", "metric", "base", "fine-tuned", "seconds", "status"):
+        table.add_column(col, justify="right" if col in ("base", "fine-tuned", "seconds") else "left")
+    for path in sorted(p for p in Path(folder).iterdir() if (p / "config.yaml").is_file()):
+        info = json.loads((path / "run.json").read_text()) if (path / "run.json").exists() else {}
+        report = json.loads((path / "eval.json").read_text()) if (path / "eval.json").exists() else {}
+        model = next((line.split(":", 1)[1].strip() for line in (path / "config.yaml").read_text().splitlines()
+                      if line.startswith("  name:")), "-")
+        ft, base = report.get("finetuned", {}).get("validation", {}), report.get("base", {}).get("validation", {})
+        metric = next((m for m in SHOWN if m != "loss" and isinstance(ft.get(m), (int, float))), "loss")
+        took = info["finished"] - info["started"] if info.get("finished") and info.get("started") else None
+        table.add_row(path.name, str(info.get("task", "-")), model[-40:], metric, _fmt(base.get(metric)),
+                      _fmt(ft.get(metric)), f"{took:.0f}" if took else "-", str(info.get("status", "-")))
+    return table

@@ -382,9 +382,22 @@ def train(cfg: Config, recipe, resume: bool = False, overwrite: bool = False, al
     run.write_json("eval.json", report)
     run.update_run(status="finished", finished=time.time(), model_path=s.model_path, steps=summary["steps"])
     print_before_after(report)
+    if run.writer:
+        write_run_report(run)
     if torch.distributed.is_initialized():
         state.destroy_process_group()  # a clean exit under torchrun, without NCCL's leak warning
     return run
+
+
+def write_run_report(run: RunDir) -> None:
+    """report.html next to eval.json. The run has finished: a failure here is reported, not fatal."""
+    from tunesmith.report import write_report
+
+    try:
+        console.print(f"Report: {write_report(run.path)}")
+    except Exception as err:  # noqa: BLE001 (any plotting failure must not lose a finished run)
+        console.print(f"[yellow]report.html was not written: {type(err).__name__}: {err}; "
+                      f"try `tunesmith report {run.path}`[/]")
 
 
 def process_state() -> PartialState:

@@ -1,0 +1,150 @@
+"""`tunesmith report RUN`: one self-contained HTML page per run (also written when a run finishes).
+
+Everything is inside the file: plots are PNGs (matplotlib) embedded as data URIs, there are no
+scripts, fonts or stylesheets to fetch, so the page opens offline. Every text that comes from data
+or from a model (samples, config values, labels) is HTML-escaped: a row or an output saying
+"<script>" is shown, never run.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import platform
+import time
+from html import escape
+
+from tunesmith.reporting import SHOWN, _change, _fmt
+from tunesmith.rundir import RunDir
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+td:first-child,th:first-child,td.l{text-align:left}th{background:#f3f3f3}.good{color:#1a7f37}.bad{color:#c62828}
+pre{background:#f7f7f7;padding:1em;overflow:auto;max-height:28em}img{max-width:100%}h2{margin-top:1.6em}"""
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return f'<img alt="chart" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def curves(records: list[dict]) -> list[str]:
+    """Training loss and lr by step; validation metrics, forgetting and epsilon when logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r for r in records if "loss" in r and "step" in r]
+    evals = [r for r in records if isinstance(r.get("eval"), dict) and not r.get("final")]
+    out = []
+    if steps:
+        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.4))
+        a.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train loss")
+        val = [(r["step"], r["eval"]["loss"]) for r in evals if isinstance(r["eval"].get("loss"), (int, float))]
+        if val:
+            a.plot(*zip(*val), "o-", label="validation loss")
+        a.set_xlabel("step")
+        a.legend()
+        b.plot([r["step"] for r in steps], [r["lr"] for r in steps], color="tab:green")
+        b.set_xlabel("step")
+        b.set_ylabel("learning rate")
+        fig.tight_layout()
+        out.append(_png(fig))
+    extra = {"epsilon": [(r["step"], r["epsilon"]) for r in steps if isinstance(r.get("epsilon"), (int, float))],
+             "forgetting ratio": [(r["step"], r["eval"]["forgetting_ratio"]) for r in evals
+                                  if isinstance(r["eval"].get("forgetting_ratio"), (int, float))],
+             "validation accuracy": [(r["step"], r["eval"]["accuracy"]) for r in evals
+                                     if isinstance(r["eval"].get("accuracy"), (int, float))]}
+    for name, points in extra.items():
+        if points:
+            fig, ax = plt.subplots(figsize=(5.5, 3))
+            ax.plot(*zip(*points), "o-")
+            ax.set_xlabel("step")
+            ax.set_ylabel(name)
+            fig.tight_layout()
+            out.append(_png(fig))
+    return out
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def verdict(report: dict) -> str:
+    base, ft = report.get("base", {}), report.get("finetuned", {})
+    rows = []
+    for split in [k for k in ft if isinstance(ft[k], dict) and k not in ("samples", "retention", "forgetting")]:
+        for metric, higher in SHOWN.items():
+            if metric in ft[split]:
+                b, f = base.get(split, {}).get(metric), ft[split][metric]
+                change = _change(b, f, higher)
+                cls = "good" if change.endswith("✓") else "bad" if change.endswith("✗") else ""
+                rows.append([escape(split), escape(metric), _fmt(b), _fmt(f), f'<span class="{cls}">{change}</span>'])
+    for name, m in ft.get("retention", {}).items():
+        b = base.get("retention", {}).get(name, {}).get("perplexity")
+        rows.append([f"retention:{escape(name)}", "perplexity", _fmt(b), _fmt(m["perplexity"]),
+                     _change(b, m["perplexity"], False)])
+    note = f"<p>base: {escape(base['note'])}</p>" if "note" in base else ""
+    return table(["split", "metric", "base", "fine-tuned", "change"], rows) + note
+
+
+def samples(report: dict) -> str:
+    rows = [[f'<span class="l">{escape(str(s.get(k))[:600])}</span>' for k in ("prompt", "base", "finetuned",
+                                                                              "reference")]
+            for s in report.get("samples", [])]
+    return table(["prompt", "base", "fine-tuned", "reference"], rows) if rows else "<p>No samples.</p>"
+
+
+def confusion(report: dict) -> str:
+    cm = report.get("finetuned", {}).get("validation", {}).get("confusion_matrix")
+    if not cm:
+        return ""
+    rows = [[escape(lab), *row] for lab, row in zip(cm["labels"], cm["matrix"])]
+    return "<h2>Confusion matrix (validation; rows: truth)</h2>" + table(["", *map(escape, cm["labels"])], rows)
+
+
+def build(run: RunDir) -> str:
+    report, info = run.read_json("eval.json", {}), run.read_json("run.json", {})
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] \
+        if (run / "metrics.jsonl").exists() else []
+    title = escape(run.path.name)
+    started, finished = info.get("started"), info.get("finished")
+    took = f"{finished - started:.0f} s" if started and finished else "-"
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>tunesmith: {title}</title>",
+             f"<style>{STYLE}</style></head><body><h1>Run {title}</h1>",
+             table(["task", "status", "steps", "wall time", "device", "machine"],
+                   [[escape(str(report.get("task", info.get("task")))), escape(str(info.get("status"))),
+                     escape(str(info.get("steps"))), took, escape(str(info.get("device"))),
+                     escape(f"{platform.machine()}, {platform.python_version()}")]]),
+             "<h2>Before / after (held-out data)</h2>", verdict(report)]
+    privacy = report.get("privacy")
+    if privacy:
+        parts += ["<h2>Privacy</h2>", table(["guarantee", "epsilon", "delta", "noise", "sample rate", "steps"],
+                  [[escape(str(privacy.get("guarantee"))), _fmt(privacy.get("epsilon")), f"{privacy.get('delta'):.3g}",
+                    _fmt(privacy.get("noise_multiplier")), _fmt(privacy.get("sample_rate")), privacy.get("steps")]])]
+    if report.get("audit"):
+        parts += ["<h2>Canary exposure (bits)</h2>", f"<pre>{escape(json.dumps(report['audit'], indent=2))}</pre>"]
+    if report.get("stages"):
+        parts += ["<h2>Stages</h2>", table(["stage", "task", "own loss", "final-task loss"],
+                  [[escape(r["stage"]), escape(r["task"]), _fmt(r["own"].get("loss")), _fmt(r["final_task"].get("loss"))]
+                   for r in report["stages"]])]
+    parts += ["<h2>Curves</h2>", *curves(records), confusion(report), "<h2>Sample outputs</h2>", samples(report),
+              "<h2>Data report</h2>", f"<pre>{escape(json.dumps(run.read_json('data_report.json', {}), indent=2))}</pre>",
+              "<h2>Resolved config</h2>",
+              f"<pre>{escape((run / 'config.yaml').read_text() if (run / 'config.yaml').exists() else '')}</pre>",
+              f"<p>Written {time.strftime('%Y-%m-%d %H:%M:%S')} by tunesmith report.</p></body></html>"]
+    return "\n".join(parts)
+
+
+def write_report(run_path) -> str:
+    run = RunDir.open(run_path)
+    run.write_text("report.html", build(run))
+    return str(run / "report.html")

@@ -1,0 +1,89 @@
+"""The run report (report.html) and `tunesmith runs`, on a tiny run; a headless-Chromium check that the
+page renders offline (skipped, with the reason, where Chromium is not installed)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import write_config
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_llama):
+    from conftest import instruction_rows, write_jsonl
+
+    tmp = tmp_path_factory.mktemp("report")
+    train = write_jsonl(tmp / "train.jsonl", instruction_rows(48))
+    val = write_jsonl(tmp / "val.jsonl", instruction_rows(12, seed=1))
+    cfg = {"name": "tiny", "output_dir": str(tmp / "runs"), "model": {"name": str(tiny_llama)},
+           "peft": {"method": "lora", "r": 4, "dropout": 0.0},
+           "data": {"train": str(train), "validation": str(val), "format": "instruction", "max_length": 128,
+                    "overlength": "drop"},
+           "train": {"max_steps": 8, "lr": 1e-2, "batch_size": 4, "warmup_ratio": 0.0},
+           "eval": {"every": 4, "batch_size": 8, "max_new_tokens": 4, "samples": 2}}
+    res = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(write_config(tmp, cfg))],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return tmp / "runs" / "tiny"
+
+
+def test_a_finished_run_writes_a_self_contained_report(finished_run):
+    html = (finished_run / "report.html").read_text()
+    assert "<h2>Before / after (held-out data)</h2>" in html and "validation" in html
+    assert len(re.findall(r'<img alt="chart" src="data:image/png;base64,', html)) >= 1
+    assert not re.search(r'(src|href)="(https?:)?//', html)  # nothing fetched: it opens offline
+    assert "<script" not in html.lower()
+    report = json.loads((finished_run / "eval.json").read_text())
+    assert f"{report['finetuned']['validation']['loss']:.4f}" in html
+
+
+def test_text_from_data_and_models_is_escaped(finished_run, tmp_path):
+    from tunesmith.report import build
+    from tunesmith.rundir import RunDir
+
+    copy = tmp_path / "tiny"
+    shutil.copytree(finished_run, copy)
+    report = json.loads((copy / "eval.json").read_text())
+    report["samples"][0]["finetuned"] = "<script>alert(1)</script><img src=x onerror=alert(2)>"
+    (copy / "eval.json").write_text(json.dumps(report))
+    html = build(RunDir(copy))
+    assert "<script>alert(1)" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<img src=x" not in html
+
+
+def test_runs_lists_each_run_with_its_metric(finished_run):
+    res = subprocess.run([sys.executable, "-m", "tunesmith", "runs", str(finished_run.parent)], capture_output=True,
+                         text=True, env={**__import__("os").environ, "COLUMNS": "200"})
+    assert res.returncode == 0, res.stderr
+    line = next(x for x in res.stdout.splitlines() + res.stderr.splitlines() if "│ tiny" in x)
+    assert "finished" in line and "perplexity" in line
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium); "
+                    ".ci/run installs it where it can")
+def test_report_renders_in_headless_chromium_with_its_charts(finished_run, tmp_path):
+    from PIL import Image
+
+    url = (finished_run / "report.html").resolve().as_uri()
+    common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files"]
+    dom = subprocess.run([*common, "--enable-logging=stderr", "--v=0", "--dump-dom", url], capture_output=True,
+                         text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "Before / after" in dom.stdout and dom.stdout.count("<table") >= 2
+    assert "Uncaught" not in dom.stderr and "CONSOLE" not in dom.stderr  # no console errors
+    shot = tmp_path / "report.png"
+    res = subprocess.run([*common, f"--screenshot={shot}", "--window-size=1100,1600", url], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and shot.exists(), res.stderr[-2000:]
+    pixels = Image.open(shot).convert("RGB")
+    colours = pixels.getcolors(maxcolors=1_000_000) or []
+    # Text alone is black on white; matplotlib's default blue and orange lines mean a chart was drawn.
+    assert len(colours) > 50
+    assert any(abs(r - 31) < 12 and abs(g - 119) < 12 and abs(b - 180) < 12 for _, (r, g, b) in colours)
