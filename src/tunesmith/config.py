@@ -224,6 +224,14 @@ class EvalConfig(Strict):
         return self
 
 
+class LogConfig(Strict):
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="Experiment trackers that also receive every metric (the run "
+        "directory is always written). Each needs its package installed.")
+    project: str | None = Field(None, description="Tracker project / experiment name (default: the run name).")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite under <run>/trackers/).")
+
+
 class Stage(Strict):
     """An intermediate task, trained before the config's own (final) task; each stage starts from the
     previous stage's weights (LoRA merged into them)."""
@@ -263,6 +271,7 @@ class Config(Strict):
     )
     privacy: Privacy | None = Field(None, description="Differential privacy (DP-SGD); absent: off.")
     search: SearchConfig | None = Field(None, description="Hyperparameter search space (tunesmith search).")
+    log: LogConfig = Field(default_factory=LogConfig, description="Experiment trackers.")
     stages: list[Stage] = Field(default_factory=list, description="Intermediate tasks trained first, in order; "
                                 "the config's own data/task is the final stage.")
 

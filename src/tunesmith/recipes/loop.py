@@ -37,11 +37,13 @@ from tunesmith.evaluation.forgetting import over_limit
 from tunesmith.privacy.dp import DPSGD
 from tunesmith.privacy.sampling import PoissonPlan, units_of
 from tunesmith.training.early_stopping import EarlyStopper
+from tunesmith.training import trackers
 from tunesmith.training.guards import Precision, SpikeDetector, is_oom
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.plan import LengthGroupedPlan, ReplayPlan, ShuffledPlan
 from tunesmith.training.progress import TrainProgress, console
 from tunesmith.training.signals import GracefulStop
+from tunesmith.training.watch import Watch
 
 
 @dataclass
@@ -71,6 +73,7 @@ class Setup:
     best_weights: dict[str, torch.Tensor] | None = None
     dp: DPSGD | None = None  # DP-SGD (privacy:): per-example clipping, noise and the accountant
     on_eval: Callable[[int, dict], None] | None = None  # sees each evaluation (a search's pruner)
+    watch: Watch | None = None  # overfitting and flat-loss warnings
     counters: dict = field(default_factory=lambda: {"skipped_nonfinite": 0, "tokens": 0})
     extra: dict = field(default_factory=dict)  # recipe-specific state (label map, samples...)
 
@@ -79,7 +82,7 @@ def build(cfg: Config, run: RunDir, examples: Examples, data: dict, tokenizer, m
     """Wrap a freshly loaded model with the optimizer, schedule, batch plan and accelerator."""
     # fp16 is handled by Precision (its own GradScaler): accelerate has none on CPU.
     accelerator = Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
-                              cpu=cpu_only())
+                              cpu=cpu_only(), **trackers.accelerator_kwargs(cfg, run.path))
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (LoRA) and with DDP's hooks.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -108,10 +111,11 @@ def build(cfg: Config, run: RunDir, examples: Examples, data: dict, tokenizer, m
     model, optimizer = accelerator.prepare(model, optimizer)
     s = Setup(cfg, run, accelerator, examples, data, tokenizer, model, optimizer,
               build_scheduler(optimizer, t, total), plan, total, model_path, **fns)
-    s.stopper, s.dp = EarlyStopper(t.early_stopping), dp
+    s.stopper, s.dp, s.watch = EarlyStopper(t.early_stopping), dp, Watch(total)
     run.update_run(processes=accelerator.num_processes, distributed=str(accelerator.distributed_type).split(".")[-1],
                    device=str(accelerator.device))
     s.precision = Precision(t.precision, accelerator)
+    trackers.start(accelerator, cfg, run.path)
     if cfg.retention.l2sp:  # L2-SP pulls toward the pretrained values: keep them (a copy of the trainables)
         s.anchors = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     s.spikes = SpikeDetector(t.spike_factor, t.spike_window)
@@ -182,10 +186,13 @@ def fit(s: Setup, updates: int = 0, data_step: int = 0) -> dict:
             eps = s.dp.epsilon() if s.dp is not None and logged else None
             privacy = {"epsilon": round(eps, 4) if math.isfinite(eps) else None, "rows": n_targets} if eps is not None else {}
             if logged and acc.is_main_process:
-                s.run.log({"step": updates, "epoch": s.plan.epoch_of(data_step - 1), "loss": step_loss, "lr": lr,
-                           "grad_norm": float(grad_norm), "tokens_per_s": round(tps, 1), "tokens": s.counters["tokens"],
-                           **privacy})
+                record = {"step": updates, "epoch": s.plan.epoch_of(data_step - 1), "loss": step_loss, "lr": lr,
+                          "grad_norm": float(grad_norm), "tokens_per_s": round(tps, 1), "tokens": s.counters["tokens"],
+                          **privacy}
+                s.run.log(record)
+                trackers.log(acc, cfg, record, updates)
             progress.step(updates, step_loss, lr, float(grad_norm), tps, eps)
+            warn(s, updates, s.watch.step(updates, step_loss))
             if cfg.eval.every and updates % cfg.eval.every == 0 and updates < s.total_steps:
                 stopped_early = evaluate_during_training(s, updates, progress)
             if (cfg.train.save_every and updates % cfg.train.save_every == 0) or stop.requested:
@@ -304,7 +311,9 @@ def evaluate_during_training(s: Setup, step: int, progress: TrainProgress) -> bo
         console.print(f"[yellow]step {step}: forgetting {metrics['forgetting_ratio']:.3f}x is over "
                       f"retention.max_increase ({1 + limit:.3f}x): not a candidate for best[/]")
     s.run.log({"step": step, "eval": metrics})
+    trackers.log(s.accelerator, s.cfg, {"eval": metrics}, step)
     progress.eval(step, metrics)
+    warn(s, step, s.watch.evaluated(step, metrics.get("loss")))
     if s.on_eval is not None:
         s.on_eval(step, metrics)
     value = metrics.get(s.cfg.train.early_stopping.metric.removeprefix("eval_"))
@@ -315,6 +324,12 @@ def evaluate_during_training(s: Setup, step: int, progress: TrainProgress) -> bo
         s.extra["stop_reason"] = f"forgetting over retention.max_increase at step {step}"
         return True
     return s.stopper.should_stop
+
+
+def warn(s: Setup, step: int, message: str | None) -> None:
+    if message:
+        console.print(f"[yellow]warning: {message}[/]")
+        s.run.log({"step": step, "warning": message})
 
 
 def selects_best(cfg: Config) -> bool:
@@ -372,6 +387,8 @@ def train(cfg: Config, recipe, resume: bool = False, overwrite: bool = False, al
     recipe.save(s)
     report["finetuned"] = recipe.evaluate(s, "finetuned")
     run.log({"step": summary["steps"], "eval": report["finetuned"]["validation"], "final": True})
+    trackers.log(s.accelerator, cfg, {"eval": report["finetuned"]["validation"]}, summary["steps"])
+    trackers.finish(s.accelerator, cfg)
     report["samples"] = merge_samples(report)
     report["training"] = summary
     if s.dp is not None:
