@@ -87,3 +87,21 @@ def test_report_renders_in_headless_chromium_with_its_charts(finished_run, tmp_p
     # Text alone is black on white; matplotlib's default blue and orange lines mean a chart was drawn.
     assert len(colours) > 50
     assert any(abs(r - 31) < 12 and abs(g - 119) < 12 and abs(b - 180) < 12 for _, (r, g, b) in colours)
+
+
+def test_compare_overlays_runs_and_renders(finished_run, tmp_path):
+    second = tmp_path / "runs" / "tiny2"
+    shutil.copytree(finished_run, second)
+    out = tmp_path / "compare.html"
+    res = subprocess.run([sys.executable, "-m", "tunesmith", "compare", str(finished_run), str(second), "--out",
+                          str(out)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    html = out.read_text()
+    assert html.count('src="data:image/png;base64,') == 1 and "<th>tiny</th><th>tiny2</th>" in html
+    one = subprocess.run([sys.executable, "-m", "tunesmith", "compare", str(finished_run)], capture_output=True,
+                         text=True)
+    assert one.returncode == 2 and "at least two" in one.stderr
+    if CHROMIUM:
+        dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", out.as_uri()],
+                             capture_output=True, text=True, timeout=120)
+        assert dom.returncode == 0 and "Validation metrics" in dom.stdout

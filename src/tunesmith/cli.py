@@ -124,6 +124,23 @@ def report(run: Annotated[Path, typer.Argument(help="Run directory (runs/<name>)
 
 
 @app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Two or more run directories.")],
+    out: Annotated[Path, typer.Option(help="HTML file to write.")] = Path("compare.html"),
+) -> None:
+    """One HTML page with the runs' loss curves overlaid and their validation metrics side by side
+    (search trials, curve points and stages are runs too).
+
+    Example: tunesmith compare runs/a runs/b --out compare.html
+    """
+    from tunesmith.report import compare as write_compare
+
+    if len(runs) < 2:
+        raise UserError("compare needs at least two run directories")
+    _console().print(f"Compare: {write_compare(runs, out)}")
+
+
+@app.command()
 def runs(folder: Annotated[Path, typer.Argument(help="Directory holding run directories.")] = Path("runs")) -> None:
     """List the runs under a directory: task, model, the main metric before -> after, time, status."""
     from tunesmith.reporting import runs_table

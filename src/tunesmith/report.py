@@ -148,3 +148,43 @@ def write_report(run_path) -> str:
     run = RunDir.open(run_path)
     run.write_text("report.html", build(run))
     return str(run / "report.html")
+
+
+def compare(run_paths: list, out) -> str:
+    """One page for several runs: training and validation loss overlaid, final metrics side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [RunDir.open(p) for p in run_paths]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
+    metrics: dict[str, dict] = {}
+    for run in runs:
+        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] \
+            if (run / "metrics.jsonl").exists() else []
+        steps = [r for r in records if "loss" in r and "step" in r]
+        evals = [(r["step"], r["eval"]["loss"]) for r in records
+                 if isinstance(r.get("eval"), dict) and isinstance(r["eval"].get("loss"), (int, float))]
+        if steps:
+            a.plot([r["step"] for r in steps], [r["loss"] for r in steps], label=run.path.name)
+        if evals:
+            b.plot(*zip(*evals), "o-", label=run.path.name)
+        metrics[run.path.name] = run.read_json("eval.json", {}).get("finetuned", {}).get("validation", {})
+    a.set_title("training loss")
+    b.set_title("validation loss")
+    for ax in (a, b):
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    names = list(metrics)
+    shown = [m for m in SHOWN if any(isinstance(v.get(m), (int, float)) for v in metrics.values())]
+    rows = [[escape(m), *(_fmt(metrics[n].get(m)) for n in names)] for m in shown]
+    html = "\n".join([f"<!doctype html><html><head><meta charset='utf-8'><title>tunesmith: compare</title>"
+                      f"<style>{STYLE}</style></head><body><h1>Compare {len(runs)} runs</h1>", _png(fig),
+                      "<h2>Validation metrics (fine-tuned)</h2>", table(["metric", *map(escape, names)], rows),
+                      "</body></html>"])
+    from pathlib import Path
+
+    Path(out).write_text(html, encoding="utf-8")
+    return str(out)
