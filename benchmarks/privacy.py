@@ -93,12 +93,13 @@ def main() -> None:
     ap.add_argument("--references", type=int, default=10_000)
     a = ap.parse_args()
     path = ROOT / "benchmarks" / "results" / "privacy.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
+    fresh = {}
     if a.only in (None, "rt"):
-        results["rotten_tomatoes"] = rotten_tomatoes(a.epochs)
+        fresh["rotten_tomatoes"] = rotten_tomatoes(a.epochs)
     if a.only in (None, "canary"):
-        results["canary"] = canary(a.canary_epochs, a.references)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+        fresh["canary"] = canary(a.canary_epochs, a.references)
+    results = json.loads(path.read_text()) if path.exists() else {}  # read late: the parts may run at once
+    path.write_text(json.dumps({**results, **fresh}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -86,6 +86,19 @@ def test_two_processes_match_one_with_the_same_global_batch(two):
     assert loss[0] == pytest.approx(loss[1], abs=1e-5)
 
 
+def test_evaluation_and_generation_are_sharded_and_gathered_in_order(two):
+    """Each rank scores every second validation row and generates every second answer; the summed loss,
+    the token count and the gathered answers' metrics equal the one-process run's."""
+    tmp, _, _ = two
+    two_eval, one_eval = (json.loads((tmp / "runs" / n / "eval.json").read_text())["finetuned"]["validation"]
+                          for n in ("two", "one"))
+    assert two_eval["tokens"] == one_eval["tokens"] and two_eval["rows"] == one_eval["rows"] == 4
+    generated = [k for k in one_eval if k not in ("loss", "perplexity", "tokens", "rows")]
+    assert generated  # rougeL and the output statistics come from generation
+    for key in generated:
+        assert two_eval[key] == pytest.approx(one_eval[key], abs=1e-6), key
+
+
 def test_each_row_once_per_epoch_and_one_run_directory(two):
     tmp, _, res = two
     log = row_log(tmp / "rows-two.jsonl")
@@ -139,3 +152,28 @@ def test_resume_on_another_number_of_processes_is_refused(two):
     res = cli("train", cfg, "name=two", "--resume", "train.max_steps=16", "--allow-drift")
     assert res.returncode == 2
     assert "saved with 2 processes, now 1" in res.stderr
+
+
+def test_generate_sharded_takes_every_world_th_prompt_and_restores_the_order(monkeypatch):
+    """The order logic alone, with two fake ranks: rank r answers prompts r, r+2, ...; the gather puts
+    every answer back at its prompt's index."""
+    import accelerate.utils
+
+    from tunesmith.evaluation import generate as gen
+
+    prompts = [[{"role": "user", "content": f"p{i}"}] for i in range(5)]
+    monkeypatch.setattr(gen, "generate", lambda model, tok, ps, *a, **k: ([p[0]["content"].upper() for p in ps],
+                                                                          [True] * len(ps)))
+    parts = {}
+
+    class Rank:
+        def __init__(self, index):
+            self.process_index, self.num_processes = index, 2
+
+    for rank in (0, 1):
+        monkeypatch.setattr(accelerate.utils, "gather_object", lambda objs, r=rank: parts.setdefault(r, objs) and [])
+        gen.generate_sharded(Rank(rank), None, None, prompts)
+    assert [i for i, _, _ in parts[0]] == [0, 2, 4] and [i for i, _, _ in parts[1]] == [1, 3]
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objs: parts[1] + parts[0])  # any rank order
+    outputs, stopped = gen.generate_sharded(Rank(0), None, None, prompts)
+    assert outputs == ["P0", "P1", "P2", "P3", "P4"] and stopped == [True] * 5

@@ -21,12 +21,12 @@ from tunesmith.data.prepare import apply_error_policy, load_examples, tokenize_s
 from tunesmith.data.sources import read_source
 from tunesmith.data.tokenize import tokenize_examples
 from tunesmith.evaluation.forgetting import forgetting, worst_ratio
-from tunesmith.evaluation.generate import generate
+from tunesmith.evaluation.generate import generate_sharded
 from tunesmith.evaluation.lm import evaluate_loss
 from tunesmith.evaluation.tasks import TASKS, generation_rows
 from tunesmith.recipes import loop
 from tunesmith.rundir import RunDir
-from tunesmith.training.loss import choose_loss, per_example_loss_sum
+from tunesmith.training.loss import causal_lm_loss_sum, choose_loss, per_example_loss_sum
 
 
 def general_text(cfg: Config, source: str, column: str, max_rows: int | None, tokenizer) -> tuple[list, int, dict]:
@@ -110,7 +110,9 @@ def train_eval(s: loop.Setup, split: str) -> dict:
 
 def loss_eval(s: loop.Setup, split: str) -> dict:
     return evaluate_loss(s.accelerator.unwrap_model(s.model), s.data[split], s.cfg.eval.batch_size, s.tokenizer.pad_token_id,
-                         s.accelerator.device, s.cfg.eval.max_rows, s.loss_sum)
+                         s.accelerator.device, s.cfg.eval.max_rows,
+                         # DP trains on per-example means; evaluation stays token-weighted, as without DP
+                         s.loss_sum if s.dp is None else causal_lm_loss_sum, acc=s.accelerator)
 
 
 def evaluate(s: loop.Setup, which: str) -> dict:
@@ -127,8 +129,9 @@ def evaluate(s: loop.Setup, which: str) -> dict:
             rows = [ex for ex in s.examples.splits[split] if ex.prompt is not None][: cfg.samples]
         if not rows:
             continue
-        outputs, stopped = generate(model, s.tokenizer, [ex.prompt for ex in rows], cfg.max_new_tokens,
-                                    cfg.batch_size, s.accelerator.device, label=f"{which} {split}")
+        outputs, stopped = generate_sharded(s.accelerator, model, s.tokenizer, [ex.prompt for ex in rows],
+                                            cfg.max_new_tokens, cfg.batch_size, s.accelerator.device,
+                                            label=f"{which} {split}")
         if task.generate:
             results[split].update(task.score(outputs, stopped, rows))
         if split == "validation":
