@@ -154,6 +154,14 @@ def test_resume_on_another_number_of_processes_is_refused(two):
     assert "saved with 2 processes, now 1" in res.stderr
 
 
+def test_dp_sgd_on_several_processes_is_refused_before_training(two):
+    tmp, cfg, _ = two
+    res = torchrun(tmp, "train", cfg, "name=dp2", "privacy.noise_multiplier=1.0", "peft.target_modules=[q_proj]")
+    assert res.returncode != 0
+    assert "privacy (DP-SGD) runs on one process for now" in res.stderr
+    assert not (tmp / "runs" / "dp2" / "metrics.jsonl").exists()
+
+
 def test_generate_sharded_takes_every_world_th_prompt_and_restores_the_order(monkeypatch):
     """The order logic alone, with two fake ranks: rank r answers prompts r, r+2, ...; the gather puts
     every answer back at its prompt's index."""
