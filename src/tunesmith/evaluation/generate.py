@@ -38,15 +38,16 @@ def generate(model, tokenizer, prompts: list[list[dict[str, str]]], max_new_toke
     return outputs, stopped
 
 
-def generate_sharded(acc, model, tokenizer, prompts: list, *args, **kwargs) -> tuple[list[str], list[bool]]:
-    """generate() with the prompts split across the launch's processes (every world-th prompt) and the
-    answers gathered back in order; every rank gets all of them."""
+def generate_sharded(acc, model, tokenizer, prompts: list, *args, fn=None, **kwargs) -> tuple[list[str], list[bool]]:
+    """`fn` (default: generate) with the prompts split across the launch's processes (every world-th
+    prompt) and the answers gathered back in order; every rank gets all of them."""
+    fn = fn or generate
     if acc is None or acc.num_processes == 1:
-        return generate(model, tokenizer, prompts, *args, **kwargs)
+        return fn(model, tokenizer, prompts, *args, **kwargs)
     from accelerate.utils import gather_object
 
     mine = list(range(acc.process_index, len(prompts), acc.num_processes))
-    outputs, stopped = generate(model, tokenizer, [prompts[i] for i in mine], *args, **kwargs) if mine else ([], [])
+    outputs, stopped = fn(model, tokenizer, [prompts[i] for i in mine], *args, **kwargs) if mine else ([], [])
     gathered = gather_object([(i, o, st) for i, o, st in zip(mine, outputs, stopped)])
     ordered = sorted(gathered, key=lambda x: x[0])
     return [o for _, o, _ in ordered], [st for _, _, st in ordered]

@@ -21,7 +21,7 @@ from tunesmith.data.prepare import apply_error_policy, load_examples, tokenize_s
 from tunesmith.data.sources import read_source
 from tunesmith.data.tokenize import tokenize_examples
 from tunesmith.evaluation.forgetting import forgetting, worst_ratio
-from tunesmith.evaluation.generate import generate_sharded
+from tunesmith.evaluation.generate import generate, generate_sharded
 from tunesmith.evaluation.lm import evaluate_loss
 from tunesmith.evaluation.tasks import TASKS, generation_rows
 from tunesmith.recipes import loop
@@ -131,7 +131,7 @@ def evaluate(s: loop.Setup, which: str) -> dict:
             continue
         outputs, stopped = generate_sharded(s.accelerator, model, s.tokenizer, [ex.prompt for ex in rows],
                                             cfg.max_new_tokens, cfg.batch_size, s.accelerator.device,
-                                            label=f"{which} {split}")
+                                            label=f"{which} {split}", fn=generate)
         if task.generate:
             results[split].update(task.score(outputs, stopped, rows))
         if split == "validation":
