@@ -43,14 +43,19 @@ def open_study(cfg: Config) -> optuna.Study:
                                direction=direction, load_if_exists=True)
 
 
-def trial_config(cfg: Config, params: dict, number: int) -> Config:
+def with_params(cfg: Config, params: dict, **top) -> Config:
+    """The config without its search block, with the sampled values (and top-level fields) set."""
     tree = cfg.model_dump(mode="json")
     tree.pop("search")
     for key, value in params.items():
         _set_dotted(tree, key, value)
-    tree.update(name=f"{cfg.name}-t{number:03d}", output_dir=str(search_dir(cfg) / "trials"))
-    tree["train"]["resume"] = "never"
-    return config_from_dict(tree, f"trial {number}")
+    tree.update(top)
+    return config_from_dict(tree, f"{top.get('name', cfg.name)}")
+
+
+def trial_config(cfg: Config, params: dict, number: int) -> Config:
+    tcfg = with_params(cfg, params, name=f"{cfg.name}-t{number:03d}", output_dir=str(search_dir(cfg) / "trials"))
+    return tcfg.model_copy(update={"train": tcfg.train.model_copy(update={"resume": "never"})})
 
 
 def objective(cfg: Config, metric: str):
@@ -112,13 +117,9 @@ def write_outputs(cfg: Config, study: optuna.Study, metric: str) -> None:
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if complete:
         best = study.best_trial
-        tree = cfg.model_dump(mode="json")
-        tree.pop("search")
-        for key, value in best.params.items():
-            _set_dotted(tree, key, value)
-        tree["name"] = f"{cfg.name}-best"
         (folder / "best.yaml").write_text(f"# best of study '{cfg.name}': trial {best.number}, {metric} "
-                                          f"{best.value:.4f}\n" + dump_config(config_from_dict(tree)),
+                                          f"{best.value:.4f}\n" + dump_config(with_params(cfg, best.params,
+                                                                                         name=f"{cfg.name}-best")),
                                           encoding="utf-8")
         console.print(f"Best: trial {best.number}, {metric} {best.value:.4f} -> {folder / 'best.yaml'}")
     plots(study, folder, metric)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from tunesmith.config import Config
+from tunesmith.resume import _flat
 
 
 def accelerator_kwargs(cfg: Config, run_path) -> dict:
@@ -50,10 +51,3 @@ def finish(accelerator, cfg: Config) -> None:
 
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
