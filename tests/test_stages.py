@@ -60,3 +60,51 @@ def test_stage_configs_are_checked_before_anything_runs(tiny_config, tmp_path):
     cfg["stages"][0]["data"]["format"] = "classification"
     with pytest.raises(UserError, match="generative task"):
         config_from_dict(cfg)
+
+
+def test_stack_mode_trains_a_new_adapter_on_top_of_the_previous_one(tiny_config, tmp_path):
+    from peft import PeftModel
+
+    from tunesmith import models
+    from tunesmith.inference import load_finetuned
+    from tunesmith.rundir import RunDir
+
+    cfg = staged(tiny_config, tmp_path)
+    cfg["stage_mode"] = "stack"
+    res = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(write_config(tmp_path, cfg))],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    runs = tmp_path / "runs"
+    stage1, final = runs / "tiny-stage1-copy", runs / "tiny"
+    assert not (stage1 / "merged").exists()  # nothing merged on disk: two small adapters
+    final_cfg = RunDir(final).config()
+    assert final_cfg.model.name == tiny_config["model"]["name"]
+    assert final_cfg.model.adapters == [str(stage1 / "adapter")]
+    report = json.loads((final / "eval.json").read_text())
+    # The final stage starts from base + stage-1 adapter: its "base" row is what stage 1 left.
+    assert report["base"]["validation"]["loss"] == pytest.approx(report["stages"][0]["final_task"]["loss"], rel=1e-5)
+
+    # The run loads as base, stage-1 adapter folded in, final adapter on top, and nothing else.
+    model, tok, _ = load_finetuned(RunDir(final))
+    plain = models.load_causal_lm(str(tiny_config["model"]["name"]), final_cfg.model.model_copy(
+        update={"adapters": []}))
+    by_hand = PeftModel.from_pretrained(PeftModel.from_pretrained(plain, str(stage1 / "adapter")).merge_and_unload(),
+                                        str(final / "adapter")).eval()
+    ids = tok("copy the words", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, by_hand(ids).logits, atol=1e-5)
+        without_stage1 = PeftModel.from_pretrained(
+            models.load_causal_lm(str(tiny_config["model"]["name"]), final_cfg.model.model_copy(
+                update={"adapters": []})), str(final / "adapter")).eval()
+        assert not torch.allclose(model(ids).logits, without_stage1(ids).logits, atol=1e-4)
+
+
+def test_stack_mode_needs_lora_and_adapter_dirs(tiny_config, tmp_path):
+    cfg = staged(tiny_config, tmp_path)
+    cfg.update(stage_mode="stack", peft={"method": "full"})
+    with pytest.raises(UserError, match="stage_mode: stack .* needs peft.method: lora"):
+        config_from_dict(cfg)
+    from tunesmith import models
+
+    with pytest.raises(UserError, match="is not a PEFT adapter directory"):
+        models.fold_adapters(object(), [str(tmp_path)])

@@ -37,6 +37,9 @@ class ModelConfig(Strict):
         None, ge=0.0, lt=1.0, description="Override the model's own dropout probabilities (None keeps them)."
     )
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
+    adapters: list[str] = Field(
+        default_factory=list, description="PEFT LoRA adapter directories folded into the weights, in order, "
+        "before training (stacked stages, or continuing from someone's adapter).")
 
     @model_validator(mode="after")
     def _remote_code_pinned(self) -> ModelConfig:
@@ -274,6 +277,10 @@ class Config(Strict):
     log: LogConfig = Field(default_factory=LogConfig, description="Experiment trackers.")
     stages: list[Stage] = Field(default_factory=list, description="Intermediate tasks trained first, in order; "
                                 "the config's own data/task is the final stage.")
+    stage_mode: Literal["merge", "stack"] = Field(
+        "merge", description="merge: each stage's LoRA is merged and saved as a model directory the next stage "
+        "loads; stack: each stage's adapter is kept and the next stage trains a new adapter on top of it "
+        "(the final run needs only the base and the small adapters).")
 
     @field_validator("retention", mode="before")
     @classmethod
@@ -306,6 +313,8 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _stages_are_valid_runs(self) -> Config:
+        if self.stages and self.stage_mode == "stack" and self.peft.method != "lora":
+            raise ValueError("stage_mode: stack keeps each stage's LoRA adapter; it needs peft.method: lora")
         for i in range(len(self.stages)):
             stage_config(self, i)  # a stage that would not train fails here, before anything runs
         return self
@@ -347,10 +356,11 @@ class Config(Strict):
         return Path(self.output_dir) / self.name
 
 
-def stage_config(cfg: Config, index: int, model: str | None = None) -> Config:
+def stage_config(cfg: Config, index: int, start: dict | None = None) -> Config:
     """Stage `index` (0-based; len(stages) is the final task) as a plain config: the final config with
-    the stage's data, task and overrides, starting from `model` (the previous stage's weights)."""
-    tree = cfg.model_dump(mode="json", exclude={"stages"})
+    the stage's data, task and overrides, starting from the previous stage's weights (`start`: the
+    model section's changed keys, a merged model directory or the adapters to stack)."""
+    tree = cfg.model_dump(mode="json", exclude={"stages", "stage_mode"})
     if index < len(cfg.stages):
         stage = cfg.stages[index]
         tree.update(name=f"{cfg.name}-stage{index + 1}-{stage.name}", task=stage.task,
@@ -359,8 +369,7 @@ def stage_config(cfg: Config, index: int, model: str | None = None) -> Config:
         tree["eval"].update(stage.eval)
         tree["retention"] = {"sets": tree["retention"]["sets"]}  # measure forgetting; limits are the final's
         tree.pop("privacy")
-    if model is not None:
-        tree["model"].update(name=model, revision=None)
+    tree["model"].update(start or {})
     try:
         return Config.model_validate(tree)
     except ValidationError as err:

@@ -172,6 +172,22 @@ def load_causal_lm(path: str, mcfg: ModelConfig):
         )
     except (OSError, ValueError) as err:
         raise UserError(f"Could not load model '{mcfg.name}': {err}") from None
+    return fold_adapters(model, mcfg.adapters)
+
+
+def fold_adapters(model, adapters: list[str]):
+    """The model with each LoRA adapter (a PEFT directory) merged into its weights, in order: the
+    starting point that stacked stages and `model.adapters` describe."""
+    if not adapters:
+        return model
+    from peft import PeftModel
+
+    for folder in adapters:
+        path = Path(folder)
+        if not (path / "adapter_config.json").is_file() or not (path / "adapter_model.safetensors").is_file():
+            raise UserError(f"model.adapters: {folder} is not a PEFT adapter directory",
+                            hint="It needs adapter_config.json and adapter_model.safetensors.")
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
     return model
 
 
@@ -191,7 +207,7 @@ def load_classifier(path: str, mcfg: ModelConfig, labels: list[str]):
         raise UserError(f"Could not load '{mcfg.name}' as a classifier: {err}") from None
     if model.config.pad_token_id is None and getattr(config, "eos_token_id", None) is not None:
         model.config.pad_token_id = config.eos_token_id  # decoder classifiers find the last token by padding
-    return model
+    return fold_adapters(model, mcfg.adapters)
 
 
 def apply_peft(model, pcfg: PeftConfig, task_type: str = "CAUSAL_LM"):

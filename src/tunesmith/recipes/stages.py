@@ -1,8 +1,11 @@
 """Multi-stage (intermediate-task) fine-tuning: `stages:` in a config, then its own task last.
 
 Each stage is an ordinary run (<output_dir>/<name>-stageN-<stage>) that starts from the previous
-stage's weights: a LoRA stage's adapter is merged into its base and saved as a plain model directory
-(<run>/merged), which the next stage loads as its model with a fresh adapter. After every stage the
+stage's weights. With `stage_mode: merge` a LoRA stage's adapter is merged into its base and saved as a
+plain model directory (<run>/merged), which the next stage loads with a fresh adapter. With
+`stage_mode: stack` nothing is merged on disk: the next stage lists the earlier adapters in
+`model.adapters` (folded into the base when it loads) and trains a new adapter on top, so the final
+run is the base plus a few small adapters. After every stage the
 model is also scored on the final task's validation data, so the report shows what each stage did
 for the task that matters. The final stage is the run named by the config.
 """
@@ -17,18 +20,20 @@ from tunesmith.rundir import RunDir
 from tunesmith.training.progress import console
 
 
-def weights_of(run: RunDir, cfg: Config) -> str:
-    """A model directory holding the run's fine-tuned weights, for the next stage to load."""
+def weights_of(run: RunDir, cfg: Config, mode: str) -> dict:
+    """The model section's changes that make the next stage start from this run's weights."""
+    if mode == "stack":
+        return {"adapters": [*cfg.model.adapters, str(run / "adapter")]}
     if cfg.peft.method == "lora":
         from tunesmith.inference import export_merged
 
         target = run / "merged"
         export_merged(run, str(target))
-        return str(target)
-    return str(run / "model")
+        return {"name": str(target), "revision": None, "adapters": []}
+    return {"name": str(run / "model"), "revision": None, "adapters": []}
 
 
-def final_task_metrics(final: Config, model: str) -> dict:
+def final_task_metrics(final: Config, model: dict) -> dict:
     """The final task's validation metrics of a model, without training it."""
     from tunesmith.recipes import recipe_for
 
@@ -39,6 +44,10 @@ def final_task_metrics(final: Config, model: str) -> dict:
         return recipe.evaluate(s, "finetuned")["validation"]
 
 
+def _origin(cfg: Config) -> str:
+    return " + ".join([cfg.model.name, *cfg.model.adapters])
+
+
 def train_staged(cfg: Config, overwrite: bool = False) -> RunDir:
     from tunesmith.recipes import recipe_for
     from tunesmith.reporting import print_stages
@@ -47,15 +56,15 @@ def train_staged(cfg: Config, overwrite: bool = False) -> RunDir:
     for i, stage in enumerate(cfg.stages):
         scfg = stage_config(cfg, i, model)
         console.print(f"[bold]stage {i + 1}/{len(cfg.stages) + 1}[/]: {stage.name} ({scfg.task_name}) "
-                      f"from {scfg.model.name}")
+                      f"from {_origin(scfg)}")
         run = recipe_for(scfg).train(scfg, overwrite=overwrite)
-        model = weights_of(run, scfg)
+        model = weights_of(run, scfg, cfg.stage_mode)
         own = run.read_json("eval.json")["finetuned"]["validation"]
         rows.append({"stage": stage.name, "task": scfg.task_name, "run": str(run.path), "own": own,
                      "final_task": final_task_metrics(cfg, model)})
     final = stage_config(cfg, len(cfg.stages), model)
     console.print(f"[bold]stage {len(cfg.stages) + 1}/{len(cfg.stages) + 1}[/]: final task ({final.task_name}) "
-                  f"from {final.model.name}")
+                  f"from {_origin(final)}")
     run = recipe_for(final).train(final, overwrite=overwrite)
     report = run.read_json("eval.json")
     rows.append({"stage": "final", "task": final.task_name, "run": str(run.path),
