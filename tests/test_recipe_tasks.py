@@ -117,6 +117,45 @@ def test_summarization_scores_rouge_and_lengths(tmp_path, tiny_config, monkeypat
     assert tuned["loss"] < base["loss"] and tuned["rows"] == 3
 
 
+def test_generative_few_shot_baseline_prompts_the_base_model_with_k_solved_training_rows(tmp_path, tiny_config,
+                                                                                          monkeypatch):
+    from tunesmith.reporting import verdict_rows
+
+    val_rows = [{"id": f"v{i}", "document": d, "summary": s} for i, (d, s) in enumerate(SUM_VAL)]
+    train_rows = summarization_rows(24, 0)
+    cfg = causal_config(tiny_config, tmp_path, "summarization", train_rows, val_rows)
+    cfg["eval"].update(baselines=["few_shot"], few_shot_k=2)
+    prompts = [f"Summarize the following document in plain English.\n\n{d}" for d, _ in SUM_VAL]
+    exact = {p: s for p, (_, s) in zip(prompts, SUM_VAL)}
+    fake = FakeGenerate({"base": dict.fromkeys(prompts, "one two three"), "2-shot": exact, "finetuned": exact},
+                        {k: [True] * 3 for k in ("base", "2-shot", "finetuned")})
+    asked: dict = {}
+
+    def recording(model, tokenizer, prompts, *args, **kw):
+        asked[kw["label"]] = prompts
+        return fake(model, tokenizer, prompts, *args, **kw)
+
+    monkeypatch.setattr(causal_lm, "generate", recording)
+    run, report = train(cfg)
+    few = asked["2-shot prompt"]
+    assert [m["role"] for m in few[0]] == ["user", "assistant"] * 2 + ["user"]
+    summaries = {r["summary"] for r in train_rows}
+    assert all(m["content"] in summaries for m in few[0][1:4:2])  # the demonstrations are solved training rows
+    assert few[0][:4] == few[2][:4] and [p[-1]["content"] for p in few] == prompts  # same demos, every question
+    shot = report["base"]["baselines"]["2-shot prompt"]["validation"]
+    assert shot["rougeL"] == pytest.approx(100.0) and report["base"]["validation"]["rougeL"] < 100
+    rows = {(split, metric): (b, f) for split, metric, b, f, _ in verdict_rows(report)}
+    assert rows[("validation", "rougeL vs 2-shot prompt")] == (shot["rougeL"], report["finetuned"]["validation"]["rougeL"])
+
+
+def test_generative_tasks_refuse_a_separate_baseline_model(tmp_path, tiny_config):
+    from tunesmith.errors import UserError
+
+    tiny_config["eval"]["baseline_model"] = "smollm2-135m-instruct"
+    with pytest.raises(UserError, match="baseline_model is for classification"):
+        config_from_dict(tiny_config)
+
+
 # ---------------------------------------------------------------- constrained generation (CommonGen)
 
 CONCEPT_TRAIN = [

@@ -212,19 +212,16 @@ class EvalConfig(Strict):
     )
     baseline_model: str | None = Field(
         None, description="Classification: an instruction model prompted zero-shot as the 'before' row "
-        "(e.g. smollm2-135m-instruct); without it the 'before' is the majority-class baseline.",
+        "(e.g. smollm2-135m-instruct); without it the 'before' is the majority-class baseline. Generative "
+        "tasks prompt the base model itself.",
     )
     baselines: list[Literal["zero_shot", "few_shot"]] = Field(
-        default_factory=list, description="Classification: prompting baselines of eval.baseline_model shown next to "
-        "the fine-tuned model; few_shot puts few_shot_k solved training rows in the prompt.",
+        default_factory=list, description="Prompting baselines shown next to the fine-tuned model: few_shot puts "
+        "few_shot_k solved training rows in the prompt as earlier chat turns. Classification prompts "
+        "eval.baseline_model; generative tasks prompt the base model (whose plain row is the zero-shot one).",
     )
     few_shot_k: int = Field(4, ge=1, le=64, description="Solved examples in the few-shot prompt.")
 
-    @model_validator(mode="after")
-    def _baselines_need_a_model(self) -> EvalConfig:
-        if self.baselines and not self.baseline_model:
-            raise ValueError("eval.baselines need eval.baseline_model (the instruction model to prompt)")
-        return self
 
 
 class LogConfig(Strict):
@@ -312,6 +309,15 @@ class Config(Strict):
         return self
 
     @model_validator(mode="after")
+    def _baselines_have_a_model(self) -> Config:
+        if self.task_name == "classification" and self.eval.baselines and not self.eval.baseline_model:
+            raise ValueError("eval.baselines need eval.baseline_model (the instruction model to prompt)")
+        if self.task_name != "classification" and self.eval.baseline_model:
+            raise ValueError("eval.baseline_model is for classification: a generative task's base row is its own "
+                             "base model (eval.baselines: [few_shot] prompts that model with solved examples)")
+        return self
+
+    @model_validator(mode="after")
     def _stages_are_valid_runs(self) -> Config:
         if self.stages and self.stage_mode == "stack" and self.peft.method != "lora":
             raise ValueError("stage_mode: stack keeps each stage's LoRA adapter; it needs peft.method: lora")
@@ -366,6 +372,7 @@ def stage_config(cfg: Config, index: int, start: dict | None = None) -> Config:
         tree.update(name=f"{cfg.name}-stage{index + 1}-{stage.name}", task=stage.task,
                     data=stage.data.model_dump(mode="json"))
         tree["train"].update(stage.train)
+        tree["eval"].update(baseline_model=None, baselines=[])  # the final task's baselines, not a stage's
         tree["eval"].update(stage.eval)
         tree["retention"] = {"sets": tree["retention"]["sets"]}  # measure forgetting; limits are the final's
         tree.pop("privacy")

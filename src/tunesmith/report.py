@@ -15,7 +15,7 @@ import platform
 import time
 from html import escape
 
-from tunesmith.reporting import SHOWN, _change, _fmt
+from tunesmith.reporting import SHOWN, _change, _fmt, verdict_rows
 from tunesmith.rundir import RunDir
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -79,19 +79,12 @@ def table(header: list[str], rows: list[list]) -> str:
 
 
 def verdict(report: dict) -> str:
-    base, ft = report.get("base", {}), report.get("finetuned", {})
     rows = []
-    for split in [k for k in ft if isinstance(ft[k], dict) and k not in ("samples", "retention", "forgetting")]:
-        for metric, higher in SHOWN.items():
-            if metric in ft[split]:
-                b, f = base.get(split, {}).get(metric), ft[split][metric]
-                change = _change(b, f, higher)
-                cls = "good" if change.endswith("✓") else "bad" if change.endswith("✗") else ""
-                rows.append([escape(split), escape(metric), _fmt(b), _fmt(f), f'<span class="{cls}">{change}</span>'])
-    for name, m in ft.get("retention", {}).items():
-        b = base.get("retention", {}).get(name, {}).get("perplexity")
-        rows.append([f"retention:{escape(name)}", "perplexity", _fmt(b), _fmt(m["perplexity"]),
-                     _change(b, m["perplexity"], False)])
+    for split, metric, b, f, higher in verdict_rows(report):
+        change = _change(b, f, higher)
+        cls = "good" if change.endswith("✓") else "bad" if change.endswith("✗") else ""
+        rows.append([escape(split), escape(metric), _fmt(b), _fmt(f), f'<span class="{cls}">{change}</span>'])
+    base = report.get("base", {})
     note = f"<p>base: {escape(base['note'])}</p>" if "note" in base else ""
     return table(["split", "metric", "base", "fine-tuned", "change"], rows) + note
 

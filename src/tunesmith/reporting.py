@@ -56,26 +56,34 @@ def _change(b, f, higher_better) -> str:
     return f"{delta:+.4g}{mark}"
 
 
+def verdict_rows(report: dict) -> list[tuple[str, str, object, object, bool | None]]:
+    """(split, metric, base, fine-tuned, higher is better) for every number the verdict shows: the task's
+    metrics, the prompting baselines against the fine-tuned model, and retention perplexity."""
+    base, ft = report.get("base", {}), report.get("finetuned", {})
+    rows = []
+    for split in [k for k in ft if isinstance(ft[k], dict) and k not in ("samples", "retention", "forgetting")]:
+        for metric, higher in SHOWN.items():
+            if metric in ft[split]:
+                rows.append((split, metric, base.get(split, {}).get(metric), ft[split][metric], higher))
+    for name, per_split in base.get("baselines", {}).items():  # prompting baselines against the fine-tuned model
+        for split, metrics in per_split.items():
+            for metric, higher in SHOWN.items():
+                if metric in metrics and metric not in ("loss", "perplexity", "mean_output_words"):
+                    rows.append((split, f"{metric} vs {name}", metrics[metric], ft.get(split, {}).get(metric), higher))
+    for name, m in ft.get("retention", {}).items():
+        b = base.get("retention", {}).get(name, {}).get("perplexity")
+        rows.append((f"retention:{name}", "perplexity", b, m["perplexity"], False))
+    return rows
+
+
 def before_after_table(report: dict) -> Table:
     table = Table(title=f"Before / after fine-tuning ({report.get('task', '')}, held-out data)")
     for col in ("split", "metric", "base", "fine-tuned", "change"):
         table.add_column(col, justify="left" if col in ("split", "metric") else "right")
-    base, ft = report.get("base", {}), report.get("finetuned", {})
-    for split in [k for k in ft if k not in ("samples", "retention")]:
-        for metric, higher in SHOWN.items():
-            if metric in ft[split]:
-                b, f = base.get(split, {}).get(metric), ft[split][metric]
-                table.add_row(split, metric, _fmt(b), _fmt(f), _change(b, f, higher))
-    for name, per_split in base.get("baselines", {}).items():  # prompting baselines against the fine-tuned model
-        for split, metrics in per_split.items():
-            for metric in ("accuracy", "macro_f1"):
-                b, f = metrics.get(metric), ft.get(split, {}).get(metric)
-                table.add_row(split, f"{metric} vs {name}", _fmt(b), _fmt(f), _change(b, f, True))
-    for name, m in ft.get("retention", {}).items():
-        b = base.get("retention", {}).get(name, {}).get("perplexity")
-        table.add_row(f"retention:{name}", "perplexity", _fmt(b), _fmt(m["perplexity"]), _change(b, m["perplexity"], False))
-    if "note" in base:
-        table.caption = f"base: {base['note']}"
+    for split, metric, b, f, higher in verdict_rows(report):
+        table.add_row(split, metric, _fmt(b), _fmt(f), _change(b, f, higher))
+    if "note" in report.get("base", {}):
+        table.caption = f"base: {report['base']['note']}"
     return table
 
 

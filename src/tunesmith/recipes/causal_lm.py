@@ -134,6 +134,10 @@ def evaluate(s: loop.Setup, which: str) -> dict:
                                             label=f"{which} {split}", fn=generate)
         if task.generate:
             results[split].update(task.score(outputs, stopped, rows))
+            if which == "base" and "few_shot" in cfg.baselines:
+                k = cfg.few_shot_k
+                results.setdefault("baselines", {}).setdefault(f"{k}-shot prompt", {})[split] = \
+                    few_shot_scores(s, task, rows, k)
         if split == "validation":
             results["samples"] = [{"id": ex.id, "prompt": ex.prompt[-1]["content"], "output": out,
                                    "reference": ex.completion} for ex, out in zip(rows[: cfg.samples], outputs)]
@@ -147,6 +151,28 @@ def evaluate(s: loop.Setup, which: str) -> dict:
                                      "max_increase": s.cfg.retention.max_increase}
     s.model.train()
     return results
+
+
+def few_shot_turns(s: loop.Setup, k: int) -> list[dict]:
+    """k solved training rows as earlier chat turns (their system message, if any, left to the query)."""
+    from tunesmith.data.split import sample_k
+
+    demos = sample_k(s.examples.splits["train"], k, s.cfg.seed, stratify=False)
+    return [m for ex in demos for m in [*(m for m in ex.prompt if m["role"] != "system"),
+                                        {"role": "assistant", "content": ex.completion}]]
+
+
+def few_shot_scores(s: loop.Setup, task, rows: list, k: int) -> dict:
+    """The base model prompted with k solved training rows, scored like the fine-tuned model."""
+    turns = few_shot_turns(s, k)
+    prompts = []
+    for ex in rows:
+        system = [m for m in ex.prompt if m["role"] == "system"]
+        prompts.append(system + turns + [m for m in ex.prompt if m["role"] != "system"])
+    outputs, stopped = generate_sharded(s.accelerator, s.accelerator.unwrap_model(s.model), s.tokenizer, prompts,
+                                        s.cfg.eval.max_new_tokens, s.cfg.eval.batch_size, s.accelerator.device,
+                                        label=f"{k}-shot prompt", fn=generate)
+    return task.score(outputs, stopped, rows)
 
 
 def save(s: loop.Setup) -> None:
