@@ -90,14 +90,37 @@ def test_report_renders_in_headless_chromium_with_its_charts(finished_run, tmp_p
 
 
 def test_compare_overlays_runs_and_renders(finished_run, tmp_path):
+    from tunesmith.compare import PANELS
+    from tunesmith.report import read_records, series
+    from tunesmith.rundir import RunDir
+
     second = tmp_path / "runs" / "tiny2"
     shutil.copytree(finished_run, second)
+    # The second run as a DP run with a retention set: epsilon by step, forgetting at each evaluation.
+    records = [json.loads(x) for x in (second / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        if "loss" in r and "step" in r:
+            r["epsilon"] = 0.5 * r["step"]
+        if isinstance(r.get("eval"), dict):
+            r["eval"]["forgetting_ratio"] = 1.0 + 0.01 * r["step"]
+    (second / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = json.loads((second / "eval.json").read_text())
+    report.update(epsilon=3.25, finetuned={**report["finetuned"], "forgetting": {"ratio": 1.0825}})
+    (second / "eval.json").write_text(json.dumps(report))
+    found = series(read_records(RunDir(second)))
+    assert found["epsilon"][-1] == (8, 4.0) and {"forgetting ratio", "validation loss"} <= set(found) <= set(
+        PANELS) | {"learning rate"}
+    assert "epsilon" not in series(read_records(RunDir(finished_run)))
     out = tmp_path / "compare.html"
     res = subprocess.run([sys.executable, "-m", "tunesmith", "compare", str(finished_run), str(second), "--out",
                           str(out)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     html = out.read_text()
     assert html.count('src="data:image/png;base64,') == 1 and "<th>tiny</th><th>tiny2</th>" in html
+    assert "<tr><td>epsilon</td><td>-</td><td>3.2500</td></tr>" in html
+    assert "<tr><td>worst forgetting ratio</td><td>-</td><td>1.0825</td></tr>" in html
+    loss = json.loads((finished_run / "eval.json").read_text())["finetuned"]["validation"]["loss"]
+    assert f"→ {loss:.4f}</td>" in html  # base -> fine-tuned, side by side
     one = subprocess.run([sys.executable, "-m", "tunesmith", "compare", str(finished_run)], capture_output=True,
                          text=True)
     assert one.returncode == 2 and "at least two" in one.stderr

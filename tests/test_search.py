@@ -86,6 +86,8 @@ def test_study_prunes_records_and_writes_the_best_config(tiny_config, tmp_path):
     table = (folder / "trials.md").read_text()
     assert "pruned" in table and "complete" in table and table.count("\n| ") == 6
     assert (folder / "history.png").stat().st_size > 1000 and (folder / "importance.png").exists() is not None
+    page = (folder / "compare.html").read_text()  # every trial's curves on one page, pruned ones too
+    assert all(f"<th>tiny-t{n:03d}</th>" in page for n in range(6)) and "pruned" in page
 
 
 def test_a_failed_trial_is_recorded_failed_and_the_study_goes_on(tiny_config, monkeypatch):

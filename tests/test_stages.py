@@ -48,6 +48,7 @@ def test_each_stage_starts_from_the_previous_stages_weights(tiny_config, tmp_pat
     # The final run's "base" row is the stage-1 model on the final task: what the stages table reports.
     assert report["base"]["validation"]["loss"] == pytest.approx(report["stages"][0]["final_task"]["loss"], rel=1e-5)
     assert "Stages: the final task" in res.stderr + res.stdout
+    assert "<th>tiny-stage1-copy</th><th>tiny</th>" in (final / "stages.html").read_text()
 
 
 def test_stage_configs_are_checked_before_anything_runs(tiny_config, tmp_path):

@@ -133,7 +133,7 @@ def compare(
 
     Example: tunesmith compare runs/a runs/b --out compare.html
     """
-    from tunesmith.report import compare as write_compare
+    from tunesmith.compare import compare as write_compare
 
     if len(runs) < 2:
         raise UserError("compare needs at least two run directories")

@@ -15,7 +15,7 @@ import platform
 import time
 from html import escape
 
-from tunesmith.reporting import SHOWN, _change, _fmt, verdict_rows
+from tunesmith.reporting import _change, _fmt, verdict_rows
 from tunesmith.rundir import RunDir
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -33,6 +33,28 @@ def _png(fig) -> str:
     return f'<img alt="chart" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
+def read_records(run: RunDir) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def series(records: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """Every curve a run logged, as (step, value) points: losses, lr, and when present epsilon,
+    forgetting and the validation task metric."""
+    steps = [r for r in records if "loss" in r and "step" in r]
+    evals = [r for r in records if isinstance(r.get("eval"), dict) and not r.get("final")]
+
+    def of(rows, get):
+        return [(r["step"], get(r)) for r in rows if isinstance(get(r), (int, float))]
+
+    out = {"train loss": of(steps, lambda r: r["loss"]), "validation loss": of(evals, lambda r: r["eval"].get("loss")),
+           "learning rate": of(steps, lambda r: r.get("lr")), "epsilon": of(steps, lambda r: r.get("epsilon")),
+           "forgetting ratio": of(evals, lambda r: r["eval"].get("forgetting_ratio"))}
+    for metric in ("accuracy", "rougeL", "bleu4", "coverage", "perplexity"):
+        out[f"validation {metric}"] = of(evals, lambda r, m=metric: r["eval"].get(m))
+    return {name: points for name, points in out.items() if points}
+
+
 def curves(records: list[dict]) -> list[str]:
     """Training loss and lr by step; validation metrics, forgetting and epsilon when logged."""
     import matplotlib
@@ -40,35 +62,27 @@ def curves(records: list[dict]) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r for r in records if "loss" in r and "step" in r]
-    evals = [r for r in records if isinstance(r.get("eval"), dict) and not r.get("final")]
+    found = series(records)
     out = []
-    if steps:
+    if "train loss" in found:
         fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.4))
-        a.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train loss")
-        val = [(r["step"], r["eval"]["loss"]) for r in evals if isinstance(r["eval"].get("loss"), (int, float))]
-        if val:
-            a.plot(*zip(*val), "o-", label="validation loss")
+        a.plot(*zip(*found.pop("train loss")), label="train loss")
+        if "validation loss" in found:
+            a.plot(*zip(*found.pop("validation loss")), "o-", label="validation loss")
         a.set_xlabel("step")
         a.legend()
-        b.plot([r["step"] for r in steps], [r["lr"] for r in steps], color="tab:green")
+        b.plot(*zip(*found.pop("learning rate", [(0, 0)])), color="tab:green")
         b.set_xlabel("step")
         b.set_ylabel("learning rate")
         fig.tight_layout()
         out.append(_png(fig))
-    extra = {"epsilon": [(r["step"], r["epsilon"]) for r in steps if isinstance(r.get("epsilon"), (int, float))],
-             "forgetting ratio": [(r["step"], r["eval"]["forgetting_ratio"]) for r in evals
-                                  if isinstance(r["eval"].get("forgetting_ratio"), (int, float))],
-             "validation accuracy": [(r["step"], r["eval"]["accuracy"]) for r in evals
-                                     if isinstance(r["eval"].get("accuracy"), (int, float))]}
-    for name, points in extra.items():
-        if points:
-            fig, ax = plt.subplots(figsize=(5.5, 3))
-            ax.plot(*zip(*points), "o-")
-            ax.set_xlabel("step")
-            ax.set_ylabel(name)
-            fig.tight_layout()
-            out.append(_png(fig))
+    for name, points in found.items():
+        fig, ax = plt.subplots(figsize=(5.5, 3))
+        ax.plot(*zip(*points), "o-")
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        fig.tight_layout()
+        out.append(_png(fig))
     return out
 
 
@@ -106,8 +120,7 @@ def confusion(report: dict) -> str:
 
 def build(run: RunDir) -> str:
     report, info = run.read_json("eval.json", {}), run.read_json("run.json", {})
-    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] \
-        if (run / "metrics.jsonl").exists() else []
+    records = read_records(run)
     title = escape(run.path.name)
     started, finished = info.get("started"), info.get("finished")
     took = f"{finished - started:.0f} s" if started and finished else "-"
@@ -141,43 +154,3 @@ def write_report(run_path) -> str:
     run = RunDir.open(run_path)
     run.write_text("report.html", build(run))
     return str(run / "report.html")
-
-
-def compare(run_paths: list, out) -> str:
-    """One page for several runs: training and validation loss overlaid, final metrics side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = [RunDir.open(p) for p in run_paths]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
-    metrics: dict[str, dict] = {}
-    for run in runs:
-        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] \
-            if (run / "metrics.jsonl").exists() else []
-        steps = [r for r in records if "loss" in r and "step" in r]
-        evals = [(r["step"], r["eval"]["loss"]) for r in records
-                 if isinstance(r.get("eval"), dict) and isinstance(r["eval"].get("loss"), (int, float))]
-        if steps:
-            a.plot([r["step"] for r in steps], [r["loss"] for r in steps], label=run.path.name)
-        if evals:
-            b.plot(*zip(*evals), "o-", label=run.path.name)
-        metrics[run.path.name] = run.read_json("eval.json", {}).get("finetuned", {}).get("validation", {})
-    a.set_title("training loss")
-    b.set_title("validation loss")
-    for ax in (a, b):
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    names = list(metrics)
-    shown = [m for m in SHOWN if any(isinstance(v.get(m), (int, float)) for v in metrics.values())]
-    rows = [[escape(m), *(_fmt(metrics[n].get(m)) for n in names)] for m in shown]
-    html = "\n".join([f"<!doctype html><html><head><meta charset='utf-8'><title>tunesmith: compare</title>"
-                      f"<style>{STYLE}</style></head><body><h1>Compare {len(runs)} runs</h1>", _png(fig),
-                      "<h2>Validation metrics (fine-tuned)</h2>", table(["metric", *map(escape, names)], rows),
-                      "</body></html>"])
-    from pathlib import Path
-
-    Path(out).write_text(html, encoding="utf-8")
-    return str(out)

@@ -72,4 +72,7 @@ def train_staged(cfg: Config, overwrite: bool = False) -> RunDir:
     report["stages"] = rows
     run.write_json("eval.json", report)
     print_stages(rows)
+    from tunesmith.compare import compare
+
+    compare([r["run"] for r in rows], run / "stages.html", title=f"Stages of '{cfg.name}'")
     return run

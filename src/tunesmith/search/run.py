@@ -108,6 +108,7 @@ def search(cfg: Config, trials: int) -> optuna.Study:
 
 
 def write_outputs(cfg: Config, study: optuna.Study, metric: str) -> None:
+    """trials.md, best.yaml, the plots, and compare.html (every trial's curves overlaid)."""
     from tunesmith.search.report import plots, trials_table
 
     folder = search_dir(cfg)
@@ -123,6 +124,12 @@ def write_outputs(cfg: Config, study: optuna.Study, metric: str) -> None:
                                           encoding="utf-8")
         console.print(f"Best: trial {best.number}, {metric} {best.value:.4f} -> {folder / 'best.yaml'}")
     plots(study, folder, metric)
+    trial_runs = [t.user_attrs["run_dir"] for t in study.get_trials(deepcopy=False)
+                  if Path(t.user_attrs.get("run_dir", "/nonexistent"), "run.json").is_file()]
+    if trial_runs:
+        from tunesmith.compare import compare
+
+        compare(trial_runs, folder / "compare.html", title=f"Search '{cfg.name}': {len(trial_runs)} trials")
     (folder / "study.yaml").write_text(yaml.safe_dump({"study": cfg.name, "metric": metric,
                                                        "direction": study.direction.name.lower(),
                                                        "written": time.strftime("%Y-%m-%d %H:%M:%S")}))
