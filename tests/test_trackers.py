@@ -77,3 +77,18 @@ def test_watch_flags_only_what_it_should():
         if i % 10 == 0:
             message = over.evaluated(i, 1.0 + i / 100)
     assert message is not None and "overfitting" in message
+
+
+def test_log_lines_carry_the_eta_and_the_last_evaluation(monkeypatch, capsys):
+    from tunesmith.training import progress
+
+    clock = iter([100.0, 130.0, 160.0])  # start, then two reads: 10 steps take 30 s
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    bar = progress.TrainProgress(total=100, start=0)
+    assert bar.progress.disable  # pytest's stderr is not a terminal: log lines instead of a bar
+    bar.eval(10, {"loss": 0.5, "accuracy": 81.25, "forgetting_ratio": 1.05})
+    bar.step(10, loss=0.7, lr=1e-4, grad_norm=1.5, tokens_per_s=900.0, epsilon=2.5)
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith("step 10/100: loss 0.7000 lr 1.00e-04 gnorm 1.50 eps 2.5 900 tok/s")
+    assert "| val loss 0.5 accuracy 81.25 forgetting_ratio 1.05" in line and line.endswith("eta 4m30s")
+    assert bar.eta(100, 100) == ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -19,6 +20,7 @@ class TrainProgress:
             console=console, disable=not sys.stderr.isatty(),
         )
         self.task = self.progress.add_task("train", total=total, completed=start, info="")
+        self.started, self.start_step = time.monotonic(), start
         self.last_eval = ""
         self.epsilon = ""  # DP runs: the privacy spent so far
 
@@ -40,11 +42,21 @@ class TrainProgress:
         self.progress.update(self.task, completed=step, info=info)
         total = self.progress.tasks[0].total or 1
         if self.progress.disable and (step % max(1, int(total) // 10) == 0 or step == total):
-            console.print(f"step {step}/{int(total)}: {info}")  # no live bar in logs: print every ~10%
+            # No live bar in logs: a line every ~10%, never wrapped, so each step stays one greppable line.
+            console.print(f"step {step}/{int(total)}: {info}{self.eta(step, int(total))}", soft_wrap=True)
+
+    def eta(self, step: int, total: int) -> str:
+        """' eta 3m12s' from this session's pace (a resumed run's earlier steps took no time here)."""
+        done = step - self.start_step
+        if done <= 0 or step >= total:
+            return ""
+        left = (time.monotonic() - self.started) / done * (total - step)
+        return f" eta {int(left // 60)}m{int(left % 60):02d}s"
 
     def eval(self, step: int, metrics: dict) -> None:
         shown = {k: v for k, v in metrics.items()
                  if k in ("loss", "perplexity", "accuracy", "forgetting_ratio") and isinstance(v, float)}
         self.last_eval = "| val " + " ".join(f"{k} {v:.4g}" for k, v in shown.items())
         if self.progress.disable:
-            console.print(f"step {step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+            console.print(f"step {step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()),
+                          soft_wrap=True)
