@@ -154,12 +154,30 @@ def test_resume_on_another_number_of_processes_is_refused(two):
     assert "saved with 2 processes, now 1" in res.stderr
 
 
-def test_dp_sgd_on_several_processes_is_refused_before_training(two):
+def test_dp_sgd_on_two_processes_matches_one_process_on_the_same_sample(two):
+    """Both ranks draw the same Poisson sample and clip their halves; the clipped sums are added across
+    ranks before one noise draw. So two processes of batch 4 take the one-process step of batch 8."""
     tmp, cfg, _ = two
-    res = torchrun(tmp, "train", cfg, "name=dp2", "privacy.noise_multiplier=1.0", "peft.target_modules=[q_proj]")
-    assert res.returncode != 0
-    assert "privacy (DP-SGD) runs on one process for now" in res.stderr
-    assert not (tmp / "runs" / "dp2" / "metrics.jsonl").exists()
+    dp = ("privacy.noise_multiplier=1.0", "peft.target_modules=[q_proj]")
+    res = torchrun(tmp, "train", cfg, "name=dp2", *dp)
+    assert res.returncode == 0, res.stderr[-4000:]
+    one = cli("train", cfg, "name=dp1", "train.batch_size=8", *dp)
+    assert one.returncode == 0, one.stderr[-3000:]
+    runs = tmp / "runs"
+    reports = [json.loads((runs / n / "eval.json").read_text()) for n in ("dp2", "dp1")]
+    assert reports[0]["privacy"]["sample_rate"] == reports[1]["privacy"]["sample_rate"] == pytest.approx(8 / N_ROWS)
+    assert reports[0]["epsilon"] == reports[1]["epsilon"] > 0
+    two_w, one_w = adapter(runs / "dp2"), adapter(runs / "dp1")
+    for k in one_w:
+        assert torch.allclose(two_w[k], one_w[k], atol=1e-5, rtol=1e-5), k
+    # The noise is in those weights: without it the same run ends elsewhere.
+    quiet = cli("train", cfg, "name=dp0", "train.batch_size=8", "privacy.noise_multiplier=0.0",
+                "peft.target_modules=[q_proj]")
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    quiet_w = adapter(runs / "dp0")
+    assert any(not torch.allclose(quiet_w[k], one_w[k], atol=1e-3) for k in one_w)
+    losses = [[r["loss"] for r in step_lines(runs / n)] for n in ("dp2", "dp1")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
 def test_generate_sharded_takes_every_world_th_prompt_and_restores_the_order(monkeypatch):

@@ -6,6 +6,11 @@ of std sigma*C is added once (DPOptimizer.add_noise), the sum is divided by the 
 (not the sampled one: that would leak the batch size), and the accountant records the step. The
 optimizer step itself stays the loop's. Opacus's PrivacyEngine is not used because it owns the data
 loader; tunesmith's Poisson plan is a pure function of the step, which keeps resume exact.
+
+Several processes: every rank draws the same Poisson sample and clips its share of it; the clipped
+sums are added across ranks (all-reduce) before the noise, which every rank draws from the same
+per-step seed. So each rank holds the same noisy gradient, and the step equals the one-process step
+on the same sample (up to summation order): one noise draw per step, as the accountant assumes.
 """
 
 from __future__ import annotations
@@ -79,6 +84,16 @@ class DPSGD:
                             "which is not installed; refusing rather than using the ordinary generator") from None
         return csprng.create_random_device_generator("/dev/urandom")
 
+    def share(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Several processes: start every rank from rank 0's trainable weights (fresh LoRA or heads)."""
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    dist.broadcast(p.data, src=0)
+        return model
+
     def close(self) -> None:
         """Remove the per-example hooks (the model trains or evaluates as a plain model again)."""
         self.module._close()
@@ -95,8 +110,9 @@ class DPSGD:
         when Poisson sampling drew no rows). Returns the clipped sum's norm, before noise."""
         params = self.optimizer.params
         for p in params:
-            if p.summed_grad is None:  # an empty step: noise only
+            if p.summed_grad is None:  # an empty step (on this rank): noise only
                 p.summed_grad = torch.zeros_like(p)
+        self._sum_across_ranks(params)
         clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.summed_grad) for p in params]))
         if not self.cfg.secure_mode:
             self.generator.manual_seed(self.seed * 1_000_003 + NOISE_SALT + step)
@@ -107,6 +123,20 @@ class DPSGD:
             p.summed_grad = None
         self.accountant.step(noise_multiplier=self.sigma, sample_rate=self.sample_rate)
         return float(clipped)
+
+    @staticmethod
+    def _sum_across_ranks(params: list) -> None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        flat = torch.cat([p.summed_grad.reshape(-1) for p in params])  # one collective, not one per tensor
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for p in params:
+            n = p.summed_grad.numel()
+            p.summed_grad.copy_(flat[offset : offset + n].view_as(p.summed_grad))
+            offset += n
 
     def reset(self) -> None:
         """Drop a step's partial sums (the step restarts after an out-of-memory back-off)."""

@@ -17,9 +17,11 @@ SALT = 2_654_435_761  # keeps the sampling stream apart from the shuffling and r
 
 
 class PoissonPlan:
-    """Rows of step k: each unit (row, or user) independently with probability `sample_rate`."""
+    """Rows of step k: each unit (row, or user) independently with probability `sample_rate`. Under
+    several processes each rank trains on its share of the same sample."""
 
-    def __init__(self, units: list[list[int]], expected_batch: int, micro_size: int, seed: int):
+    def __init__(self, units: list[list[int]], expected_batch: int, micro_size: int, seed: int,
+                 world_size: int = 1, rank: int = 0):
         self.units = units  # unit -> its train row indices ([[0], [1], ...] for sample-level privacy)
         self.n_units = len(units)
         self.sample_rate = min(1.0, expected_batch / self.n_units)
@@ -27,7 +29,7 @@ class PoissonPlan:
         self.rows_per_step = expected_batch  # the expected logical batch: used in messages only
         self.steps_per_epoch = max(1, math.ceil(1 / self.sample_rate))
         self.micro_size = micro_size
-        self.world_size, self.rank = 1, 0
+        self.world_size, self.rank = world_size, rank
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
@@ -39,7 +41,9 @@ class PoissonPlan:
         return [self.units[u][int(r * len(self.units[u]))] for u, r in zip(chosen, picks)]
 
     def micro_batches(self, step: int) -> list[list[int]]:
-        return self.split(self.step_rows(step))
+        """This rank's share of the step's sample (every world-th row): every rank draws the same sample,
+        so the launch as a whole takes each sampled row exactly once."""
+        return self.split(self.step_rows(step)[self.rank :: self.world_size])
 
     def split(self, rows: list[int]) -> list[list[int]]:
         # Physical micro-batches only bound memory: q, and so epsilon, never depend on them.

@@ -92,12 +92,13 @@ def build(cfg: Config, run: RunDir, examples: Examples, data: dict, tokenizer, m
     t = cfg.train
     shape = (t.batch_size, t.grad_accum, cfg.seed, accelerator.num_processes, accelerator.process_index)
     replay = data.pop("replay", None)
-    if cfg.privacy is not None:  # Poisson sampling with the expected logical batch batch_size * grad_accum
-        if accelerator.num_processes > 1:
-            raise UserError("privacy (DP-SGD) runs on one process for now; launch without torchrun/accelerate")
+    if cfg.privacy is not None:  # Poisson sampling; expected batch batch_size * grad_accum * processes, as without DP
+        if accelerator.num_processes > 1 and cfg.privacy.secure_mode:
+            raise UserError("privacy.secure_mode runs on one process: each rank's CSPRNG would draw other noise")
         where_user = {ex.where: ex.user for ex in examples.splits["train"]}
         users = [where_user[r.where] for r in data["train"]] if cfg.privacy.unit == "user" else None
-        plan = PoissonPlan(units_of(users, len(data["train"])), t.batch_size * t.grad_accum, t.batch_size, cfg.seed)
+        plan = PoissonPlan(units_of(users, len(data["train"])), t.batch_size * t.grad_accum * accelerator.num_processes,
+                           t.batch_size, cfg.seed, accelerator.num_processes, accelerator.process_index)
     elif replay:  # replayed general text rides after the task rows; the plan mixes it into every step
         n_task = len(data["train"])
         data["train"] = data["train"] + replay
@@ -108,7 +109,12 @@ def build(cfg: Config, run: RunDir, examples: Examples, data: dict, tokenizer, m
         plan = ShuffledPlan(len(data["train"]), *shape)
     total = t.max_steps or math.ceil(t.epochs * plan.steps_per_epoch)
     dp = DPSGD(model, optimizer, cfg.privacy, plan.n_units, plan.sample_rate, total, cfg.seed) if cfg.privacy else None
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if dp is not None and accelerator.num_processes > 1:
+        # No DDP wrapper: its gradient all-reduce and per-forward buffer broadcasts assume every rank runs
+        # the same micro-batches, which Poisson shards do not. DPSGD sums the clipped gradients itself.
+        model, optimizer = dp.share(model.to(accelerator.device)), accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     s = Setup(cfg, run, accelerator, examples, data, tokenizer, model, optimizer,
               build_scheduler(optimizer, t, total), plan, total, model_path, **fns)
     s.stopper, s.dp, s.watch = EarlyStopper(t.early_stopping), dp, Watch(total)
