@@ -441,6 +441,15 @@ def config_from_dict(tree: dict, source: str = "config") -> Config:
     return cfg
 
 
+def derive(cfg: Config, changes: dict[str, Any], source: str, drop: tuple[str, ...] = ()) -> Config:
+    """A config made from another (a search trial, a curve point, an audit variant): top-level sections
+    dropped, dotted keys set, and the result validated like a file."""
+    tree = cfg.model_dump(mode="json", exclude=set(drop))
+    for key, value in changes.items():
+        _set_dotted(tree, key, value)
+    return config_from_dict(tree, source)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     tree: dict = {}
     source = "overrides"

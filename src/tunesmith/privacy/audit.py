@@ -15,7 +15,7 @@ import random
 
 import numpy as np
 
-from tunesmith.config import config_from_dict
+from tunesmith.config import derive
 from tunesmith.data.sources import read_source
 from tunesmith.errors import UserError
 from tunesmith.privacy import canaries as cn
@@ -52,13 +52,12 @@ def audit_data(run: RunDir, cfg, inserted: dict[int, list[str]], seed: int) -> t
 
 
 def variant_config(cfg, out: str, name: str, train: str, validation: str, privacy: dict | None):
-    tree = cfg.model_dump(mode="json")
-    tree.update(name=name, output_dir=out, retention={}, privacy=privacy)
-    tree["data"].update(train=train, validation=validation, test=None, dedup=False)  # repeats are the point
-    tree["eval"].update(before_after=False, samples=0, every=None)
-    tree["train"].update(save_every=None, resume="never")
-    tree["train"]["early_stopping"]["patience"] = None
-    return config_from_dict(tree, f"audit variant {name}")
+    return derive(cfg, {"name": name, "output_dir": out, "retention": {}, "privacy": privacy,
+                        "data.train": train, "data.validation": validation, "data.test": None,
+                        "data.dedup": False,  # repeated secrets are the point
+                        "eval.before_after": False, "eval.samples": 0, "eval.every": None,
+                        "train.save_every": None, "train.resume": "never", "train.early_stopping.patience": None},
+                  f"audit variant {name}")
 
 
 def audit(run_path: str, repetitions: list[int], per_repetition: int = 10, n_references: int = 10_000,

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from tunesmith.training.plan import ShuffledPlan
+
 SALT = 2_654_435_761  # keeps the sampling stream apart from the shuffling and replay streams
 
 
@@ -45,9 +47,8 @@ class PoissonPlan:
         so the launch as a whole takes each sampled row exactly once."""
         return self.split(self.step_rows(step)[self.rank :: self.world_size])
 
-    def split(self, rows: list[int]) -> list[list[int]]:
-        # Physical micro-batches only bound memory: q, and so epsilon, never depend on them.
-        return [rows[i : i + self.micro_size] for i in range(0, len(rows), self.micro_size)]
+    # Physical micro-batches only bound memory: q, and so epsilon, never depend on them.
+    split = ShuffledPlan.split
 
 
 def units_of(users: list[str] | None, n_rows: int) -> list[list[int]]:

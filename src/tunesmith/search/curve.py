@@ -12,7 +12,7 @@ import json
 import statistics
 from pathlib import Path
 
-from tunesmith.config import Config, config_from_dict
+from tunesmith.config import Config, derive
 from tunesmith.errors import UserError
 from tunesmith.training.progress import console
 
@@ -33,13 +33,10 @@ def parse_sizes(text: str) -> list[int | None]:
 
 
 def run_config(cfg: Config, folder: Path, size: int | None, seed: int, with_base: bool) -> Config:
-    tree = cfg.model_dump(mode="json")
-    tree.pop("search", None)
-    tree.update(name=f"{cfg.name}-k{size or 'all'}-s{seed}", output_dir=str(folder / "runs"), seed=seed)
-    tree["data"].update(train_limit=size, sample_seed=seed)
-    tree["eval"].update(before_after=with_base, samples=0)
-    tree["train"]["resume"] = "never"
-    return config_from_dict(tree, f"curve run k={size or 'all'} seed={seed}")
+    return derive(cfg, {"name": f"{cfg.name}-k{size or 'all'}-s{seed}", "output_dir": str(folder / "runs"),
+                        "seed": seed, "data.train_limit": size, "data.sample_seed": seed,
+                        "eval.before_after": with_base, "eval.samples": 0, "train.resume": "never"},
+                  f"curve run k={size or 'all'} seed={seed}", drop=("search",))
 
 
 def curve(cfg: Config, sizes: list[int | None], seeds: list[int], metric: str | None = None) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 import yaml
 
-from tunesmith.config import Config, _set_dotted, config_from_dict, dump_config
+from tunesmith.config import Config, derive, dump_config
 from tunesmith.errors import TrainingHalted, UserError
 from tunesmith.rundir import RunDir
 from tunesmith.training.progress import console
@@ -45,12 +45,7 @@ def open_study(cfg: Config) -> optuna.Study:
 
 def with_params(cfg: Config, params: dict, **top) -> Config:
     """The config without its search block, with the sampled values (and top-level fields) set."""
-    tree = cfg.model_dump(mode="json")
-    tree.pop("search")
-    for key, value in params.items():
-        _set_dotted(tree, key, value)
-    tree.update(top)
-    return config_from_dict(tree, f"{top.get('name', cfg.name)}")
+    return derive(cfg, {**params, **top}, top.get("name", cfg.name), drop=("search",))
 
 
 def trial_config(cfg: Config, params: dict, number: int) -> Config:
