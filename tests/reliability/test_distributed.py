@@ -86,6 +86,37 @@ def test_two_processes_match_one_with_the_same_global_batch(two):
     assert loss[0] == pytest.approx(loss[1], abs=1e-5)
 
 
+def test_the_shipped_accelerate_config_trains_like_torchrun(two):
+    """`accelerate launch --config_file configs/accelerate/ddp.yaml` (the shipped file) is the same launch as
+    torchrun: here, without a GPU, two gloo ranks."""
+    tmp, cfg, _ = two
+    config = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "ddp.yaml"
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                          "--main_process_port", str(_free_port()), "-m", "tunesmith", "train", str(cfg), "name=acc"],
+                         capture_output=True, text=True, timeout=300, env=ENV)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert json.loads((tmp / "runs" / "acc" / "run.json").read_text())["processes"] == 2
+    got, want = adapter(tmp / "runs" / "acc"), adapter(tmp / "runs" / "two")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+
+def test_sharding_engines_are_refused_with_a_clear_message(monkeypatch):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from tunesmith.errors import UserError
+    from tunesmith.recipes import loop
+
+    for engine in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        monkeypatch.setattr(loop, "PartialState", lambda cpu, e=engine: SimpleNamespace(distributed_type=e))
+        with pytest.raises(UserError, match=f"{engine.name} engine is not supported yet"):
+            loop.process_state()
+    monkeypatch.setattr(loop, "PartialState", lambda cpu: SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
+    assert loop.process_state().distributed_type == DistributedType.MULTI_GPU
+
+
 def test_evaluation_and_generation_are_sharded_and_gathered_in_order(two):
     """Each rank scores every second validation row and generates every second answer; the summed loss,
     the token count and the gathered answers' metrics equal the one-process run's."""

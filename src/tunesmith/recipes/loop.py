@@ -426,7 +426,15 @@ def write_run_report(run: RunDir) -> None:
 def process_state() -> PartialState:
     """The launch's processes (one, or several under accelerate launch / torchrun). Without a GPU the
     processes are CPU ranks over gloo; accelerate only picks that when told the run is CPU-only."""
-    return PartialState(cpu=cpu_only())
+    state = PartialState(cpu=cpu_only())
+    engine = str(state.distributed_type).split(".")[-1]
+    if engine in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        # Checkpoints hold whole tensors (safetensors) and resume needs them; sharded parameters and
+        # optimizer state would be saved as one rank's shard, so a resume would silently be wrong.
+        raise UserError(f"accelerate's {engine} engine is not supported yet: tunesmith runs DDP (several "
+                        "processes, each with the whole model)", hint="Launch with a DDP accelerate config "
+                        "(configs/accelerate/ddp.yaml) or with torchrun.")
+    return state
 
 
 def cpu_only() -> bool:
