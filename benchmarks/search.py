@@ -1,6 +1,7 @@
 """The Rotten Tomatoes search of issue #7, with a kill -9 in the middle of the study.
 
 Run:  .venv/bin/python benchmarks/search.py [--trials 12] [--kill-after 4]
+      .venv/bin/python benchmarks/search.py --report-only   (search.json from the study as it is)
 
 Starts `tunesmith search examples/sentiment-rotten-tomatoes.yaml --trials N`, waits until `kill-after`
 trials have finished and the next one has trained for a minute, kills the whole process group with
@@ -51,7 +52,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--kill-after", type=int, default=4)
+    ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
+    if args.report_only:
+        return report({"command": f"tunesmith search {CONFIG} --trials {args.trials}"})
     shutil.rmtree(FOLDER, ignore_errors=True)
     record: dict = {"command": f"tunesmith search {CONFIG} --trials {args.trials}", "started": time.time()}
     with open(ROOT / "benchmarks" / "results" / "search.log", "w") as log:
@@ -73,10 +77,15 @@ def main() -> None:
         time.sleep(70)  # past the heartbeat grace period (3 x 20 s), so the killed trial is marked failed
         proc = launch(args.trials, log)
         record["rerun_exit"] = proc.wait()
+    report(record)
+
+
+def report(record: dict) -> None:
     record["after"] = counts()
     record["finished"] = time.time()
     study = optuna.load_study(study_name=NAME, storage=f"sqlite:///{FOLDER / 'study.db'}")
     record["trials"] = [{"number": t.number, "state": t.state.name.lower(), "value": t.value,
+                         "started": str(t.datetime_start), "completed": str(t.datetime_complete),
                          "last_intermediate": (t.intermediate_values[max(t.intermediate_values)]
                                                if t.intermediate_values else None),
                          "params": t.params,
@@ -86,7 +95,7 @@ def main() -> None:
     record["best"] = {"number": best.number, "value": best.value, "params": best.params}
     out = ROOT / "benchmarks" / "results" / "search"
     out.mkdir(exist_ok=True)
-    for name in ("trials.md", "best.yaml", "history.png", "importance.png"):
+    for name in ("trials.md", "best.yaml", "history.png", "importance.png", "compare.html"):
         if (FOLDER / name).exists():
             shutil.copy(FOLDER / name, out / name)
     (ROOT / "benchmarks" / "results" / "search.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -136,6 +136,9 @@ def test_a_killed_search_continues_the_same_study(tiny_config, tmp_path):
     assert study.trials[1].state == optuna.trial.TrialState.FAIL
     assert all(t.state != optuna.trial.TrialState.RUNNING for t in study.trials)
     assert "2 trials finished, running up to 5" in " ".join(res.stderr.split())
+    # The re-run proposes new values: a sampler restarted from the same seed would repeat trials 0 and 1.
+    lrs = [t.params["train.lr"] for t in study.trials]
+    assert len(set(lrs)) == 5, lrs
 
 
 # -- few-shot sampling -------------------------------------------------------------------------------------

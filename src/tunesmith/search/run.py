@@ -34,13 +34,22 @@ def open_study(cfg: Config) -> optuna.Study:
     folder.mkdir(parents=True, exist_ok=True)
     url = sc.storage or f"sqlite:///{folder.resolve() / 'study.db'}"
     storage = optuna.storages.RDBStorage(url, heartbeat_interval=sc.heartbeat_s, grace_period=3 * sc.heartbeat_s)
-    sampler = optuna.samplers.TPESampler(seed=cfg.seed) if sc.sampler == "tpe" else \
-        optuna.samplers.RandomSampler(seed=cfg.seed)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=sc.startup_trials) if sc.pruner == "median" else \
         optuna.pruners.NopPruner()
     _, direction = sc.objective(cfg.train.early_stopping.metric)
-    return optuna.create_study(study_name=cfg.name, storage=storage, sampler=sampler, pruner=pruner,
-                               direction=direction, load_if_exists=True)
+    study = optuna.create_study(study_name=cfg.name, storage=storage, pruner=pruner, direction=direction,
+                                load_if_exists=True)
+    study.sampler = sampler_for(cfg, len(study.get_trials(deepcopy=False)), shared=sc.storage is not None)
+    return study
+
+
+def sampler_for(cfg: Config, trials_so_far: int, shared: bool) -> optuna.samplers.BaseSampler:
+    """A sampler seeded from the config's seed and the study's size: a re-run of a killed search must
+    not propose trial 0's values again (a sampler seeded with the seed alone restarts its stream).
+    Workers sharing a database start at the same size, so there the stream is left unseeded."""
+    seed = None if shared else cfg.seed * 100_003 + trials_so_far
+    kind = optuna.samplers.TPESampler if cfg.search.sampler == "tpe" else optuna.samplers.RandomSampler
+    return kind(seed=seed)
 
 
 def with_params(cfg: Config, params: dict, **top) -> Config:
