@@ -92,11 +92,12 @@ def test_the_shipped_accelerate_config_trains_like_torchrun(two):
     tmp, cfg, _ = two
     config = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "ddp.yaml"
     res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                          "--main_process_port", str(_free_port()), "-m", "tunesmith", "train", str(cfg), "name=acc"],
+                          "--main_process_port", str(_free_port()), "-m", "tunesmith", "train", str(cfg), "name=acc",
+                          f"output_dir={tmp / 'accelerate-runs'}"],  # apart: another test counts tmp/runs
                          capture_output=True, text=True, timeout=300, env=ENV)
     assert res.returncode == 0, res.stderr[-4000:]
-    assert json.loads((tmp / "runs" / "acc" / "run.json").read_text())["processes"] == 2
-    got, want = adapter(tmp / "runs" / "acc"), adapter(tmp / "runs" / "two")
+    assert json.loads((tmp / "accelerate-runs" / "acc" / "run.json").read_text())["processes"] == 2
+    got, want = adapter(tmp / "accelerate-runs" / "acc"), adapter(tmp / "runs" / "two")
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
 
