@@ -42,7 +42,10 @@ def test_s5_canaries_never_reach_output_logs_or_the_run_directory(tmp_path, tiny
     write_jsonl(tmp_path / "data" / "val.jsonl", instruction_rows(12, seed=1))
     cfg = base_config(tiny_llama, max_steps=2, save_every=1)
     cfg["data"].update(prompt=f"Answer briefly. {c_field}", on_error="skip", max_bad_fraction=0.2)
-    cfg["eval"].update(samples=1, before_after=True, baseline_model=f"https://oauth2:{c_url}@huggingface.co/org/m")
+    cfg["eval"].update(samples=1, before_after=True)
+    # A credential inside a URL field: a shared Optuna database (train keeps it in the resolved config).
+    cfg["search"] = {"space": {"train.lr": {"log_uniform": [1e-4, 1e-2]}},
+                     "storage": f"postgresql://optuna:{c_url}@db.example.org/studies"}
     write_config(tmp_path, cfg)
     env = {"HF_TOKEN": c_env}
 
@@ -75,7 +78,7 @@ def test_s5_canaries_never_reach_output_logs_or_the_run_directory(tmp_path, tiny
     snap = yaml.safe_load((run / "config.yaml").read_text())
     assert snap["data"]["system_prompt"] == "Be terse. <redacted>"
     assert snap["data"]["prompt"] == "Answer briefly. <redacted>"
-    assert snap["eval"]["baseline_model"] == "https://<redacted>@huggingface.co/org/m"
+    assert snap["search"]["storage"] == "postgresql://<redacted>@db.example.org/studies"
     report = json.loads((run / "data_report.json").read_text())
     assert report["bad_rows"] == {"malformed_json": 1, "wrong_type": 1}
     assert report["tokens"]["train"]["dropped_overlength"] == 1
