@@ -134,6 +134,8 @@ def test_a_killed_search_continues_the_same_study(tiny_config, tmp_path):
     # The study grew from where it was: the killed trial is kept (failed) and counts toward the 5.
     assert numbers == [0, 1, 2, 3, 4]
     assert study.trials[1].state == optuna.trial.TrialState.FAIL
+    # Its run directory says so too (runs and compare pages read it), instead of "running" forever.
+    assert json.loads((folder / "trials" / "tiny-t001" / "run.json").read_text())["status"] == "killed"
     assert all(t.state != optuna.trial.TrialState.RUNNING for t in study.trials)
     assert "2 trials finished, running up to 5" in " ".join(res.stderr.split())
     # The re-run proposes new values: a sampler restarted from the same seed would repeat trials 0 and 1.

@@ -130,6 +130,10 @@ def write_outputs(cfg: Config, study: optuna.Study, metric: str) -> None:
     plots(study, folder, metric)
     trial_runs = [t.user_attrs["run_dir"] for t in study.get_trials(deepcopy=False)
                   if Path(t.user_attrs.get("run_dir", "/nonexistent"), "run.json").is_file()]
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+        run = RunDir(Path(t.user_attrs.get("run_dir", "/nonexistent")))
+        if run.read_json("run.json", {}).get("status") == "running":  # left so by an error or a kill
+            run.update_run(status="failed" if "error" in t.user_attrs else "killed")
     if trial_runs:
         from tunesmith.compare import compare
 
