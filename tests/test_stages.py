@@ -49,6 +49,10 @@ def test_each_stage_starts_from_the_previous_stages_weights(tiny_config, tmp_pat
     assert report["base"]["validation"]["loss"] == pytest.approx(report["stages"][0]["final_task"]["loss"], rel=1e-5)
     assert "Stages: the final task" in res.stderr + res.stdout
     assert "<th>tiny-stage1-copy</th><th>tiny</th>" in (final / "stages.html").read_text()
+    html = (final / "report.html").read_text()  # the report's stages table: the final task after each stage
+    loss = report["stages"][0]["final_task"]["loss"]
+    assert "<th>final-task loss</th>" in html and f"<tr><td>copy</td><td>instruction</td>" in html
+    assert f"{loss:.4f}" in html
 
 
 def test_stage_configs_are_checked_before_anything_runs(tiny_config, tmp_path):

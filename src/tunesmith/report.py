@@ -15,7 +15,7 @@ import platform
 import time
 from html import escape
 
-from tunesmith.reporting import _change, _fmt, verdict_rows
+from tunesmith.reporting import _change, _fmt, stage_rows, verdict_rows
 from tunesmith.rundir import RunDir
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -139,9 +139,9 @@ def build(run: RunDir) -> str:
     if report.get("audit"):
         parts += ["<h2>Canary exposure (bits)</h2>", f"<pre>{escape(json.dumps(report['audit'], indent=2))}</pre>"]
     if report.get("stages"):
-        parts += ["<h2>Stages</h2>", table(["stage", "task", "own loss", "final-task loss"],
-                  [[escape(r["stage"]), escape(r["task"]), _fmt(r["own"].get("loss")), _fmt(r["final_task"].get("loss"))]
-                   for r in report["stages"]])]
+        header, body = stage_rows(report["stages"])
+        parts += ["<h2>Stages: the final task's metrics after each stage</h2>",
+                  table(header, [[escape(stage), escape(task), *map(_fmt, numbers)] for stage, task, *numbers in body])]
     parts += ["<h2>Curves</h2>", *curves(records), confusion(report), "<h2>Sample outputs</h2>", samples(report),
               "<h2>Data report</h2>", f"<pre>{escape(json.dumps(run.read_json('data_report.json', {}), indent=2))}</pre>",
               "<h2>Resolved config</h2>",

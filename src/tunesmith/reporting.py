@@ -96,14 +96,21 @@ def print_before_after(report: dict) -> None:
         console.print()
 
 
-def print_stages(rows: list[dict]) -> None:
-    """The final task's metrics after each stage (and each stage's own validation loss)."""
+def stage_rows(rows: list[dict]) -> tuple[list[str], list[list]]:
+    """Header and rows of the stages table: each stage's own validation loss, then the final task's
+    metrics after that stage (up to four, those every stage has)."""
     keys = [k for k in SHOWN if all(isinstance(r["final_task"].get(k), (int, float)) for r in rows)][:4]
+    return (["stage", "task", "own loss", *(f"final-task {k}" for k in keys)],
+            [[r["stage"], r["task"], r["own"].get("loss"), *(r["final_task"][k] for k in keys)] for r in rows])
+
+
+def print_stages(rows: list[dict]) -> None:
+    header, body = stage_rows(rows)
     table = Table(title="Stages: the final task's validation metrics after each stage")
-    for col in ("stage", "task", "own loss", *keys):
+    for col in header:
         table.add_column(col, justify="left" if col in ("stage", "task") else "right")
-    for r in rows:
-        table.add_row(r["stage"], r["task"], _fmt(r["own"].get("loss")), *(_fmt(r["final_task"][k]) for k in keys))
+    for stage, task, *numbers in body:
+        table.add_row(stage, task, *map(_fmt, numbers))
     console.print(table)
 
 

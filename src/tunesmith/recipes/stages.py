@@ -75,4 +75,7 @@ def train_staged(cfg: Config, overwrite: bool = False) -> RunDir:
     from tunesmith.compare import compare
 
     compare([r["run"] for r in rows], run / "stages.html", title=f"Stages of '{cfg.name}'")
+    from tunesmith.recipes.loop import write_run_report
+
+    write_run_report(run)  # again: the final run's report was written before the stages were known
     return run
