@@ -58,8 +58,8 @@ def with_params(cfg: Config, params: dict, **top) -> Config:
 
 
 def trial_config(cfg: Config, params: dict, number: int) -> Config:
-    tcfg = with_params(cfg, params, name=f"{cfg.name}-t{number:03d}", output_dir=str(search_dir(cfg) / "trials"))
-    return tcfg.model_copy(update={"train": tcfg.train.model_copy(update={"resume": "never"})})
+    return with_params(cfg, {**params, "train.resume": "never"}, name=f"{cfg.name}-t{number:03d}",
+                       output_dir=str(search_dir(cfg) / "trials"))
 
 
 def objective(cfg: Config, metric: str):
