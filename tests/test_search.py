@@ -111,7 +111,12 @@ def test_a_failed_trial_is_recorded_failed_and_the_study_goes_on(tiny_config, mo
 
 
 def test_a_killed_search_continues_the_same_study(tiny_config, tmp_path):
-    path = write_config(tmp_path, search_config(tiny_config))
+    config = search_config(tiny_config)
+    # Trials long enough that the kill lands mid-training on a slow machine too (8 steps could finish
+    # between two polls, leaving a finished run whose result the study never heard).
+    config["train"]["max_steps"] = 60
+    config["eval"]["every"] = 20
+    path = write_config(tmp_path, config)
     cmd = [sys.executable, "-m", "tunesmith", "search", str(path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([*cmd, "--trials", "5"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -123,6 +128,8 @@ def test_a_killed_search_continues_the_same_study(tiny_config, tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    killed_run = folder / "trials" / "tiny-t001" / "run.json"
+    assert json.loads(killed_run.read_text())["status"] == "running"  # the kill landed while it trained
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{folder.resolve() / 'study.db'}")
     before = len(study.trials)
     assert before == 2 and study.trials[1].state == optuna.trial.TrialState.RUNNING
@@ -135,7 +142,7 @@ def test_a_killed_search_continues_the_same_study(tiny_config, tmp_path):
     assert numbers == [0, 1, 2, 3, 4]
     assert study.trials[1].state == optuna.trial.TrialState.FAIL
     # Its run directory says so too (runs and compare pages read it), instead of "running" forever.
-    assert json.loads((folder / "trials" / "tiny-t001" / "run.json").read_text())["status"] == "killed"
+    assert json.loads(killed_run.read_text())["status"] == "killed"
     assert all(t.state != optuna.trial.TrialState.RUNNING for t in study.trials)
     assert "2 trials finished, running up to 5" in " ".join(res.stderr.split())
     # The re-run proposes new values: a sampler restarted from the same seed would repeat trials 0 and 1.
