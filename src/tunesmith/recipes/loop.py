@@ -8,6 +8,7 @@ here runs the same sequence for all of them: base evaluation, fit, save, fine-tu
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -37,7 +38,7 @@ from tunesmith.evaluation.forgetting import over_limit
 from tunesmith.privacy.dp import DPSGD
 from tunesmith.privacy.sampling import PoissonPlan, units_of
 from tunesmith.training.early_stopping import EarlyStopper
-from tunesmith.training import trackers
+from tunesmith.training import trackers, zero
 from tunesmith.training.guards import Precision, SpikeDetector, is_oom
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.plan import LengthGroupedPlan, ReplayPlan, ShuffledPlan
@@ -72,6 +73,7 @@ class Setup:
     anchors: list[torch.Tensor] | None = None  # pretrained values of the trainables, for L2-SP
     best_weights: dict[str, torch.Tensor] | None = None
     dp: DPSGD | None = None  # DP-SGD (privacy:): per-example clipping, noise and the accountant
+    engine: object = None  # the DeepSpeed engine (the prepared model) under accelerate's DeepSpeed
     on_eval: Callable[[int, dict], None] | None = None  # sees each evaluation (a search's pruner)
     watch: Watch | None = None  # overfitting and flat-loss warnings
     counters: dict = field(default_factory=lambda: {"skipped_nonfinite": 0, "tokens": 0})
@@ -82,7 +84,9 @@ def build(cfg: Config, run: RunDir, examples: Examples, data: dict, tokenizer, m
     """Wrap a freshly loaded model with the optimizer, schedule, batch plan and accelerator."""
     # fp16 is handled by Precision (its own GradScaler): accelerate has none on CPU.
     accelerator = Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
-                              cpu=cpu_only(), **trackers.accelerator_kwargs(cfg, run.path))
+                              cpu=device_kwargs()["cpu"], **trackers.accelerator_kwargs(cfg, run.path))
+    if zero.engaged(accelerator):
+        zero.check(cfg, accelerator)
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (LoRA) and with DDP's hooks.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -118,7 +122,8 @@ def build(cfg: Config, run: RunDir, examples: Examples, data: dict, tokenizer, m
     s = Setup(cfg, run, accelerator, examples, data, tokenizer, model, optimizer,
               build_scheduler(optimizer, t, total), plan, total, model_path, **fns)
     s.stopper, s.dp, s.watch = EarlyStopper(t.early_stopping), dp, Watch(total)
-    run.update_run(processes=accelerator.num_processes, distributed=str(accelerator.distributed_type).split(".")[-1],
+    s.engine = model if zero.engaged(accelerator) else None
+    run.update_run(processes=accelerator.num_processes, distributed=engine_name(accelerator),
                    device=str(accelerator.device))
     s.precision = Precision(t.precision, accelerator)
     trackers.start(accelerator, cfg, run.path)
@@ -162,19 +167,27 @@ def fit(s: Setup, updates: int = 0, data_step: int = 0) -> dict:
                         if p.grad is not None:
                             p.grad.add_(p - p0, alpha=cfg.retention.l2sp)
             # Pre-clip norm. Under DP the clipping was per example: the noisy mean is not clipped again.
-            grad_norm = acc.clip_grad_norm_(trainable, (s.dp is None and cfg.train.max_grad_norm) or float("inf"))
+            # Under DeepSpeed the engine clips as it steps, and reports the norm then.
+            grad_norm = torch.tensor(0.0) if s.engine is not None else acc.clip_grad_norm_(
+                trainable, (s.dp is None and cfg.train.max_grad_norm) or float("inf"))
             step_loss = acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum").item() / max(n_targets, 1)
             lr = s.scheduler.get_last_lr()[0]  # the rate this update uses, logged with it
             problem = None if math.isfinite(step_loss) and bool(torch.isfinite(grad_norm)) else "nonfinite"
             if problem is None and n_targets and s.spikes.check(step_loss, data_step) and cfg.train.on_spike != "warn":
                 problem = "spike"
-            if problem is None:
+            if problem is None and s.engine is not None:  # DeepSpeed skips a non-finite gradient's update itself
+                grad_norm = torch.tensor(zero.step(s.engine))
+                problem = None if bool(torch.isfinite(grad_norm)) else "nonfinite"
+            elif problem is None:
                 s.precision.step(opt)
+            if problem is None:
                 s.scheduler.step()
                 updates += 1
                 consecutive_skips = 0
             else:
                 s.precision.skipped()
+                if s.engine is not None:
+                    zero.discard(s.engine)
             opt.zero_grad(set_to_none=True)
             if problem == "nonfinite":
                 consecutive_skips += 1
@@ -231,23 +244,31 @@ def accumulate(s: Setup, step: int, step_rows: list[int], n_targets: int) -> tup
     micro-batch halves (accumulation doubles) and the step starts over: same rows, same summed loss."""
     acc, rows = s.accelerator, s.data["train"]
     while True:
-        micro, weight = [[rows[i] for i in m] for m in s.plan.split(step_rows)], 1.0
+        micro = [[rows[i] for i in m] for m in s.plan.split(step_rows)]
         if not micro and s.dp is not None:
             return 0.0, 0, []  # Poisson sampling drew no rows: the step is noise only
-        if not micro:  # a short last step left this rank no rows: a zero-weight pass keeps DDP in step
-            micro, weight = [[rows[s.plan.step_rows(step)[0]]]], 0.0
+        # A short last step can leave a rank no rows: a zero-weight pass keeps DDP in step. ZeRO-2 reduces
+        # gradients in every backward (a collective), so there every rank runs as many as the busiest.
+        weights, most = [1.0] * len(micro), max(len(micro), 1)
+        if s.engine is not None and acc.num_processes > 1:
+            most = int(acc.gather(torch.tensor([most], device=acc.device)).max())
+        micro += [[rows[s.plan.step_rows(step)[0]]]] * (most - len(micro))
+        weights += [0.0] * (most - len(weights))
         loss_sum, real_tokens = 0.0, 0
         try:
-            for i, batch_rows in enumerate(micro):
+            for i, (batch_rows, weight) in enumerate(zip(micro, weights)):
                 batch = {k: v.to(acc.device) for k, v in s.collate(batch_rows).items()}
-                sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(s.model)
-                with sync:
+                last = i == len(micro) - 1
+                with nullcontext() if last or s.engine is not None else acc.no_sync(s.model):
                     with s.precision.autocast():
                         loss, _ = s.loss_sum(s.model, batch)
                     # DDP averages gradients over ranks, so scale the sum back up by the world size. DP
                     # needs each example's own gradient: no step-wide normalisation before clipping.
                     scale = 1.0 if s.dp is not None else weight * acc.num_processes / max(n_targets, 1)
-                    acc.backward(s.precision.scale(loss * scale))
+                    if s.engine is not None:
+                        zero.backward(s.engine, loss * scale, boundary=last)
+                    else:
+                        acc.backward(s.precision.scale(loss * scale))
                 if s.dp is not None:
                     s.dp.accumulate()
                 loss_sum += loss.item() * weight
@@ -259,6 +280,8 @@ def accumulate(s: Setup, step: int, step_rows: list[int], n_targets: int) -> tup
                 raise
             batch = loss = None  # drop the references that hold activations before retrying
             s.optimizer.zero_grad(set_to_none=True)
+            if s.engine is not None:
+                zero.discard(s.engine)
             if s.dp is not None:
                 s.dp.reset()
             if torch.cuda.is_available():
@@ -426,15 +449,28 @@ def write_run_report(run: RunDir) -> None:
 def process_state() -> PartialState:
     """The launch's processes (one, or several under accelerate launch / torchrun). Without a GPU the
     processes are CPU ranks over gloo; accelerate only picks that when told the run is CPU-only."""
-    state = PartialState(cpu=cpu_only())
-    engine = str(state.distributed_type).split(".")[-1]
-    if engine in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        # Checkpoints hold whole tensors (safetensors) and resume needs them; sharded parameters and
-        # optimizer state would be saved as one rank's shard, so a resume would silently be wrong.
-        raise UserError(f"accelerate's {engine} engine is not supported yet: tunesmith runs DDP (several "
-                        "processes, each with the whole model)", hint="Launch with a DDP accelerate config "
-                        "(configs/accelerate/ddp.yaml) or with torchrun.")
+    state = PartialState(**device_kwargs())
+    engine = engine_name(state)
+    if engine in ("FSDP", "MEGATRON_LM"):
+        # Checkpoints hold whole tensors (safetensors) and resume needs them; sharded parameters
+        # would be saved as one rank's shard, so a resume would silently be wrong.
+        raise UserError(f"accelerate's {engine} engine is not supported yet: tunesmith runs DDP or DeepSpeed "
+                        "ZeRO-1/2 (parameters whole on every process)", hint="Launch with "
+                        "configs/accelerate/ddp.yaml or configs/accelerate/zero2.yaml, or with torchrun.")
     return state
+
+
+def device_kwargs() -> dict:
+    """accelerate only starts DeepSpeed for a non-CPU state, and without a GPU that state has no
+    backend: so DeepSpeed on CPU is asked for as non-CPU over gloo, on DeepSpeed's CPU accelerator."""
+    if cpu_only() and zero.requested():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        return {"cpu": False, "backend": "gloo"}
+    return {"cpu": cpu_only()}
+
+
+def engine_name(state) -> str:
+    return str(state.distributed_type).split(".")[-1]
 
 
 def cpu_only() -> bool:

@@ -13,6 +13,7 @@ import torch
 
 from tunesmith.errors import UserError
 from tunesmith.training import checkpoint as ckpt
+from tunesmith.training import zero
 
 EXCLUDED = "excluded_rows.json"  # train rows removed by spike rollbacks, kept across resumes
 REQUIRED = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
@@ -35,10 +36,17 @@ def load_trainable(s, tensors: dict[str, torch.Tensor], source: str = "checkpoin
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)
+    if getattr(s, "engine", None) is not None:
+        zero.weights_changed(s.engine)
+
+
+def optimizer_of(s) -> torch.optim.Optimizer:
+    """The optimizer whose state a checkpoint holds: under DeepSpeed, this rank's partition of it."""
+    return s.optimizer if getattr(s, "engine", None) is None else zero.base_optimizer(s.engine)
 
 
 def save_checkpoint(s, updates: int, data_step: int) -> None:
-    opt_meta, opt_tensors = ckpt.optimizer_to_tensors(s.optimizer)
+    opt_meta, opt_tensors = ckpt.optimizer_to_tensors(optimizer_of(s))
     rng_meta, rng_tensors = ckpt.rng_state()
     tensors = {"trainable.safetensors": trainable_state(s), "optimizer.safetensors": opt_tensors,
                "rng.safetensors": rng_tensors}
@@ -61,8 +69,10 @@ def save_checkpoint(s, updates: int, data_step: int) -> None:
 
         if not acc.is_main_process:
             acc.wait_for_everyone()
-            ckpt.write_part(ckpt.staging_dir(root, updates),
-                            {f"rng-rank{acc.process_index}.safetensors": rng_tensors}, rng_meta)
+            staging, rank = ckpt.staging_dir(root, updates), acc.process_index
+            ckpt.write_part(staging, {f"rng-rank{rank}.safetensors": rng_tensors}, rng_meta)
+            if s.engine is not None:  # ZeRO partitions the optimizer state: each rank saves its own
+                ckpt.write_part(staging, {f"optimizer-rank{rank}.safetensors": opt_tensors}, opt_meta)
             acc.wait_for_everyone()
     if acc.is_main_process:
         warning = ckpt.low_space_warning(root, tensors)
@@ -118,7 +128,12 @@ def restore(s, path: Path, allow_drift: bool = False) -> tuple[int, int]:
                         hint="Resume with the original privacy block; a mix of private and non-private steps has "
                         "no guarantee.")
     load_trainable(s, tensors["trainable.safetensors"], f"{path}/trainable.safetensors")
-    ckpt.optimizer_from_tensors(s.optimizer, state["optimizer"], tensors["optimizer.safetensors"])
+    rank = s.accelerator.process_index
+    if s.engine is not None and rank:
+        own = path / f"optimizer-rank{rank}.safetensors"
+        ckpt.optimizer_from_tensors(optimizer_of(s), ckpt.load_part_meta(own), tensors[own.name])
+    else:
+        ckpt.optimizer_from_tensors(optimizer_of(s), state["optimizer"], tensors["optimizer.safetensors"])
     # The rate comes from this config's schedule, not the checkpoint's param_groups: identical without
     # drift, and with --allow-drift a changed train.lr applies from the first resumed update.
     sched = s.scheduler
@@ -133,7 +148,6 @@ def restore(s, path: Path, allow_drift: bool = False) -> tuple[int, int]:
     s.spikes.load_state_dict(state.get("spikes", {"history": [], "flagged": []}))
     s.plan.micro_size = state.get("micro_batch_size", s.plan.micro_size)  # keep an out-of-memory back-off
     s.excluded = set(s.run.read_json(EXCLUDED, {}).get("rows", []))
-    rank = s.accelerator.process_index
     if rank == 0:
         ckpt.set_rng_state(state["rng"], tensors["rng.safetensors"])
     else:

@@ -1,0 +1,100 @@
+"""DeepSpeed ZeRO (stages 1 and 2) under tunesmith's own loop, through accelerate.
+
+accelerate's DeepSpeed wrapper steps inside `backward()`; tunesmith must see the step's loss before
+deciding to apply it (non-finite and spike skips), so the loop drives the engine itself: it marks the
+last micro-batch as the accumulation boundary, calls `engine.step()` only for a step it keeps, and
+discards the reduced gradients of one it skips. ZeRO-2 partitions gradients and optimizer state;
+the parameters stay whole on every rank, so evaluation, generation and saving work as under DDP.
+ZeRO-3 (sharded parameters) is refused: every forward then gathers parameters collectively, and
+tunesmith's evaluation and generation run different numbers of forwards on each rank.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from tunesmith.errors import UserError
+
+
+def requested() -> bool:
+    """Whether `accelerate launch` (a DeepSpeed config) asked for DeepSpeed, before any state exists."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def engaged(accelerator) -> bool:
+    return str(accelerator.distributed_type).endswith("DEEPSPEED")
+
+
+def check(cfg, accelerator) -> None:
+    """Refuse what the engine would silently change; fill the batch fields accelerate leaves 'auto'."""
+    plugin = accelerator.state.deepspeed_plugin
+    stage = plugin.zero_stage
+    problems = []
+    if stage not in (1, 2):
+        problems.append(f"ZeRO stage {stage}: sharded parameters are gathered in every forward, a collective, "
+                        "and tunesmith's evaluation runs uneven forwards per rank; use stage 2")
+    if cfg.privacy is not None:
+        problems.append("privacy (DP-SGD): per-example clipping needs each example's gradient, which ZeRO "
+                        "reduces and partitions first")
+    if cfg.retention.l2sp:
+        problems.append("retention.l2sp: its gradient is added after backward, where ZeRO has already "
+                        "partitioned the gradients")
+    if cfg.train.precision == "fp16":
+        problems.append("train.precision fp16: use bf16 (DeepSpeed's own fp16 loss scaler would replace "
+                        "tunesmith's)")
+    if problems:
+        raise UserError("This config cannot run under DeepSpeed", problems,
+                        hint="Launch with configs/accelerate/ddp.yaml instead, or change the settings above.")
+    ds = plugin.deepspeed_config
+    t = cfg.train
+    ds["train_micro_batch_size_per_gpu"] = t.batch_size
+    ds["gradient_accumulation_steps"] = t.grad_accum
+    ds["train_batch_size"] = t.batch_size * t.grad_accum * accelerator.num_processes
+    # The pre-clip norm is what tunesmith logs; 0 turns DeepSpeed's clipping off.
+    ds["gradient_clipping"] = float(t.max_grad_norm or 0.0)
+    ds["zero_allow_untested_optimizer"] = True  # tunesmith's torch AdamW is the client optimizer
+
+
+def backward(engine, loss: torch.Tensor, boundary: bool) -> None:
+    """One micro-batch's backward. The loss is already scaled by the loop (summed over the step's
+    targets), so the engine must not divide it by its accumulation count again."""
+    engine.set_gradient_accumulation_boundary(boundary)
+    engine.backward(loss, scale_wrt_gas=False)
+
+
+def step(engine) -> float:
+    """Clip (DeepSpeed's gradient_clipping) and update. Returns the pre-clip norm; inf when DeepSpeed
+    found a non-finite gradient and skipped the update itself."""
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    return float("inf") if norm is None else float(norm)
+
+
+def discard(engine) -> None:
+    """Drop a reduced step that tunesmith decided not to apply, with the resets DeepSpeed's own step
+    makes for an overflowed one, so the next step starts from zero gradients and an unchanged
+    optimizer. In the configurations the tests run, ZeRO-2 would also have overwritten these buffers
+    in the next step; this does not rely on that."""
+    from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+    opt = engine.optimizer
+    opt.micro_step_id = INITIAL_MICRO_STEP_ID
+    opt.zero_grad(set_to_none=True)
+    if hasattr(opt, "_release_preflattened_grad_buffers"):
+        opt._release_preflattened_grad_buffers()
+    for buffers in (getattr(opt, "averaged_gradients", {}), getattr(opt, "all_grad_tensors", {})):
+        for key in list(buffers):
+            buffers[key] = None
+
+
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer over this rank's fp32 partition: what a checkpoint saves per rank."""
+    return engine.optimizer.optimizer
+
+
+def weights_changed(engine) -> None:
+    """After tunesmith wrote parameters (resume, rollback, best weights), the fp32 master partition the
+    optimizer updates must follow, or the next step would undo the write."""
+    engine.optimizer.refresh_fp32_params()
