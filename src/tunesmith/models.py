@@ -228,6 +228,7 @@ def apply_peft(model, pcfg: PeftConfig, task_type: str = "CAUSAL_LM"):
 
 
 def count_parameters(model) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # ZeRO-3 leaves each rank a partition; ds_numel is the whole tensor's size.
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     return trainable, total

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -111,15 +112,15 @@ def test_sharding_engines_are_refused_with_a_clear_message(monkeypatch):
     from accelerate.utils import DistributedType
 
     from tunesmith.errors import UserError
-    from tunesmith.recipes import loop
+    from tunesmith.training import processes
 
     for engine in (DistributedType.FSDP, DistributedType.MEGATRON_LM):
-        monkeypatch.setattr(loop, "PartialState", lambda cpu, e=engine: SimpleNamespace(distributed_type=e))
+        monkeypatch.setattr(processes, "PartialState", lambda cpu, e=engine: SimpleNamespace(distributed_type=e))
         with pytest.raises(UserError, match=f"{engine.name} engine is not supported yet"):
-            loop.process_state()
+            processes.process_state()
     for engine in (DistributedType.MULTI_GPU, DistributedType.DEEPSPEED):
-        monkeypatch.setattr(loop, "PartialState", lambda cpu, e=engine: SimpleNamespace(distributed_type=e))
-        assert loop.process_state().distributed_type == engine
+        monkeypatch.setattr(processes, "PartialState", lambda cpu, e=engine: SimpleNamespace(distributed_type=e))
+        assert processes.process_state().distributed_type == engine
 
 
 # -- DeepSpeed ZeRO-2 (accelerate launch with the shipped configs/accelerate/zero2.yaml) --------------------
@@ -129,13 +130,15 @@ def apart(tmp: Path) -> str:
     return f"output_dir={tmp / 'zero-runs'}"
 
 
-def zero2(tmp_path: Path, *args, fault: dict | None = None, launch: tuple = ()) -> subprocess.CompletedProcess:
+def zero2(tmp_path: Path, *args, fault: dict | None = None, launch: tuple = (),
+          config: str | Path = "zero2.yaml") -> subprocess.CompletedProcess:
+    """accelerate launch with a DeepSpeed config: a shipped one (by name) or a path."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make install installs it)")
     if not (shutil.which("c++") or shutil.which("g++")):
         pytest.skip("DeepSpeed's CPU accelerator compiles its shared-memory op: no C++ compiler here")
     runner = tmp_path / "runner.py"
     runner.write_text(RUNNER)
-    accelerate_config = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "zero2.yaml"
+    accelerate_config = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / config  # or the path
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config), *launch,
            "--main_process_port", str(_free_port()), str(runner), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
@@ -166,6 +169,47 @@ def test_zero2_trains_like_ddp_and_saves_each_ranks_optimizer_partition(two):
                                                                           "optimizer-rank1.safetensors")]
     total = sum(p.numel() for name, p in adapter(ddp).items())
     assert [sum(t.numel() for k, t in part.items() if k.endswith("exp_avg")) for part in parts] == [total // 2] * 2
+
+
+def zero3_config(tmp: Path) -> Path:
+    """A DeepSpeed JSON of the user's own, through accelerate's deepspeed_config_file. Persistence threshold 0:
+    every parameter is partitioned (by default ones this small stay whole, and nothing would be gathered)."""
+    ds_json = tmp / "zero3.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                                   "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+                                   "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}))
+    launch_config = tmp / "zero3-accelerate.yaml"
+    launch_config.write_text(yaml.safe_dump({
+        "compute_environment": "LOCAL_MACHINE", "distributed_type": "DEEPSPEED", "num_machines": 1, "machine_rank": 0,
+        "num_processes": 2, "use_cpu": False,
+        "deepspeed_config": {"deepspeed_config_file": str(ds_json), "zero3_init_flag": False}}))
+    return launch_config
+
+
+def test_zero3_shards_the_parameters_and_trains_evaluates_and_saves_like_one_process(two):
+    """ZeRO-3 partitions the parameters too, and every forward gathers them (a collective). Evaluation of
+    5 rows in batches of 2 (rank 0: two batches, rank 1: one) and generation of 3 answers (2 and 1) run
+    padded and in lock-step; the checkpoints' trainables and the saved adapter are gathered whole."""
+    tmp, cfg, _ = two
+    uneven = ("eval.max_rows=5", "eval.generate_rows=3", "eval.batch_size=2", apart(tmp))
+    res = zero2(tmp, "train", cfg, "name=zero3", *uneven, config=zero3_config(tmp))
+    assert res.returncode == 0, res.stderr[-4000:]
+    one = cli("train", cfg, "name=one3", "train.batch_size=8", *uneven)
+    assert one.returncode == 0, one.stderr[-3000:]
+    run, ref = tmp / "zero-runs" / "zero3", tmp / "zero-runs" / "one3"
+    for ra, rb in zip(step_lines(run), step_lines(ref), strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
+    got, want = adapter(run), adapter(ref)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+    shapes = [{k: tuple(v.shape) for k, v in load_file(str(r / "checkpoints" / "step-12" / "trainable.safetensors"))
+               .items()} for r in (run, ref)]
+    assert shapes[0] == shapes[1]
+    evals = [json.loads((r / "eval.json").read_text())["finetuned"]["validation"] for r in (run, ref)]
+    assert evals[0]["rows"] == 5 and evals[0].keys() == evals[1].keys()
+    for key in evals[1]:
+        assert evals[0][key] == pytest.approx(evals[1][key], rel=1e-5, abs=1e-6), key
 
 
 def test_zero2_pads_a_rank_with_fewer_micro_batches(tmp_path, tiny_llama):
@@ -208,13 +252,18 @@ def test_zero2_skips_a_non_finite_step_whole(two):
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
 
 
-def test_zero2_resume_after_killing_one_rank_matches_the_uninterrupted_run(two):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_resume_after_killing_one_rank_matches_the_uninterrupted_run(two, stage):
+    """Each rank reloads its own optimizer partition; under ZeRO-3 the trainables are written back whole
+    and partitioned again (with the fp32 master copy refreshed from them). The ZeRO-3 run also recomputes
+    its activations (gradient checkpointing, reentrant under ZeRO-3): the same numbers."""
     tmp, cfg, _ = two
-    run = tmp / "zero-runs" / "zero2-killed"
-    res = zero2(tmp, "train", cfg, "name=zero2-killed", apart(tmp), fault={"kill_on_collate": 7, "rank": 1})  # step 7
+    run, launch = tmp / "zero-runs" / f"zero{stage}-killed", {"config": zero3_config(tmp)} if stage == 3 else {}
+    args = ("train", cfg, f"name=zero{stage}-killed", apart(tmp), f"train.gradient_checkpointing={stage == 3}")
+    res = zero2(tmp, *args, fault={"kill_on_collate": 7, "rank": 1}, **launch)  # in step 7
     assert res.returncode != 0
     assert checkpoint_steps(run) == [4]
-    res = zero2(tmp, "train", cfg, "name=zero2-killed", apart(tmp), "--resume")
+    res = zero2(tmp, *args, "--resume", **launch)
     assert res.returncode == 0, res.stderr[-4000:]
     assert says(res.stdout + res.stderr, "step-4 (step 4 of 12)")
     want = adapter(tmp / "runs" / "two")
@@ -223,13 +272,12 @@ def test_zero2_resume_after_killing_one_rank_matches_the_uninterrupted_run(two):
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
 
 
-def test_zero2_refuses_what_it_would_silently_change(two):
+def test_deepspeed_refuses_what_it_would_silently_change(two):
     tmp, cfg, _ = two
     res = zero2(tmp, "train", cfg, "name=zero2-dp", apart(tmp), "privacy.noise_multiplier=1.0",
-                launch=("--zero_stage", "3"))
+                config="zero3.yaml")  # the shipped ZeRO-3 file
     assert res.returncode != 0  # each rank exits 2; the launcher reports a failed child
-    assert "cannot run under DeepSpeed" in res.stderr
-    assert "privacy (DP-SGD)" in res.stderr and "ZeRO stage 3" in res.stderr
+    assert "cannot run under DeepSpeed" in res.stderr and "privacy (DP-SGD)" in res.stderr
     assert not (tmp / "zero-runs" / "zero2-dp").exists()  # no half-made run left behind
 
 
@@ -350,3 +398,28 @@ def test_generate_sharded_takes_every_world_th_prompt_and_restores_the_order(mon
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda objs: parts[1] + parts[0])  # any rank order
     outputs, stopped = gen.generate_sharded(Rank(0), None, None, prompts)
     assert outputs == ["P0", "P1", "P2", "P3", "P4"] and stopped == [True] * 5
+
+
+def test_under_zero3_generation_pads_the_short_rank_and_runs_in_lock_step(monkeypatch):
+    """5 prompts on 2 ranks: rank 1 has 2, so it also answers a copy of prompt 0 (dropped), and both ask
+    generate for synced steps (each rank keeps stepping until all are done: a forward is a collective)."""
+    import accelerate.utils
+
+    from tunesmith.evaluation import generate as gen
+    from tunesmith.training import zero
+
+    prompts = [[{"role": "user", "content": f"p{i}"}] for i in range(5)]
+    calls = []
+
+    def fake(model, tok, ps, *a, synced=False, **k):
+        calls.append(([p[0]["content"] for p in ps], synced))
+        return [p[0]["content"].upper() for p in ps], [True] * len(ps)
+
+    class Rank:
+        process_index, num_processes = 1, 2
+
+    monkeypatch.setattr(zero, "gathers_in_forward", lambda acc: True)
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objs: objs)
+    outputs, _ = gen.generate_sharded(Rank(), None, None, prompts, fn=fake)
+    assert calls == [(["p1", "p3", "p0"], True)]
+    assert outputs == ["P1", "P3"]  # the pad's answer is not gathered

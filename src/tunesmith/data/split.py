@@ -8,6 +8,7 @@ import random
 import re
 import unicodedata
 from collections import defaultdict
+from typing import Callable
 
 from tunesmith.data.formats import Example
 
@@ -103,6 +104,13 @@ def sample_k(examples: list[Example], k: int, seed: int, stratify: bool) -> list
         random.Random(f"{seed}:k:{lab}").shuffle(order)
         chosen |= {id(members[j]) for j in order[: take[lab]]}
     return [ex for ex in examples if id(ex) in chosen]
+
+
+def demonstrations(examples: list[Example], k: int, seed: int, stratify: bool,
+                   turns: Callable[[Example], list[dict]]) -> list[dict]:
+    """k solved examples (sample_k) as earlier chat turns, for few-shot prompting: `turns` gives one
+    example's question and answer messages. The same k for every question of a split."""
+    return [m for ex in (sample_k(examples, k, seed, stratify) if k else []) for m in turns(ex)]
 
 
 def fingerprint(train: list[Example], validation: list[Example], seed: int) -> str:

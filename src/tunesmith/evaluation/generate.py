@@ -11,8 +11,10 @@ from tunesmith.data.tokenize import render_prompt
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict[str, str]]], max_new_tokens: int = 128,
-             batch_size: int = 8, device=None, label: str = "generate") -> tuple[list[str], list[bool]]:
-    """Return the decoded answers and, for each, whether it ended with EOS before the length limit."""
+             batch_size: int = 8, device=None, label: str = "generate",
+             synced: bool = False) -> tuple[list[str], list[bool]]:
+    """Return the decoded answers and, for each, whether it ended with EOS before the length limit.
+    `synced`: every rank keeps stepping until all have finished (ZeRO-3, whose forward is a collective)."""
     from tunesmith.training.progress import console
 
     was_training = model.training
@@ -29,7 +31,7 @@ def generate(model, tokenizer, prompts: list[list[dict[str, str]]], max_new_toke
             idx = order[start : start + batch_size]
             batch = {k: v.to(device) for k, v in left_pad([encoded[i] for i in idx], tokenizer.pad_token_id).items()}
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, synced_gpus=synced)
             for i, seq in zip(idx, out[:, batch["input_ids"].shape[1] :]):
                 outputs[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
                 stopped[i] = bool((seq == eos).any())
@@ -46,8 +48,15 @@ def generate_sharded(acc, model, tokenizer, prompts: list, *args, fn=None, **kwa
         return fn(model, tokenizer, prompts, *args, **kwargs)
     from accelerate.utils import gather_object
 
+    from tunesmith.training import zero
+
     mine = list(range(acc.process_index, len(prompts), acc.num_processes))
-    outputs, stopped = fn(model, tokenizer, [prompts[i] for i in mine], *args, **kwargs) if mine else ([], [])
+    ask = [prompts[i] for i in mine]
+    if zero.gathers_in_forward(acc):  # as many prompts on every rank (copies pad), generated in lock-step
+        ask += prompts[:1] * (-(-len(prompts) // acc.num_processes) - len(mine))
+        kwargs["synced"] = True
+    outputs, stopped = fn(model, tokenizer, ask, *args, **kwargs) if ask else ([], [])
+    outputs, stopped = outputs[: len(mine)], stopped[: len(mine)]
     gathered = gather_object([(i, o, st) for i, o, st in zip(mine, outputs, stopped)])
     ordered = sorted(gathered, key=lambda x: x[0])
     return [o for _, o, _ in ordered], [st for _, _, st in ordered]

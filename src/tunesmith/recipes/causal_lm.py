@@ -155,11 +155,10 @@ def evaluate(s: loop.Setup, which: str) -> dict:
 
 def few_shot_turns(s: loop.Setup, k: int) -> list[dict]:
     """k solved training rows as earlier chat turns (their system message, if any, left to the query)."""
-    from tunesmith.data.split import sample_k
+    from tunesmith.data.split import demonstrations
 
-    demos = sample_k(s.examples.splits["train"], k, s.cfg.seed, stratify=False)
-    return [m for ex in demos for m in [*(m for m in ex.prompt if m["role"] != "system"),
-                                        {"role": "assistant", "content": ex.completion}]]
+    return demonstrations(s.examples.splits["train"], k, s.cfg.seed, False, lambda ex: [
+        *(m for m in ex.prompt if m["role"] != "system"), {"role": "assistant", "content": ex.completion}])
 
 
 def few_shot_scores(s: loop.Setup, task, rows: list, k: int) -> dict:

@@ -130,13 +130,12 @@ class Prompter:
         return f"Classify the text as one of: {', '.join(self.labels)}. Answer with the label only.\n\nText: {text}"
 
     def predict(self, split: str, rows: list[LabeledRow], k: int = 0) -> list[str]:
-        from tunesmith.data.split import sample_k
+        from tunesmith.data.split import demonstrations
         from tunesmith.evaluation.generate import generate
 
         s = self.s
-        demos = sample_k(s.examples.splits["train"], k, s.cfg.seed, stratify=True) if k else []
-        turns = [m for ex in demos for m in ({"role": "user", "content": self.ask(ex.text)},
-                                             {"role": "assistant", "content": ex.label})]
+        turns = demonstrations(s.examples.splits["train"], k, s.cfg.seed, True, lambda ex: [
+            {"role": "user", "content": self.ask(ex.text)}, {"role": "assistant", "content": ex.label}])
         texts = {ex.where: ex.text for ex in s.examples.splits[split]}  # rows may have been dropped: align by origin
         prompts = [turns + [{"role": "user", "content": self.ask(texts[r.where])}] for r in rows]
         outputs, _ = generate(self.lm, self.tok, prompts, max_new_tokens=8, batch_size=s.cfg.eval.batch_size,

@@ -8,7 +8,6 @@ here runs the same sequence for all of them: base evaluation, fit, save, fine-tu
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from tunesmith.config import Config
@@ -39,9 +38,11 @@ from tunesmith.privacy.dp import DPSGD
 from tunesmith.privacy.sampling import PoissonPlan, units_of
 from tunesmith.training.early_stopping import EarlyStopper
 from tunesmith.training import trackers, zero
+from tunesmith.training.loss import causal_lm_loss_sum, chunked_loss_sum
 from tunesmith.training.guards import Precision, SpikeDetector, is_oom
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.plan import LengthGroupedPlan, ReplayPlan, ShuffledPlan
+from tunesmith.training.processes import device_kwargs, engine_name, process_state
 from tunesmith.training.progress import TrainProgress, console
 from tunesmith.training.signals import GracefulStop
 from tunesmith.training.watch import Watch
@@ -87,9 +88,14 @@ def build(cfg: Config, run: RunDir, examples: Examples, data: dict, tokenizer, m
                               cpu=device_kwargs()["cpu"], **trackers.accelerator_kwargs(cfg, run.path))
     if zero.engaged(accelerator):
         zero.check(cfg, accelerator)
+    if zero.gathers_in_forward(accelerator) and fns.get("loss_sum") is chunked_loss_sum:
+        # The chunked loss recomputes lm_head in the backward, after ZeRO-3 has freed its gathered weight.
+        fns["loss_sum"] = causal_lm_loss_sum
     if cfg.train.gradient_checkpointing:
-        # Non-reentrant checkpointing works with frozen inputs (LoRA) and with DDP's hooks.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) and with DDP's hooks. ZeRO-3 frees each
+        # gathered weight after its forward, which non-reentrant checkpointing kept a reference to.
+        reentrant = zero.gathers_in_forward(accelerator)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     optimizer = build_optimizer(model, cfg.train)
@@ -367,8 +373,10 @@ def selects_best(cfg: Config) -> bool:
 
 
 def train(cfg: Config, recipe, resume: bool = False, overwrite: bool = False, allow_drift: bool = False,
-          fallback: bool = False, on_eval: Callable[[int, dict], None] | None = None) -> RunDir:
-    """setup -> evaluate the base model -> fit -> save -> evaluate the fine-tuned model -> report."""
+          fallback: bool = False, on_eval: Callable[[int, dict], None] | None = None,
+          report_html: bool = True) -> RunDir:
+    """setup -> evaluate the base model -> fit -> save -> evaluate the fine-tuned model -> report.
+    `report_html=False` leaves report.html to the caller (a staged run writes it once its stages are known)."""
     state = process_state()
     if not state.is_main_process:
         console.quiet = True  # one process talks
@@ -428,7 +436,7 @@ def train(cfg: Config, recipe, resume: bool = False, overwrite: bool = False, al
     run.write_json("eval.json", report)
     run.update_run(status="finished", finished=time.time(), model_path=s.model_path, steps=summary["steps"])
     print_before_after(report)
-    if run.writer:
+    if run.writer and report_html:
         write_run_report(run)
     if torch.distributed.is_initialized():
         state.destroy_process_group()  # a clean exit under torchrun, without NCCL's leak warning
@@ -444,37 +452,6 @@ def write_run_report(run: RunDir) -> None:
     except Exception as err:  # noqa: BLE001 (any plotting failure must not lose a finished run)
         console.print(f"[yellow]report.html was not written: {type(err).__name__}: {err}; "
                       f"try `tunesmith report {run.path}`[/]")
-
-
-def process_state() -> PartialState:
-    """The launch's processes (one, or several under accelerate launch / torchrun). Without a GPU the
-    processes are CPU ranks over gloo; accelerate only picks that when told the run is CPU-only."""
-    state = PartialState(**device_kwargs())
-    engine = engine_name(state)
-    if engine in ("FSDP", "MEGATRON_LM"):
-        # Checkpoints hold whole tensors (safetensors) and resume needs them; sharded parameters
-        # would be saved as one rank's shard, so a resume would silently be wrong.
-        raise UserError(f"accelerate's {engine} engine is not supported yet: tunesmith runs DDP or DeepSpeed "
-                        "ZeRO-1/2 (parameters whole on every process)", hint="Launch with "
-                        "configs/accelerate/ddp.yaml or configs/accelerate/zero2.yaml, or with torchrun.")
-    return state
-
-
-def device_kwargs() -> dict:
-    """accelerate only starts DeepSpeed for a non-CPU state, and without a GPU that state has no
-    backend: so DeepSpeed on CPU is asked for as non-CPU over gloo, on DeepSpeed's CPU accelerator."""
-    if cpu_only() and zero.requested():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        return {"cpu": False, "backend": "gloo"}
-    return {"cpu": cpu_only()}
-
-
-def engine_name(state) -> str:
-    return str(state.distributed_type).split(".")[-1]
-
-
-def cpu_only() -> bool:
-    return not (torch.cuda.is_available() or torch.backends.mps.is_available())
 
 
 def open_run(cfg: Config, resume: bool, overwrite: bool, allow_drift: bool, fallback: bool) -> tuple:
@@ -499,10 +476,12 @@ def save_weights(s: Setup):
     """The adapter (LoRA) or full model plus tokenizer, in the format plain peft/transformers load.
     Returns the directory on the main process, None elsewhere."""
     model = s.accelerator.unwrap_model(s.model)
+    # ZeRO-3 holds a partition of each tensor: gather them whole (a collective, so on every rank).
+    whole = s.accelerator.get_state_dict(s.model) if zero.gathers_in_forward(s.accelerator) else None
     if not s.accelerator.is_main_process:
         return None
     target = s.run / ("adapter" if s.cfg.peft.method == "lora" else "model")
-    model.save_pretrained(target, safe_serialization=True)
+    model.save_pretrained(target, safe_serialization=True, **({"state_dict": whole} if whole else {}))
     s.tokenizer.save_pretrained(target)
     return target
 

@@ -7,6 +7,7 @@ tampered with, or made from other data or settings is refused before any trainin
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -21,32 +22,37 @@ REQUIRED = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors",
 
 def trainable_state(s) -> dict[str, torch.Tensor]:
     model = s.accelerator.unwrap_model(s.model)
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with zero.gathered(getattr(s, "engine", None), list(trainable.values())):  # ZeRO-3: whole tensors
+        return {n: p.detach().cpu().clone() for n, p in trainable.items()}
 
 
 def load_trainable(s, tensors: dict[str, torch.Tensor], source: str = "checkpoint weights") -> None:
     params = dict(s.accelerator.unwrap_model(s.model).named_parameters())
-    missing = sorted(set(n for n, p in params.items() if p.requires_grad) - set(tensors))
-    unexpected = sorted(set(tensors) - set(params))
-    shapes = [f"{n}: {tuple(t.shape)} in the checkpoint, {tuple(params[n].shape)} in the model"
-              for n, t in tensors.items() if n in params and t.shape != params[n].shape]
-    problems = [f"missing {n}" for n in missing] + [f"unexpected {n}" for n in unexpected] + shapes
-    if problems:
-        raise UserError(f"{source} do not match the model", problems[:10])
-    with torch.no_grad():
-        for name, value in tensors.items():
-            params[name].copy_(value)
-    if getattr(s, "engine", None) is not None:
-        zero.weights_changed(s.engine)
+    engine = getattr(s, "engine", None)
+    with zero.gathered(engine, [p for n, p in params.items() if n in tensors], modify=True):
+        missing = sorted(set(n for n, p in params.items() if p.requires_grad) - set(tensors))
+        unexpected = sorted(set(tensors) - set(params))
+        shapes = [f"{n}: {tuple(t.shape)} in the checkpoint, {tuple(params[n].shape)} in the model"
+                  for n, t in tensors.items() if n in params and t.shape != params[n].shape]
+        problems = [f"missing {n}" for n in missing] + [f"unexpected {n}" for n in unexpected] + shapes
+        if problems:
+            raise UserError(f"{source} do not match the model", problems[:10])
+        with torch.no_grad():
+            for name, value in tensors.items():
+                params[name].copy_(value)
+    if engine is not None:
+        zero.weights_changed(engine)
 
 
-def optimizer_of(s) -> torch.optim.Optimizer:
-    """The optimizer whose state a checkpoint holds: under DeepSpeed, this rank's partition of it."""
-    return s.optimizer if getattr(s, "engine", None) is None else zero.base_optimizer(s.engine)
+def optimizer_of(s):
+    """The optimizer whose state a checkpoint holds (a context): under DeepSpeed, this rank's partition."""
+    return nullcontext(s.optimizer) if getattr(s, "engine", None) is None else zero.base_optimizer(s.engine)
 
 
 def save_checkpoint(s, updates: int, data_step: int) -> None:
-    opt_meta, opt_tensors = ckpt.optimizer_to_tensors(optimizer_of(s))
+    with optimizer_of(s) as opt:
+        opt_meta, opt_tensors = ckpt.optimizer_to_tensors(opt)
     rng_meta, rng_tensors = ckpt.rng_state()
     tensors = {"trainable.safetensors": trainable_state(s), "optimizer.safetensors": opt_tensors,
                "rng.safetensors": rng_tensors}
@@ -129,11 +135,12 @@ def restore(s, path: Path, allow_drift: bool = False) -> tuple[int, int]:
                         "no guarantee.")
     load_trainable(s, tensors["trainable.safetensors"], f"{path}/trainable.safetensors")
     rank = s.accelerator.process_index
-    if s.engine is not None and rank:
-        own = path / f"optimizer-rank{rank}.safetensors"
-        ckpt.optimizer_from_tensors(optimizer_of(s), ckpt.load_part_meta(own), tensors[own.name])
-    else:
-        ckpt.optimizer_from_tensors(optimizer_of(s), state["optimizer"], tensors["optimizer.safetensors"])
+    with optimizer_of(s) as opt:
+        if s.engine is not None and rank:  # this rank's ZeRO partition, its metadata in the file's header
+            own = path / f"optimizer-rank{rank}.safetensors"
+            ckpt.optimizer_from_tensors(opt, ckpt.load_part_meta(own), tensors[own.name])
+        else:
+            ckpt.optimizer_from_tensors(opt, state["optimizer"], tensors["optimizer.safetensors"])
     # The rate comes from this config's schedule, not the checkpoint's param_groups: identical without
     # drift, and with --allow-drift a changed train.lr applies from the first resumed update.
     sched = s.scheduler

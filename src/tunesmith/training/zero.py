@@ -1,17 +1,18 @@
-"""DeepSpeed ZeRO (stages 1 and 2) under tunesmith's own loop, through accelerate.
+"""DeepSpeed ZeRO (stages 1, 2 and 3) under tunesmith's own loop, through accelerate.
 
 accelerate's DeepSpeed wrapper steps inside `backward()`; tunesmith must see the step's loss before
 deciding to apply it (non-finite and spike skips), so the loop drives the engine itself: it marks the
 last micro-batch as the accumulation boundary, calls `engine.step()` only for a step it keeps, and
-discards the reduced gradients of one it skips. ZeRO-2 partitions gradients and optimizer state;
-the parameters stay whole on every rank, so evaluation, generation and saving work as under DDP.
-ZeRO-3 (sharded parameters) is refused: every forward then gathers parameters collectively, and
-tunesmith's evaluation and generation run different numbers of forwards on each rank.
+discards the reduced gradients of one it skips. ZeRO-2 partitions gradients and optimizer state; ZeRO-3
+partitions the parameters too, and gathers them in every forward (a collective): so under ZeRO-3 every
+rank runs as many forwards as the busiest (training, evaluation and generation pad the short ranks),
+and whole tensors are gathered for checkpoints and the saved adapter.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -32,9 +33,8 @@ def check(cfg, accelerator) -> None:
     plugin = accelerator.state.deepspeed_plugin
     stage = plugin.zero_stage
     problems = []
-    if stage not in (1, 2):
-        problems.append(f"ZeRO stage {stage}: sharded parameters are gathered in every forward, a collective, "
-                        "and tunesmith's evaluation runs uneven forwards per rank; use stage 2")
+    if stage not in (1, 2, 3):
+        problems.append(f"ZeRO stage {stage}: tunesmith runs stages 1, 2 and 3")
     if cfg.privacy is not None:
         problems.append("privacy (DP-SGD): per-example clipping needs each example's gradient, which ZeRO "
                         "reduces and partitions first")
@@ -55,6 +55,25 @@ def check(cfg, accelerator) -> None:
     # The pre-clip norm is what tunesmith logs; 0 turns DeepSpeed's clipping off.
     ds["gradient_clipping"] = float(t.max_grad_norm or 0.0)
     ds["zero_allow_untested_optimizer"] = True  # tunesmith's torch AdamW is the client optimizer
+    if stage == 3:  # the adapter or model is saved whole, gathered from every rank's partition
+        ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def gathers_in_forward(accelerator) -> bool:
+    """ZeRO-3: every forward is a collective, so all ranks must run the same number of them."""
+    if not str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED"):
+        return False
+    return accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+def gathered(engine, params: list, modify: bool = False):
+    """Whole tensors of ZeRO-3-partitioned `params` inside the block (a collective: every rank enters);
+    with `modify`, what the block writes is partitioned again on the way out. Elsewhere a no-op."""
+    if engine is None or engine.zero_optimization_stage() != 3:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
 
 
 def backward(engine, loss: torch.Tensor, boundary: bool) -> None:
@@ -75,11 +94,14 @@ def step(engine) -> float:
 def discard(engine) -> None:
     """Drop a reduced step that tunesmith decided not to apply, with the resets DeepSpeed's own step
     makes for an overflowed one, so the next step starts from zero gradients and an unchanged
-    optimizer. In the configurations the tests run, ZeRO-2 would also have overwritten these buffers
+    optimizer. In the configurations the tests run, ZeRO would also have overwritten these buffers
     in the next step; this does not rely on that."""
+    opt = engine.optimizer
+    if engine.zero_optimization_stage() == 3:
+        opt._overflow_clean_up(opt.loss_scale)
+        return
     from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
 
-    opt = engine.optimizer
     opt.micro_step_id = INITIAL_MICRO_STEP_ID
     opt.zero_grad(set_to_none=True)
     if hasattr(opt, "_release_preflattened_grad_buffers"):
@@ -89,9 +111,19 @@ def discard(engine) -> None:
             buffers[key] = None
 
 
-def base_optimizer(engine) -> torch.optim.Optimizer:
-    """The torch optimizer over this rank's fp32 partition: what a checkpoint saves per rank."""
-    return engine.optimizer.optimizer
+@contextmanager
+def base_optimizer(engine):
+    """The torch optimizer over this rank's fp32 partition: what a checkpoint saves per rank. ZeRO-3
+    lists its partitions in the optimizer's param groups only around a step (and its own saves)."""
+    opt = engine.optimizer
+    stage3 = engine.zero_optimization_stage() == 3
+    if stage3:
+        opt._set_fp32_optimizer_param_groups()
+    try:
+        yield opt.optimizer
+    finally:
+        if stage3:
+            opt._clear_fp32_optimizer_param_groups()
 
 
 def weights_changed(engine) -> None:
