@@ -106,7 +106,7 @@ def test_the_shipped_accelerate_config_trains_like_torchrun(two):
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
 
 
-def test_sharding_engines_are_refused_with_a_clear_message(monkeypatch):
+def test_megatron_is_refused_with_a_clear_message_and_the_other_engines_run(monkeypatch):
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -114,11 +114,10 @@ def test_sharding_engines_are_refused_with_a_clear_message(monkeypatch):
     from tunesmith.errors import UserError
     from tunesmith.training import processes
 
-    for engine in (DistributedType.FSDP, DistributedType.MEGATRON_LM):
-        monkeypatch.setattr(processes, "PartialState", lambda cpu, e=engine: SimpleNamespace(distributed_type=e))
-        with pytest.raises(UserError, match=f"{engine.name} engine is not supported yet"):
-            processes.process_state()
-    for engine in (DistributedType.MULTI_GPU, DistributedType.DEEPSPEED):
+    monkeypatch.setattr(processes, "PartialState", lambda cpu: SimpleNamespace(distributed_type="MEGATRON_LM"))
+    with pytest.raises(UserError, match="MEGATRON_LM engine is not supported"):
+        processes.process_state()
+    for engine in (DistributedType.MULTI_GPU, DistributedType.DEEPSPEED, DistributedType.FSDP):
         monkeypatch.setattr(processes, "PartialState", lambda cpu, e=engine: SimpleNamespace(distributed_type=e))
         assert processes.process_state().distributed_type == engine
 
@@ -186,17 +185,22 @@ def zero3_config(tmp: Path) -> Path:
     return launch_config
 
 
-def test_zero3_shards_the_parameters_and_trains_evaluates_and_saves_like_one_process(two):
-    """ZeRO-3 partitions the parameters too, and every forward gathers them (a collective). Evaluation of
-    5 rows in batches of 2 (rank 0: two batches, rank 1: one) and generation of 3 answers (2 and 1) run
-    padded and in lock-step; the checkpoints' trainables and the saved adapter are gathered whole."""
+@pytest.mark.parametrize("engine", ["zero3", "fsdp"])
+def test_sharded_parameters_train_evaluate_and_save_like_one_process(two, engine):
+    """ZeRO-3 and FSDP partition the parameters, and every forward gathers them (a collective). Evaluation
+    of 5 rows in batches of 2 (rank 0: two batches, rank 1: one) and generation of 3 answers (2 and 1) run
+    padded and in lock-step; the checkpoints' trainables and the saved adapter are gathered whole. FSDP
+    runs through the shipped configs/accelerate/fsdp.yaml (on CPU ranks tunesmith engages it itself)."""
     tmp, cfg, _ = two
     uneven = ("eval.max_rows=5", "eval.generate_rows=3", "eval.batch_size=2", apart(tmp))
-    res = zero2(tmp, "train", cfg, "name=zero3", *uneven, config=zero3_config(tmp))
+    launch = zero3_config(tmp) if engine == "zero3" else "fsdp.yaml"
+    res = zero2(tmp, "train", cfg, f"name={engine}", *uneven, config=launch)
     assert res.returncode == 0, res.stderr[-4000:]
-    one = cli("train", cfg, "name=one3", "train.batch_size=8", *uneven)
-    assert one.returncode == 0, one.stderr[-3000:]
-    run, ref = tmp / "zero-runs" / "zero3", tmp / "zero-runs" / "one3"
+    if not (tmp / "zero-runs" / "one3").exists():
+        one = cli("train", cfg, "name=one3", "train.batch_size=8", *uneven)
+        assert one.returncode == 0, one.stderr[-3000:]
+    run, ref = tmp / "zero-runs" / engine, tmp / "zero-runs" / "one3"
+    assert json.loads((run / "run.json").read_text())["distributed"] == ("FSDP" if engine == "fsdp" else "DEEPSPEED")
     for ra, rb in zip(step_lines(run), step_lines(ref), strict=True):
         assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
     got, want = adapter(run), adapter(ref)
@@ -252,14 +256,15 @@ def test_zero2_skips_a_non_finite_step_whole(two):
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_resume_after_killing_one_rank_matches_the_uninterrupted_run(two, stage):
-    """Each rank reloads its own optimizer partition; under ZeRO-3 the trainables are written back whole
-    and partitioned again (with the fp32 master copy refreshed from them). The ZeRO-3 run also recomputes
-    its activations (gradient checkpointing, reentrant under ZeRO-3): the same numbers."""
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp"])
+def test_sharded_resume_after_killing_one_rank_matches_the_uninterrupted_run(two, engine):
+    """Each rank reloads its own optimizer partition; under ZeRO-3 and FSDP the trainables are written back
+    whole and partitioned again (ZeRO-3: with the fp32 master copy refreshed from them). The ZeRO-3 and FSDP
+    runs also recompute activations (gradient checkpointing, reentrant there): the same numbers."""
     tmp, cfg, _ = two
-    run, launch = tmp / "zero-runs" / f"zero{stage}-killed", {"config": zero3_config(tmp)} if stage == 3 else {}
-    args = ("train", cfg, f"name=zero{stage}-killed", apart(tmp), f"train.gradient_checkpointing={stage == 3}")
+    run = tmp / "zero-runs" / f"{engine}-killed"
+    launch = {"zero2": {}, "zero3": {"config": zero3_config(tmp)}, "fsdp": {"config": "fsdp.yaml"}}[engine]
+    args = ("train", cfg, f"name={engine}-killed", apart(tmp), f"train.gradient_checkpointing={engine != 'zero2'}")
     res = zero2(tmp, *args, fault={"kill_on_collate": 7, "rank": 1}, **launch)  # in step 7
     assert res.returncode != 0
     assert checkpoint_steps(run) == [4]
@@ -277,7 +282,7 @@ def test_deepspeed_refuses_what_it_would_silently_change(two):
     res = zero2(tmp, "train", cfg, "name=zero2-dp", apart(tmp), "privacy.noise_multiplier=1.0",
                 config="zero3.yaml")  # the shipped ZeRO-3 file
     assert res.returncode != 0  # each rank exits 2; the launcher reports a failed child
-    assert "cannot run under DeepSpeed" in res.stderr and "privacy (DP-SGD)" in res.stderr
+    assert "cannot run under DEEPSPEED" in res.stderr and "privacy (DP-SGD)" in res.stderr
     assert not (tmp / "zero-runs" / "zero2-dp").exists()  # no half-made run left behind
 
 
@@ -400,13 +405,13 @@ def test_generate_sharded_takes_every_world_th_prompt_and_restores_the_order(mon
     assert outputs == ["P0", "P1", "P2", "P3", "P4"] and stopped == [True] * 5
 
 
-def test_under_zero3_generation_pads_the_short_rank_and_runs_in_lock_step(monkeypatch):
+def test_under_a_sharded_engine_generation_pads_the_short_rank_and_runs_in_lock_step(monkeypatch):
     """5 prompts on 2 ranks: rank 1 has 2, so it also answers a copy of prompt 0 (dropped), and both ask
     generate for synced steps (each rank keeps stepping until all are done: a forward is a collective)."""
     import accelerate.utils
 
     from tunesmith.evaluation import generate as gen
-    from tunesmith.training import zero
+    from tunesmith.training import processes
 
     prompts = [[{"role": "user", "content": f"p{i}"}] for i in range(5)]
     calls = []
@@ -418,7 +423,7 @@ def test_under_zero3_generation_pads_the_short_rank_and_runs_in_lock_step(monkey
     class Rank:
         process_index, num_processes = 1, 2
 
-    monkeypatch.setattr(zero, "gathers_in_forward", lambda acc: True)
+    monkeypatch.setattr(processes, "collective_forward", lambda acc: True)
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda objs: objs)
     outputs, _ = gen.generate_sharded(Rank(), None, None, prompts, fn=fake)
     assert calls == [(["p1", "p3", "p0"], True)]

@@ -48,11 +48,11 @@ def generate_sharded(acc, model, tokenizer, prompts: list, *args, fn=None, **kwa
         return fn(model, tokenizer, prompts, *args, **kwargs)
     from accelerate.utils import gather_object
 
-    from tunesmith.training import zero
+    from tunesmith.training.processes import collective_forward
 
     mine = list(range(acc.process_index, len(prompts), acc.num_processes))
     ask = [prompts[i] for i in mine]
-    if zero.gathers_in_forward(acc):  # as many prompts on every rank (copies pad), generated in lock-step
+    if collective_forward(acc):  # as many prompts on every rank (copies pad), generated in lock-step
         ask += prompts[:1] * (-(-len(prompts) // acc.num_processes) - len(mine))
         kwargs["synced"] = True
     outputs, stopped = fn(model, tokenizer, ask, *args, **kwargs) if ask else ([], [])

@@ -8,7 +8,7 @@ import torch
 
 from tunesmith.data.collate import collate
 from tunesmith.data.tokenize import Tokenized
-from tunesmith.training import zero
+from tunesmith.training.processes import collective_forward
 from tunesmith.training.loss import causal_lm_loss_sum
 
 
@@ -26,8 +26,8 @@ def evaluate_loss(model, rows: list[Tokenized], batch_size: int, pad_id: int, de
     if acc is not None and acc.num_processes > 1:
         rows = rows[acc.process_index :: acc.num_processes]
     batches = math.ceil(len(rows) / batch_size)
-    if acc is not None and zero.gathers_in_forward(acc):
-        # ZeRO-3's forward is a collective: every rank runs as many as the busiest, the extra ones unscored.
+    if acc is not None and collective_forward(acc):
+        # Under ZeRO-3/FSDP a forward is a collective: every rank runs as many as the busiest, the extra ones unscored.
         batches = math.ceil(math.ceil(n_rows / acc.num_processes) / batch_size)
     total, tokens = 0.0, 0
     for i in range(0, batches * batch_size, batch_size):

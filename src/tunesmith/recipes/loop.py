@@ -42,7 +42,9 @@ from tunesmith.training.loss import causal_lm_loss_sum, chunked_loss_sum
 from tunesmith.training.guards import Precision, SpikeDetector, is_oom
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.plan import LengthGroupedPlan, ReplayPlan, ShuffledPlan
-from tunesmith.training.processes import device_kwargs, engine_name, process_state
+from tunesmith.training import processes
+from tunesmith.training.checkpoint import whole as whole_tensor
+from tunesmith.training.processes import collective_forward, device_kwargs, engine_name, process_state
 from tunesmith.training.progress import TrainProgress, console
 from tunesmith.training.signals import GracefulStop
 from tunesmith.training.watch import Watch
@@ -86,15 +88,14 @@ def build(cfg: Config, run: RunDir, examples: Examples, data: dict, tokenizer, m
     # fp16 is handled by Precision (its own GradScaler): accelerate has none on CPU.
     accelerator = Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
                               cpu=device_kwargs()["cpu"], **trackers.accelerator_kwargs(cfg, run.path))
-    if zero.engaged(accelerator):
-        zero.check(cfg, accelerator)
-    if zero.gathers_in_forward(accelerator) and fns.get("loss_sum") is chunked_loss_sum:
-        # The chunked loss recomputes lm_head in the backward, after ZeRO-3 has freed its gathered weight.
+    processes.engage(cfg, accelerator)  # DeepSpeed or FSDP settled (and refusals) before the model is wrapped
+    if collective_forward(accelerator) and fns.get("loss_sum") is chunked_loss_sum:
+        # The chunked loss recomputes lm_head in the backward, after ZeRO-3/FSDP has freed the gathered weight.
         fns["loss_sum"] = causal_lm_loss_sum
     if cfg.train.gradient_checkpointing:
-        # Non-reentrant checkpointing works with frozen inputs (LoRA) and with DDP's hooks. ZeRO-3 frees each
-        # gathered weight after its forward, which non-reentrant checkpointing kept a reference to.
-        reentrant = zero.gathers_in_forward(accelerator)
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) and with DDP's hooks. ZeRO-3 and FSDP
+        # free each gathered weight after its forward, which non-reentrant checkpointing kept a reference to.
+        reentrant = collective_forward(accelerator)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
@@ -253,10 +254,10 @@ def accumulate(s: Setup, step: int, step_rows: list[int], n_targets: int) -> tup
         micro = [[rows[i] for i in m] for m in s.plan.split(step_rows)]
         if not micro and s.dp is not None:
             return 0.0, 0, []  # Poisson sampling drew no rows: the step is noise only
-        # A short last step can leave a rank no rows: a zero-weight pass keeps DDP in step. ZeRO-2 reduces
-        # gradients in every backward (a collective), so there every rank runs as many as the busiest.
+        # A short last step can leave a rank no rows: a zero-weight pass keeps DDP in step. ZeRO and FSDP
+        # reduce gradients in every backward (a collective), so there every rank runs as many as the busiest.
         weights, most = [1.0] * len(micro), max(len(micro), 1)
-        if s.engine is not None and acc.num_processes > 1:
+        if processes.sharded(acc) and acc.num_processes > 1:
             most = int(acc.gather(torch.tensor([most], device=acc.device)).max())
         micro += [[rows[s.plan.step_rows(step)[0]]]] * (most - len(micro))
         weights += [0.0] * (most - len(weights))
@@ -476,8 +477,14 @@ def save_weights(s: Setup):
     """The adapter (LoRA) or full model plus tokenizer, in the format plain peft/transformers load.
     Returns the directory on the main process, None elsewhere."""
     model = s.accelerator.unwrap_model(s.model)
-    # ZeRO-3 holds a partition of each tensor: gather them whole (a collective, so on every rank).
-    whole = s.accelerator.get_state_dict(s.model) if zero.gathers_in_forward(s.accelerator) else None
+    # ZeRO-3 and FSDP hold a partition of each tensor: gather them whole (a collective, so on every rank).
+    whole = None
+    if processes.fsdp(s.accelerator):  # the adapter's tensors (LoRA) or every tensor, each full_tensor()
+        named = model.named_parameters() if s.cfg.peft.method == "lora" else model.state_dict().items()
+        whole = {n: whole_tensor(t.detach()).cpu().clone() for n, t in named
+                 if s.cfg.peft.method != "lora" or t.requires_grad}
+    elif collective_forward(s.accelerator):
+        whole = s.accelerator.get_state_dict(s.model)
     if not s.accelerator.is_main_process:
         return None
     target = s.run / ("adapter" if s.cfg.peft.method == "lora" else "model")

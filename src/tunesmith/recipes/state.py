@@ -24,7 +24,7 @@ def trainable_state(s) -> dict[str, torch.Tensor]:
     model = s.accelerator.unwrap_model(s.model)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     with zero.gathered(getattr(s, "engine", None), list(trainable.values())):  # ZeRO-3: whole tensors
-        return {n: p.detach().cpu().clone() for n, p in trainable.items()}
+        return {n: ckpt.whole(p.detach()).cpu().clone() for n, p in trainable.items()}  # FSDP: full_tensor
 
 
 def load_trainable(s, tensors: dict[str, torch.Tensor], source: str = "checkpoint weights") -> None:
@@ -40,7 +40,7 @@ def load_trainable(s, tensors: dict[str, torch.Tensor], source: str = "checkpoin
             raise UserError(f"{source} do not match the model", problems[:10])
         with torch.no_grad():
             for name, value in tensors.items():
-                params[name].copy_(value)
+                params[name].copy_(ckpt.like(params[name], value))
     if engine is not None:
         zero.weights_changed(engine)
 
@@ -48,6 +48,13 @@ def load_trainable(s, tensors: dict[str, torch.Tensor], source: str = "checkpoin
 def optimizer_of(s):
     """The optimizer whose state a checkpoint holds (a context): under DeepSpeed, this rank's partition."""
     return nullcontext(s.optimizer) if getattr(s, "engine", None) is None else zero.base_optimizer(s.engine)
+
+
+def partitioned(s) -> bool:
+    """Each rank holds its own part of the optimizer state (DeepSpeed ZeRO, FSDP): each saves it."""
+    from tunesmith.training.processes import sharded
+
+    return s.accelerator.num_processes > 1 and sharded(s.accelerator)
 
 
 def save_checkpoint(s, updates: int, data_step: int) -> None:
@@ -77,7 +84,7 @@ def save_checkpoint(s, updates: int, data_step: int) -> None:
             acc.wait_for_everyone()
             staging, rank = ckpt.staging_dir(root, updates), acc.process_index
             ckpt.write_part(staging, {f"rng-rank{rank}.safetensors": rng_tensors}, rng_meta)
-            if s.engine is not None:  # ZeRO partitions the optimizer state: each rank saves its own
+            if partitioned(s):  # ZeRO and FSDP partition the optimizer state: each rank saves its own
                 ckpt.write_part(staging, {f"optimizer-rank{rank}.safetensors": opt_tensors}, opt_meta)
             acc.wait_for_everyone()
     if acc.is_main_process:
@@ -136,7 +143,7 @@ def restore(s, path: Path, allow_drift: bool = False) -> tuple[int, int]:
     load_trainable(s, tensors["trainable.safetensors"], f"{path}/trainable.safetensors")
     rank = s.accelerator.process_index
     with optimizer_of(s) as opt:
-        if s.engine is not None and rank:  # this rank's ZeRO partition, its metadata in the file's header
+        if partitioned(s) and rank:  # this rank's partition, its metadata in the file's header
             own = path / f"optimizer-rank{rank}.safetensors"
             ckpt.optimizer_from_tensors(opt, ckpt.load_part_meta(own), tensors[own.name])
         else:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from tunesmith.errors import TrainingHalted, UserError
 
@@ -67,22 +68,42 @@ def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """An FSDP (DTensor) parameter's whole value, gathered from every rank (a collective); else `t`."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value` (whole) laid out like `param`: for an FSDP parameter, this rank's shard of it."""
+    if isinstance(param, DTensor):
+        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+    return value
+
+
 def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Optimizer state as tensors plus JSON. Under FSDP the state is sharded like the parameters: this
+    rank's shard is saved (each rank writes its own part)."""
     sd = opt.state_dict()
     tensors, scalars = {}, {}
     for pid, st in sd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+                local = v.to_local() if isinstance(v, DTensor) else v
+                tensors[f"{pid}.{k}"] = local.detach().cpu().contiguous()
             else:
                 scalars[f"{pid}.{k}"] = v
     return {"param_groups": sd["param_groups"], "scalars": scalars}, tensors
 
 
 def optimizer_from_tensors(opt: torch.optim.Optimizer, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    params = [p for group in opt.param_groups for p in group["params"]]  # the order state ids count in
     state: dict[int, dict] = {}
     for key, v in list(tensors.items()) + list(meta["scalars"].items()):
         pid, name = key.split(".", 1)
+        param = params[int(pid)] if int(pid) < len(params) else None
+        if isinstance(param, DTensor) and torch.is_tensor(v) and v.dim():  # this rank's shard, back in place
+            v = DTensor.from_local(v.to(param.device), param.device_mesh, param.placements, shape=param.shape,
+                                   stride=param.stride())
         state.setdefault(int(pid), {})[name] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 

@@ -1,5 +1,9 @@
 """The launch's processes: one, or several under `accelerate launch` / `torchrun`, and which engine
-accelerate picked for them (DDP, DeepSpeed; FSDP and Megatron-LM are refused)."""
+accelerate picked for them: DDP, DeepSpeed ZeRO (zero.py) or FSDP2; Megatron-LM is refused.
+
+Sharded engines (ZeRO-3, FSDP) gather parameters in every forward, a collective: every rank must run
+as many forwards as the busiest, so training, evaluation and generation pad the short ranks.
+"""
 
 from __future__ import annotations
 
@@ -17,13 +21,60 @@ def process_state() -> PartialState:
     processes are CPU ranks over gloo; accelerate only picks that when told the run is CPU-only."""
     state = PartialState(**device_kwargs())
     engine = engine_name(state)
-    if engine in ("FSDP", "MEGATRON_LM"):
-        # Checkpoints hold whole tensors (safetensors) and resume needs them; tunesmith gathers them for
-        # DeepSpeed, but not (yet) for FSDP, whose shards it would save as one rank's: a wrong resume.
-        raise UserError(f"accelerate's {engine} engine is not supported yet: tunesmith runs DDP or DeepSpeed "
-                        "ZeRO (stages 1 to 3)", hint="Launch with configs/accelerate/ddp.yaml, zero2.yaml or "
-                        "zero3.yaml, or with torchrun.")
+    if engine == "MEGATRON_LM":
+        raise UserError("accelerate's MEGATRON_LM engine is not supported: tunesmith runs DDP, DeepSpeed ZeRO "
+                        "or FSDP", hint="Launch with configs/accelerate/ddp.yaml, zero2.yaml, zero3.yaml or "
+                        "fsdp.yaml, or with torchrun.")
     return state
+
+
+def engage(cfg, accelerator) -> None:
+    """Settle the engine before the model is wrapped. accelerate selects FSDP for GPUs only; on CPU ranks
+    an FSDP launch is engaged here (torch's FSDP2 runs over gloo). Then refuse what sharding changes."""
+    cpu_fsdp(accelerator)
+    if not sharded(accelerator):
+        return
+    problems = []
+    if cfg.privacy is not None:
+        problems.append("privacy (DP-SGD): per-example clipping needs each example's whole gradient, which the "
+                        "engine reduces and partitions first")
+    if cfg.retention.l2sp:
+        problems.append("retention.l2sp: its gradient is added after backward, to whole tensors")
+    if cfg.train.precision == "fp16":
+        problems.append("train.precision fp16: use bf16 (tunesmith's loss scaler works on whole gradients)")
+    if fsdp(accelerator) and accelerator.state.fsdp_plugin.fsdp_version != 2:
+        problems.append("FSDP version 1: tunesmith runs FSDP2 (fsdp_version: 2)")
+    if problems:
+        raise UserError(f"This config cannot run under {engine_name(accelerator)}", problems,
+                        hint="Launch with configs/accelerate/ddp.yaml instead, or change the settings above.")
+    if zero.engaged(accelerator):
+        zero.configure(cfg, accelerator)
+
+
+def cpu_fsdp(accelerator) -> None:
+    """An FSDP launch on CPU ranks: accelerate leaves it MULTI_CPU (DDP), so set FSDP on its state, with
+    the plugin made from the launch's FSDP_* settings (as accelerate's own tests do). On the process
+    state too: every AcceleratorState() copies the engine from it."""
+    if cpu_only() and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" \
+            and engine_name(accelerator) == "MULTI_CPU":
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
+
+
+def fsdp(accelerator) -> bool:
+    return engine_name(accelerator) == "FSDP"
+
+
+def sharded(accelerator) -> bool:
+    """DeepSpeed or FSDP: gradients (and optimizer state) partitioned across the ranks."""
+    return zero.engaged(accelerator) or fsdp(accelerator)
+
+
+def collective_forward(accelerator) -> bool:
+    """Whether every forward gathers parameters (ZeRO-3, FSDP): then all ranks run the same number."""
+    return fsdp(accelerator) or zero.gathers_in_forward(accelerator)
 
 
 def device_kwargs() -> dict:
@@ -36,7 +87,7 @@ def device_kwargs() -> dict:
 
 
 def engine_name(state) -> str:
-    return str(state.distributed_type).split(".")[-1]
+    return str(getattr(state, "distributed_type", "NO")).split(".")[-1]
 
 
 def cpu_only() -> bool:

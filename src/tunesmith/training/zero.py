@@ -28,25 +28,13 @@ def engaged(accelerator) -> bool:
     return str(accelerator.distributed_type).endswith("DEEPSPEED")
 
 
-def check(cfg, accelerator) -> None:
-    """Refuse what the engine would silently change; fill the batch fields accelerate leaves 'auto'."""
+def configure(cfg, accelerator) -> None:
+    """Fill the batch fields accelerate leaves 'auto' from the config (processes.engage refuses the
+    settings no sharded engine can honour first)."""
     plugin = accelerator.state.deepspeed_plugin
     stage = plugin.zero_stage
-    problems = []
     if stage not in (1, 2, 3):
-        problems.append(f"ZeRO stage {stage}: tunesmith runs stages 1, 2 and 3")
-    if cfg.privacy is not None:
-        problems.append("privacy (DP-SGD): per-example clipping needs each example's gradient, which ZeRO "
-                        "reduces and partitions first")
-    if cfg.retention.l2sp:
-        problems.append("retention.l2sp: its gradient is added after backward, where ZeRO has already "
-                        "partitioned the gradients")
-    if cfg.train.precision == "fp16":
-        problems.append("train.precision fp16: use bf16 (DeepSpeed's own fp16 loss scaler would replace "
-                        "tunesmith's)")
-    if problems:
-        raise UserError("This config cannot run under DeepSpeed", problems,
-                        hint="Launch with configs/accelerate/ddp.yaml instead, or change the settings above.")
+        raise UserError(f"DeepSpeed ZeRO stage {stage}: tunesmith runs stages 1, 2 and 3")
     ds = plugin.deepspeed_config
     t = cfg.train
     ds["train_micro_batch_size_per_gpu"] = t.batch_size
