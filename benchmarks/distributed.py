@@ -1,5 +1,5 @@
-"""One process against two (torchrun DDP, and DeepSpeed ZeRO-2 through accelerate launch; gloo on CPU)
-on the embedded SmolLM2 and Alpaca: tokens/s and loss.
+"""One process against two (torchrun DDP; DeepSpeed ZeRO-2, ZeRO-3 and FSDP2 through accelerate launch;
+gloo on CPU) on the embedded SmolLM2 and Alpaca: tokens/s and loss.
 
 Run:  .venv/bin/python benchmarks/distributed.py [--steps 6]
 
@@ -32,8 +32,10 @@ def main() -> None:
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tunesmith-ddp-"))
     results = []
-    for name, procs in (("1 process", 1), ("2 processes, DDP (torchrun)", 2),
-                        ("2 processes, DeepSpeed ZeRO-2 (accelerate launch)", 2)):
+    for name, procs, launch in (("1 process", 1, None), ("2 processes, DDP (torchrun)", 2, None),
+                                ("2 processes, DeepSpeed ZeRO-2", 2, "zero2.yaml"),
+                                ("2 processes, DeepSpeed ZeRO-3", 2, "zero3.yaml"),
+                                ("2 processes, FSDP2", 2, "fsdp.yaml")):
         key = f"v{len(results)}"
         cfg = {"name": key, "output_dir": str(work / "runs"), "model": {"name": "smollm2-135m-instruct"},
                "peft": {"method": "lora", "r": 16, "dropout": 0.0},
@@ -48,12 +50,12 @@ def main() -> None:
             port = str(sock.getsockname()[1])
         if procs == 1:
             cmd = [sys.executable, "-m", "tunesmith", "train", str(path)]
-        elif "DDP" in name:
+        elif launch is None:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                    "-m", "tunesmith", "train", str(path)]
         else:
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   str(ROOT / "configs" / "accelerate" / "zero2.yaml"), "--main_process_port", port,
+                   str(ROOT / "configs" / "accelerate" / launch), "--main_process_port", port,
                    "-m", "tunesmith", "train", str(path)]
         start = time.time()
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(2 // procs)})

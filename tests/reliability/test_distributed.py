@@ -428,3 +428,24 @@ def test_under_a_sharded_engine_generation_pads_the_short_rank_and_runs_in_lock_
     outputs, _ = gen.generate_sharded(Rank(), None, None, prompts, fn=fake)
     assert calls == [(["p1", "p3", "p0"], True)]
     assert outputs == ["P1", "P3"]  # the pad's answer is not gathered
+
+
+@pytest.mark.parametrize("engine", ["zero3", "fsdp"])
+def test_sharded_full_fine_tuning_saves_the_whole_model_of_one_process(two, engine):
+    """Full fine-tuning with every parameter partitioned: the saved model directory (gathered whole) holds
+    what one process trains."""
+    from transformers import AutoModelForCausalLM
+
+    tmp, cfg, _ = two
+    full = ("peft.method=full", "train.lr=1e-3", "train.max_steps=4", apart(tmp))
+    launch = zero3_config(tmp) if engine == "zero3" else "fsdp.yaml"
+    res = zero2(tmp, "train", cfg, f"name=full-{engine}", *full, config=launch)
+    assert res.returncode == 0, res.stderr[-4000:]
+    if not (tmp / "zero-runs" / "full-one").exists():
+        one = cli("train", cfg, "name=full-one", "train.batch_size=8", *full)
+        assert one.returncode == 0, one.stderr[-3000:]
+    got, want = (AutoModelForCausalLM.from_pretrained(tmp / "zero-runs" / n / "model").state_dict()
+                 for n in (f"full-{engine}", "full-one"))
+    assert sorted(got) == sorted(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
