@@ -44,6 +44,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", 
 #   nan_from: k            the same for every data step >= k
 #   skip_rng_restore: true a resume does not restore the random streams (a control that must fail R1)
 #   kill_before_part: N    SIGKILL when this rank is about to write its part of the N-th checkpoint
+#   kill_before_optimizer_part: N   the same, just before its optimizer shard (ZeRO, FSDP), after its RNG part
 #   rank: R                under torchrun, the kill faults above hit rank R only
 RUNNER = r"""
 import json, os, signal, sys
@@ -93,13 +94,15 @@ def log(self, record):
         os.kill(os.getpid(), signal.SIGKILL)
 RunDir.log = log
 
-if "kill_before_part" in fault:
+if "kill_before_part" in fault or "kill_before_optimizer_part" in fault:
     from tunesmith.training import checkpoint
     real_part = checkpoint.write_part
+    key, prefix = (("kill_before_part", "rng-rank") if "kill_before_part" in fault
+                   else ("kill_before_optimizer_part", "optimizer-rank"))
     def write_part(staging, tensors, meta=None):
-        if any(name.startswith("rng-rank") for name in tensors):
+        if any(name.startswith(prefix) for name in tensors):
             current["parts"] += 1
-            if current["parts"] == fault["kill_before_part"] and mine:
+            if current["parts"] == fault[key] and mine:
                 os.kill(os.getpid(), signal.SIGKILL)
         return real_part(staging, tensors, meta)
     checkpoint.write_part = write_part

@@ -277,6 +277,25 @@ def test_sharded_resume_after_killing_one_rank_matches_the_uninterrupted_run(two
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
 
 
+def test_k5_a_rank_killed_before_its_optimizer_shard_leaves_the_checkpoint_uncommitted(two):
+    """Under ZeRO-2 rank 1's part of a checkpoint is its RNG and its optimizer shard. Killed after the
+    first and before the second (of the step-8 checkpoint), the checkpoint is never committed: the resume
+    takes step-4 and ends where the uninterrupted run ends."""
+    tmp, cfg, _ = two
+    run = tmp / "zero-runs" / "k5-zero2"
+    res = zero2(tmp, "train", cfg, "name=k5-zero2", apart(tmp), fault={"kill_before_optimizer_part": 2, "rank": 1})
+    assert res.returncode != 0
+    assert checkpoint_steps(run) == [4]
+    ckpt.verify(run / "checkpoints" / "step-4", (*REQUIRED, "rng-rank1.safetensors", "optimizer-rank1.safetensors"))
+    res = zero2(tmp, "train", cfg, "name=k5-zero2", apart(tmp), "--resume")
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert says(res.stdout + res.stderr, "step-4 (step 4 of 12)")
+    assert leftovers(run) == []  # the staging directory of the killed save was cleaned
+    want, got = adapter(tmp / "runs" / "two"), adapter(run)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+
 def test_deepspeed_refuses_what_it_would_silently_change(two):
     tmp, cfg, _ = two
     res = zero2(tmp, "train", cfg, "name=zero2-dp", apart(tmp), "privacy.noise_multiplier=1.0",
