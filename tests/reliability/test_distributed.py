@@ -185,21 +185,28 @@ def zero3_config(tmp: Path) -> Path:
     return launch_config
 
 
+def sharded_and_one(two, engine: str, name: str, ref: str, *overrides) -> tuple[Path, Path]:
+    """Run `name` on 2 ranks under ZeRO-3 (every parameter partitioned) or FSDP (the shipped file), and
+    the one-process reference `ref` with the same global batch (once per module): their run directories."""
+    tmp, cfg, _ = two
+    args = (*overrides, apart(tmp))
+    launch = zero3_config(tmp) if engine == "zero3" else "fsdp.yaml"
+    res = zero2(tmp, "train", cfg, f"name={name}", *args, config=launch)
+    assert res.returncode == 0, res.stderr[-4000:]
+    if not (tmp / "zero-runs" / ref).exists():
+        one = cli("train", cfg, f"name={ref}", "train.batch_size=8", *args)
+        assert one.returncode == 0, one.stderr[-3000:]
+    return tmp / "zero-runs" / name, tmp / "zero-runs" / ref
+
+
 @pytest.mark.parametrize("engine", ["zero3", "fsdp"])
 def test_sharded_parameters_train_evaluate_and_save_like_one_process(two, engine):
     """ZeRO-3 and FSDP partition the parameters, and every forward gathers them (a collective). Evaluation
     of 5 rows in batches of 2 (rank 0: two batches, rank 1: one) and generation of 3 answers (2 and 1) run
     padded and in lock-step; the checkpoints' trainables and the saved adapter are gathered whole. FSDP
     runs through the shipped configs/accelerate/fsdp.yaml (on CPU ranks tunesmith engages it itself)."""
-    tmp, cfg, _ = two
-    uneven = ("eval.max_rows=5", "eval.generate_rows=3", "eval.batch_size=2", apart(tmp))
-    launch = zero3_config(tmp) if engine == "zero3" else "fsdp.yaml"
-    res = zero2(tmp, "train", cfg, f"name={engine}", *uneven, config=launch)
-    assert res.returncode == 0, res.stderr[-4000:]
-    if not (tmp / "zero-runs" / "one3").exists():
-        one = cli("train", cfg, "name=one3", "train.batch_size=8", *uneven)
-        assert one.returncode == 0, one.stderr[-3000:]
-    run, ref = tmp / "zero-runs" / engine, tmp / "zero-runs" / "one3"
+    run, ref = sharded_and_one(two, engine, engine, "one3", "eval.max_rows=5", "eval.generate_rows=3",
+                               "eval.batch_size=2")
     assert json.loads((run / "run.json").read_text())["distributed"] == ("FSDP" if engine == "fsdp" else "DEEPSPEED")
     for ra, rb in zip(step_lines(run), step_lines(ref), strict=True):
         assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
@@ -455,16 +462,9 @@ def test_sharded_full_fine_tuning_saves_the_whole_model_of_one_process(two, engi
     what one process trains."""
     from transformers import AutoModelForCausalLM
 
-    tmp, cfg, _ = two
-    full = ("peft.method=full", "train.lr=1e-3", "train.max_steps=4", apart(tmp))
-    launch = zero3_config(tmp) if engine == "zero3" else "fsdp.yaml"
-    res = zero2(tmp, "train", cfg, f"name=full-{engine}", *full, config=launch)
-    assert res.returncode == 0, res.stderr[-4000:]
-    if not (tmp / "zero-runs" / "full-one").exists():
-        one = cli("train", cfg, "name=full-one", "train.batch_size=8", *full)
-        assert one.returncode == 0, one.stderr[-3000:]
-    got, want = (AutoModelForCausalLM.from_pretrained(tmp / "zero-runs" / n / "model").state_dict()
-                 for n in (f"full-{engine}", "full-one"))
+    run, ref = sharded_and_one(two, engine, f"full-{engine}", "full-one", "peft.method=full", "train.lr=1e-3",
+                               "train.max_steps=4")
+    got, want = (AutoModelForCausalLM.from_pretrained(r / "model").state_dict() for r in (run, ref))
     assert sorted(got) == sorted(want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)

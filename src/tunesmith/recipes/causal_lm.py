@@ -25,6 +25,7 @@ from tunesmith.evaluation.generate import generate, generate_sharded
 from tunesmith.evaluation.lm import evaluate_loss
 from tunesmith.evaluation.tasks import TASKS, generation_rows
 from tunesmith.recipes import loop
+from tunesmith.recipes.state import save_weights
 from tunesmith.rundir import RunDir
 from tunesmith.training.loss import causal_lm_loss_sum, choose_loss, per_example_loss_sum
 
@@ -175,7 +176,7 @@ def few_shot_scores(s: loop.Setup, task, rows: list, k: int) -> dict:
 
 
 def save(s: loop.Setup) -> None:
-    loop.save_weights(s)
+    save_weights(s)
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, **options) -> RunDir:

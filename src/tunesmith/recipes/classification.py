@@ -26,6 +26,7 @@ from tunesmith.data.prepare import load_examples, tokenize_splits
 from tunesmith.data.tokenize import LabeledRow
 from tunesmith.evaluation.metrics import classification_metrics
 from tunesmith.recipes import loop
+from tunesmith.recipes.state import save_weights
 from tunesmith.rundir import RunDir
 
 
@@ -148,7 +149,7 @@ class Prompter:
 
 
 def save(s: loop.Setup) -> None:
-    target = loop.save_weights(s)
+    target = save_weights(s)
     if target is not None:
         (target / "labels.json").write_text(json.dumps(s.extra["labels"]))
 

@@ -43,7 +43,6 @@ from tunesmith.training.guards import Precision, SpikeDetector, is_oom
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.plan import LengthGroupedPlan, ReplayPlan, ShuffledPlan
 from tunesmith.training import processes
-from tunesmith.training.checkpoint import whole as whole_tensor
 from tunesmith.training.processes import collective_forward, device_kwargs, engine_name, process_state
 from tunesmith.training.progress import TrainProgress, console
 from tunesmith.training.signals import GracefulStop
@@ -471,26 +470,6 @@ def open_run(cfg: Config, resume: bool, overwrite: bool, allow_drift: bool, fall
     run.write_config(cfg)
     run.update_run(status="running", started=time.time(), task=cfg.task_name, secret_hashes=secret_hashes(cfg))
     return resume, str(latest) if latest else None, before
-
-
-def save_weights(s: Setup):
-    """The adapter (LoRA) or full model plus tokenizer, in the format plain peft/transformers load.
-    Returns the directory on the main process, None elsewhere."""
-    model = s.accelerator.unwrap_model(s.model)
-    # ZeRO-3 and FSDP hold a partition of each tensor: gather them whole (a collective, so on every rank).
-    whole = None
-    if processes.fsdp(s.accelerator):  # the adapter's tensors (LoRA) or every tensor, each full_tensor()
-        named = model.named_parameters() if s.cfg.peft.method == "lora" else model.state_dict().items()
-        whole = {n: whole_tensor(t.detach()).cpu().clone() for n, t in named
-                 if s.cfg.peft.method != "lora" or t.requires_grad}
-    elif collective_forward(s.accelerator):
-        whole = s.accelerator.get_state_dict(s.model)
-    if not s.accelerator.is_main_process:
-        return None
-    target = s.run / ("adapter" if s.cfg.peft.method == "lora" else "model")
-    model.save_pretrained(target, safe_serialization=True, **({"state_dict": whole} if whole else {}))
-    s.tokenizer.save_pretrained(target)
-    return target
 
 
 def merge_samples(report: dict) -> list[dict]:

@@ -45,6 +45,29 @@ def load_trainable(s, tensors: dict[str, torch.Tensor], source: str = "checkpoin
         zero.weights_changed(engine)
 
 
+def save_weights(s):
+    """The adapter (LoRA) or full model plus tokenizer, in the format plain peft/transformers load.
+    Returns the directory on the main process, None elsewhere."""
+    from tunesmith.training.processes import collective_forward, fsdp
+
+    model, lora = s.accelerator.unwrap_model(s.model), s.cfg.peft.method == "lora"
+    # ZeRO-3 and FSDP hold a partition of each tensor: gather them whole (a collective, so on every rank).
+    whole = None
+    if collective_forward(s.accelerator):
+        if lora:  # the adapter's tensors are the trainables
+            whole = trainable_state(s)
+        elif fsdp(s.accelerator):
+            whole = {n: ckpt.whole(t.detach()).cpu().clone() for n, t in model.state_dict().items()}
+        else:
+            whole = s.accelerator.get_state_dict(s.model)
+    if not s.accelerator.is_main_process:
+        return None
+    target = s.run / ("adapter" if lora else "model")
+    model.save_pretrained(target, safe_serialization=True, **({"state_dict": whole} if whole else {}))
+    s.tokenizer.save_pretrained(target)
+    return target
+
+
 def optimizer_of(s):
     """The optimizer whose state a checkpoint holds (a context): under DeepSpeed, this rank's partition."""
     return nullcontext(s.optimizer) if getattr(s, "engine", None) is None else zero.base_optimizer(s.engine)
