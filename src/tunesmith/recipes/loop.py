@@ -37,12 +37,11 @@ from tunesmith.evaluation.forgetting import over_limit
 from tunesmith.privacy.dp import DPSGD
 from tunesmith.privacy.sampling import PoissonPlan, units_of
 from tunesmith.training.early_stopping import EarlyStopper
-from tunesmith.training import trackers, zero
+from tunesmith.training import processes, trackers, zero
 from tunesmith.training.loss import causal_lm_loss_sum, chunked_loss_sum
 from tunesmith.training.guards import Precision, SpikeDetector, is_oom
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.plan import LengthGroupedPlan, ReplayPlan, ShuffledPlan
-from tunesmith.training import processes
 from tunesmith.training.processes import collective_forward, device_kwargs, engine_name, process_state
 from tunesmith.training.progress import TrainProgress, console
 from tunesmith.training.signals import GracefulStop
