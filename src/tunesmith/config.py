@@ -97,7 +97,10 @@ class DataConfig(Strict):
     train: str = Field(..., description="Training data: JSONL/CSV/Parquet file, saved HF dataset dir, or hub id.")
     validation: str | None = Field(None, description="Validation data; if absent it is split off `train`.")
     test: str | None = Field(None, description="Optional test data, evaluated before/after like validation.")
-    hub_split: str = Field("train", description="Split to read when `train` is a hub dataset id.")
+    hub_split: str = Field("train", description="Split to read when `train` is a hub dataset id or saved DatasetDict.")
+    hub_splits: dict[Literal["train", "validation", "test"], str] = Field(
+        default_factory=dict, description="Split read for each source that is a hub id or saved DatasetDict "
+        "(default: train from hub_split, validation from 'validation', test from 'test').")
     format: Literal["instruction", "chat", "prompt_completion", "summarization", "concepts", "text", "classification"] = Field(
         "instruction", description="Row format: " + ", ".join(FORMATS) + "."
     )
@@ -141,7 +144,13 @@ class DataConfig(Strict):
         unknown = sorted(set(self.columns) - allowed)
         if unknown:
             raise ValueError(f"columns {unknown} are not used by format '{self.format}' (known: {sorted(allowed)})")
+        if self.hub_split != "train" and self.hub_splits.get("train", self.hub_split) != self.hub_split:
+            raise ValueError("hub_split and hub_splits.train name different splits: set one of them")
         return self
+
+    def hub_split_of(self, source: str) -> str:
+        """The hub (or saved DatasetDict) split read for `source` (train, validation or test)."""
+        return self.hub_splits.get(source) or (self.hub_split if source == "train" else source)
 
 
 class EarlyStopping(Strict):

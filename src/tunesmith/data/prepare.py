@@ -66,7 +66,7 @@ def load_examples(cfg: Config) -> Examples:
     for name, source in sources.items():
         if source is None:
             continue
-        raw = read_source(source, d.hub_split)
+        raw = read_source(source, d.hub_split_of(name))
         user_column = cfg.privacy.user_column if cfg.privacy and cfg.privacy.unit == "user" and name == "train" else None
         examples, bad = parse_rows(raw, d, user_column)
         parsed[name] = examples
