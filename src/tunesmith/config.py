@@ -73,6 +73,7 @@ class PeftConfig(Strict):
         return self
 
 
+MAX_LENGTH_CAP = 1_048_576  # tokens per row: far past any model's context, short of an accidental 1e9
 FORMATS = ("instruction", "chat", "prompt_completion", "summarization", "concepts", "text", "classification")
 CANONICAL_COLUMNS = {
     "instruction": ("instruction", "input", "output"),
@@ -113,7 +114,8 @@ class DataConfig(Strict):
     )
     labels: list[str] | None = Field(None, description="Label set for classification (default: labels in train).")
     system_prompt: str | None = Field(None, description="System message prepended to every chat prompt.")
-    max_length: int = Field(1024, ge=8, description="Maximum tokens per row (prompt + completion).")
+    max_length: int = Field(1024, ge=8, le=MAX_LENGTH_CAP, description="Maximum tokens per row (prompt + "
+                            f"completion); at most {MAX_LENGTH_CAP:,}.")
     overlength: Literal["error", "truncate", "drop"] = Field(
         "error",
         description="Rows longer than max_length: error (stop and report), truncate (keep the start), or drop. "
