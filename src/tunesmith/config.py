@@ -139,6 +139,8 @@ class DataConfig(Strict):
     train_limit: int | None = Field(None, gt=0, description="Few-shot: train on only this many rows (stratified "
                                     "by label for classification), drawn with sample_seed.")
     sample_seed: int | None = Field(None, description="Seed of the train_limit draw (default: the run's seed).")
+    split_seed: int | None = Field(None, description="Seed of the train/validation/test split when there is no "
+                                   "validation file (default: the run's seed; `tunesmith curve` keeps it fixed).")
 
     @model_validator(mode="after")
     def _columns_known(self) -> DataConfig:

@@ -84,13 +84,14 @@ def load_examples(cfg: Config) -> Examples:
     if d.dedup:
         train, report["train_duplicates"] = splitting.dedup(train)
     stratify = d.format == "classification"
+    split_seed = cfg.seed if d.split_seed is None else d.split_seed
     if "validation" not in parsed:
         fractions = [d.validation_fraction] + ([d.test_fraction] if d.test_fraction and "test" not in parsed else [])
-        parts = splitting.split_off(train, fractions, cfg.seed, stratify)
+        parts = splitting.split_off(train, fractions, split_seed, stratify)
         train, parsed["validation"] = parts[0], parts[1]
         if len(parts) > 2:
             parsed["test"] = parts[2]
-        report["split"] = f"validation{' and test' if len(parts) > 2 else ''} split off train (seed {cfg.seed})"
+        report["split"] = f"validation{' and test' if len(parts) > 2 else ''} split off train (seed {split_seed})"
     parsed["train"] = train
     if d.dedup:
         for name in ("validation", "test"):
@@ -107,7 +108,7 @@ def load_examples(cfg: Config) -> Examples:
     report["rows"] = {n: len(rows) for n, rows in parsed.items()}
     if labels is not None:
         report["labels"] = {n: dict(Counter(ex.label for ex in rows)) for n, rows in parsed.items()}
-    fp = splitting.fingerprint(parsed["train"], parsed["validation"], cfg.seed)
+    fp = splitting.fingerprint(parsed["train"], parsed["validation"], split_seed)
     report["fingerprint"] = fp
     return Examples(parsed, labels, fp, report)
 
