@@ -369,8 +369,9 @@ def test_cli_data_check_prints_report(tiny_config, tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["rows"]["train"] == 48
-    assert 1 <= report["rows"]["validation"] <= 12
-    assert report["tokens"]["train"]["rows"] == 48
+    # val.jsonl's 12 rows share none with train and all fit max_length: every one is kept.
+    assert report["rows"]["validation"] == 12 and report["validation_overlap_removed"] == 0
+    assert report["tokens"]["train"]["rows"] == 48 and report["tokens"]["validation"]["rows"] == 12
     assert len(report["fingerprint"]) == 64
 
 
