@@ -349,7 +349,8 @@ def test_label_only_in_validation_refused(tmp_path):
     val = write_jsonl(tmp_path / "val.jsonl", [{"text": "v1", "label": "pos"}, {"text": "v2", "label": "neutral"}])
     with pytest.raises(DataError) as info:
         load_examples(make_cfg(train, "classification", validation=str(val)))
-    assert info.value.problems == ["'neutral'"]
+    assert info.value.problems == [f"{val}:2"]  # where the row is, never the label's text
+    assert "neutral" not in str(info.value)
     # With the label set given, it is accepted (and counted per split).
     ex = load_examples(make_cfg(train, "classification", validation=str(val), labels=["neg", "pos", "neutral"]))
     assert ex.report["labels"]["validation"] == {"pos": 1, "neutral": 1}
@@ -369,8 +370,9 @@ def test_cli_data_check_prints_report(tiny_config, tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["rows"]["train"] == 48
-    assert 1 <= report["rows"]["validation"] <= 12
-    assert report["tokens"]["train"]["rows"] == 48
+    # val.jsonl's 12 rows share none with train and all fit max_length: every one is kept.
+    assert report["rows"]["validation"] == 12 and report["validation_overlap_removed"] == 0
+    assert report["tokens"]["train"]["rows"] == 48 and report["tokens"]["validation"]["rows"] == 12
     assert len(report["fingerprint"]) == 64
 
 

@@ -73,6 +73,7 @@ class PeftConfig(Strict):
         return self
 
 
+MAX_LENGTH_CAP = 1_048_576  # tokens per row: far past any model's context, short of an accidental 1e9
 FORMATS = ("instruction", "chat", "prompt_completion", "summarization", "concepts", "text", "classification")
 CANONICAL_COLUMNS = {
     "instruction": ("instruction", "input", "output"),
@@ -97,7 +98,10 @@ class DataConfig(Strict):
     train: str = Field(..., description="Training data: JSONL/CSV/Parquet file, saved HF dataset dir, or hub id.")
     validation: str | None = Field(None, description="Validation data; if absent it is split off `train`.")
     test: str | None = Field(None, description="Optional test data, evaluated before/after like validation.")
-    hub_split: str = Field("train", description="Split to read when `train` is a hub dataset id.")
+    hub_split: str = Field("train", description="Split to read when `train` is a hub dataset id or saved DatasetDict.")
+    hub_splits: dict[Literal["train", "validation", "test"], str] = Field(
+        default_factory=dict, description="Split read for each source that is a hub id or saved DatasetDict "
+        "(default: train from hub_split, validation from 'validation', test from 'test').")
     format: Literal["instruction", "chat", "prompt_completion", "summarization", "concepts", "text", "classification"] = Field(
         "instruction", description="Row format: " + ", ".join(FORMATS) + "."
     )
@@ -110,7 +114,8 @@ class DataConfig(Strict):
     )
     labels: list[str] | None = Field(None, description="Label set for classification (default: labels in train).")
     system_prompt: str | None = Field(None, description="System message prepended to every chat prompt.")
-    max_length: int = Field(1024, ge=8, description="Maximum tokens per row (prompt + completion).")
+    max_length: int = Field(1024, ge=8, le=MAX_LENGTH_CAP, description="Maximum tokens per row (prompt + "
+                            f"completion); at most {MAX_LENGTH_CAP:,}.")
     overlength: Literal["error", "truncate", "drop"] = Field(
         "error",
         description="Rows longer than max_length: error (stop and report), truncate (keep the start), or drop. "
@@ -134,6 +139,8 @@ class DataConfig(Strict):
     train_limit: int | None = Field(None, gt=0, description="Few-shot: train on only this many rows (stratified "
                                     "by label for classification), drawn with sample_seed.")
     sample_seed: int | None = Field(None, description="Seed of the train_limit draw (default: the run's seed).")
+    split_seed: int | None = Field(None, description="Seed of the train/validation/test split when there is no "
+                                   "validation file (default: the run's seed; `tunesmith curve` keeps it fixed).")
 
     @model_validator(mode="after")
     def _columns_known(self) -> DataConfig:
@@ -141,7 +148,13 @@ class DataConfig(Strict):
         unknown = sorted(set(self.columns) - allowed)
         if unknown:
             raise ValueError(f"columns {unknown} are not used by format '{self.format}' (known: {sorted(allowed)})")
+        if self.hub_split != "train" and self.hub_splits.get("train", self.hub_split) != self.hub_split:
+            raise ValueError("hub_split and hub_splits.train name different splits: set one of them")
         return self
+
+    def hub_split_of(self, source: str) -> str:
+        """The hub (or saved DatasetDict) split read for `source` (train, validation or test)."""
+        return self.hub_splits.get(source) or (self.hub_split if source == "train" else source)
 
 
 class EarlyStopping(Strict):

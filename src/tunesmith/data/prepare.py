@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tunesmith.config import Config, DataConfig
+from tunesmith.data import checks
 from tunesmith.data import split as splitting
 from tunesmith.data.formats import Example, parse_rows
 from tunesmith.data.sources import Problem, read_source
 from tunesmith.data.tokenize import TokenizedSplit, tokenize_classification, tokenize_examples
 from tunesmith.errors import DataError
 
-MAX_LISTED = 20
+MAX_LISTED = checks.MAX_LISTED
 
 
 @dataclass
@@ -66,36 +67,38 @@ def load_examples(cfg: Config) -> Examples:
     for name, source in sources.items():
         if source is None:
             continue
-        raw = read_source(source, d.hub_split)
+        raw = read_source(source, d.hub_split_of(name))
         user_column = cfg.privacy.user_column if cfg.privacy and cfg.privacy.unit == "user" and name == "train" else None
         examples, bad = parse_rows(raw, d, user_column)
         parsed[name] = examples
         problems += bad
         total += raw.total
     report: dict = {"bad_rows": apply_error_policy(cfg.data, problems, total)}
+    warnings: list[str] = []
     labels = d.labels
     if d.format == "classification" and labels is None:
         labels = sorted({ex.label for ex in parsed["train"]})
-        unseen = sorted({ex.label for n in ("validation", "test") for ex in parsed.get(n, [])} - set(labels))
-        if unseen:
-            raise DataError("Labels appear in validation/test but never in train", [repr(x) for x in unseen],
-                            hint="List the label set in data.labels, or fix the rows.")
+        checks.unseen_labels(parsed, set(labels))
     train = parsed["train"]
     if d.dedup:
         train, report["train_duplicates"] = splitting.dedup(train)
+    checks.conflicts(report, "train", splitting.label_conflicts(train), False, warnings)
     stratify = d.format == "classification"
+    split_seed = cfg.seed if d.split_seed is None else d.split_seed
     if "validation" not in parsed:
         fractions = [d.validation_fraction] + ([d.test_fraction] if d.test_fraction and "test" not in parsed else [])
-        parts = splitting.split_off(train, fractions, cfg.seed, stratify)
+        parts = splitting.split_off(train, fractions, split_seed, stratify)
         train, parsed["validation"] = parts[0], parts[1]
         if len(parts) > 2:
             parsed["test"] = parts[2]
-        report["split"] = f"validation{' and test' if len(parts) > 2 else ''} split off train (seed {cfg.seed})"
+        report["split"] = f"validation{' and test' if len(parts) > 2 else ''} split off train (seed {split_seed})"
     parsed["train"] = train
-    if d.dedup:
-        for name in ("validation", "test"):
-            if name in parsed:
-                parsed[name], report[f"{name}_overlap_removed"] = splitting.remove_overlap(train, parsed[name])
+    for name in ("validation", "test"):
+        if name in parsed:  # the input alone decides leakage: relabelled text is leakage and a conflict
+            kept, removed, relabelled = splitting.remove_overlap(train, parsed[name])
+            if d.dedup:
+                parsed[name], report[f"{name}_overlap_removed"] = kept, removed
+            checks.conflicts(report, name, relabelled, d.dedup, warnings)
     if d.train_limit is not None:  # few-shot: after split and overlap removal, so validation is the same for every k
         seed = cfg.seed if d.sample_seed is None else d.sample_seed
         parsed["train"] = splitting.sample_k(train, d.train_limit, seed, stratify)
@@ -103,11 +106,20 @@ def load_examples(cfg: Config) -> Examples:
                                  "sample_seed": seed}
     empty = [n for n, rows in parsed.items() if not rows]
     if empty:
-        raise DataError(f"No usable rows left in: {', '.join(empty)}")
+        overlap = {n: report.get(f"{n}_overlap_removed") for n in empty}
+        raise DataError("No usable rows left in: " + ", ".join(
+            n + (f" (all {overlap[n]} rows also appear in train, removed as leakage)" if overlap[n] else "")
+            for n in empty), hint="Give held-out rows that are not in train, or leave data.validation unset to "
+                                  "split them off train." if any(overlap.values()) else None)
+    if stratify:
+        checks.train_labels(parsed["train"], warnings)
     report["rows"] = {n: len(rows) for n, rows in parsed.items()}
     if labels is not None:
         report["labels"] = {n: dict(Counter(ex.label for ex in rows)) for n, rows in parsed.items()}
-    fp = splitting.fingerprint(parsed["train"], parsed["validation"], cfg.seed)
+    if warnings:
+        report["warnings"] = warnings
+        checks.show(warnings)
+    fp = splitting.fingerprint(parsed["train"], parsed["validation"], split_seed)
     report["fingerprint"] = fp
     return Examples(parsed, labels, fp, report)
 

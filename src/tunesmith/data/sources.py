@@ -1,4 +1,4 @@
-"""Read raw rows from JSONL, CSV, Parquet, a saved HF dataset directory, or a hub dataset id.
+"""Read raw rows from JSONL, CSV (either may be .gz/.bz2/.xz), Parquet, a saved HF dataset directory, or a hub id.
 
 Every row carries where it came from (``file:line``) so that problems can be reported by position.
 Problems never quote the row's content: training data may be private.
@@ -6,10 +6,15 @@ Problems never quote the row's content: training data may be private.
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
 import io
 import json
+import lzma
 import re
+import stat
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +23,9 @@ from tunesmith.errors import DataError
 
 NUL = b"\x00"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DECOMPRESS = {".gz": ("gzip", gzip.decompress), ".bz2": ("bzip2", bz2.decompress), ".xz": ("xz", lzma.decompress)}
+# Signatures of compressed files: text data cannot start with these bytes (none is valid UTF-8 text).
+MAGIC = ((b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"(\xb5/\xfd", "zstd"), (b"PK\x03\x04", "zip"))
 
 
 @dataclass
@@ -52,6 +60,28 @@ def _decode_line(raw: bytes, where: str) -> tuple[str | None, Problem | None]:
         return None, Problem(where, "invalid_utf8", f"invalid UTF-8 byte 0x{bad:02x} at byte {err.start + 1}")
 
 
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed when its name ends in .gz, .bz2 or .xz. Compressed bytes under a
+    plain name are refused as a whole: read line by line they would give one NUL-byte error per line."""
+    data = path.read_bytes()
+    if path.suffix.lower() in DECOMPRESS:
+        kind, decompress = DECOMPRESS[path.suffix.lower()]
+        try:
+            return decompress(data)
+        except (OSError, EOFError, ValueError, lzma.LZMAError, zlib.error) as err:
+            raise DataError(f"{path}: a {kind} file that could not be decompressed ({type(err).__name__})",
+                            hint="Is the file complete? Check it with `gzip -t`, `bzip2 -t` or `xz -t`.") from None
+    kind = next((kind for magic, kind in MAGIC if data.startswith(magic)), None)
+    if data[:3] == b"BZh" and data[4:10] == b"1AY&SY":  # "BZh" alone could start a CSV header
+        kind = "bzip2"
+    if kind is not None:
+        readable = {"gzip": ".gz", "bzip2": ".bz2", "xz": ".xz"}.get(kind)
+        hint = (f"Name it {path.name}{readable} (read directly), or decompress it." if readable
+                else "Decompress it first (.gz, .bz2 and .xz files are read directly).")
+        raise DataError(f"{path}: file is {kind}-compressed, though named '{path.suffix}'", hint=hint)
+    return data
+
+
 def _check_encoding(data: bytes, name: str) -> bytes:
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise DataError(f"{name}: file is UTF-16 encoded", hint="Convert it to UTF-8 (e.g. `iconv -f UTF-16 -t UTF-8`).")
@@ -60,7 +90,7 @@ def _check_encoding(data: bytes, name: str) -> bytes:
 
 def read_jsonl(path: Path) -> RawRows:
     out = RawRows(str(path))
-    data = _check_encoding(path.read_bytes(), str(path))
+    data = _check_encoding(_read_bytes(path), str(path))
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         raw = raw.removesuffix(b"\r")
         where = f"{path}:{lineno}"
@@ -88,7 +118,7 @@ def read_jsonl(path: Path) -> RawRows:
 
 def read_csv(path: Path, delimiter: str = ",") -> RawRows:
     out = RawRows(str(path))
-    data = _check_encoding(path.read_bytes(), str(path))
+    data = _check_encoding(_read_bytes(path), str(path))
     bad_lines = []
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         _, problem = _decode_line(raw, f"{path}:{lineno}")
@@ -152,14 +182,21 @@ def read_source(source: str, hub_split: str = "train") -> RawRows:
             return read_hf(str(path), hub_split, on_disk=True)
         raise DataError(f"{source}: a directory, but not a saved HF dataset (no dataset_info.json)")
     if path.is_file():
-        suffix = path.suffix.lower()
+        compressed = path.suffix.lower() if path.suffix.lower() in DECOMPRESS else ""
+        suffix = Path(path.stem).suffix.lower() if compressed else path.suffix.lower()
         if suffix in (".jsonl", ".json", ".ndjson"):
             return read_jsonl(path)
         if suffix in (".csv", ".tsv"):
             return read_csv(path, "\t" if suffix == ".tsv" else ",")
-        if suffix == ".parquet":
+        if suffix == ".parquet" and not compressed:
             return read_parquet(path)
-        raise DataError(f"{source}: unknown file type '{suffix}' (use .jsonl, .csv or .parquet)")
+        raise DataError(f"{source}: unknown file type '{suffix}{compressed}' (use .jsonl, .csv or .parquet; "
+                        ".jsonl and .csv may end in .gz, .bz2 or .xz)")
+    if path.exists():  # a FIFO, device or socket: reading one could block, and a re-run could not read it again
+        mode = path.stat().st_mode
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise DataError(f"{source}: not a regular file but {kind}",
+                        hint="Write the data to a file and name that file (a pipe can be read only once).")
     if HUB_ID.match(source) and not source.startswith((".", "/")):
         return read_hf(source, hub_split, on_disk=False)
     raise DataError(f"Data file not found: {source}")

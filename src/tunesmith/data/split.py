@@ -24,9 +24,14 @@ def exact_key(ex: Example) -> str:
 
 
 def norm_key(ex: Example) -> str:
-    prompt, completion, text, label = ex.key_fields()
-    prompt = tuple((r, normalize(c)) for r, c in prompt)
-    return json.dumps((prompt, normalize(completion), normalize(text), label), ensure_ascii=False)
+    return input_key(ex) + "\n" + json.dumps(ex.label, ensure_ascii=False)
+
+
+def input_key(ex: Example) -> str:
+    """The normalised row without its label: equal inputs with different labels are one text relabelled."""
+    prompt, completion, text, _ = ex.key_fields()
+    prompt = [(r, normalize(c)) for r, c in prompt]
+    return json.dumps((prompt, normalize(completion), normalize(text)), ensure_ascii=False)
 
 
 def dedup(examples: list[Example]) -> tuple[list[Example], dict[str, int]]:
@@ -46,11 +51,23 @@ def dedup(examples: list[Example]) -> tuple[list[Example], dict[str, int]]:
     return kept, counts
 
 
-def remove_overlap(train: list[Example], other: list[Example]) -> tuple[list[Example], int]:
-    """Drop rows of `other` that also appear in train: scoring on trained rows flatters the model."""
-    train_keys = {norm_key(ex) for ex in train}
-    kept = [ex for ex in other if norm_key(ex) not in train_keys]
-    return kept, len(other) - len(kept)
+def label_conflicts(examples: list[Example]) -> list[str]:
+    """Where (file:line) the rows are whose input appears elsewhere in `examples` with another label."""
+    labels: dict[str, set] = defaultdict(set)
+    for ex in examples:
+        labels[input_key(ex)].add(ex.label)
+    return [ex.where for ex in examples if len(labels[input_key(ex)]) > 1]
+
+
+def remove_overlap(train: list[Example], other: list[Example]) -> tuple[list[Example], int, list[str]]:
+    """Drop rows of `other` whose input also appears in train, whatever their label: scoring on trained
+    rows flatters the model. Also returns where the dropped rows carry a label train does not give them."""
+    train_labels: dict[str, set] = defaultdict(set)
+    for ex in train:
+        train_labels[input_key(ex)].add(ex.label)
+    kept = [ex for ex in other if input_key(ex) not in train_labels]
+    relabelled = [ex.where for ex in other if train_labels.get(input_key(ex), {ex.label}) - {ex.label}]
+    return kept, len(other) - len(kept), relabelled
 
 
 def split_off(

@@ -35,9 +35,9 @@ def _write_jsonl(path, rows: list[dict]) -> str:
 
 def audit_data(run: RunDir, cfg, inserted: dict[int, list[str]], seed: int) -> tuple[str, str]:
     """The run's training rows plus the canaries, and a validation file that holds no canary."""
-    train = [row for _, row in read_source(cfg.data.train, cfg.data.hub_split).rows]
+    train = [row for _, row in read_source(cfg.data.train, cfg.data.hub_split_of("train")).rows]
     if cfg.data.validation:
-        validation = [row for _, row in read_source(cfg.data.validation).rows]
+        validation = [row for _, row in read_source(cfg.data.validation, cfg.data.hub_split_of("validation")).rows]
     else:  # split here, so the run's own split cannot carry canaries into validation
         random.Random(seed).shuffle(train)
         k = min(200, max(1, int(len(train) * cfg.data.validation_fraction)))

@@ -14,6 +14,7 @@ from accelerate.utils import set_seed
 
 from tunesmith import models
 from tunesmith.config import Config, DataConfig
+from tunesmith.data.checks import step_fits
 from tunesmith.data.collate import collate, count_targets
 from tunesmith.data.formats import parse_rows
 from tunesmith.data.pack import collate_packed, pack
@@ -62,6 +63,7 @@ def replay_rows(cfg: Config, tokenizer, report: dict) -> list:
 
 def setup(cfg: Config, run: RunDir) -> loop.Setup:
     examples = load_examples(cfg)  # bad rows stop the run here, before any weights load
+    step_fits(cfg, len(examples.splits["train"]))  # a step larger than the data, before weights too
     model_path = models.resolve(cfg.model)
     tokenizer = models.load_tokenizer(model_path, cfg.model)
     data = {name: split.rows for name, split in tokenize_splits(cfg, examples, tokenizer).items()}

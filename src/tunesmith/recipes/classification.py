@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 
 from tunesmith import models
 from tunesmith.config import Config
+from tunesmith.data.checks import step_fits
 from tunesmith.data.prepare import load_examples, tokenize_splits
 from tunesmith.data.tokenize import LabeledRow
 from tunesmith.evaluation.metrics import classification_metrics
@@ -47,6 +48,7 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
 
 def setup(cfg: Config, run: RunDir) -> loop.Setup:
     examples = load_examples(cfg)  # bad rows and unknown labels stop the run before any weights load
+    step_fits(cfg, len(examples.splits["train"]))  # a step larger than the data, before weights too
     model_path = models.resolve(cfg.model)
     tokenizer = models.load_tokenizer(model_path, cfg.model)
     data = {name: split.rows for name, split in tokenize_splits(cfg, examples, tokenizer).items()}

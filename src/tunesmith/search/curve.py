@@ -33,8 +33,11 @@ def parse_sizes(text: str) -> list[int | None]:
 
 
 def run_config(cfg: Config, folder: Path, size: int | None, seed: int, with_base: bool) -> Config:
+    # The seed varies the k-row draw and training only: the split keeps the config's seed, so every
+    # point is scored on the same validation rows.
+    split_seed = cfg.seed if cfg.data.split_seed is None else cfg.data.split_seed
     return derive(cfg, {"name": f"{cfg.name}-k{size or 'all'}-s{seed}", "output_dir": str(folder / "runs"),
-                        "seed": seed, "data.train_limit": size, "data.sample_seed": seed,
+                        "seed": seed, "data.train_limit": size, "data.sample_seed": seed, "data.split_seed": split_seed,
                         "eval.before_after": with_base, "eval.samples": 0, "train.resume": "never"},
                   f"curve run k={size or 'all'} seed={seed}", drop=("search",))
 
