@@ -43,6 +43,8 @@ def train(
     from tunesmith.config import load_config
     from tunesmith.recipes import recipe_for
 
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other", hint="Pass one of them.")
     cfg = load_config(config, overrides)
     if cfg.stages:
         from tunesmith.recipes.stages import train_staged

@@ -59,7 +59,7 @@ def numbers(runs: list[RunDir]) -> list[list[str]]:
     for name, values in extra.items():
         if any(v is not None for v in values):
             rows.append([name, *map(_fmt, values)])
-    rows.append(["status", *(escape(str(i.get("status", "-"))) for i in infos)])
+    rows.append(["status", *(escape(run.status()) for run in runs)])  # "killed" when its process is gone
     rows.append(["seconds", *(_fmt(round(i["finished"] - i["started"], 1)) if i.get("finished") and i.get("started")
                               else "-" for i in infos)])
     return rows

@@ -119,6 +119,8 @@ def runs_table(folder) -> Table:
     import json
     from pathlib import Path
 
+    from tunesmith.rundir import RunDir
+
     table = Table(title=f"Runs in {folder}")
     for col in ("run", "task", "model", "metric", "base", "fine-tuned", "seconds", "status"):
         table.add_column(col, justify="right" if col in ("base", "fine-tuned", "seconds") else "left")
@@ -131,5 +133,5 @@ def runs_table(folder) -> Table:
         metric = next((m for m in SHOWN if m != "loss" and isinstance(ft.get(m), (int, float))), "loss")
         took = info["finished"] - info["started"] if info.get("finished") and info.get("started") else None
         table.add_row(path.name, str(info.get("task", "-")), model[-40:], metric, _fmt(base.get(metric)),
-                      _fmt(ft.get(metric)), f"{took:.0f}" if took else "-", str(info.get("status", "-")))
+                      _fmt(ft.get(metric)), f"{took:.0f}" if took else "-", RunDir(path).status())
     return table

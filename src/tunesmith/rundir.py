@@ -9,13 +9,17 @@
   adapter/           PEFT adapter (LoRA), loadable with plain peft
   model/             full weights (full / freeze fine-tuning)
   checkpoints/step-N/
+  .lock              held (flock) by the process that trains the run; holds its pid and host
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -44,21 +48,130 @@ class RunDir:
     def __init__(self, path: Path, writer: bool = True):
         self.path = Path(path)
         self.writer = writer
+        self.aside: Path | None = None  # the run --overwrite replaces, until the new one trains
+        self.created = False  # whether this process made the directory (then abandon() removes it)
+        self._lock: int | None = None
 
     @classmethod
     def create(cls, cfg: Config, resume: bool, overwrite: bool) -> RunDir:
+        """Make (or reopen) the run directory and take its lock. --overwrite moves the old run aside
+        (`.<name>.old-<pid>`): commit() deletes it once the new run trains, abandon() puts it back."""
+        if resume and overwrite:
+            raise UserError("--resume and --overwrite contradict each other", hint="Pass one of them.")
         run = cls(cfg.run_dir)
-        exists = run.path.exists() and any(run.path.iterdir())
-        if resume:
-            if not exists:
+        try:
+            exists = run.path.is_dir() and any(run.path.iterdir())
+            if run.path.exists() and not run.path.is_dir():
+                raise NotADirectoryError(20, "Not a directory", str(run.path))
+            if resume and not exists:
                 raise UserError(f"--resume: no run at {run.path}")
-        elif exists:
-            if not overwrite:
+            if exists and not resume and not overwrite:
                 raise UserError(f"Run directory {run.path} already exists",
                                 hint="Use --resume to continue it, --overwrite to replace it, or set name=...")
-            shutil.rmtree(run.path)
-        run.path.mkdir(parents=True, exist_ok=True)
+            if exists:
+                run.lock()  # refused while another process trains it, also under --overwrite
+            if exists and overwrite:
+                run.aside = run.path.with_name(f".{run.path.name}.old-{os.getpid()}")
+                if run.aside.exists():
+                    shutil.rmtree(run.aside)
+                run.path.rename(run.aside)  # the lock moves with it; no other process can reach it now
+                run.unlock()
+            run.path.mkdir(parents=True, exist_ok=True)
+            run.created = not resume
+            if run._lock is None:
+                run.lock()
+        except OSError as err:
+            run.abandon(None)
+            raise UserError(f"Cannot use {run.path} as the run directory: {err.strerror or err}",
+                            hint="output_dir must be a directory you can write to.") from None
+        except BaseException:
+            run.abandon(None)
+            raise
         return run
+
+    def lock(self) -> None:
+        """Take the run's advisory lock for this process's life (the kernel drops it when the process
+        dies, so a killed run's lock is taken over). Refused while another process holds it; this
+        process may lock its own run again (a RunDir it did not unlock)."""
+        fd = os.open(self / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        for attempt in range(5):  # `tunesmith runs` probes the lock for an instant
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+                if holder[:2] == [str(os.getpid()), socket.gethostname()]:
+                    self._lock = fd
+                    return
+                if attempt == 4:
+                    os.close(fd)
+                    who = f"pid {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 else "") if holder else "?"
+                    raise UserError(f"{self.path} is in use by another tunesmith process ({who})",
+                                    hint="Wait for it to finish, or stop it, before training this run again.") from None
+                time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        self._lock = fd
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases the flock
+            self._lock = None
+
+    def commit(self) -> None:
+        """The new run has started training: the run it replaces goes."""
+        if self.aside is not None:
+            shutil.rmtree(self.aside, ignore_errors=True)
+            self.aside = None
+
+    def abandon(self, before: dict | None) -> None:
+        """Undo create(): remove a half-made new run and put back the run it was to replace; a resumed
+        run gets back the record it had (`before`: its run.json and config.yaml)."""
+        if not self.writer:  # the main process owns the directory
+            return
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+        elif before is not None:
+            if before["run"] is None:
+                (self / "run.json").unlink(missing_ok=True)
+            else:
+                self.write_json("run.json", before["run"])
+            if before["config"] is not None:
+                self.write_text("config.yaml", before["config"])
+        if self.aside is not None and not self.path.exists():
+            self.aside.rename(self.path)
+        self.aside, self.created = None, False
+        self.unlock()
+
+    def holder_alive(self) -> bool | None:
+        """Whether the process that last took this run's lock still runs: None when nothing says."""
+        try:
+            fd = os.open(self / ".lock", os.O_RDONLY)
+        except OSError:
+            fd = None
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return False  # nobody holds it
+            except BlockingIOError:
+                return True
+            finally:
+                os.close(fd)
+        info = self.read_json("run.json", {}) or {}
+        if not isinstance(info.get("pid"), int) or info.get("host") != socket.gethostname():
+            return None
+        try:
+            os.kill(info["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # alive, another user's
+        return True
+
+    def status(self) -> str:
+        """run.json's status, but "killed" for a run that says it is running while no process trains it."""
+        status = str((self.read_json("run.json", {}) or {}).get("status", "-"))
+        return "killed" if status == "running" and self.holder_alive() is False else status
 
     @classmethod
     def open(cls, path: str | Path) -> RunDir:

@@ -8,7 +8,6 @@ here runs the same sequence for all of them: base evaluation, fit, save, fine-tu
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -22,16 +21,9 @@ from accelerate.utils import broadcast_object_list
 from tunesmith.config import Config
 from tunesmith.data.prepare import Examples
 from tunesmith.errors import TrainingHalted, UserError
-from tunesmith.recipes.state import (
-    load_trainable,
-    pick_checkpoint,
-    restore,
-    rollback,
-    save_checkpoint,
-    trainable_state,
-)
+from tunesmith.recipes.opening import open_run, set_up
+from tunesmith.recipes.state import load_trainable, rollback, save_checkpoint, trainable_state
 from tunesmith.reporting import print_before_after, print_setup
-from tunesmith.resume import check_drift, secret_hashes
 from tunesmith.rundir import RunDir
 from tunesmith.evaluation.forgetting import over_limit
 from tunesmith.privacy.dp import DPSGD
@@ -380,34 +372,32 @@ def train(cfg: Config, recipe, resume: bool = False, overwrite: bool = False, al
     if not state.is_main_process:
         console.quiet = True  # one process talks
     opened: list = [None]
-    if state.is_main_process:  # only the main process creates, checks and cleans the run directory
+    run = RunDir(cfg.run_dir, writer=False)
+    if state.is_main_process:  # only the main process creates, checks, locks and cleans the run directory
         try:
-            opened = [open_run(cfg, resume, overwrite, allow_drift, fallback)]
-        except UserError as err:
-            opened = [err.exit_code]
+            run, *rest = open_run(cfg, resume, overwrite, allow_drift, fallback)
+            opened = [tuple(rest)]
+        except BaseException as err:
+            opened = [getattr(err, "exit_code", 1)]
             if state.num_processes > 1:
                 broadcast_object_list(opened)
             raise
+    try:
+        return run_locked(cfg, recipe, run, opened, allow_drift, on_eval, report_html)
+    finally:
+        run.unlock()
+
+
+def run_locked(cfg: Config, recipe, run: RunDir, opened: list, allow_drift: bool, on_eval, report_html: bool) -> RunDir:
+    """train() once the main process holds the run directory's lock; `opened` says what open_run() found."""
+    state = process_state()
     opened = broadcast_object_list(opened)  # every rank starts from the same checkpoint
     if isinstance(opened[0], int):
         raise SystemExit(opened[0])  # the main process has reported the error
     resume, latest, before = opened[0]
     latest = Path(latest) if latest else None
-    run = RunDir(cfg.run_dir, writer=state.is_main_process)
-    try:
-        s = recipe.setup(cfg, run)
-        s.on_eval = on_eval
-        updates, data_step = restore(s, latest, allow_drift) if latest else (0, 0)
-    except UserError:
-        if not run.writer:
-            raise
-        if not resume:  # bad data or model: leave no half-made run behind to block the corrected one
-            shutil.rmtree(run.path, ignore_errors=True)
-        elif before is not None:  # a refused resume leaves the run's record (and resolved config) as it was
-            run.write_json("run.json", before["run"])
-            if before["config"] is not None:
-                run.write_text("config.yaml", before["config"])
-        raise
+    s, updates, data_step = set_up(cfg, recipe, run, latest, before, allow_drift)
+    s.on_eval = on_eval
     if latest:
         run.truncate_log(updates, data_step)
         console.print(f"Resumed from {latest} (step {updates} of {s.total_steps})")
@@ -451,24 +441,6 @@ def write_run_report(run: RunDir) -> None:
     except Exception as err:  # noqa: BLE001 (any plotting failure must not lose a finished run)
         console.print(f"[yellow]report.html was not written: {type(err).__name__}: {err}; "
                       f"try `tunesmith report {run.path}`[/]")
-
-
-def open_run(cfg: Config, resume: bool, overwrite: bool, allow_drift: bool, fallback: bool) -> tuple:
-    """Create or reopen the run directory; returns (resume, checkpoint path or None, the run's record before:
-    run.json and config.yaml)."""
-    if cfg.train.resume == "auto" and not overwrite and (cfg.run_dir / "config.yaml").exists():
-        resume = True
-    run = RunDir.create(cfg, resume, overwrite)
-    if resume:
-        check_drift(run, cfg, allow_drift)
-    # Verify the checkpoint before loading data or weights: a refused resume should take seconds.
-    latest = pick_checkpoint(run / "checkpoints", fallback) if resume else None
-    config = run / "config.yaml"
-    before = {"run": run.read_json("run.json"), "config": config.read_text() if config.exists() else None} \
-        if resume else None
-    run.write_config(cfg)
-    run.update_run(status="running", started=time.time(), task=cfg.task_name, secret_hashes=secret_hashes(cfg))
-    return resume, str(latest) if latest else None, before
 
 
 def merge_samples(report: dict) -> list[dict]:
