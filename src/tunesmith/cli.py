@@ -203,27 +203,6 @@ def list_models() -> None:
     _console().print(table)
 
 
-def _read_prompts(path: Path) -> list[list[dict]]:
-    prompts = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
-        if isinstance(row, dict) and isinstance(row.get("messages"), list):
-            prompts.append(row["messages"])
-        elif isinstance(row, dict) and isinstance(row.get("prompt") or row.get("instruction"), str):
-            text = row.get("prompt") or row["instruction"]
-            if row.get("input"):
-                text = f"{text}\n\n{row['input']}"
-            prompts.append([{"role": "user", "content": text}])
-        else:
-            raise UserError(f"{path}:{lineno}: expected a 'prompt', 'instruction' or 'messages' field")
-    return prompts
-
-
 @app.command("generate")
 def generate_cmd(
     run: Annotated[Path, typer.Argument(help="Run directory (runs/<name>).")],
@@ -237,13 +216,20 @@ def generate_cmd(
     Example: tunesmith generate runs/alpaca-smollm2 --prompt "Give three tips for staying healthy."
     """
     from tunesmith.evaluation.generate import generate
-    from tunesmith.inference import load_finetuned
-    from tunesmith.rundir import RunDir
+    from tunesmith.inference import load_finetuned, open_run, require_task, weights_dir
+    from tunesmith.inputs import read_prompts
 
     if (prompt is None) == (input is None):
         raise UserError("Give exactly one of --prompt or --input")
-    prompts = [[{"role": "user", "content": prompt}]] if prompt is not None else _read_prompts(input)
-    model, tokenizer, cfg = load_finetuned(RunDir.open(run))
+    if prompt is not None and not prompt.strip():
+        raise UserError("--prompt is empty")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise UserError("--max-new-tokens and --batch-size must be at least 1")
+    rundir, cfg = open_run(run)
+    require_task(rundir, cfg, classification=False)
+    weights_dir(rundir)
+    prompts = [[{"role": "user", "content": prompt}]] if prompt is not None else read_prompts(input, cfg)
+    model, tokenizer, cfg = load_finetuned(rundir)
     if cfg.data.system_prompt:
         prompts = [[{"role": "system", "content": cfg.data.system_prompt}] + p for p in prompts]
     outputs, _ = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
@@ -260,13 +246,35 @@ def export_cmd(
     merge: Annotated[Path, typer.Option("--merge", help="Write a standalone HF model directory here.")],
 ) -> None:
     """Merge the adapter into the base weights and write a standalone HF model directory."""
-    from tunesmith.inference import export_merged
-    from tunesmith.rundir import RunDir
+    from tunesmith.inference import export_merged, open_run, require_task, weights_dir
 
-    if merge.exists() and any(merge.iterdir()):
-        raise UserError(f"{merge} exists and is not empty")
-    export_merged(RunDir.open(run), str(merge))
+    if merge.exists() and (not merge.is_dir() or any(merge.iterdir())):
+        raise UserError(f"--merge {merge}: " + ("exists and is not empty" if merge.is_dir() else "a file is there"),
+                        hint="Name a new or empty directory.")
+    rundir, cfg = open_run(run)
+    require_task(rundir, cfg, classification=False)
+    weights_dir(rundir)
+    export_merged(rundir, str(merge))
     _console().print(f"Wrote {merge} (load with AutoModelForCausalLM.from_pretrained)")
+
+
+@app.command("predict")
+def predict_cmd(
+    run: Annotated[Path, typer.Argument(help="Classification run directory (runs/<name>).")],
+    input: Annotated[Path, typer.Option(help="JSONL/CSV/Parquet with a text column (or the run's data.columns).")],
+    batch_size: Annotated[Optional[int], typer.Option(help="Rows per batch (default: the run's eval.batch_size).")
+                          ] = None,
+) -> None:
+    """Label every row of a file with a classifier run: one JSON line per row, in order, with the label and
+    every label's probability.
+
+    Example: tunesmith predict runs/sentiment-rotten-tomatoes --input reviews.jsonl > predictions.jsonl
+    """
+    from tunesmith.predict import predict
+
+    if batch_size is not None and batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    predict(run, input, batch_size)
 
 
 def main() -> None:
