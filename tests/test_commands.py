@@ -320,6 +320,31 @@ def test_report_writes_report_html(made, tmp_path, capsys):
 # ---------------------------------------------------------------- compare, runs, models
 
 
+def test_compare_refuses_to_write_over_a_file_or_into_a_run(made, tmp_path, capsys):
+    a, b = copy_run(made, "lm", tmp_path), copy_run(made, "cls", tmp_path)
+    config = (a / "config.yaml").read_text()
+    for out in (a / "config.yaml", a / "new.html", a / "adapter" / "x.html"):
+        err = refused(capsys, "compare", a, b, "--out", out)
+        assert "run directory" in err
+    err = refused(capsys, "compare", a, b, "--out", a / "config.yaml", "--overwrite")
+    assert (a / "config.yaml").read_text() == config and not (a / "new.html").exists()
+    err = refused(capsys, "compare", a, b, "--out", tmp_path / "missing" / "c.html")
+    assert "missing" in err
+    old = tmp_path / "c.html"
+    old.write_text("old")
+    err = refused(capsys, "compare", a, b, "--out", old)
+    assert "--overwrite" in err and old.read_text() == "old"
+    assert main_in_process("compare", a, b, "--out", old, "--overwrite") == 0
+    assert old.read_text().startswith("<!doctype html>")
+
+
+def test_runs_on_a_missing_folder(tmp_path, capsys):
+    err = refused(capsys, "runs", tmp_path / "nope")
+    assert "nope" in err
+    (tmp_path / "file").write_text("")
+    refused(capsys, "runs", tmp_path / "file")
+
+
 def test_runs_lists_the_runs(made, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "300")
     assert main_in_process("runs", made["root"] / "runs") == 0

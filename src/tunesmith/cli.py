@@ -127,16 +127,18 @@ def report(run: Annotated[Path, typer.Argument(help="Run directory (runs/<name>)
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="Two or more run directories.")],
     out: Annotated[Path, typer.Option(help="HTML file to write.")] = Path("compare.html"),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
 ) -> None:
     """One HTML page with the runs' loss curves overlaid and their validation metrics side by side
     (search trials, curve points and stages are runs too).
 
     Example: tunesmith compare runs/a runs/b --out compare.html
     """
-    from tunesmith.compare import compare as write_compare
+    from tunesmith.compare import check_out, compare as write_compare
 
     if len(runs) < 2:
         raise UserError("compare needs at least two run directories")
+    check_out(out, overwrite)
     _console().print(f"Compare: {write_compare(runs, out)}")
 
 
@@ -145,6 +147,9 @@ def runs(folder: Annotated[Path, typer.Argument(help="Directory holding run dire
     """List the runs under a directory: task, model, the main metric before -> after, time, status."""
     from tunesmith.reporting import runs_table
 
+    if not folder.is_dir():
+        raise UserError(f"{folder}: " + ("not a directory" if folder.exists() else "no such directory"),
+                        hint="Pass the directory that holds run directories (a config's output_dir).")
     _console().print(runs_table(folder))
 
 
