@@ -129,16 +129,18 @@ def report(run: Annotated[Path, typer.Argument(help="Run directory (runs/<name>)
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="Two or more run directories.")],
     out: Annotated[Path, typer.Option(help="HTML file to write.")] = Path("compare.html"),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
 ) -> None:
     """One HTML page with the runs' loss curves overlaid and their validation metrics side by side
     (search trials, curve points and stages are runs too).
 
     Example: tunesmith compare runs/a runs/b --out compare.html
     """
-    from tunesmith.compare import compare as write_compare
+    from tunesmith.compare import check_out, compare as write_compare
 
     if len(runs) < 2:
         raise UserError("compare needs at least two run directories")
+    check_out(out, overwrite)
     _console().print(f"Compare: {write_compare(runs, out)}")
 
 
@@ -147,6 +149,9 @@ def runs(folder: Annotated[Path, typer.Argument(help="Directory holding run dire
     """List the runs under a directory: task, model, the main metric before -> after, time, status."""
     from tunesmith.reporting import runs_table
 
+    if not folder.is_dir():
+        raise UserError(f"{folder}: " + ("not a directory" if folder.exists() else "no such directory"),
+                        hint="Pass the directory that holds run directories (a config's output_dir).")
     _console().print(runs_table(folder))
 
 
@@ -205,27 +210,6 @@ def list_models() -> None:
     _console().print(table)
 
 
-def _read_prompts(path: Path) -> list[list[dict]]:
-    prompts = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
-        if isinstance(row, dict) and isinstance(row.get("messages"), list):
-            prompts.append(row["messages"])
-        elif isinstance(row, dict) and isinstance(row.get("prompt") or row.get("instruction"), str):
-            text = row.get("prompt") or row["instruction"]
-            if row.get("input"):
-                text = f"{text}\n\n{row['input']}"
-            prompts.append([{"role": "user", "content": text}])
-        else:
-            raise UserError(f"{path}:{lineno}: expected a 'prompt', 'instruction' or 'messages' field")
-    return prompts
-
-
 @app.command("generate")
 def generate_cmd(
     run: Annotated[Path, typer.Argument(help="Run directory (runs/<name>).")],
@@ -239,13 +223,20 @@ def generate_cmd(
     Example: tunesmith generate runs/alpaca-smollm2 --prompt "Give three tips for staying healthy."
     """
     from tunesmith.evaluation.generate import generate
-    from tunesmith.inference import load_finetuned
-    from tunesmith.rundir import RunDir
+    from tunesmith.inference import load_finetuned, open_run, require_task, weights_dir
+    from tunesmith.inputs import read_prompts
 
     if (prompt is None) == (input is None):
         raise UserError("Give exactly one of --prompt or --input")
-    prompts = [[{"role": "user", "content": prompt}]] if prompt is not None else _read_prompts(input)
-    model, tokenizer, cfg = load_finetuned(RunDir.open(run))
+    if prompt is not None and not prompt.strip():
+        raise UserError("--prompt is empty")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise UserError("--max-new-tokens and --batch-size must be at least 1")
+    rundir, cfg = open_run(run)
+    require_task(rundir, cfg, classification=False)
+    weights_dir(rundir)
+    prompts = [[{"role": "user", "content": prompt}]] if prompt is not None else read_prompts(input, cfg)
+    model, tokenizer, cfg = load_finetuned(rundir)
     if cfg.data.system_prompt:
         prompts = [[{"role": "system", "content": cfg.data.system_prompt}] + p for p in prompts]
     outputs, _ = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
@@ -262,13 +253,35 @@ def export_cmd(
     merge: Annotated[Path, typer.Option("--merge", help="Write a standalone HF model directory here.")],
 ) -> None:
     """Merge the adapter into the base weights and write a standalone HF model directory."""
-    from tunesmith.inference import export_merged
-    from tunesmith.rundir import RunDir
+    from tunesmith.inference import export_merged, open_run, require_task, weights_dir
 
-    if merge.exists() and any(merge.iterdir()):
-        raise UserError(f"{merge} exists and is not empty")
-    export_merged(RunDir.open(run), str(merge))
+    if merge.exists() and (not merge.is_dir() or any(merge.iterdir())):
+        raise UserError(f"--merge {merge}: " + ("exists and is not empty" if merge.is_dir() else "a file is there"),
+                        hint="Name a new or empty directory.")
+    rundir, cfg = open_run(run)
+    require_task(rundir, cfg, classification=False)
+    weights_dir(rundir)
+    export_merged(rundir, str(merge))
     _console().print(f"Wrote {merge} (load with AutoModelForCausalLM.from_pretrained)")
+
+
+@app.command("predict")
+def predict_cmd(
+    run: Annotated[Path, typer.Argument(help="Classification run directory (runs/<name>).")],
+    input: Annotated[Path, typer.Option(help="JSONL/CSV/Parquet with a text column (or the run's data.columns).")],
+    batch_size: Annotated[Optional[int], typer.Option(help="Rows per batch (default: the run's eval.batch_size).")
+                          ] = None,
+) -> None:
+    """Label every row of a file with a classifier run: one JSON line per row, in order, with the label and
+    every label's probability.
+
+    Example: tunesmith predict runs/sentiment-rotten-tomatoes --input reviews.jsonl > predictions.jsonl
+    """
+    from tunesmith.predict import predict
+
+    if batch_size is not None and batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    predict(run, input, batch_size)
 
 
 def main() -> None:

@@ -65,6 +65,23 @@ def numbers(runs: list[RunDir]) -> list[list[str]]:
     return rows
 
 
+def check_out(out: Path, overwrite: bool) -> None:
+    """Where `tunesmith compare --out` may write: never into a run directory (its files are the contract
+    between commands), never over a file without --overwrite, and only into a folder that exists."""
+    from tunesmith.errors import UserError
+
+    target = Path(out).expanduser().resolve()
+    for folder in target.parents:
+        if (folder / "config.yaml").is_file():
+            raise UserError(f"--out {out}: inside the run directory {folder}; write the page elsewhere")
+    if target.is_dir():
+        raise UserError(f"--out {out}: a directory; name an HTML file")
+    if not target.parent.is_dir():
+        raise UserError(f"--out {out}: the folder {target.parent} is missing")
+    if target.exists() and not overwrite:
+        raise UserError(f"--out {out}: the file exists", hint="Pass --overwrite to replace it.")
+
+
 def compare(run_paths: list, out, title: str | None = None) -> str:
     runs = [RunDir.open(p) for p in run_paths]
     names = [run.path.name for run in runs]

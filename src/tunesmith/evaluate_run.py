@@ -9,35 +9,17 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from tunesmith.errors import UserError
+from tunesmith.inference import check_saved_weights, load_saved_weights, open_run, weights_dir
 from tunesmith.recipes import recipe_for
 from tunesmith.recipes.loop import merge_samples
 from tunesmith.reporting import print_before_after
 from tunesmith.rundir import RunDir
 
 
-def load_saved_weights(s, run: RunDir) -> None:
-    model = s.accelerator.unwrap_model(s.model)
-    if (run / "adapter").is_dir():
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(str(run / "adapter" / "adapter_model.safetensors")))
-    elif (run / "model").is_dir():
-        state = {}
-        for f in sorted((run / "model").glob("*.safetensors")):
-            state.update(load_file(str(f)))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected:
-            raise UserError(f"{run / 'model'}: weights do not fit the model", [", ".join(unexpected[:5])])
-    else:
-        raise UserError(f"{run.path}: no adapter/ or model/ (did the run finish?)")
-
-
 def evaluate_run(run_path: str, split: str = "validation", data: str | None = None) -> dict:
-    run = RunDir.open(run_path)
-    cfg = run.config()
+    run, cfg = open_run(run_path)
+    weights_dir(run)  # damaged or missing weight files stop here, before the base model loads
     key = split
     if data is not None:
         cfg.data.test, key = data, f"data:{Path(data).name}"
@@ -46,8 +28,10 @@ def evaluate_run(run_path: str, split: str = "validation", data: str | None = No
     recipe = recipe_for(cfg)
     with tempfile.TemporaryDirectory() as scratch:
         s = recipe.setup(cfg, RunDir(Path(scratch)))
+        model = s.accelerator.unwrap_model(s.model)
+        check_saved_weights(model, run)  # a mismatch stops before the base model is scored
         fresh = {"base": recipe.evaluate(s, "base")}
-        load_saved_weights(s, run)
+        load_saved_weights(model, run)
         fresh["finetuned"] = recipe.evaluate(s, "finetuned")
     fresh["samples"] = merge_samples(fresh)
     source = "test" if data is not None else split

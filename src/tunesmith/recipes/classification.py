@@ -64,13 +64,19 @@ def setup(cfg: Config, run: RunDir) -> loop.Setup:
 
 
 @torch.no_grad()
+def batch_logits(model, rows: list[LabeledRow], pad: int, batch_size: int, device):
+    """(batch, logits) per batch of rows, in order: evaluation and `tunesmith predict` share it."""
+    for i in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate_labeled(rows[i : i + batch_size], pad).items()}
+        yield batch, model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+
+@torch.no_grad()
 def predict(s: loop.Setup, rows: list[LabeledRow]) -> tuple[list[int], float]:
     model, pad = s.accelerator.unwrap_model(s.model), s.tokenizer.pad_token_id
     model.eval()
     preds, total = [], 0.0
-    for i in range(0, len(rows), s.cfg.eval.batch_size):
-        batch = {k: v.to(s.accelerator.device) for k, v in collate_labeled(rows[i : i + s.cfg.eval.batch_size], pad).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    for batch, logits in batch_logits(model, rows, pad, s.cfg.eval.batch_size, s.accelerator.device):
         total += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
         preds += logits.argmax(-1).tolist()
     model.train()
