@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,16 @@ def write_config(tmp_path: Path, cfg: dict) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzz tally (tests/reliability/_fuzz.py) when a fuzz module ran: a report after the tests, so that
+    no test depends on which other modules ran before it."""
+    stats = getattr(sys.modules.get("_fuzz"), "STATS", None)
+    if not stats:
+        return
+    total = sum(c["inputs"] for c in stats.values())
+    terminalreporter.write_sep("-", f"fuzz: {total} generated inputs")
+    for name, c in sorted(stats.items()):
+        rest = ", ".join(f"{k} {v}" for k, v in sorted(c.items()) if k != "inputs")
+        terminalreporter.write_line(f"  {name}: {c['inputs']} inputs; {rest}")
