@@ -15,6 +15,24 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_tunesmith_home(tmp_path_factory):
+    """For fixtures wider than one test (a model, a trained run): never the user's ~/.cache/tunesmith."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNESMITH_HOME", str(tmp_path_factory.mktemp("tunesmith-home-session")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def tunesmith_home(tmp_path_factory, monkeypatch) -> Path:
+    """Each test's own TUNESMITH_HOME (caches of tokenized data, converted models), so that no test sees
+    another's cache; CLI subprocesses inherit it (tests/reliability/_harness.py ENV). Not created here."""
+    path = tmp_path_factory.mktemp("tunesmith-home") / "home"
+    monkeypatch.setenv("TUNESMITH_HOME", str(path))
+    return path
+
+
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
