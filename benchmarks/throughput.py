@@ -10,7 +10,8 @@ RSS is the child's maximum resident set (wait4). MFU = tokens/s x 4 x parameters
 forward and input-gradient backward; frozen weights get no weight gradient) over a matmul peak
 measured here at the start. The last line is the ratio of medians, tunesmith's best mode over the
 peer's best. Writes benchmarks/results/throughput.json and appends nothing else: the .md is written
-by hand from it.
+by hand from it. The peer needs TRL (`make bench`); without it the script stops before any run, and a run
+(peer or tunesmith) that fails makes it exit 1 after writing what it measured.
 """
 
 from __future__ import annotations
@@ -98,8 +99,11 @@ def tunesmith_run(mode: str, model: str, a, out: Path, k: int) -> dict:
             cfg.setdefault(section, {}).update(values)
     path = out / f"{mode}-{k}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    code, wall, rss = run_child([sys.executable, "-m", "tunesmith", "train", str(path), "--overwrite"],
-                                out / f"{mode}-{k}.log", env)
+    log = out / f"{mode}-{k}.log"
+    code, wall, rss = run_child([sys.executable, "-m", "tunesmith", "train", str(path), "--overwrite"], log, env)
+    if code != 0:  # nothing to read: finish() reports it and the benchmark exits 1
+        return {"tool": "tunesmith", "mode": mode, "exit": code, "tokens_per_s": None, "peak_rss_gb": round(rss, 2),
+                "gpu_peak_gb": None, "wall_s": round(wall, 1), "log": str(log)}
     run = out / "runs" / f"{mode}-{k}"
     steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     first, last = steps[0], steps[-1]  # tokens/s over steps 2..N: the first step is warm-up
@@ -107,7 +111,7 @@ def tunesmith_run(mode: str, model: str, a, out: Path, k: int) -> dict:
     report = json.loads((run / "eval.json").read_text())
     return {"tool": "tunesmith", "mode": mode, "exit": code, "tokens_per_s": round(tps, 1), "peak_rss_gb": round(rss, 2),
             "gpu_peak_gb": report["training"].get("gpu_peak_gb"), "wall_s": round(wall, 1),
-            "val_loss": report["finetuned"]["validation"]["loss"], "steps": len(steps)}
+            "val_loss": report["finetuned"]["validation"]["loss"], "steps": len(steps), "log": str(log)}
 
 
 def peer_run(mode: str, model: str, a, out: Path, k: int) -> dict:
@@ -128,7 +132,36 @@ def peer_run(mode: str, model: str, a, out: Path, k: int) -> dict:
             except ValueError:
                 pass  # the Trainer prints Python dicts too
     return {"tool": "peer", "mode": mode, "exit": code, "tokens_per_s": res.get("tokens_per_s"),
-            "peak_rss_gb": round(rss, 2), "gpu_peak_gb": res.get("gpu_peak_gb"), "wall_s": round(wall, 1)}
+            "peak_rss_gb": round(rss, 2), "gpu_peak_gb": res.get("gpu_peak_gb"), "wall_s": round(wall, 1),
+            "log": str(log)}
+
+
+def peer_problem(peer: Path) -> str | None:
+    """Why the peer cannot run at all, said before any run (it runs under this interpreter)."""
+    import importlib.util
+
+    if not peer.is_file():
+        return f"the peer script {peer} is not found (pass --peer, or --peer-modes '' to measure tunesmith alone)"
+    if importlib.util.find_spec("trl") is None:
+        return "TRL is not installed, and the peer is TRL's SFTTrainer: run `make bench` (pip install -e '.[bench]')"
+    return None
+
+
+def failures(results: list[dict]) -> list[str]:
+    """Each run that exited non-zero or measured nothing: its numbers (and any ratio) would be missing."""
+    return [f"{r['tool']} {r['mode']}: exit {r['exit']}" + ("" if r["tokens_per_s"] else ", no tokens/s")
+            + f" (log {r['log']})" for r in results if r["exit"] != 0 or not r["tokens_per_s"]]
+
+
+def finish(results: list[dict]) -> None:
+    """Exit 1 when a run failed: a benchmark that printed tunesmith's numbers and silently no ratio looked fine."""
+    bad = failures(results)
+    if not bad:
+        return
+    print("benchmark failed: " + "; ".join(bad), file=sys.stderr)
+    if any(r["tool"] == "peer" for r in results if r["exit"] != 0 or not r["tokens_per_s"]):
+        print("no ratio without the peer; it needs TRL (`make bench`)", file=sys.stderr)
+    sys.exit(1)
 
 
 def random_model(arch: str, out: Path) -> str:
@@ -189,6 +222,9 @@ def main() -> None:
     ap.add_argument("--peer", type=Path, default=PEER)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     a = ap.parse_args()
+    problem = peer_problem(a.peer) if a.peer_modes.strip(",") else None
+    if problem:
+        sys.exit(f"benchmark cannot run its peer: {problem}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     work = Path(tempfile.mkdtemp(prefix="tunesmith-throughput-"))
     if a.random_init:
@@ -227,6 +263,7 @@ def main() -> None:
     (a.out / name).write_text(json.dumps(record, indent=2, default=str) + "\n")
     for line in summary["lines"]:
         print(line)
+    finish(results)
 
 
 def count_params(model_dir: str) -> int:

@@ -7,12 +7,31 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_tunesmith_home(tmp_path_factory):
+    """For fixtures wider than one test (a model, a trained run): never the user's ~/.cache/tunesmith."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNESMITH_HOME", str(tmp_path_factory.mktemp("tunesmith-home-session")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def tunesmith_home(tmp_path_factory, monkeypatch) -> Path:
+    """Each test's own TUNESMITH_HOME (caches of tokenized data, converted models), so that no test sees
+    another's cache; CLI subprocesses inherit it (tests/reliability/_harness.py ENV). Not created here."""
+    path = tmp_path_factory.mktemp("tunesmith-home") / "home"
+    monkeypatch.setenv("TUNESMITH_HOME", str(path))
+    return path
+
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
@@ -116,3 +135,16 @@ def write_config(tmp_path: Path, cfg: dict) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzz tally (tests/reliability/_fuzz.py) when a fuzz module ran: a report after the tests, so that
+    no test depends on which other modules ran before it."""
+    stats = getattr(sys.modules.get("_fuzz"), "STATS", None)
+    if not stats:
+        return
+    total = sum(c["inputs"] for c in stats.values())
+    terminalreporter.write_sep("-", f"fuzz: {total} generated inputs")
+    for name, c in sorted(stats.items()):
+        rest = ", ".join(f"{k} {v}" for k, v in sorted(c.items()) if k != "inputs")
+        terminalreporter.write_line(f"  {name}: {c['inputs']} inputs; {rest}")

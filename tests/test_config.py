@@ -177,6 +177,33 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
     assert info.value.problems[0].startswith(f"{path}:3: ")
 
 
+def test_duplicate_keys_are_refused_with_both_lines(tmp_path):
+    """A second `train:` block used to replace the first without a word."""
+    path = tmp_path / "dup.yaml"
+    path.write_text("data:\n  train: a.jsonl\ntrain:\n  lr: 0.1\n  max_steps: 5\nseed: 1\ntrain:\n  max_steps: 9\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [f"{path}:7: duplicate key 'train' (first at line 3)"]
+
+
+def test_duplicate_keys_are_refused_in_nested_sections_and_overrides(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("data:\n  train: a.jsonl\n  format: chat\n  train: b.jsonl\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [f"{path}:4: duplicate key 'train' (first at line 2)"]
+    with pytest.raises(ConfigError, match="duplicate key 'lr'"):
+        load_config(None, ["data.train=a.jsonl", "train={lr: 0.1, lr: 0.2}"])
+
+
+def test_a_yaml_merge_key_may_be_overridden(tmp_path):
+    """`<<: *base` then a key of its own is YAML's way to override, not a duplicate."""
+    path = tmp_path / "merge.yaml"
+    path.write_text("data: {train: a.jsonl}\ntrain:\n  <<: {lr: 0.1, max_steps: 5}\n  lr: 0.2\n")
+    cfg = load_config(path)
+    assert (cfg.train.lr, cfg.train.max_steps) == (0.2, 5)
+
+
 def test_missing_config_file(tmp_path):
     path = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError) as info:

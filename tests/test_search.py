@@ -85,7 +85,7 @@ def test_study_prunes_records_and_writes_the_best_config(tiny_config, tmp_path):
     assert best_cfg.train.lr == pytest.approx(best.params["train.lr"]) and best_cfg.search is None
     table = (folder / "trials.md").read_text()
     assert "pruned" in table and "complete" in table and table.count("\n| ") == 6
-    assert (folder / "history.png").stat().st_size > 1000 and (folder / "importance.png").exists() is not None
+    assert (folder / "history.png").stat().st_size > 1000 and (folder / "importance.png").stat().st_size > 1000
     page = (folder / "compare.html").read_text()  # every trial's curves on one page, pruned ones too
     assert all(f"<th>tiny-t{n:03d}</th>" in page for n in range(6)) and "pruned" in page
 
@@ -198,6 +198,45 @@ def test_curve_trains_each_size_and_seed_and_writes_table_and_plot(tiny_config, 
     assert (folder / "curve.png").stat().st_size > 1000 and "| all | 48 | 2 |" in (folder / "curve.md").read_text()
     runs = sorted(p.name for p in (folder / "runs").iterdir())
     assert runs == ["tiny-k16-s0", "tiny-k16-s1", "tiny-k4-s0", "tiny-k4-s1", "tiny-kall-s0", "tiny-kall-s1"]
+
+
+def test_curve_cli_writes_its_table_plot_and_runs(tiny_config, tmp_path):
+    """`tunesmith curve CFG --sizes 8,all`: one run per size, each point is its run's validation loss (the
+    default metric, from train.early_stopping.metric), the base model evaluated once, files as documented."""
+    from reliability._harness import main_in_process
+
+    tiny_config["train"].update(max_steps=2)
+    tiny_config["eval"].update(samples=0, max_rows=4, generate_rows=1, max_new_tokens=1)
+    assert main_in_process("curve", write_config(tmp_path, tiny_config), "--sizes", "8,all") == 0
+    folder = tmp_path / "runs" / "tiny-curve"
+    result = json.loads((folder / "curve.json").read_text())
+    assert result["metric"] == "loss"
+    assert [(p["size"], p["rows"], p["seed"]) for p in result["points"]] == [(8, 8, 0), ("all", 48, 0)]
+    for point in result["points"]:
+        report = json.loads((folder / "runs" / f"tiny-k{point['size']}-s0" / "eval.json").read_text())
+        assert point["loss"] == report["finetuned"]["validation"]["loss"]
+        assert ("base" in report) == (point["size"] == 8)  # the base model is evaluated by the first run only
+    base = json.loads((folder / "runs" / "tiny-k8-s0" / "eval.json").read_text())["base"]["validation"]["loss"]
+    assert list(result["baselines"].values()) == [base]
+    assert [(s["size"], s["runs"], s["std"]) for s in result["summary"]] == [(8, 1, 0.0), ("all", 1, 0.0)]
+    table = (folder / "curve.md").read_text()
+    assert "| 8 | 8 | 1 |" in table and "| all | 48 | 1 |" in table and f"loss {base:.2f}" in table
+    assert (folder / "curve.png").read_bytes().startswith(b"\x89PNG") and (folder / "curve.png").stat().st_size > 1000
+    assert sorted(p.name for p in (folder / "runs").iterdir()) == ["tiny-k8-s0", "tiny-kall-s0"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sizes", "8,0"], "--sizes takes positive integers"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--sizes", "8", "--metric", "nosuch"], "'nosuch' is not a validation metric"),
+])
+def test_curve_cli_refuses_bad_arguments(tiny_config, tmp_path, capsys, args, message):
+    from reliability._harness import main_in_process
+
+    tiny_config["train"].update(max_steps=1)
+    tiny_config["eval"].update(samples=0, max_rows=2, generate_rows=1, max_new_tokens=1, before_after=False)
+    assert main_in_process("curve", write_config(tmp_path, tiny_config), *args) == 2
+    assert message in " ".join(capsys.readouterr().err.split())
 
 
 def test_curve_sizes_are_checked():

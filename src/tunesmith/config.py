@@ -14,6 +14,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tunesmith.config_base import Strict
+from tunesmith.config_yaml import YAML_ERRORS, DuplicateKey, load_yaml
 from tunesmith.config_guards import Privacy, Replay, Retention, RetentionSet  # noqa: F401 (re-exported)
 from tunesmith.errors import ConfigError
 from tunesmith.search.space import SearchConfig, unknown_keys
@@ -416,8 +417,11 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             problems.append(f"'{item}': expected dotted.key=value")
             continue
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except (yaml.YAMLError, ValueError, LookupError, AttributeError, RecursionError):
+            value = load_yaml(raw) if raw != "" else ""
+        except DuplicateKey as err:
+            problems.append(f"'{key}': {err.problem}")
+            continue
+        except YAML_ERRORS:
             value = raw  # a plain string the YAML parser dislikes (e.g. "a: b") is still a string
         if isinstance(value, str):
             try:
@@ -472,8 +476,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError(f"Config file not found: {p}")
         try:
-            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError, ValueError, LookupError, AttributeError, RecursionError) as err:
+            tree = load_yaml(p.read_text(encoding="utf-8")) or {}
+        except (*YAML_ERRORS, UnicodeDecodeError) as err:
             mark = getattr(err, "problem_mark", None)
             where = f"{p}:{mark.line + 1}" if mark else str(p)
             raise ConfigError("Config is not valid YAML", [f"{where}: {getattr(err, 'problem', err)}"]) from None

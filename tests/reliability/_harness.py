@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,26 @@ fixtures = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fixtures)
 write_config, write_jsonl, instruction_rows = fixtures.write_config, fixtures.write_jsonl, fixtures.instruction_rows
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "COLUMNS": "500"}
+class _Env(Mapping):
+    """The environment for CLI subprocesses: os.environ as it is when a child starts (so the test's own
+    TUNESMITH_HOME, set by tests/conftest.py after this module was imported), plus quiet, one-thread settings."""
+
+    FIXED = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "COLUMNS": "500"}
+
+    def _now(self) -> dict:
+        return {**os.environ, **self.FIXED}
+
+    def __getitem__(self, key: str) -> str:
+        return self._now()[key]
+
+    def __iter__(self):
+        return iter(self._now())
+
+    def __len__(self) -> int:
+        return len(self._now())
+
+
+ENV = _Env()
 
 # Runs `tunesmith <argv>` after installing the fault described by the JSON in $TS_FAULT:
 #   record_rows: path      append {"ids": [...]} per micro-batch collated for training

@@ -294,13 +294,16 @@ def test_r4_refused_resume_leaves_run_json_as_it_was(one_checkpoint):
     assert json.loads((fx.run / "run.json").read_text()) == before
 
 
-def test_r4_resume_without_any_checkpoint_does_not_duplicate_the_log(one_checkpoint):
+def test_r4_resume_without_any_checkpoint_does_not_duplicate_the_log(one_checkpoint, capsys):
+    """Nothing to continue from: the resume starts over from step 0 (and says so), logging each step once."""
     fx = one_checkpoint
     _restore(fx)
     shutil.rmtree(fx.run / "checkpoints")  # e.g. killed before its first save
     code = main_in_process("train", fx.cfg, "--resume", "train.max_steps=6")
-    steps = [r["step"] for r in step_lines(fx.run)]
-    assert code != 0 or steps == [1, 2, 3, 4, 5, 6], steps
+    out = "".join(capsys.readouterr())
+    assert code == 0, out
+    assert says(out, "No usable checkpoint: training starts from step 0.")
+    assert [r["step"] for r in step_lines(fx.run)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_r4_rotation_never_deletes_the_checkpoint_just_committed(tmp_path, tiny_llama, monkeypatch):

@@ -93,6 +93,7 @@ def save_checkpoint(s, updates: int, data_step: int) -> None:
              "early_stopping": s.stopper.state_dict(), "counters": s.counters,
              "fingerprint": s.examples.fingerprint, "world_size": s.accelerator.num_processes,
              "grad_scaler": s.precision.state_dict(), "spikes": s.spikes.state_dict(),
+             "watch": s.watch.state_dict(),
              "micro_batch_size": s.plan.micro_size, "privacy": s.dp.state_dict() if s.dp is not None else None}
     acc, root = s.accelerator, s.run / "checkpoints"
     parts = None
@@ -179,6 +180,7 @@ def restore(s, path: Path, allow_drift: bool = False) -> tuple[int, int]:
         group["initial_lr"], group["lr"] = base, base * fn(sched.last_epoch)
     sched._last_lr = [g["lr"] for g in s.optimizer.param_groups]
     s.stopper.load_state_dict(state["early_stopping"])
+    s.watch.load_state_dict(state.get("watch"))  # absent in checkpoints written before it was saved
     s.best_weights = tensors.get("best.safetensors")
     s.counters = state["counters"]
     s.precision.load_state_dict(state.get("grad_scaler"))  # None after a drift from fp32: a fresh scaler
