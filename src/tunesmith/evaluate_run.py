@@ -16,6 +16,7 @@ from tunesmith.recipes import recipe_for
 from tunesmith.recipes.loop import merge_samples
 from tunesmith.reporting import print_before_after
 from tunesmith.rundir import RunDir
+from tunesmith.security import check_path
 
 
 def load_saved_weights(s, run: RunDir) -> None:
@@ -40,6 +41,7 @@ def evaluate_run(run_path: str, split: str = "validation", data: str | None = No
     cfg = run.config()
     key = split
     if data is not None:
+        check_path(data, "--data", cfg.allowed_roots)
         cfg.data.test, key = data, f"data:{Path(data).name}"
     elif split == "test" and cfg.data.test is None and cfg.data.test_fraction == 0:
         raise UserError(f"{run.path}: the run has no test split", hint="Pass --data FILE to score a file.")
