@@ -201,10 +201,14 @@ def load_classifier(path: str, mcfg: ModelConfig, labels: list[str]):
                                             label2id={lab: i for i, lab in enumerate(labels)}, **kw)
         if mcfg.dropout is not None:
             _set_dropout(config, mcfg.dropout)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=getattr(torch, mcfg.dtype), **kw)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, dtype=getattr(torch, mcfg.dtype), output_loading_info=True, **kw)
     except (OSError, ValueError) as err:
         raise UserError(f"Could not load '{mcfg.name}' as a classifier: {err}") from None
+    # Weights the checkpoint lacks (the new head) or could not fill (a head of another size) start random:
+    # apply_peft trains them whatever the method, or the classifier would score with a random projection.
+    resized = {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())}
+    model.tunesmith_new_weights = sorted(set(info.get("missing_keys", ())) | resized)
     if model.config.pad_token_id is None and getattr(config, "eos_token_id", None) is not None:
         model.config.pad_token_id = config.eos_token_id  # decoder classifiers find the last token by padding
     return fold_adapters(model, mcfg.adapters)
@@ -220,9 +224,13 @@ def apply_peft(model, pcfg: PeftConfig, task_type: str = "CAUSAL_LM"):
             return get_peft_model(model, lora)
         except ValueError as err:
             raise UserError(f"LoRA could not be applied: {err}", hint="Check peft.target_modules.") from None
+    new = set(getattr(model, "tunesmith_new_weights", ()))
+    matched = False
     for name, p in model.named_parameters():
-        p.requires_grad = pcfg.method == "full" or any(fnmatch.fnmatch(name, pat) for pat in pcfg.trainable)
-    if not any(p.requires_grad for p in model.parameters()):
+        chosen = pcfg.method == "full" or any(fnmatch.fnmatch(name, pat) for pat in pcfg.trainable)
+        matched |= chosen
+        p.requires_grad = chosen or name in new
+    if not matched:
         raise UserError(f"peft.trainable {pcfg.trainable} matches no parameter name")
     return model
 
