@@ -17,6 +17,7 @@ import torch
 
 from tunesmith.config import ModelConfig, PeftConfig
 from tunesmith.errors import UserError
+from tunesmith.hub import NAMES_HINT, hub_model
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,8 @@ def resolve(mcfg: ModelConfig) -> str:
         _refuse_unrequested_code(path, mcfg)
         return str(path.resolve())
     if path.suffix or mcfg.name.startswith((".", "/", "~")):
-        raise UserError(f"Model not found: {mcfg.name}", hint="Use a model directory, a hub id, or see `tunesmith models`.")
-    return mcfg.name
+        raise UserError(f"Model not found: {mcfg.name}", hint=NAMES_HINT)
+    return hub_model(mcfg)
 
 
 def _refuse_unrequested_code(path: Path, mcfg: ModelConfig) -> None:
