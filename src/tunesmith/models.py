@@ -236,8 +236,9 @@ def fold_adapters(model, adapters: list[str]):
     return model
 
 
-def load_classifier(path: str, mcfg: ModelConfig, labels: list[str]):
-    """An encoder (or decoder) with a fresh classification head sized to the label set."""
+def load_classifier(path: str, mcfg: ModelConfig, labels: list[str], pad_token_id: int | None = None):
+    """An encoder (or decoder) with a fresh classification head sized to the label set. `pad_token_id`:
+    the id rows are padded with, by which a decoder finds each row's last real token."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     kw = _load_kwargs(mcfg)
@@ -254,7 +255,9 @@ def load_classifier(path: str, mcfg: ModelConfig, labels: list[str]):
     # apply_peft trains them whatever the method, or the classifier would score with a random projection.
     resized = {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())}
     model.tunesmith_new_weights = sorted(set(info.get("missing_keys", ())) | resized)
-    if model.config.pad_token_id is None and getattr(config, "eos_token_id", None) is not None:
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id  # the config's own (or none) may differ from the tokenizer's
+    elif model.config.pad_token_id is None and getattr(config, "eos_token_id", None) is not None:
         model.config.pad_token_id = config.eos_token_id  # decoder classifiers find the last token by padding
     return fold_adapters(model, mcfg.adapters)
 
