@@ -18,6 +18,7 @@ import torch
 from tunesmith.config import ModelConfig, PeftConfig
 from tunesmith.errors import UserError
 from tunesmith.hub import NAMES_HINT, hub_model
+from tunesmith.training import zero  # noqa: F401 (importing it keeps accelerate from importing DeepSpeed)
 
 
 @dataclass(frozen=True)

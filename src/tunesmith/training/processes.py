@@ -15,7 +15,6 @@ from accelerate import PartialState
 from tunesmith.errors import UserError
 from tunesmith.training import zero
 
-zero.import_only_when_used()
 
 def process_state() -> PartialState:
     """The launch's processes (one, or several under accelerate launch / torchrun). Without a GPU the

@@ -20,7 +20,7 @@ import torch
 from tunesmith.errors import UserError
 
 
-def import_only_when_used() -> None:
+def _import_only_when_used() -> None:
     """accelerate's unwrap_model imports DeepSpeed whenever it is installed, only to isinstance-check for its
     engine, and that import prints "Setting accelerator to CPU" on every run. A model can only be a
     DeepSpeedEngine once deepspeed is imported (accelerate imports it to engage ZeRO), so "already imported"
@@ -29,6 +29,9 @@ def import_only_when_used() -> None:
 
     if getattr(other, "is_deepspeed_available", None) is not None:
         other.is_deepspeed_available = lambda: "deepspeed" in sys.modules
+
+
+_import_only_when_used()  # at import: models.py and processes.py import this module before any model is saved
 
 
 def requested() -> bool:
