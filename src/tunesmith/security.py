@@ -83,19 +83,41 @@ def output_problem(raw: str, allowed_roots: list[str]) -> str | None:
     return path_problem(raw, "output_dir", allowed_roots)
 
 
+def config_paths(cfg):
+    """(field, path) for every file or directory a config names for reading. One list, so a new field
+    cannot slip past the check: stages and `model.adapters` read data and weights like `data.*` does."""
+    datas = [("data", cfg.data)] + [(f"stages.{i}.data", st.data) for i, st in enumerate(cfg.stages)]
+    for prefix, data in datas:
+        for field in ("train", "validation", "test"):
+            if getattr(data, field) is not None:
+                yield f"{prefix}.{field}", getattr(data, field)
+    for i, r in enumerate(cfg.retention.sets):
+        yield f"retention.sets.{i}.data", r.data
+    if cfg.retention.replay is not None:
+        yield "retention.replay.data", cfg.retention.replay.data
+    yield "model.name", cfg.model.name
+    if cfg.model.gguf_file is not None:
+        yield "model.gguf_file", os.path.join(cfg.model.name, cfg.model.gguf_file)
+    for i, folder in enumerate(cfg.model.adapters):
+        yield f"model.adapters.{i}", folder
+    if cfg.eval.baseline_model is not None:
+        yield "eval.baseline_model", cfg.eval.baseline_model
+
+
 def config_path_problems(cfg) -> list[str]:
     roots = cfg.allowed_roots
     problems = [output_problem(cfg.output_dir, roots)]
-    for field in ("train", "validation", "test"):
-        value = getattr(cfg.data, field)
-        if value is not None:
-            problems.append(path_problem(value, f"data.{field}", roots))
-    for i, r in enumerate(cfg.retention.sets):
-        problems.append(path_problem(r.data, f"retention.sets.{i}.data", roots))
-    if cfg.retention.replay is not None:
-        problems.append(path_problem(cfg.retention.replay.data, "retention.replay.data", roots))
-    problems.append(path_problem(cfg.model.name, "model.name", roots))
+    problems += [path_problem(value, field, roots) for field, value in config_paths(cfg)]
     return [p for p in problems if p]
+
+
+def check_path(raw: str, field: str, allowed_roots: list[str]) -> None:
+    """The same check for a path named on the command line (e.g. `eval --data`): refuse with exit 2."""
+    from tunesmith.errors import UserError
+
+    problem = path_problem(raw, field, allowed_roots)
+    if problem:
+        raise UserError("Refused path", [problem])
 
 
 def model_dir_problems(model_dir: str) -> list[str]:

@@ -12,11 +12,26 @@ and whole tensors are gathered for checkpoints and the saved adapter.
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager, nullcontext
 
 import torch
 
 from tunesmith.errors import UserError
+
+
+def _import_only_when_used() -> None:
+    """accelerate's unwrap_model imports DeepSpeed whenever it is installed, only to isinstance-check for its
+    engine, and that import prints "Setting accelerator to CPU" on every run. A model can only be a
+    DeepSpeedEngine once deepspeed is imported (accelerate imports it to engage ZeRO), so "already imported"
+    gives the same answer without the import."""
+    from accelerate.utils import other
+
+    if getattr(other, "is_deepspeed_available", None) is not None:
+        other.is_deepspeed_available = lambda: "deepspeed" in sys.modules
+
+
+_import_only_when_used()  # at import: models.py and processes.py import this module before any model is saved
 
 
 def requested() -> bool:
