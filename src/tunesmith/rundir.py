@@ -23,9 +23,7 @@ import socket
 import time
 from pathlib import Path
 
-import yaml
-
-from tunesmith.config import Config, config_from_dict, dump_config
+from tunesmith.config import Config, dump_config, load_config
 from tunesmith.errors import UserError
 from tunesmith.security import redact
 
@@ -184,7 +182,8 @@ class RunDir:
         return self.path / name
 
     def config(self) -> Config:
-        return config_from_dict(yaml.safe_load((self / "config.yaml").read_text()), str(self / "config.yaml"))
+        # The same loader as a config the user wrote: a damaged file is a clear error, not a traceback.
+        return load_config(self / "config.yaml")
 
     def write_config(self, cfg: Config) -> None:
         self.write_text("config.yaml", dump_config(cfg))
