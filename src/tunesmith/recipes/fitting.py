@@ -45,21 +45,18 @@ def fit(s: Setup, updates: int = 0, data_step: int = 0) -> dict:
     with TrainProgress(s.total_steps, updates) as progress, GracefulStop() as stop:
         while updates < s.total_steps and not out_of_budget(s, updates):
             started = time.perf_counter()
-            step_rows = [i for m in s.plan.micro_batches(data_step) for i in m if i not in s.excluded]
+            step_rows, n_targets = rows_of(s, data_step)
             data_step += 1
-            # Normalise by the targets (tokens, or rows) of the whole step: every micro-batch, every rank.
-            n_local = s.count([s.data["train"][i] for i in step_rows])
-            n_targets = acc.reduce(torch.tensor(n_local, device=acc.device), "sum").item()
             if n_targets == 0 and not s.stepper.takes_empty_steps:
                 continue  # every row of the step was excluded after spikes: nothing to learn, no update
             loss_sum, real_tokens, micro = accumulate(s, data_step - 1, step_rows, n_targets)
-            grad_norm = s.stepper.prepare_grads(data_step - 1)
+            grad_norm = s.stepper.prepare_grads(data_step - 1)  # unscaled, noised (DP), L2-SP, clipped: pre-clip norm
             step_loss = acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum").item() / max(n_targets, 1)
             lr = s.scheduler.get_last_lr()[0]  # the rate this update uses, logged with it
             problem = verdict(s, step_loss, grad_norm, n_targets, data_step)
-            grad_norm = None if problem else s.stepper.step(grad_norm)
-            if grad_norm is None:  # not applied: weights, optimizer and schedule untouched
-                problem = problem or "nonfinite"  # or DeepSpeed found the gradient non-finite itself
+            grad_norm = None if problem else s.stepper.step(grad_norm)  # None: not applied
+            if grad_norm is None:  # weights, optimizer and schedule untouched
+                problem = problem or "nonfinite"  # DeepSpeed found a non-finite gradient itself
                 s.stepper.discard()
             else:
                 s.scheduler.step()
@@ -102,14 +99,28 @@ def accumulate(s: Setup, step: int, step_rows: list[int], n_targets: int) -> tup
                         loss, _ = s.loss_sum(s.model, batch)
                     s.stepper.backward(loss, weight, n_targets, last)
                 loss_sum += loss.item() * weight
-                if weight:  # a packed batch's mask is 4-D: it says how many tokens are real
-                    real_tokens += int(batch["n_tokens"] if "n_tokens" in batch else batch["attention_mask"].sum())
+                if weight:  # padding passes feed no tokens
+                    real_tokens += tokens_in(batch)
             return loss_sum, real_tokens, micro
         except RuntimeError as exc:
             if not (is_oom(exc) and s.cfg.train.oom_backoff):
                 raise
             batch = loss = None  # drop the references that hold activations before retrying
             back_off(s, step)
+
+
+def rows_of(s: Setup, data_step: int) -> tuple[list[int], int]:
+    """This rank's train rows of `data_step` (less those excluded after spikes), and the targets (tokens, or
+    rows) of the whole step, every micro-batch and every rank: what the step's loss is normalised by."""
+    acc = s.accelerator
+    rows = [i for m in s.plan.micro_batches(data_step) for i in m if i not in s.excluded]
+    n_local = s.count([s.data["train"][i] for i in rows])
+    return rows, acc.reduce(torch.tensor(n_local, device=acc.device), "sum").item()
+
+
+def tokens_in(batch: dict[str, torch.Tensor]) -> int:
+    """Real tokens in a collated batch; a packed batch's mask is 4-D, so it says how many."""
+    return int(batch["n_tokens"] if "n_tokens" in batch else batch["attention_mask"].sum())
 
 
 def back_off(s: Setup, step: int) -> None:
@@ -150,23 +161,10 @@ def verdict(s: Setup, loss: float, grad_norm: torch.Tensor, n_targets: int, data
 
 
 def after_update(s: Setup, done: Update, progress: TrainProgress, stop: GracefulStop) -> bool:
-    """The bookkeeping after an applied update: tokens, the metrics line and trackers, progress, warnings,
-    evaluation, checkpoint, a requested stop. Returns whether early stopping ends training here."""
-    cfg, acc, updates = s.cfg, s.accelerator, done.step
-    tokens = done.tokens
-    if acc.num_processes > 1:  # every rank's tokens, so tokens/s is the whole launch's
-        tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), "sum").item())
-    s.counters["tokens"] += tokens
-    tps = tokens / (time.perf_counter() - done.started)
-    logged = updates % cfg.train.log_every == 0
-    eps = s.stepper.epsilon() if logged else None
-    if logged and acc.is_main_process:
-        privacy = {"epsilon": round(eps, 4) if math.isfinite(eps) else None, "rows": done.targets} \
-            if eps is not None else {}
-        record = {"step": updates, "epoch": s.plan.epoch_of(done.data_step - 1), "loss": done.loss, "lr": done.lr,
-                  "grad_norm": done.grad_norm, "tokens_per_s": round(tps, 1), "tokens": s.counters["tokens"], **privacy}
-        s.run.log(record)
-        trackers.log(acc, cfg, record, updates)
+    """The bookkeeping after an applied update: the metrics line, progress, warnings, evaluation, checkpoint,
+    a requested stop. Returns whether early stopping ends training here."""
+    cfg, updates = s.cfg, done.step
+    tps, eps = log_update(s, done)
     progress.step(updates, done.loss, done.lr, done.grad_norm, tps, eps)
     warn(s, updates, s.watch.step(updates, done.loss))
     stopped_early = False
@@ -183,6 +181,27 @@ def after_update(s: Setup, done: Update, progress: TrainProgress, stop: Graceful
         console.print(f"Early stopping at step {updates}: " + s.extra.pop(
             "stop_reason", f"no improvement in {s.stopper.bad_evals} evaluations"))
     return stopped_early
+
+
+def log_update(s: Setup, done: Update) -> tuple[float, float | None]:
+    """Count the update's tokens and write its metrics line (every train.log_every updates, with the epsilon
+    spent under DP-SGD). Returns tokens/s and that epsilon (None when not logged or not private)."""
+    cfg, acc, updates = s.cfg, s.accelerator, done.step
+    tokens = done.tokens
+    if acc.num_processes > 1:  # every rank's tokens, so tokens/s is the whole launch's
+        tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), "sum").item())
+    s.counters["tokens"] += tokens
+    tps = tokens / (time.perf_counter() - done.started)
+    logged = updates % cfg.train.log_every == 0
+    eps = s.stepper.epsilon() if logged else None
+    if logged and acc.is_main_process:
+        record = {"step": updates, "epoch": s.plan.epoch_of(done.data_step - 1), "loss": done.loss, "lr": done.lr,
+                  "grad_norm": done.grad_norm, "tokens_per_s": round(tps, 1), "tokens": s.counters["tokens"]}
+        if eps is not None:
+            record.update(epsilon=round(eps, 4) if math.isfinite(eps) else None, rows=done.targets)
+        s.run.log(record)
+        trackers.log(acc, cfg, record, updates)
+    return tps, eps
 
 
 def finish(s: Setup, updates: int, data_step: int, stopped_early: bool) -> dict:
