@@ -46,7 +46,7 @@ class Setup:
     loss_sum: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]  # summed loss, target count
     count: Callable[[list], int]  # targets in a micro-batch: tokens for LMs, rows for classifiers
     quick_eval: Callable[[Setup, str], dict]  # cheap metrics used during training and for early stopping
-    stepper: steppers.Plain  # backward, gradient preparation and the update: plain, DP-SGD or DeepSpeed
+    stepper: steppers.Stepper  # backward, gradient preparation and the update: plain, DP-SGD or DeepSpeed
     precision: Precision
     stopper: EarlyStopper
     spikes: SpikeDetector

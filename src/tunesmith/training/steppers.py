@@ -14,6 +14,7 @@ alone: DP-SGD and the sharded engines refuse it (config.py, processes.engage), a
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from typing import Protocol
 
 import torch
 
@@ -21,7 +22,25 @@ from tunesmith.training import processes, zero
 from tunesmith.training.guards import Precision
 
 
+class Stepper(Protocol):
+    """What the loop calls, in this order per step; every way of stepping answers all of it."""
+
+    takes_empty_steps: bool  # whether a step with no targets is still taken (DP-SGD: a noise-only step)
+
+    def forwards(self, n: int) -> int: ...  # micro-batches this rank runs for its n (padding short ranks)
+    def micro_batch(self, last: bool) -> AbstractContextManager: ...  # around one forward and backward
+    def backward(self, loss: torch.Tensor, weight: float, n_targets: int, last: bool) -> None: ...
+    def prepare_grads(self, step: int) -> torch.Tensor: ...  # the pre-clip norm
+    def step(self, grad_norm: torch.Tensor) -> torch.Tensor | None: ...  # the norm to log; None: not applied
+    def discard(self) -> None: ...  # a step not applied
+    def reset(self) -> None: ...  # a half-accumulated step dropped (out-of-memory retry)
+    def budget_spent(self, updates: int) -> str | None: ...  # why no further step may be taken
+    def epsilon(self) -> float | None: ...  # privacy spent so far, where it is accounted
+
+
 class Plain:
+    """accelerate's step (one process, DDP or FSDP2), with Precision's fp16 scaler and L2-SP."""
+
     takes_empty_steps = False  # a step without targets (its rows excluded after spikes) makes no update
 
     def __init__(self, accelerator, model, optimizer, precision: Precision, max_grad_norm: float | None,
@@ -155,7 +174,7 @@ class DeepSpeed(Plain):
         zero.discard(self.engine)
 
 
-def choose(accelerator, model, optimizer, precision: Precision, cfg, dp=None) -> Plain:
+def choose(accelerator, model, optimizer, precision: Precision, cfg, dp=None) -> Stepper:
     """The stepper for this run: DP-SGD when `privacy:` is set, DeepSpeed when accelerate engaged it, else plain."""
     if dp is not None:
         return Private(accelerator, model, optimizer, precision, dp, cfg.privacy.target_epsilon)
