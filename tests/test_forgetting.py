@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tunesmith.config import config_from_dict
 from tunesmith.errors import ConfigError
 from tunesmith.evaluation.forgetting import forgetting, over_limit, worst_ratio
-from tunesmith.recipes import causal_lm, loop
+from tunesmith.recipes import building, causal_lm, loop
 
 
 def test_forgetting_against_hand_computed_values():
@@ -133,14 +133,14 @@ def test_replay_run_feeds_general_text_and_l2sp_pulls_toward_the_start(retention
     replay = write_jsonl(tmp_path / "data" / "replay.jsonl",
                          [{"text": f"replayed general sentence {i} on ordinary topics"} for i in range(30)])
     fed = []
-    real_build = loop.build
+    real_build = building.build
 
     def build(*args, **fns):
         collate = fns["collate"]
         fns["collate"] = lambda rows: (fed.extend(r.id for r in rows), collate(rows))[1]
         return real_build(*args, **fns)
 
-    monkeypatch.setattr(loop, "build", build)
+    monkeypatch.setattr(building, "build", build)
     base = {**retention_cfg, "eval": {**retention_cfg["eval"], "every": None}, "peft": {"method": "full"}}
     cfg = {**base, "name": "replay", "retention": {**base["retention"], "replay": {"data": str(replay), "fraction": 0.2}}}
     run = causal_lm.train(config_from_dict(cfg))

@@ -16,7 +16,7 @@ from tunesmith.data.collate import collate
 from tunesmith.errors import UserError
 from tunesmith.privacy.dp import DPSGD, check_model
 from tunesmith.privacy.sampling import PoissonPlan, units_of
-from tunesmith.recipes import causal_lm, loop
+from tunesmith.recipes import building, causal_lm, fitting
 from tunesmith.rundir import RunDir
 from tunesmith.training.loss import per_example_loss_sum
 
@@ -37,7 +37,7 @@ def dp_config(tmp_path, tiny_llama):
     }
 
 
-def make_setup(cfg_dict) -> loop.Setup:
+def make_setup(cfg_dict) -> building.Setup:
     cfg = config_from_dict(cfg_dict)
     return causal_lm.setup(cfg, RunDir.create(cfg, resume=False, overwrite=True))
 
@@ -179,7 +179,7 @@ def test_first_dp_step_moves_every_lora_b_leaves_the_base_bit_identical_and_the_
     s = make_setup(dp_config)
     frozen = {n: p.detach().clone() for n, p in s.model.named_parameters() if not p.requires_grad}
     before = trainables(s)
-    loop.fit(s)
+    fitting.fit(s)
     after = trainables(s)
     lora_b = [n for n in after if "lora_B" in n]
     assert len(lora_b) == 4  # q and v in each of 2 layers
@@ -288,7 +288,7 @@ def test_an_empty_poisson_step_is_a_noise_step_and_an_accountant_step(dp_config,
     before = trainables(s)
     dp_config["train"]["max_steps"] = 2
     s.total_steps = 2
-    summary = loop.fit(s)
+    summary = fitting.fit(s)
     assert summary["data_steps"] == 2 and s.dp.steps_taken == 2
     moved = trainables(s)
     assert any(not torch.equal(before[n], moved[n]) for n in before)
@@ -314,7 +314,7 @@ def test_micro_batch_size_changes_neither_q_epsilon_nor_the_update(dp_config, tm
         cfg["train"].update(batch_size=batch, grad_accum=accum)
         s = make_setup(cfg)
         s.plan.micro_size = micro  # 1: as after two out-of-memory back-offs
-        loop.fit(s)
+        fitting.fit(s)
         results.append((s.plan.sample_rate, s.dp.epsilon(), trainables(s)))
     (q0, e0, w0) = results[0]
     for q, e, w in results[1:]:
@@ -327,7 +327,7 @@ def test_an_out_of_memory_back_off_mid_step_keeps_q_epsilon_and_the_update(dp_co
     """K4 under DP: the half-accumulated step is dropped (its clipped sums too) and redone in smaller
     micro-batches; sampling, noise and accounting are those of the run without the fault."""
     clean = make_setup({**dp_config, "name": "clean"})
-    loop.fit(clean)
+    fitting.fit(clean)
     s = make_setup({**dp_config, "name": "oom"})
     real, calls = s.loss_sum, {"n": 0}
 
@@ -338,7 +338,7 @@ def test_an_out_of_memory_back_off_mid_step_keeps_q_epsilon_and_the_update(dp_co
         return real(model, batch)
 
     s.loss_sum = oom_once_at_the_second_micro_batch
-    loop.fit(s)
+    fitting.fit(s)
     assert s.plan.micro_size == 2 and calls["n"] > 2
     assert s.plan.sample_rate == clean.plan.sample_rate and s.dp.epsilon() == clean.dp.epsilon()
     assert s.dp.steps_taken == clean.dp.steps_taken == 4

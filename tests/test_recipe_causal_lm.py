@@ -12,7 +12,7 @@ from conftest import write_config
 from safetensors.torch import load_file
 
 from tunesmith.config import config_from_dict
-from tunesmith.recipes import causal_lm, loop
+from tunesmith.recipes import causal_lm, fitting
 
 
 def run_cli(*args, cwd=None):
@@ -87,17 +87,17 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(tiny_config, monke
     cfg = config_from_dict(tiny_config)
     uninterrupted = adapter_tensors(causal_lm.train(cfg, overwrite=True).path)
 
-    real_save = loop.save_checkpoint
+    real_save = fitting.save_checkpoint
 
     def crash_after_step_4(s, step, data_step):
         real_save(s, step, data_step)
         if step == 4:
             raise Interrupt
 
-    monkeypatch.setattr(loop, "save_checkpoint", crash_after_step_4)
+    monkeypatch.setattr(fitting, "save_checkpoint", crash_after_step_4)
     with pytest.raises(Interrupt):
         causal_lm.train(cfg, overwrite=True)
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    monkeypatch.setattr(fitting, "save_checkpoint", real_save)
     ckpts = sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir())
     assert ckpts == ["step-2", "step-4"]
     resumed = adapter_tensors(causal_lm.train(cfg, resume=True).path)

@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tunesmith.recipes import loop
+from tunesmith.recipes import building
 from tunesmith.training.plan import ShuffledPlan
 
 HERE = Path(__file__).resolve().parent
@@ -71,7 +71,7 @@ import json, os, signal, sys
 fault = json.loads(os.environ.get("TS_FAULT") or "{}")
 import torch
 from tunesmith import cli
-from tunesmith.recipes import loop
+from tunesmith.recipes import building
 from tunesmith.rundir import RunDir
 from tunesmith.training.plan import ShuffledPlan
 
@@ -87,7 +87,7 @@ ShuffledPlan.micro_batches = micro_batches
 def poisoned(data_step):
     return data_step in fault.get("nan_data_steps", ()) or ("nan_from" in fault and data_step >= fault["nan_from"])
 
-real_build = loop.build
+real_build = building.build
 def build(*args, **fns):
     collate = fns["collate"]
     def recording_collate(rows):
@@ -105,7 +105,7 @@ def build(*args, **fns):
         norm.register_forward_hook(
             lambda mod, inputs, out: out * float("nan") if mod.training and poisoned(current["data_step"]) else None)
     return s
-loop.build = build
+building.build = build
 
 real_log = RunDir.log
 def log(self, record):
@@ -177,7 +177,7 @@ class Probe:
         self.micro = 0
         self.before: dict[int, dict] = {}  # 1-based data step -> state before it ran
         self.nan_at, self.scale_loss_at = set(nan_at), scale_loss_at
-        real_build, real_micro_batches = loop.build, ShuffledPlan.micro_batches
+        real_build, real_micro_batches = building.build, ShuffledPlan.micro_batches
         probe = self
 
         def micro_batches(plan, step):
@@ -207,9 +207,9 @@ class Probe:
             return s
 
         monkeypatch.setattr(ShuffledPlan, "micro_batches", micro_batches)
-        monkeypatch.setattr(loop, "build", build)
+        monkeypatch.setattr(building, "build", build)
         if sgd:
-            monkeypatch.setattr(loop, "build_optimizer", lambda model, t: torch.optim.SGD(
+            monkeypatch.setattr(building, "build_optimizer", lambda model, t: torch.optim.SGD(
                 [p for p in model.parameters() if p.requires_grad], lr=t.lr))
 
 

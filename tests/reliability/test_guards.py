@@ -31,7 +31,8 @@ from _harness import (  # noqa: E402
 
 from tunesmith.config import config_from_dict  # noqa: E402
 from tunesmith.errors import ConfigError, TrainingHalted  # noqa: E402
-from tunesmith.recipes import causal_lm, loop  # noqa: E402
+from tunesmith.recipes import building, causal_lm, fitting  # noqa: E402
+from tunesmith.training.guards import Precision  # noqa: E402
 from tunesmith.recipes.state import REQUIRED  # noqa: E402
 from tunesmith.training import checkpoint as ckpt  # noqa: E402
 from tunesmith.training.guards import SpikeDetector, is_oom  # noqa: E402
@@ -46,7 +47,7 @@ def _inf_gradient_at(monkeypatch, data_steps: set[int]) -> dict:
     """An inf gradient on one LoRA matrix at the given 1-based data steps; records the loss scale."""
     probe = Probe(monkeypatch)
     seen: dict = {"scale": {}}
-    real_build = loop.build
+    real_build = building.build
 
     def build(*args, **fns):
         s = real_build(*args, **fns)
@@ -55,14 +56,14 @@ def _inf_gradient_at(monkeypatch, data_steps: set[int]) -> dict:
         seen["s"] = s
         return s
 
-    monkeypatch.setattr(loop, "build", build)
-    real_step = loop.Precision.unscale
+    monkeypatch.setattr(building, "build", build)
+    real_step = Precision.unscale
 
     def unscale(self, opt):
         seen["scale"][probe.data_step] = self.scaler.get_scale()
         real_step(self, opt)
 
-    monkeypatch.setattr(loop.Precision, "unscale", unscale)
+    monkeypatch.setattr(Precision, "unscale", unscale)
     return seen
 
 
@@ -144,14 +145,14 @@ def test_n5_rollback_after_three_spikes_restores_and_never_feeds_those_rows(tmp_
                                       spike_window=10))
     probe = Probe(monkeypatch, scale_loss_at={14, 15, 16}, factor=50.0)
     fed: list[tuple[int, list[str]]] = []  # (data step, row ids) of every training micro-batch
-    probed_build = loop.build
+    probed_build = building.build
 
     def build(*args, **fns):
         collate = fns["collate"]
         fns["collate"] = lambda rows: (fed.append((probe.data_step, [r.id for r in rows])), collate(rows))[1]
         return probed_build(*args, **fns)
 
-    monkeypatch.setattr(loop, "build", build)
+    monkeypatch.setattr(building, "build", build)
     run = causal_lm.train(cfg)
     s = probe.s
     spiked = {d: [s.data["train"][i].id for i in s.plan.step_rows(d - 1)] for d in (14, 15, 16)}
@@ -182,7 +183,7 @@ def test_n5_rollback_needs_checkpoints():
 def _oom_from(monkeypatch, data_step: int, above_rows: int) -> Probe:
     """`RuntimeError("CUDA out of memory.")` from data step `data_step` on, for batches over `above_rows`."""
     probe = Probe(monkeypatch)
-    real_build = loop.build
+    real_build = building.build
 
     def build(*args, **fns):
         loss_sum = fns["loss_sum"]
@@ -195,7 +196,7 @@ def _oom_from(monkeypatch, data_step: int, above_rows: int) -> Probe:
         fns["loss_sum"] = oom
         return real_build(*args, **fns)
 
-    monkeypatch.setattr(loop, "build", build)
+    monkeypatch.setattr(building, "build", build)
     return probe
 
 
@@ -253,7 +254,7 @@ def test_n5_spikes_that_rollback_cannot_fix_halt_the_run(tmp_path, tiny_llama, m
     cfg = config_from_dict(rel_config(tmp_path, tiny_llama, max_steps=20, save_every=4, on_spike="rollback",
                                       spike_window=10, max_rollbacks=2))
     Probe(monkeypatch, scale_loss_at={14, 15, 16}, factor=50.0)
-    real_rollback = loop.rollback
-    monkeypatch.setattr(loop, "rollback", lambda s, rows, updates, data_step: real_rollback(s, [], updates, data_step))
+    real_rollback = fitting.rollback
+    monkeypatch.setattr(fitting, "rollback", lambda s, rows, updates, data_step: real_rollback(s, [], updates, data_step))
     with pytest.raises(TrainingHalted, match="persist after 2 rollbacks"):
         causal_lm.train(cfg)

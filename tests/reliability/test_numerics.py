@@ -5,7 +5,7 @@ N3 (fp16 GradScaler) and N5 (loss spikes) are in test_guards.py.
 
 NaN is injected by a forward hook on the model's final norm (training forward passes only), at
 chosen 1-based data steps (`data_step` in metrics.jsonl). In-process runs install it by wrapping
-`tunesmith.recipes.loop.build`; the CLI runs use the same hook through _harness.RUNNER.
+`tunesmith.recipes.building.build`; the CLI runs use the same hook through _harness.RUNNER.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from tunesmith.config import config_from_dict  # noqa: E402
 from tunesmith.errors import TrainingHalted  # noqa: E402
-from tunesmith.recipes import causal_lm, loop  # noqa: E402
+from tunesmith.recipes import causal_lm, fitting  # noqa: E402
 from tunesmith.recipes.state import REQUIRED  # noqa: E402
 from tunesmith.training import checkpoint as ckpt  # noqa: E402
 from tunesmith.training.optim import lr_factor  # noqa: E402
@@ -125,7 +125,7 @@ def test_n2_a_nan_evaluation_is_never_the_best(tmp_path, tiny_llama, monkeypatch
                             "eval": {"every": 2, "batch_size": 8, "samples": 0, "before_after": False,
                                      "generate_rows": 2, "max_new_tokens": 2}})
     probe = Probe(monkeypatch)
-    real_eval, poison = loop.evaluate_during_training, {"on": False}
+    real_eval, poison = fitting.evaluate_during_training, {"on": False}
 
     def evaluate_during_training(s, step, progress):
         if not poison.get("hooked"):
@@ -138,7 +138,7 @@ def test_n2_a_nan_evaluation_is_never_the_best(tmp_path, tiny_llama, monkeypatch
         finally:
             poison["on"] = False
 
-    monkeypatch.setattr(loop, "evaluate_during_training", evaluate_during_training)
+    monkeypatch.setattr(fitting, "evaluate_during_training", evaluate_during_training)
     run = causal_lm.train(cfg)
     evals = {r["step"]: r["eval"]["loss"] for r in records(run.path) if "eval" in r and not r.get("final")}
     assert sorted(evals) == [2, 4, 6, 8] and evals[2] is None  # NaN is written as null

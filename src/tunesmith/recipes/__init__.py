@@ -2,7 +2,9 @@
 
 causal_lm       instruction, summarization, constrained generation, language modeling
 classification  sentiment and any label set
-loop            the training loop and run sequence both share
+building        a run's Setup: accelerator, optimizer, schedule, batch plan, stepper
+fitting         the fitting loop both share: micro-batches, the update, the bookkeeping after it
+loop            the run's sequence both share: base evaluation, fit, save, fine-tuned evaluation
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Run:  tunesmith train examples/alpaca-smollm2.yaml [key=value ...] [--resume]
 
 setup()    data is read and validated before any weights load, then tokenizer, model, PEFT
-fit()      recipes/loop.py: the optimizer step on one screen, shared with every recipe
+fit()      recipes/fitting.py: the optimizer step on one screen, shared with every recipe
 evaluate() loss/perplexity, the task's generation metrics and retention perplexity, on held-out rows
 save()     the adapter (or full model) in a format plain transformers/peft load
 """
@@ -25,7 +25,7 @@ from tunesmith.evaluation.forgetting import forgetting, worst_ratio
 from tunesmith.evaluation.generate import generate, generate_sharded
 from tunesmith.evaluation.lm import evaluate_loss
 from tunesmith.evaluation.tasks import TASKS, generation_rows
-from tunesmith.recipes import loop
+from tunesmith.recipes import building, loop
 from tunesmith.recipes.state import save_weights
 from tunesmith.rundir import RunDir
 from tunesmith.training.loss import causal_lm_loss_sum, choose_loss, per_example_loss_sum
@@ -61,7 +61,7 @@ def replay_rows(cfg: Config, tokenizer, report: dict) -> list:
     return rows
 
 
-def setup(cfg: Config, run: RunDir) -> loop.Setup:
+def setup(cfg: Config, run: RunDir) -> building.Setup:
     examples = load_examples(cfg)  # bad rows stop the run here, before any weights load
     step_fits(cfg, len(examples.splits["train"]))  # a step larger than the data, before weights too
     model_path = models.resolve(cfg.model)
@@ -86,9 +86,9 @@ def setup(cfg: Config, run: RunDir) -> loop.Setup:
                                       "fill": round(sum(len(p.input_ids) for p in data["train"])
                                                     / (len(data["train"]) * cfg.data.max_length), 4)}
         run.write_json("data_report.json", examples.report)
-    s = loop.build(cfg, run, examples, data, tokenizer, model, model_path,
-                   collate=lambda rows: batch_fn(rows, pad), loss_sum=loss_fn, count=count,
-                   quick_eval=train_eval)
+    s = building.build(cfg, run, examples, data, tokenizer, model, model_path,
+                       collate=lambda rows: batch_fn(rows, pad), loss_sum=loss_fn, count=count,
+                       quick_eval=train_eval)
     # The base model's retention perplexity, before any update (also after a resume: the checkpoint is
     # restored later), so every evaluation can say how much was forgotten.
     # Kept whole: the base model's evaluation reuses it instead of measuring the same rows again.
@@ -97,11 +97,11 @@ def setup(cfg: Config, run: RunDir) -> loop.Setup:
     return s
 
 
-def retention_eval(s: loop.Setup) -> dict[str, dict]:
+def retention_eval(s: building.Setup) -> dict[str, dict]:
     return {name.split(":", 1)[1]: loss_eval(s, name) for name in s.data if name.startswith("retention:")}
 
 
-def train_eval(s: loop.Setup, split: str) -> dict:
+def train_eval(s: building.Setup, split: str) -> dict:
     """Validation loss, plus forgetting when retention sets are configured."""
     metrics = loss_eval(s, split)
     if s.extra.get("retention_base"):
@@ -111,14 +111,14 @@ def train_eval(s: loop.Setup, split: str) -> dict:
     return metrics
 
 
-def loss_eval(s: loop.Setup, split: str) -> dict:
+def loss_eval(s: building.Setup, split: str) -> dict:
     return evaluate_loss(s.accelerator.unwrap_model(s.model), s.data[split], s.cfg.eval.batch_size, s.tokenizer.pad_token_id,
                          s.accelerator.device, s.cfg.eval.max_rows,
                          # DP trains on per-example means; evaluation stays token-weighted, as without DP
                          s.loss_sum if s.dp is None else causal_lm_loss_sum, acc=s.accelerator)
 
 
-def evaluate(s: loop.Setup, which: str) -> dict:
+def evaluate(s: building.Setup, which: str) -> dict:
     """Every held-out split: loss and perplexity, then the task's generation metrics."""
     task, cfg = TASKS[s.cfg.task_name], s.cfg.eval
     model = s.accelerator.unwrap_model(s.model)
@@ -156,7 +156,7 @@ def evaluate(s: loop.Setup, which: str) -> dict:
     return results
 
 
-def few_shot_turns(s: loop.Setup, k: int) -> list[dict]:
+def few_shot_turns(s: building.Setup, k: int) -> list[dict]:
     """k solved training rows as earlier chat turns (their system message, if any, left to the query)."""
     from tunesmith.data.split import demonstrations
 
@@ -164,7 +164,7 @@ def few_shot_turns(s: loop.Setup, k: int) -> list[dict]:
         *(m for m in ex.prompt if m["role"] != "system"), {"role": "assistant", "content": ex.completion}])
 
 
-def few_shot_scores(s: loop.Setup, task, rows: list, k: int) -> dict:
+def few_shot_scores(s: building.Setup, task, rows: list, k: int) -> dict:
     """The base model prompted with k solved training rows, scored like the fine-tuned model."""
     turns = few_shot_turns(s, k)
     prompts = []
@@ -177,7 +177,7 @@ def few_shot_scores(s: loop.Setup, task, rows: list, k: int) -> dict:
     return task.score(outputs, stopped, rows)
 
 
-def save(s: loop.Setup) -> None:
+def save(s: building.Setup) -> None:
     save_weights(s)
 
 

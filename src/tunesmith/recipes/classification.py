@@ -3,7 +3,7 @@
 Run:  tunesmith train examples/sentiment-rotten-tomatoes.yaml
 
 setup()    validated rows -> token ids + label indices; model with a fresh head sized to the labels
-fit()      recipes/loop.py, with a summed cross-entropy normalised by the rows of the whole step
+fit()      recipes/fitting.py, with a summed cross-entropy normalised by the rows of the whole step
 evaluate() accuracy, macro-F1, per-class precision/recall, confusion matrix on held-out rows.
            The "before" row is an instruction model prompted zero-shot (eval.baseline_model) or,
            without one, the majority-class baseline, stated as such.
@@ -26,7 +26,7 @@ from tunesmith.data.checks import step_fits
 from tunesmith.data.prepare import load_examples, tokenize_splits
 from tunesmith.data.tokenize import LabeledRow
 from tunesmith.evaluation.metrics import classification_metrics
-from tunesmith.recipes import loop
+from tunesmith.recipes import building, loop
 from tunesmith.recipes.state import save_weights
 from tunesmith.rundir import RunDir
 
@@ -46,7 +46,7 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), len(batch["labels"])
 
 
-def setup(cfg: Config, run: RunDir) -> loop.Setup:
+def setup(cfg: Config, run: RunDir) -> building.Setup:
     examples = load_examples(cfg)  # bad rows and unknown labels stop the run before any weights load
     step_fits(cfg, len(examples.splits["train"]))  # a step larger than the data, before weights too
     model_path = models.resolve(cfg.model)
@@ -57,8 +57,9 @@ def setup(cfg: Config, run: RunDir) -> loop.Setup:
     model = models.load_classifier(model_path, cfg.model, examples.labels, tokenizer.pad_token_id)
     model = models.apply_peft(model, cfg.peft, task_type="SEQ_CLS")
     pad = tokenizer.pad_token_id
-    s = loop.build(cfg, run, examples, data, tokenizer, model, model_path,
-                   collate=lambda rows: collate_labeled(rows, pad), loss_sum=loss_sum, count=len, quick_eval=quick_eval)
+    s = building.build(cfg, run, examples, data, tokenizer, model, model_path,
+                       collate=lambda rows: collate_labeled(rows, pad), loss_sum=loss_sum, count=len,
+                       quick_eval=quick_eval)
     s.extra["labels"] = examples.labels
     return s
 
@@ -72,7 +73,7 @@ def batch_logits(model, rows: list[LabeledRow], pad: int, batch_size: int, devic
 
 
 @torch.no_grad()
-def predict(s: loop.Setup, rows: list[LabeledRow]) -> tuple[list[int], float]:
+def predict(s: building.Setup, rows: list[LabeledRow]) -> tuple[list[int], float]:
     model, pad = s.accelerator.unwrap_model(s.model), s.tokenizer.pad_token_id
     model.eval()
     preds, total = [], 0.0
@@ -83,13 +84,13 @@ def predict(s: loop.Setup, rows: list[LabeledRow]) -> tuple[list[int], float]:
     return preds, total / max(len(rows), 1)
 
 
-def quick_eval(s: loop.Setup, split: str) -> dict:
+def quick_eval(s: building.Setup, split: str) -> dict:
     rows = s.data[split][: s.cfg.eval.max_rows] if s.cfg.eval.max_rows else s.data[split]
     preds, loss = predict(s, rows)
     return {"loss": loss, "accuracy": 100 * sum(p == r.label for p, r in zip(preds, rows)) / max(len(rows), 1)}
 
 
-def evaluate(s: loop.Setup, which: str) -> dict:
+def evaluate(s: building.Setup, which: str) -> dict:
     labels = s.extra["labels"]
     results: dict = {}
     prompter = Prompter(s) if which == "base" and s.cfg.eval.baseline_model else None
@@ -119,7 +120,7 @@ def evaluate(s: loop.Setup, which: str) -> dict:
     return results
 
 
-def majority(s: loop.Setup) -> str:
+def majority(s: building.Setup) -> str:
     return Counter(ex.label for ex in s.examples.splits["train"]).most_common(1)[0][0]
 
 
@@ -127,7 +128,7 @@ class Prompter:
     """An instruction model asked for the label, with k solved training examples as earlier chat turns
     (k = 0: zero-shot). An answer naming no label, or several, counts as wrong."""
 
-    def __init__(self, s: loop.Setup):
+    def __init__(self, s: building.Setup):
         from tunesmith.config import ModelConfig
 
         self.s, self.labels = s, s.extra["labels"]
@@ -156,7 +157,7 @@ class Prompter:
         return found
 
 
-def save(s: loop.Setup) -> None:
+def save(s: building.Setup) -> None:
     target = save_weights(s)
     if target is not None:
         (target / "labels.json").write_text(json.dumps(s.extra["labels"]))

@@ -1,0 +1,126 @@
+"""Building a run: a recipe's freshly loaded model wrapped with the accelerator, optimizer, schedule,
+batch plan and the stepper that takes its optimizer steps (training/steppers.py), in one `Setup`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+
+from tunesmith.config import Config
+from tunesmith.data.prepare import Examples
+from tunesmith.errors import UserError
+from tunesmith.privacy.dp import DPSGD
+from tunesmith.privacy.sampling import PoissonPlan, units_of
+from tunesmith.reporting import print_setup
+from tunesmith.rundir import RunDir
+from tunesmith.training import processes, steppers, trackers, zero
+from tunesmith.training.early_stopping import EarlyStopper
+from tunesmith.training.guards import Precision, SpikeDetector
+from tunesmith.training.loss import causal_lm_loss_sum, chunked_loss_sum
+from tunesmith.training.optim import build_optimizer, build_scheduler
+from tunesmith.training.plan import LengthGroupedPlan, ReplayPlan, ShuffledPlan
+from tunesmith.training.processes import collective_forward, device_kwargs, engine_name
+from tunesmith.training.watch import Watch
+
+
+@dataclass
+class Setup:
+    cfg: Config
+    run: RunDir
+    accelerator: Accelerator
+    examples: Examples
+    data: dict[str, list]  # split -> prepared rows
+    tokenizer: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    plan: ShuffledPlan
+    total_steps: int
+    model_path: str
+    collate: Callable[[list], dict[str, torch.Tensor]]
+    loss_sum: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]  # summed loss, target count
+    count: Callable[[list], int]  # targets in a micro-batch: tokens for LMs, rows for classifiers
+    quick_eval: Callable[[Setup, str], dict]  # cheap metrics used during training and for early stopping
+    stepper: steppers.Stepper  # backward, gradient preparation and the update: plain, DP-SGD or DeepSpeed
+    precision: Precision
+    stopper: EarlyStopper
+    spikes: SpikeDetector
+    watch: Watch  # overfitting and flat-loss warnings
+    excluded: set[int] = field(default_factory=set)  # train rows rolled back after spikes; never fed again
+    spike_rows: dict[int, list[int]] = field(default_factory=dict)  # data step -> rows, for rollback
+    best_weights: dict[str, torch.Tensor] | None = None
+    dp: DPSGD | None = None  # DP-SGD (privacy:): per-example clipping, noise and the accountant
+    engine: object = None  # the DeepSpeed engine (the prepared model) under accelerate's DeepSpeed
+    on_eval: Callable[[int, dict], None] | None = None  # sees each evaluation (a search's pruner)
+    counters: dict = field(default_factory=lambda: {"skipped_nonfinite": 0, "tokens": 0})
+    extra: dict = field(default_factory=dict)  # recipe-specific state (label map, samples...)
+
+
+def build(cfg: Config, run: RunDir, examples: Examples, data: dict, tokenizer, model, model_path: str, **fns) -> Setup:
+    """Wrap a freshly loaded model with the optimizer, schedule, batch plan and accelerator."""
+    # fp16 is handled by Precision (its own GradScaler): accelerate has none on CPU.
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
+                              cpu=device_kwargs()["cpu"], **trackers.accelerator_kwargs(cfg, run.path))
+    processes.engage(cfg, accelerator)  # DeepSpeed or FSDP settled (and refusals) before the model is wrapped
+    if collective_forward(accelerator) and fns.get("loss_sum") is chunked_loss_sum:
+        # The chunked loss recomputes lm_head in the backward, after ZeRO-3/FSDP has freed the gathered weight.
+        fns["loss_sum"] = causal_lm_loss_sum
+    if cfg.train.gradient_checkpointing:
+        checkpoint_activations(model, accelerator)
+    optimizer = build_optimizer(model, cfg.train)
+    t = cfg.train
+    plan = batch_plan(cfg, examples, data, accelerator)
+    total = t.max_steps or math.ceil(t.epochs * plan.steps_per_epoch)
+    dp = DPSGD(model, optimizer, cfg.privacy, plan.n_units, plan.sample_rate, total, cfg.seed) if cfg.privacy else None
+    if dp is not None and accelerator.num_processes > 1:
+        # No DDP wrapper: its gradient all-reduce and per-forward buffer broadcasts assume every rank runs
+        # the same micro-batches, which Poisson shards do not. DPSGD sums the clipped gradients itself.
+        model, optimizer = dp.share(model.to(accelerator.device)), accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    precision = Precision(t.precision, accelerator)
+    s = Setup(cfg, run, accelerator, examples, data, tokenizer, model, optimizer,
+              build_scheduler(optimizer, t, total), plan, total, model_path, **fns,
+              stepper=steppers.choose(accelerator, model, optimizer, precision, cfg, dp), precision=precision,
+              stopper=EarlyStopper(t.early_stopping), spikes=SpikeDetector(t.spike_factor, t.spike_window),
+              watch=Watch(total), dp=dp, engine=model if zero.engaged(accelerator) else None)
+    run.update_run(processes=accelerator.num_processes, distributed=engine_name(accelerator),
+                   device=str(accelerator.device))
+    trackers.start(accelerator, cfg, run.path)
+    print_setup(s)
+    return s
+
+
+def checkpoint_activations(model, accelerator) -> None:
+    # Non-reentrant checkpointing works with frozen inputs (LoRA) and with DDP's hooks. ZeRO-3 and FSDP
+    # free each gathered weight after its forward, which non-reentrant checkpointing kept a reference to.
+    reentrant = collective_forward(accelerator)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
+def batch_plan(cfg: Config, examples: Examples, data: dict, accelerator) -> ShuffledPlan:
+    """Which train rows each step and rank gets. Takes the replay rows out of `data` (they ride after the task's)."""
+    t = cfg.train
+    shape = (t.batch_size, t.grad_accum, cfg.seed, accelerator.num_processes, accelerator.process_index)
+    replay = data.pop("replay", None)
+    if cfg.privacy is not None:  # Poisson sampling; expected batch batch_size * grad_accum * processes, as without DP
+        if accelerator.num_processes > 1 and cfg.privacy.secure_mode:
+            raise UserError("privacy.secure_mode runs on one process: each rank's CSPRNG would draw other noise")
+        where_user = {ex.where: ex.user for ex in examples.splits["train"]}
+        users = [where_user[r.where] for r in data["train"]] if cfg.privacy.unit == "user" else None
+        return PoissonPlan(units_of(users, len(data["train"])), t.batch_size * t.grad_accum * accelerator.num_processes,
+                           t.batch_size, cfg.seed, accelerator.num_processes, accelerator.process_index)
+    if replay:  # replayed general text rides after the task rows; the plan mixes it into every step
+        n_task = len(data["train"])
+        data["train"] = data["train"] + replay
+        return ReplayPlan(n_task, len(replay), cfg.retention.replay.fraction, *shape)
+    if cfg.data.group_by_length:
+        return LengthGroupedPlan([len(r.input_ids) for r in data["train"]], *shape)
+    return ShuffledPlan(len(data["train"]), *shape)
