@@ -17,6 +17,8 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_comp
                   help="Fine-tune pretrained language models from one YAML file, and prove the fine-tune helped.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect data without training.")
 app.add_typer(data_app, name="data")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect the configuration schema or a resolved config.")
+app.add_typer(config_app, name="config")
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. train.lr=1e-4 peft.r=8")]
 
@@ -194,6 +196,29 @@ def data_check(config: Annotated[Path, typer.Argument(help="YAML config file.")]
     tokenizer = models.load_tokenizer(models.resolve(cfg.model), cfg.model)
     tokenize_splits(cfg, examples, tokenizer)
     print(json.dumps(examples.report, indent=2))
+
+
+@config_app.command("keys")
+def config_keys() -> None:
+    """Every config key: dotted path, type, default and description, from the schema.
+
+    Example: tunesmith config keys | grep -A1 train.lr
+    """
+    from tunesmith.config import Config
+    from tunesmith.config_keys import keys, render
+
+    print(render(keys(Config)), end="")
+
+
+@config_app.command("show")
+def config_show(config: Annotated[Path, typer.Argument(help="YAML config file.")], overrides: Overrides = None) -> None:
+    """Print the config as a run would use it: overrides applied, every default filled in, secrets redacted.
+
+    Example: tunesmith config show examples/alpaca-smollm2.yaml train.lr=1e-4
+    """
+    from tunesmith.config import dump_config, load_config
+
+    print(dump_config(load_config(config, overrides)), end="")
 
 
 @app.command("models")

@@ -1,6 +1,6 @@
 """The run configuration: a pydantic schema, loaded from YAML plus dotted ``key=value`` overrides.
 
-Every field is described once here; that text reaches ``tunesmith config-help`` and the docs. Every
+Every field is described once here; that text reaches ``tunesmith config keys`` (config_keys.py). Every
 problem is reported at once with its dotted path, before any model or data is loaded.
 """
 
@@ -253,7 +253,8 @@ class Stage(Strict):
     previous stage's weights (LoRA merged into them)."""
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,40}$", description="Stage name (in run names).")
-    task: Literal["instruction", "summarization", "constrained_generation", "language_modeling"] | None = None
+    task: Literal["instruction", "summarization", "constrained_generation", "language_modeling"] | None = Field(
+        None, description="The stage's task family (generative only); default follows its data.format.")
     data: DataConfig
     train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the top-level train section.")
     eval: dict[str, Any] = Field(default_factory=dict, description="Overrides of the top-level eval section.")

@@ -22,10 +22,10 @@ KINDS = ("log_uniform", "uniform", "integer", "choice")  # integer is written `i
 
 class Dist(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    log_uniform: list[float] | None = None
-    uniform: list[float] | None = None
-    integer: list[int] | None = Field(None, alias="int")
-    choice: list[Any] | None = None
+    log_uniform: list[float] | None = Field(None, description="[low, high]: a float drawn on a log scale (low > 0).")
+    uniform: list[float] | None = Field(None, description="[low, high]: a float drawn uniformly.")
+    integer: list[int] | None = Field(None, alias="int", description="[low, high]: an integer, both ends included.")
+    choice: list[Any] | None = Field(None, description="The values to choose from.")
 
     @model_validator(mode="after")
     def _one_kind_with_sane_bounds(self) -> Dist:
