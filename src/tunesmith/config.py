@@ -40,6 +40,11 @@ class ModelConfig(Strict):
         None, ge=0.0, lt=1.0, description="Override the model's own dropout probabilities (None keeps them)."
     )
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
+    pooling: Literal["auto", "mean", "cls", "last"] = Field(
+        "auto", description="Classifiers: how token states become one vector for the head. mean: masked mean "
+        "(what sentence encoders such as all-MiniLM-L6-v2 were trained for); cls: the first token's state, no "
+        "pooler; last: the last real token (decoders); auto: the architecture's own head (BERT: a fresh pooler "
+        "on [CLS]; decoders: the last token).")
     adapters: list[str] = Field(
         default_factory=list, description="PEFT LoRA adapter directories folded into the weights, in order, "
         "before training (stacked stages, or continuing from someone's adapter).")
@@ -329,6 +334,9 @@ class Config(Strict):
     def _baselines_have_a_model(self) -> Config:
         if self.task_name == "classification" and self.eval.baselines and not self.eval.baseline_model:
             raise ValueError("eval.baselines need eval.baseline_model (the instruction model to prompt)")
+        if self.task_name != "classification" and self.model.pooling != "auto":
+            raise ValueError(f"model.pooling ({self.model.pooling}) is for classifiers; task {self.task_name} "
+                             "uses the language-model head")
         if self.task_name != "classification" and self.eval.baseline_model:
             raise ValueError("eval.baseline_model is for classification: a generative task's base row is its own "
                              "base model (eval.baselines: [few_shot] prompts that model with solved examples)")

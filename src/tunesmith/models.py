@@ -17,6 +17,7 @@ import torch
 
 from tunesmith.config import ModelConfig, PeftConfig
 from tunesmith.errors import UserError
+from tunesmith.heads import set_pooling
 from tunesmith.hub import NAMES_HINT, hub_model
 from tunesmith.training import zero  # noqa: F401 (importing it keeps accelerate from importing DeepSpeed)
 
@@ -260,7 +261,7 @@ def load_classifier(path: str, mcfg: ModelConfig, labels: list[str], pad_token_i
         model.config.pad_token_id = pad_token_id  # the config's own (or none) may differ from the tokenizer's
     elif model.config.pad_token_id is None and getattr(config, "eos_token_id", None) is not None:
         model.config.pad_token_id = config.eos_token_id  # decoder classifiers find the last token by padding
-    return fold_adapters(model, mcfg.adapters)
+    return set_pooling(fold_adapters(model, mcfg.adapters), mcfg.pooling)
 
 
 def apply_peft(model, pcfg: PeftConfig, task_type: str = "CAUSAL_LM"):
