@@ -8,6 +8,9 @@ import json
 
 import pytest
 import torch
+from conftest import write_config
+from reliability._harness import fresh_accelerator_state, main_in_process  # noqa: F401 (autouse fixture)
+from safetensors.torch import load_file
 from test_models import build_word_llama
 from test_recipe_tasks import build_tiny_bert, classification_config
 
@@ -97,28 +100,62 @@ def test_pooling_on_a_generative_task_is_a_config_error(tmp_path, tiny_llama):
         config_from_dict(tree)
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_a_mean_pooled_run_learns_and_is_scored_again_the_same(tmp_path, tiny_bert, method, monkeypatch):
-    from tunesmith.cli import app
-    from typer.testing import CliRunner
+def scored_again(run, validation: str, capsys) -> tuple[float, float, float]:
+    """The validation accuracy of the training run, of `tunesmith eval RUN` and of `tunesmith predict RUN` on the
+    same rows: a pooled run must be rebuilt with its pooling, or the last two would score another model."""
+    tuned = json.loads((run / "eval.json").read_text())["finetuned"]["validation"]["accuracy"]
+    assert main_in_process("eval", run) == 0, capsys.readouterr().err
+    rescored = json.loads((run / "eval.json").read_text())["finetuned"]["validation"]["accuracy"]
+    truth = [json.loads(line)["label"] for line in open(validation)]
+    capsys.readouterr()
+    assert main_in_process("predict", run, "--input", validation) == 0, capsys.readouterr().err
+    predicted = [json.loads(line)["label"] for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(predicted) == len(truth)
+    return tuned, rescored, 100 * sum(p == t for p, t in zip(predicted, truth)) / len(truth)
 
-    monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path / "home"))
+
+PEFTS = {"lora": {"method": "lora", "r": 8, "dropout": 0.0}, "full": {"method": "full"},
+         "freeze": {"method": "freeze", "trainable": ["bert.encoder.layer.1.*"]}}
+
+
+@pytest.mark.parametrize("method", sorted(PEFTS))
+def test_a_mean_pooled_run_learns_and_is_scored_again_the_same(tmp_path, tiny_bert, method, capsys):
     tree = classification_config(tmp_path, tiny_bert)
     tree["model"]["pooling"] = "mean"
-    tree["peft"] = {"method": method, "r": 8, "dropout": 0.0} if method == "lora" else {"method": "full"}
+    tree["peft"] = PEFTS[method]
     cfg = config_from_dict(tree)
     run = recipe_for(cfg).train(cfg, overwrite=True)
-    report = json.loads((run / "eval.json").read_text())
-    tuned = report["finetuned"]["validation"]["accuracy"]
-    assert tuned >= 87.5, report["finetuned"]["validation"]  # at most 2 of 16 wrong; majority: 62.5
-    again = CliRunner().invoke(app, ["eval", str(run.path)])
-    assert again.exit_code == 0, again.output
-    rescored = json.loads((run / "eval.json").read_text())["finetuned"]["validation"]["accuracy"]
-    assert rescored == pytest.approx(tuned)
-    rows = tmp_path / "predict.jsonl"
-    rows.write_text(open(tree["data"]["validation"]).read())
-    out = CliRunner().invoke(app, ["predict", str(run.path), "--input", str(rows)])
-    assert out.exit_code == 0, out.output
-    predicted = [json.loads(line)["label"] for line in out.stdout.splitlines() if line.startswith("{")]
-    truth = [json.loads(line)["label"] for line in rows.read_text().splitlines()]
-    assert 100 * sum(p == t for p, t in zip(predicted, truth)) / len(truth) == pytest.approx(tuned)
+    if method != "lora":  # the whole model is saved: its config.json says how it pools
+        assert json.loads((run / "model" / "config.json").read_text())["tunesmith_pooling"] == "mean"
+    tuned, rescored, predicted = scored_again(run.path, tree["data"]["validation"], capsys)
+    assert tuned >= 87.5  # at most 2 of 16 wrong; majority: 62.5
+    assert rescored == pytest.approx(tuned) and predicted == pytest.approx(tuned)
+
+
+def test_a_decoder_classifier_pooled_on_its_last_token_trains_through_the_cli(tmp_path, capsys):
+    """`tunesmith train` on a Llama whose config has no pad id (rows are padded with the tokenizer's), then
+    `tunesmith eval` and `predict` on the finished run."""
+    tree = classification_config(tmp_path, build_word_llama(tmp_path / "word-llama", config_pad=False))
+    tree["model"]["pooling"] = "last"
+    assert main_in_process("train", write_config(tmp_path, tree)) == 0, capsys.readouterr().err
+    run = tmp_path / "runs" / tree["name"]
+    head = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert any(".score." in k for k in head), sorted(head)  # the head trained and is saved with the adapter
+    tuned, rescored, predicted = scored_again(run, tree["data"]["validation"], capsys)
+    assert tuned >= 87.5
+    assert rescored == pytest.approx(tuned) and predicted == pytest.approx(tuned)
+
+
+def test_bad_pooling_stops_the_cli_before_training(tmp_path, tiny_bert, tiny_llama, capsys, monkeypatch):
+    from transformers import BertModel
+
+    tree = classification_config(tmp_path, tiny_bert)
+    tree["model"]["pooling"] = "mean"
+    monkeypatch.setattr(BertModel, "forward", lambda self, input_ids=None: None)
+    assert main_in_process("train", write_config(tmp_path, tree)) == 2
+    assert "takes no attention_mask" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / tree["name"] / "metrics.jsonl").exists()
+    generative = {"name": "lm", "output_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_llama),
+                  "pooling": "last"}, "data": {"train": tree["data"]["train"], "format": "instruction"}}
+    assert main_in_process("train", write_config(tmp_path, generative)) == 2
+    assert "model.pooling" in capsys.readouterr().err
