@@ -5,6 +5,7 @@ and pooling is refused where it cannot work."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,7 +107,7 @@ def scored_again(run, validation: str, capsys) -> tuple[float, float, float]:
     tuned = json.loads((run / "eval.json").read_text())["finetuned"]["validation"]["accuracy"]
     assert main_in_process("eval", run) == 0, capsys.readouterr().err
     rescored = json.loads((run / "eval.json").read_text())["finetuned"]["validation"]["accuracy"]
-    truth = [json.loads(line)["label"] for line in open(validation)]
+    truth = [json.loads(line)["label"] for line in Path(validation).read_text().splitlines()]
     capsys.readouterr()
     assert main_in_process("predict", run, "--input", validation) == 0, capsys.readouterr().err
     predicted = [json.loads(line)["label"] for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
