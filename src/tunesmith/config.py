@@ -176,6 +176,9 @@ class TrainConfig(Strict):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if max_steps is set).")
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
     lr: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
+    head_lr: float | None = Field(None, gt=0, lt=1, description="Classifiers: the new head's peak rate (None: lr).")
+    layer_decay: float | None = Field(None, gt=0, le=1, description="Layer-wise lr decay: of L layers, layer i "
+                                      "trains at lr x layer_decay^(L-i), embeddings at lr x layer_decay^(L+1).")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw, or plain SGD (DP-SGD's textbook form).")
     batch_size: int = Field(8, gt=0, description="Rows per micro-batch (per process).")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
@@ -334,6 +337,8 @@ class Config(Strict):
     def _baselines_have_a_model(self) -> Config:
         if self.task_name == "classification" and self.eval.baselines and not self.eval.baseline_model:
             raise ValueError("eval.baselines need eval.baseline_model (the instruction model to prompt)")
+        if self.task_name != "classification" and self.train.head_lr is not None:
+            raise ValueError(f"train.head_lr is for classifiers; task {self.task_name} has no classification head")
         if self.task_name != "classification" and self.model.pooling != "auto":
             raise ValueError(f"model.pooling ({self.model.pooling}) is for classifiers; task {self.task_name} "
                              "uses the language-model head")

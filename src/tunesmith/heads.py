@@ -19,6 +19,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from tunesmith.errors import UserError
 
 POOLINGS = ("auto", "mean", "cls", "last")
+HEAD_NAMES = {"classifier", "score"}  # what transformers' *ForSequenceClassification call their head
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
@@ -38,7 +39,7 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Ten
 
 
 def _head(model) -> tuple[str, nn.Linear]:
-    for name in ("classifier", "score"):
+    for name in sorted(HEAD_NAMES):
         head = getattr(model, name, None)
         if isinstance(head, nn.Linear):
             return name, head

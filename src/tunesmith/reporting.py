@@ -24,7 +24,9 @@ def print_setup(s) -> None:
         f"params     {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)",
         "data       " + ", ".join(f"{k} {v}" for k, v in rep["rows"].items()) + f"; fingerprint {rep['fingerprint'][:12]}",
         f"batch      {t.batch_size} x {t.grad_accum} accum x {s.accelerator.num_processes} proc = {eff} rows/step",
-        f"steps      {s.plan.steps_per_epoch}/epoch, {s.total_steps} total, lr {t.lr:g} {t.schedule}",
+        f"steps      {s.plan.steps_per_epoch}/epoch, {s.total_steps} total, lr {t.lr:g} {t.schedule}"
+        + (f", head {t.head_lr:g}" if t.head_lr else "")
+        + (f", layer decay {t.layer_decay:g}" if t.layer_decay else ""),
     ]
     if s.dp is not None:
         d, p = s.dp, cfg.privacy

@@ -96,6 +96,11 @@ def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict[str, to
 
 
 def optimizer_from_tensors(opt: torch.optim.Optimizer, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    saved, now = [len(g["params"]) for g in meta["param_groups"]], [len(g["params"]) for g in opt.param_groups]
+    if saved != now:  # torch would refuse with a bare ValueError
+        raise UserError("The checkpoint's optimizer state does not fit this config's optimizer",
+                        [f"parameters per group: {saved} saved, {now} now"], hint="train.head_lr and train."
+                        "layer_decay group the parameters by rate: resume with the values the run was saved with.")
     params = [p for group in opt.param_groups for p in group["params"]]  # the order state ids count in
     state: dict[int, dict] = {}
     for key, v in list(tensors.items()) + list(meta["scalars"].items()):
