@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
+import yaml
 from conftest import build_tiny_llama, write_config, write_jsonl
 from reliability._harness import fresh_accelerator_state, main_in_process  # noqa: F401 (autouse fixture)
 from test_commands import no_model_loads, refused
@@ -148,3 +150,165 @@ def test_a_decoding_that_cannot_work_stops_train_before_anything_runs(tmp_path, 
     err = refused(capsys, "train", write_config(tmp_path, tiny_config))
     assert says in err
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------- a run: evaluation, eval, generate
+
+
+@pytest.fixture(scope="module")
+def concepts_run(tmp_path_factory):
+    """A constrained-generation run that keeps the best of 3 sampled candidates by coverage."""
+    from tunesmith.config import config_from_dict
+    from tunesmith.recipes import recipe_for
+
+    root = tmp_path_factory.mktemp("concepts-run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNESMITH_HOME", str(root / "home"))
+        cfg = config_from_dict(run_config(root, build_tiny_llama(root / "llama")))
+        return recipe_for(cfg).train(cfg).path
+
+
+def run_config(root, llama) -> dict:
+    train_rows, val_rows = concept_rows()
+    return {"name": "cg", "output_dir": str(root / "runs"), "seed": 0, "model": {"name": str(llama)},
+            "peft": {"method": "lora", "r": 4, "dropout": 0.0},
+            "data": {"train": str(write_jsonl(root / "d" / "train.jsonl", train_rows)),
+                     "validation": str(write_jsonl(root / "d" / "val.jsonl", val_rows)),
+                     "format": "concepts", "max_length": 256, "dedup": False},
+            "train": {"max_steps": 3, "lr": 1e-2, "batch_size": 4, "warmup_ratio": 0.0},
+            "eval": {"batch_size": 8, "max_new_tokens": 6, "samples": 3, "decoding": COVERAGE}}
+
+
+def spy_on_candidates(monkeypatch, inject: str | None = None) -> list[dict]:
+    """Records every batch's prompts and candidates; `inject` replaces each prompt's last candidate and gives
+    it the worst score."""
+    calls = []
+    real = dec.candidates
+
+    def spy(model, tokenizer, batch, *args, **kwargs):
+        texts, scores, stopped = real(model, tokenizer, batch, *args, **kwargs)
+        if inject is not None:
+            for t, s in zip(texts, scores):
+                t[-1], s[-1] = inject, min(s) - 100.0
+        prompts = tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+        calls.append({"prompts": prompts, "texts": texts, "scores": scores})
+        return texts, scores, stopped
+
+    monkeypatch.setattr(dec, "candidates", spy)
+    return calls
+
+
+def picks(call: dict, concept_sets: list[list[str]]) -> dict[tuple, str]:
+    """The reranker's choice for each concept set in a recorded batch, found by its prompt."""
+    out = {}
+    for prompt, texts, scores in zip(call["prompts"], call["texts"], call["scores"]):
+        concepts = next(c for c in concept_sets if f"{', '.join(c)}." in prompt)
+        out[tuple(concepts)] = texts[dec.pick(texts, scores, concepts)]
+    return out
+
+
+def test_the_evaluation_scores_the_candidate_covering_most_concepts(tmp_path, tiny_llama, monkeypatch):
+    from tunesmith.config import config_from_dict
+    from tunesmith.recipes import recipe_for
+
+    everything = "dog park fox bird cat book"  # every validation concept set, whatever the row
+    calls = spy_on_candidates(monkeypatch, inject=everything)
+    cfg = config_from_dict(run_config(tmp_path, tiny_llama))
+    run = recipe_for(cfg).train(cfg)
+    report = json.loads((run.path / "eval.json").read_text())
+    assert len(calls) == 2 and all(len(t) == 3 for call in calls for t in call["texts"])
+    for which in ("base", "finetuned"):  # the worst-scored candidate is kept: it alone has every concept
+        assert report[which]["validation"]["coverage"] == 100.0 and report[which]["validation"]["all_concepts"] == 100
+        assert report[which]["decoding"]["validation"] == {**COVERAGE, "temperature": 1.0, "top_p": 1.0,
+                                                           "num_beams": 1, "seed": 0}
+    assert [s["finetuned"] for s in report["samples"]] == [everything] * 3
+
+
+def test_eval_and_generate_keep_the_rerankers_pick_and_reproduce_the_evaluation(concepts_run, tmp_path,
+                                                                                monkeypatch, capsys):
+    """`tunesmith eval` and `tunesmith generate` decode like the run's evaluation: 3 candidates, the same
+    pick, and for the same rows in the same batches the same outputs the metric saw."""
+    report = json.loads((concepts_run / "eval.json").read_text())
+    trained = [s["finetuned"] for s in report["samples"]]
+    run = shutil.copytree(concepts_run, tmp_path / "cg")
+    calls = spy_on_candidates(monkeypatch)
+    assert main_in_process("eval", run) == 0
+    again = json.loads((run / "eval.json").read_text())
+    assert [s["finetuned"] for s in again["samples"]] == trained
+    assert again["finetuned"]["validation"]["coverage"] == report["finetuned"]["validation"]["coverage"]
+    sets = [["dog", "park"], ["fox", "bird"], ["cat", "book"]]
+    assert len(calls) == 2 and all(len(t) == 3 for call in calls for t in call["texts"])
+    chosen = picks(calls[-1], sets)
+    assert trained == [chosen[tuple(c)] for c in sets]
+    capsys.readouterr()
+
+    calls.clear()
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"concepts": c} for c in sets])
+    assert main_in_process("generate", run, "--input", rows, "--max-new-tokens", "6", "--batch-size", "8") == 0
+    outputs = [json.loads(line)["output"] for line in capsys.readouterr().out.splitlines()]
+    assert outputs == trained
+    assert outputs == [picks(calls[0], sets)[tuple(c)] for c in sets] and len(calls[0]["texts"][0]) == 3
+
+
+def test_generate_takes_concepts_and_the_command_line_decoding(concepts_run, tmp_path, monkeypatch, capsys):
+    calls = spy_on_candidates(monkeypatch, inject="a dog in the park")
+    assert main_in_process("generate", concepts_run, "--concepts", "dog, park", "--max-new-tokens", "4") == 0
+    assert capsys.readouterr().out.strip() == "a dog in the park"
+    assert len(calls[-1]["texts"][0]) == 3
+    assert main_in_process("generate", concepts_run, "--concepts", "dog,park", "--num-candidates", "1") == 0
+    assert len(calls[-1]["texts"][0]) == 1 and capsys.readouterr().out.strip() == "a dog in the park"
+    assert main_in_process("generate", concepts_run, "--concepts", "dog", "--decoding", "num_candidates=2") == 0
+    assert len(calls[-1]["texts"][0]) == 2
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--prompt", "a dog in a park"], "--concepts"),
+    (["--input", "{rows}"], "{rows}:2: expected a 'concepts' list"),
+    (["--concepts", " , "], "--concepts is empty"),
+    (["--concepts", "dog", "--num-candidates", "0"], "greater than or equal to 1"),
+    (["--concepts", "dog", "--decoding", "do_sample=false"], "needs do_sample: true or num_beams >= 3"),
+    (["--concepts", "dog", "--decoding", "beams=2"], "eval.decoding.beams: unknown key"),
+    (["--concepts", "dog", "--prompt", "hi"], "exactly one of --prompt, --input or --concepts"),
+])
+def test_generate_refuses_what_it_cannot_decode_before_loading_a_model(concepts_run, tmp_path, capsys, monkeypatch,
+                                                                       args, says):
+    no_model_loads(monkeypatch)
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"concepts": ["dog"]}, {"prompt": "hi"}])
+    err = refused(capsys, "generate", concepts_run, *[a.format(rows=rows) for a in args])
+    assert says.format(rows=rows) in err
+
+
+def test_concepts_are_refused_on_a_run_without_them(concepts_run, tmp_path, capsys):
+    run = shutil.copytree(concepts_run, tmp_path / "as-instruction")
+    tree = yaml.safe_load((run / "config.yaml").read_text())
+    tree["data"]["format"], tree["data"]["columns"] = "prompt_completion", {}
+    tree["eval"]["decoding"] = {"num_candidates": 3, "do_sample": True}
+    (run / "config.yaml").write_text(yaml.safe_dump(tree))
+    assert "--concepts is for constrained-generation runs" in refused(capsys, "generate", run, "--concepts", "dog")
+    assert "rerank: coverage needs" in refused(capsys, "generate", run, "--prompt", "hi", "--decoding",
+                                               "rerank=coverage")
+    assert "rerank: coverage needs" in refused(capsys, "eval", run, "--decoding", "rerank=coverage")
+
+
+def test_eval_records_the_decoding_of_each_scoring(concepts_run, tmp_path):
+    run = shutil.copytree(concepts_run, tmp_path / "cg")
+    assert main_in_process("eval", run, "--num-candidates", "1") == 0
+    report = json.loads((run / "eval.json").read_text())
+    assert report["finetuned"]["decoding"]["validation"]["num_candidates"] == 1
+    assert report["base"]["decoding"]["validation"]["num_candidates"] == 1
+    assert main_in_process("eval", run, "--split", "validation") == 0
+    assert json.loads((run / "eval.json").read_text())["finetuned"]["decoding"]["validation"]["num_candidates"] == 3
+
+
+def test_a_stage_decodes_greedily_unless_it_says_otherwise(tmp_path, tiny_config):
+    """eval.decoding belongs to the final task, like its baselines: a stage of another task is not refused."""
+    from tunesmith.config import config_from_dict, stage_config
+
+    train_rows, val_rows = concept_rows()
+    stage_data = dict(tiny_config["data"])
+    tiny_config["data"].update(format="concepts", train=str(write_jsonl(tmp_path / "cg.jsonl", train_rows)),
+                               validation=str(write_jsonl(tmp_path / "cgv.jsonl", val_rows)))
+    tiny_config["eval"]["decoding"] = COVERAGE
+    tiny_config["stages"] = [{"name": "warmup", "data": stage_data}]
+    cfg = config_from_dict(tiny_config)
+    assert stage_config(cfg, 0).eval.decoding.plain and stage_config(cfg, 1).eval.decoding.by_concepts
