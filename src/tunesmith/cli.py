@@ -21,6 +21,10 @@ config_app = typer.Typer(no_args_is_help=True, help="Inspect the configuration s
 app.add_typer(config_app, name="config")
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. train.lr=1e-4 peft.r=8")]
+NumCandidates = Annotated[Optional[int], typer.Option(help="Candidates per prompt, one kept (overrides the run's "
+                                                      "eval.decoding.num_candidates; 1: one output).")]
+DecodingOverrides = Annotated[Optional[list[str]], typer.Option(
+    "--decoding", help="KEY=VALUE override of the run's eval.decoding (repeatable), e.g. --decoding do_sample=true")]
 
 
 def _console():
@@ -65,8 +69,11 @@ def eval_cmd(
     run: Annotated[Path, typer.Argument(help="Run directory (runs/<name>).")],
     split: Annotated[str, typer.Option(help="validation or test.")] = "validation",
     data: Annotated[Optional[str], typer.Option(help="Score this data file instead (same format as training).")] = None,
+    num_candidates: NumCandidates = None,
+    decoding: DecodingOverrides = None,
 ) -> None:
-    """Score the base and the fine-tuned model on a split (or a file) with the task's metrics.
+    """Score the base and the fine-tuned model on a split (or a file) with the task's metrics, generating
+    with the run's eval.decoding (or its overrides here; eval.json records which).
 
     Example: tunesmith eval runs/commongen --split test
     """
@@ -74,7 +81,7 @@ def eval_cmd(
 
     if split not in ("validation", "test"):
         raise UserError(f"--split must be validation or test, not {split!r}")
-    evaluate_run(str(run), split, data)
+    evaluate_run(str(run), split, data, num_candidates, decoding)
 
 
 @app.command()
@@ -239,33 +246,41 @@ def list_models() -> None:
 def generate_cmd(
     run: Annotated[Path, typer.Argument(help="Run directory (runs/<name>).")],
     prompt: Annotated[Optional[str], typer.Option(help="One prompt.")] = None,
-    input: Annotated[Optional[Path], typer.Option(help="JSONL with prompt/instruction/messages per line.")] = None,
+    input: Annotated[Optional[Path], typer.Option(help="JSONL with prompt/instruction/messages per line; a "
+                                                  "constrained-generation run also takes a concepts list.")] = None,
+    concepts: Annotated[Optional[str], typer.Option(help="Constrained-generation runs: the concepts, comma-"
+                                                    "separated; the prompt is built as in training.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 128,
     batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 8,
+    num_candidates: NumCandidates = None,
+    decoding: DecodingOverrides = None,
 ) -> None:
-    """Answer prompts with the fine-tuned model (batched, greedy).
+    """Answer prompts with the fine-tuned model (batched), decoded as the run's eval.decoding says: greedy
+    by default, or the best of several candidates, as its evaluation was scored.
 
     Example: tunesmith generate runs/alpaca-smollm2 --prompt "Give three tips for staying healthy."
+    Example: tunesmith generate runs/commongen --concepts dog,frisbee,catch
     """
+    from tunesmith.config_decoding import for_command
     from tunesmith.evaluation.generate import generate
     from tunesmith.inference import load_finetuned, open_run, require_task, weights_dir
-    from tunesmith.inputs import read_prompts
+    from tunesmith.inputs import generation_requests
 
-    if (prompt is None) == (input is None):
-        raise UserError("Give exactly one of --prompt or --input")
-    if prompt is not None and not prompt.strip():
-        raise UserError("--prompt is empty")
+    if (prompt, input, concepts).count(None) != 2:
+        raise UserError("Give exactly one of --prompt, --input or --concepts")
     if max_new_tokens < 1 or batch_size < 1:
         raise UserError("--max-new-tokens and --batch-size must be at least 1")
     rundir, cfg = open_run(run)
     require_task(rundir, cfg, classification=False)
     weights_dir(rundir)
-    prompts = [[{"role": "user", "content": prompt}]] if prompt is not None else read_prompts(input, cfg)
+    how = for_command(cfg.eval.decoding, cfg.task_name, num_candidates, decoding)
+    prompts, known = generation_requests(cfg, how, prompt, input, concepts)
     model, tokenizer, cfg = load_finetuned(rundir)
     if cfg.data.system_prompt:
         prompts = [[{"role": "system", "content": cfg.data.system_prompt}] + p for p in prompts]
-    outputs, _ = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
-    if prompt is not None:
+    outputs, _ = generate(model, tokenizer, prompts, max_new_tokens, batch_size, decoding=how, concepts=known,
+                          seed=cfg.seed)
+    if input is None:
         print(outputs[0])
     else:
         for out in outputs:

@@ -14,6 +14,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tunesmith.config_base import Strict
+from tunesmith.config_decoding import Decoding, task_problem
 from tunesmith.config_yaml import YAML_ERRORS, DuplicateKey, load_yaml
 from tunesmith.config_guards import Privacy, Replay, Retention, RetentionSet  # noqa: F401 (re-exported)
 from tunesmith.errors import ConfigError
@@ -245,6 +246,8 @@ class EvalConfig(Strict):
         "eval.baseline_model; generative tasks prompt the base model (whose plain row is the zero-shot one).",
     )
     few_shot_k: int = Field(4, ge=1, le=64, description="Solved examples in the few-shot prompt.")
+    decoding: Decoding = Field(default_factory=Decoding, description="How generated outputs are decoded "
+                               "(evaluation, baselines, tunesmith generate): default greedy, one output.")
 
 
 
@@ -345,6 +348,8 @@ class Config(Strict):
         if self.task_name != "classification" and self.eval.baseline_model:
             raise ValueError("eval.baseline_model is for classification: a generative task's base row is its own "
                              "base model (eval.baselines: [few_shot] prompts that model with solved examples)")
+        if task_problem(self.task_name, self.eval.decoding):
+            raise ValueError(task_problem(self.task_name, self.eval.decoding))
         return self
 
     @model_validator(mode="after")
@@ -402,7 +407,8 @@ def stage_config(cfg: Config, index: int, start: dict | None = None) -> Config:
         tree.update(name=f"{cfg.name}-stage{index + 1}-{stage.name}", task=stage.task,
                     data=stage.data.model_dump(mode="json"))
         tree["train"].update(stage.train)
-        tree["eval"].update(baseline_model=None, baselines=[])  # the final task's baselines, not a stage's
+        # the final task's baselines and decoding, not a stage's
+        tree["eval"].update(baseline_model=None, baselines=[], decoding={})
         tree["eval"].update(stage.eval)
         tree["retention"] = {"sets": tree["retention"]["sets"]}  # measure forgetting; limits are the final's
         tree.pop("privacy")

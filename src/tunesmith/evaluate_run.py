@@ -9,6 +9,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from tunesmith.config_decoding import for_command
 from tunesmith.errors import UserError
 from tunesmith.inference import check_saved_weights, load_saved_weights, open_run, weights_dir
 from tunesmith.recipes import recipe_for
@@ -18,8 +19,11 @@ from tunesmith.rundir import RunDir
 from tunesmith.security import check_path
 
 
-def evaluate_run(run_path: str, split: str = "validation", data: str | None = None) -> dict:
+def evaluate_run(run_path: str, split: str = "validation", data: str | None = None,
+                 num_candidates: int | None = None, decoding: list[str] | None = None) -> dict:
+    """`num_candidates`, `decoding` (KEY=VALUE): overrides of the run's eval.decoding, recorded in eval.json."""
     run, cfg = open_run(run_path)
+    cfg.eval.decoding = for_command(cfg.eval.decoding, cfg.task_name, num_candidates, decoding)
     weights_dir(run)  # damaged or missing weight files stop here, before the base model loads
     key = split
     if data is not None:
@@ -40,6 +44,8 @@ def evaluate_run(run_path: str, split: str = "validation", data: str | None = No
     report = run.read_json("eval.json", {})
     for which in ("base", "finetuned"):
         report.setdefault(which, {})[key] = fresh[which][source]
+        if source in fresh[which].get("decoding", {}):
+            report[which].setdefault("decoding", {})[key] = fresh[which]["decoding"][source]
     run.write_json("eval.json", report)
     shown = {"task": cfg.task_name, "base": {key: fresh["base"][source]}, "finetuned": {key: fresh["finetuned"][source]},
              "samples": fresh["samples"] if source == "validation" else []}

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunesmith.config import Config, DataConfig
-from tunesmith.data.formats import RowError, _messages, _string, parse_rows
+from tunesmith.config_decoding import Decoding
+from tunesmith.data.formats import RowError, _messages, _string, _string_list, concept_prompt, parse_rows
 from tunesmith.data.prepare import MAX_LISTED
 from tunesmith.data.sources import Problem, read_source
 from tunesmith.errors import DataError, UserError
@@ -46,17 +47,66 @@ def _prompt(row: dict) -> list[dict]:
     raise RowError("missing_column", "expected a 'prompt', 'instruction' or 'messages' field")
 
 
-def read_prompts(path: Path, cfg: Config) -> list[list[dict]]:
+def _request(row: dict, cfg: Config, decoding: Decoding) -> tuple[list[dict], list[str] | None]:
+    """A row's prompt and concepts: a concepts run's rows may give their concepts (the prompt is then built as
+    in training), and must when the kept output depends on them."""
+    column = cfg.data.columns.get("concepts", "concepts")
+    if cfg.data.format == "concepts" and column in row:
+        concepts = _string_list(row[column], column)
+        return [{"role": "user", "content": concept_prompt(cfg.data, concepts)}], concepts
+    if decoding.by_concepts:
+        raise RowError("missing_concepts", f"expected a '{column}' list: this run keeps the candidate that covers "
+                       "the most concepts (eval.decoding.rerank: coverage)")
+    return _prompt(row), None
+
+
+def read_requests(path: Path, cfg: Config, decoding: Decoding) -> tuple[list[list[dict]], list[list[str] | None]]:
+    """Each row's prompt, and its concepts where it gives them (see _request)."""
     check_input(path, cfg)
     raw = read_source(str(path))
-    prompts, problems = [], list(raw.problems)
+    requests, problems = [], list(raw.problems)
     for where, row in raw.rows:
         try:
-            prompts.append(_prompt(row))
+            requests.append(_request(row, cfg, decoding))
         except RowError as err:
             problems.append(Problem(where, err.code, err.message))
-    refuse_bad_rows(path, problems, len(prompts))
-    return prompts
+    refuse_bad_rows(path, problems, len(requests))
+    return [p for p, _ in requests], [c for _, c in requests]
+
+
+def read_prompts(path: Path, cfg: Config) -> list[list[dict]]:
+    return read_requests(path, cfg, cfg.eval.decoding)[0]
+
+
+def concept_request(text: str, cfg: Config) -> tuple[list[dict], list[str]]:
+    """`generate --concepts a,b,c` on a concepts run: the prompt built as in training, and its concepts."""
+    if cfg.data.format != "concepts":
+        raise UserError(f"--concepts is for constrained-generation runs (data.format: concepts); this run's "
+                        f"format is {cfg.data.format}", hint="Give the whole prompt with --prompt.")
+    concepts = [c.strip() for c in text.split(",") if c.strip()]
+    if not concepts:
+        raise UserError("--concepts is empty", hint="Give the concepts comma-separated: --concepts dog,frisbee,catch")
+    return [{"role": "user", "content": concept_prompt(cfg.data, concepts)}], concepts
+
+
+def generation_requests(cfg: Config, decoding: Decoding, prompt: str | None, path: Path | None,
+                        concepts: str | None) -> tuple[list[list[dict]], list[list[str] | None]]:
+    """What `tunesmith generate` was asked, from exactly one of --prompt, --input and --concepts: the prompts
+    and, where known, each one's concepts."""
+    if (prompt, path, concepts).count(None) != 2:
+        raise UserError("Give exactly one of --prompt, --input or --concepts")
+    if concepts is not None:
+        one, known = concept_request(concepts, cfg)
+        return [one], [known]
+    if path is not None:
+        return read_requests(path, cfg, decoding)
+    if not prompt.strip():
+        raise UserError("--prompt is empty")
+    if decoding.by_concepts:
+        raise UserError("this run keeps the candidate that covers the most concepts (eval.decoding.rerank: "
+                        "coverage), so it needs the concepts, not a prompt",
+                        hint="Use --concepts dog,frisbee,catch (or --num-candidates 1 for one output).")
+    return [[{"role": "user", "content": prompt}]], [None]
 
 
 def read_texts(path: Path, cfg: Config) -> list:

@@ -63,7 +63,8 @@ def verdict_rows(report: dict) -> list[tuple[str, str, object, object, bool | No
     metrics, the prompting baselines against the fine-tuned model, and retention perplexity."""
     base, ft = report.get("base", {}), report.get("finetuned", {})
     rows = []
-    for split in [k for k in ft if isinstance(ft[k], dict) and k not in ("samples", "retention", "forgetting")]:
+    not_splits = ("samples", "retention", "forgetting", "decoding")
+    for split in [k for k in ft if isinstance(ft[k], dict) and k not in not_splits]:
         for metric, higher in SHOWN.items():
             if metric in ft[split]:
                 rows.append((split, metric, base.get(split, {}).get(metric), ft[split][metric], higher))

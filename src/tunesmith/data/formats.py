@@ -94,6 +94,11 @@ def _string_list(value: Any, name: str, allow_empty: bool = False) -> list[str]:
     return [_encodable(v, name) for v in value]
 
 
+def concept_prompt(cfg: DataConfig, concepts: list[str]) -> str:
+    """A concepts row's request: the run's instruction, then the concepts (in training and `generate` alike)."""
+    return f"{cfg.prompt or DEFAULT_PROMPTS['concepts']} {', '.join(concepts)}."
+
+
 def _label(value: Any, labels: list[str] | None) -> str:
     if value is None or isinstance(value, (dict, list, float)):
         raise RowError("bad_label", f"label must be a string or integer, got {type(value).__name__}")
@@ -142,7 +147,7 @@ def _to_example(where: str, row: dict, cfg: DataConfig, system: str | None) -> E
         concepts = _string_list(row[cols["concepts"]], "concepts")
         target = _string(row, cols["target"], "target")
         refs = _string_list(row[cols["references"]], "references") if cols["references"] in row else [target]
-        prompt = f"{cfg.prompt or DEFAULT_PROMPTS['concepts']} {', '.join(concepts)}."
+        prompt = concept_prompt(cfg, concepts)
         return Example(where, ex_id, head + [{"role": "user", "content": prompt}], target, references=refs,
                        concepts=concepts)
     if fmt == "chat":

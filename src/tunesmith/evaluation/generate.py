@@ -1,22 +1,32 @@
-"""Batched greedy generation: left padding and the KV cache, never one prompt at a time."""
+"""Batched generation: left padding and the KV cache, never one prompt at a time; greedy unless eval.decoding
+asks for several candidates per prompt (decoding.py)."""
 
 from __future__ import annotations
 
 import torch
 from rich.progress import Progress
 
+from tunesmith.config_decoding import Decoding
 from tunesmith.data.collate import left_pad
 from tunesmith.data.tokenize import render_prompt
+from tunesmith.evaluation import decoding as dec
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict[str, str]]], max_new_tokens: int = 128,
-             batch_size: int = 8, device=None, label: str = "generate",
-             synced: bool = False) -> tuple[list[str], list[bool]]:
+             batch_size: int = 8, device=None, label: str = "generate", synced: bool = False,
+             decoding: Decoding | None = None, concepts: list[list[str]] | None = None,
+             seed: int = 0) -> tuple[list[str], list[bool]]:
     """Return the decoded answers and, for each, whether it ended with EOS before the length limit.
+    `decoding` (default: greedy, one output): the candidates per prompt and which is kept (decoding.py);
+    `concepts`: each prompt's concepts, for rerank: coverage; `seed`: sampling's seed.
     `synced`: every rank keeps stepping until all have finished (ZeRO-3, whose forward is a collective)."""
     from tunesmith.training.progress import console
 
+    decoding = decoding or dec.GREEDY
+    by_concepts = decoding.by_concepts
+    if by_concepts and (concepts is None or len(concepts) != len(prompts)):
+        raise ValueError("rerank: coverage needs each prompt's concepts")
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
@@ -24,17 +34,16 @@ def generate(model, tokenizer, prompts: list[list[dict[str, str]]], max_new_toke
     # Similar lengths in one batch: less left padding to compute through.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     outputs, stopped = [""] * len(prompts), [False] * len(prompts)
-    eos = tokenizer.eos_token_id
-    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar, \
+            dec.seeded(decoding, seed, device):
         task = bar.add_task(label, total=len(order))
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = {k: v.to(device) for k, v in left_pad([encoded[i] for i in idx], tokenizer.pad_token_id).items()}
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, synced_gpus=synced)
-            for i, seq in zip(idx, out[:, batch["input_ids"].shape[1] :]):
-                outputs[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
-                stopped[i] = bool((seq == eos).any())
+            texts, scores, stops = dec.candidates(model, tokenizer, batch, max_new_tokens, decoding, synced)
+            for k, i in enumerate(idx):
+                j = dec.pick(texts[k], scores[k], concepts[i] if by_concepts else None)
+                outputs[i], stopped[i] = texts[k][j], stops[k][j]
             bar.advance(task, len(idx))
     model.train(was_training)
     return outputs, stopped
@@ -52,8 +61,14 @@ def generate_sharded(acc, model, tokenizer, prompts: list, *args, fn=None, **kwa
 
     mine = list(range(acc.process_index, len(prompts), acc.num_processes))
     ask = [prompts[i] for i in mine]
+    concepts = kwargs.get("concepts")  # per prompt: sharded alongside
+    if concepts is not None:
+        kwargs["concepts"] = [concepts[i] for i in mine]
     if collective_forward(acc):  # as many prompts on every rank (copies pad), generated in lock-step
-        ask += prompts[:1] * (-(-len(prompts) // acc.num_processes) - len(mine))
+        pad = -(-len(prompts) // acc.num_processes) - len(mine)
+        ask += prompts[:1] * pad
+        if concepts is not None:
+            kwargs["concepts"] += concepts[:1] * pad
         kwargs["synced"] = True
     outputs, stopped = fn(model, tokenizer, ask, *args, **kwargs) if ask else ([], [])
     outputs, stopped = outputs[: len(mine)], stopped[: len(mine)]

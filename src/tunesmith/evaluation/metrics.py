@@ -72,12 +72,17 @@ def tokens(text: str) -> list[str]:
     return re.findall(r"[a-z]+", text.lower())
 
 
+def concept_hits(prediction: str, concepts: list[str]) -> list[bool]:
+    """For each concept, whether `prediction` uses it (the word or one of its inflections)."""
+    words = set(tokens(prediction))
+    return [bool(inflections(c) & words) for c in concepts]
+
+
 def concept_coverage(predictions: list[str], concepts: list[list[str]]) -> dict[str, float]:
     """Share of concepts used (mean over examples) and share of outputs using all of them."""
     per_example, complete = [], 0
     for pred, cs in zip(predictions, concepts):
-        words = set(tokens(pred))
-        hit = [bool(inflections(c) & words) for c in cs]
+        hit = concept_hits(pred, cs)
         per_example.append(sum(hit) / max(len(hit), 1))
         complete += all(hit)
     n = max(len(predictions), 1)

@@ -21,6 +21,7 @@ from tunesmith.data.pack import collate_packed, pack
 from tunesmith.data.prepare import apply_error_policy, load_examples, tokenize_splits
 from tunesmith.data.sources import read_source
 from tunesmith.data.tokenize import tokenize_examples
+from tunesmith.evaluation import decoding
 from tunesmith.evaluation.forgetting import forgetting, worst_ratio
 from tunesmith.evaluation.generate import generate, generate_sharded
 from tunesmith.evaluation.lm import evaluate_loss
@@ -134,7 +135,9 @@ def evaluate(s: building.Setup, which: str) -> dict:
             continue
         outputs, stopped = generate_sharded(s.accelerator, model, s.tokenizer, [ex.prompt for ex in rows],
                                             cfg.max_new_tokens, cfg.batch_size, s.accelerator.device,
-                                            label=f"{which} {split}", fn=generate)
+                                            label=f"{which} {split}", fn=generate,
+                                            **decoding.options(s.cfg, rows))
+        results.setdefault("decoding", {})[split] = decoding.record(s.cfg)
         if task.generate:
             results[split].update(task.score(outputs, stopped, rows))
             if which == "base" and "few_shot" in cfg.baselines:
@@ -173,7 +176,8 @@ def few_shot_scores(s: building.Setup, task, rows: list, k: int) -> dict:
         prompts.append(system + turns + [m for m in ex.prompt if m["role"] != "system"])
     outputs, stopped = generate_sharded(s.accelerator, s.accelerator.unwrap_model(s.model), s.tokenizer, prompts,
                                         s.cfg.eval.max_new_tokens, s.cfg.eval.batch_size, s.accelerator.device,
-                                        label=f"{k}-shot prompt", fn=generate)
+                                        label=f"{k}-shot prompt", fn=generate,
+                                        **decoding.options(s.cfg, rows))
     return task.score(outputs, stopped, rows)
 
 
