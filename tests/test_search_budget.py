@@ -165,3 +165,8 @@ def test_a_trial_training_at_the_deadline_is_stopped_and_never_counted_finished(
     table, budget = outputs(tmp_path)
     assert "| 0 | pruned (deadline) |" in table and budget["trials"] == {"pruned at the deadline": 1}
     assert 8 <= budget["used_s"] < 8 + 15
+    # Run again: the study's budget is spent, so no trial starts (the outputs are written again).
+    assert main_in_process("search", path, "--budget", "8s", "--trials", "5") == 0
+    _, again = outputs(tmp_path)
+    assert len(load_study(tmp_path).trials) == 1 and again["ended"].startswith("the budget was spent by earlier runs")
+    assert again["earlier_runs_s"] == pytest.approx(budget["used_s"], abs=0.2)

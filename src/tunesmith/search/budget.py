@@ -56,7 +56,7 @@ def hms(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.1f}s"
     h, rest = divmod(round(seconds), 3600)
-    return (f"{h}h" if h else "") + f"{rest // 60:02d}m{rest % 60:02d}s"
+    return (f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m") + f"{rest % 60:02d}s"
 
 
 def trial_seconds(t: optuna.trial.FrozenTrial) -> float:
