@@ -102,8 +102,8 @@ class Clock:
         estimate, left = self.next_estimate(), self.left()
         if left >= estimate and left > 0:
             return True
-        self.ended = (f"the next trial (~{hms(estimate)}, {self.estimate_from}) would not fit in the "
-                      f"{hms(left)} left")
+        self.ended = f"the budget is spent ({hms(self.used())} used)" if left <= 0 else \
+            f"the next trial (~{hms(estimate)}, {self.estimate_from}) would not fit in the {hms(left)} left"
         return False
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -145,6 +145,8 @@ def check_fits(clock: Clock, cfg: Config, folder: Path) -> None:
                             f"study '{cfg.name}' took {hms(shortest)}",
                             hint="Give a budget longer than one trial, or leave --budget out.")
         return
+    if clock.left() <= 0:
+        return  # spent by earlier runs of the study: no trial starts, and nothing to probe for
     clock.probe = probe(cfg, folder)
     clock.estimate, clock.estimate_from = clock.probe["estimate_s"], "timed probe (a lower bound)"
     if clock.left() < clock.estimate:

@@ -122,9 +122,7 @@ def search(cfg: Config, trials: int | None, budget: float | None = None) -> optu
         ([f"budget {hms(budget)} ({hms(clock.left())} left)"] if budget else [])
     console.print(f"Study '{cfg.name}' ({direction} {metric}): {done} trials finished, " + ", ".join(limits))
     more = trials is None or done < trials
-    if more and budget is not None and clock.left() <= 0:
-        clock.ended, more = f"the budget was spent by earlier runs of the study ({hms(clock.carried)})", False
-    elif more and budget is not None:
+    if more and budget is not None:
         check_fits(clock, cfg, search_dir(cfg))  # before any trial: a budget that cannot hold one is refused
         more = clock.next_fits()
     if more:
