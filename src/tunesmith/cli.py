@@ -88,18 +88,28 @@ def eval_cmd(
 def search(
     config: Annotated[Path, typer.Argument(help="YAML config with a search: block.")],
     overrides: Overrides = None,
-    trials: Annotated[int, typer.Option(help="Trials the study should have in all (a re-run continues it).")] = 12,
+    trials: Annotated[Optional[int], typer.Option(
+        help="Trials the study should have in all (a re-run continues it). Default: 12 without --budget, "
+        "no limit with it.")] = None,
+    budget: Annotated[Optional[str], typer.Option(
+        help="Wall-clock time for the whole study, e.g. 90s, 45m, 1.5h, 2h30m (a re-run counts the time already "
+        "spent). No trial starts that cannot finish in the time left; a trial training at the deadline is "
+        "stopped (SIGTERM, checkpoint) and recorded pruned. A budget shorter than one trial (estimated by a "
+        "3-step timed probe, or the study's shortest complete trial) is refused before any trial.")] = None,
 ) -> None:
-    """Hyperparameter search (Optuna, TPE + median pruning) over the config's search.space.
+    """Hyperparameter search (Optuna, TPE + median pruning) over the config's search.space, up to --trials
+    trials or --budget time, whichever ends first.
 
-    Example: tunesmith search examples/sentiment-rotten-tomatoes.yaml --trials 12
+    Example: tunesmith search examples/sentiment-rotten-tomatoes.yaml --budget 45m
     """
     from tunesmith.config import load_config
+    from tunesmith.search.budget import parse_budget
     from tunesmith.search.run import search as run_search
 
-    if trials < 1:
+    if trials is not None and trials < 1:
         raise UserError("--trials must be at least 1")
-    run_search(load_config(config, overrides), trials)
+    seconds = parse_budget(budget) if budget is not None else None
+    run_search(load_config(config, overrides), trials if trials or seconds else 12, seconds)
 
 
 @app.command()

@@ -21,7 +21,8 @@ def trials_table(study: optuna.Study, metric: str) -> str:
                                                      if t.intermediate_values else None)
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
         last = max(t.intermediate_values) if t.intermediate_values else "-"
-        lines.append(f"| {t.number} | {t.state.name.lower()} | {_fmt(value) if value is not None else '-'} | "
+        state = t.state.name.lower() + (f" ({t.user_attrs['stopped']})" if "stopped" in t.user_attrs else "")
+        lines.append(f"| {t.number} | {state} | {_fmt(value) if value is not None else '-'} | "
                      + " | ".join(_fmt(t.params.get(k, "-")) for k in keys)
                      + f" | {last} | {_fmt(round(seconds, 1)) if seconds is not None else '-'} |")
     return "\n".join(lines)

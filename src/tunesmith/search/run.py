@@ -5,7 +5,8 @@ values; its validation evaluations (`eval.every`) are reported to the pruner, wh
 fall behind the median of earlier ones. The study lives in a database (SQLite in the search directory
 by default), so a killed search continues where it was when run again, and several machines can share
 one study through a common database URL. A trial whose process died stops sending heartbeats and is
-marked failed: recorded, never lost, never the best.
+marked failed: recorded, never lost, never the best. `--budget` bounds the study's wall-clock time
+(search/budget.py): no trial starts that cannot finish, and one still training at the deadline is stopped.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import yaml
 from tunesmith.config import Config, derive, dump_config
 from tunesmith.errors import TrainingHalted, UserError
 from tunesmith.rundir import RunDir
+from tunesmith.search.budget import Clock, Deadline, check_fits, hms, markdown
 from tunesmith.training.progress import console
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
@@ -62,10 +64,12 @@ def trial_config(cfg: Config, params: dict, number: int) -> Config:
                        output_dir=str(search_dir(cfg) / "trials"))
 
 
-def objective(cfg: Config, metric: str):
+def objective(cfg: Config, metric: str, deadline: Deadline | None = None):
     from tunesmith.recipes import recipe_for
 
     def run_trial(trial: optuna.Trial) -> float:
+        if deadline is not None:
+            deadline.trial = trial.number
         params = {key: dist.suggest(trial, key) for key, dist in cfg.search.space.items()}
         tcfg = trial_config(cfg, params, trial.number)
         console.print(f"[bold]trial {trial.number}[/]: {params}")
@@ -82,6 +86,13 @@ def objective(cfg: Config, metric: str):
         except optuna.TrialPruned:
             RunDir(tcfg.run_dir).update_run(status="pruned")
             raise
+        except SystemExit:
+            if deadline is None or not deadline.stopped(trial.number):
+                raise  # the user's SIGTERM: the search ends as a run does
+            # Stopped at the budget's deadline: its checkpoint is committed (run status "interrupted"); the
+            # study records it pruned, with the last validation value it reported if any, never complete.
+            trial.set_user_attr("stopped", "deadline")
+            raise optuna.TrialPruned("stopped at the budget's deadline") from None
         except (UserError, TrainingHalted) as err:  # this trial's values do not work: failed, the study goes on
             trial.set_user_attr("error", str(err).splitlines()[0][:300])
             raise
@@ -93,7 +104,10 @@ def objective(cfg: Config, metric: str):
     return run_trial
 
 
-def search(cfg: Config, trials: int) -> optuna.Study:
+def search(cfg: Config, trials: int | None, budget: float | None = None) -> optuna.Study:
+    """Run the study up to `trials` finished trials in all and/or `budget` seconds in all, whichever ends first."""
+    if trials is None and budget is None:
+        raise UserError("Give --trials, --budget or both")
     if cfg.search is None:
         raise UserError("This config has no search: block", hint="Add search.space, e.g. "
                         "search: {space: {train.lr: {log_uniform: [1.0e-5, 1.0e-3]}}}")
@@ -102,21 +116,34 @@ def search(cfg: Config, trials: int) -> optuna.Study:
         console.print("[yellow]eval.every is not set: trials have no intermediate evaluations to prune on[/]")
     study = open_study(cfg)
     optuna.storages.fail_stale_trials(study)  # trials of a killed search, silent past the grace period
+    clock = Clock(study, shared=cfg.search.storage is not None, budget=budget)
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
-    console.print(f"Study '{cfg.name}' ({direction} {metric}): {done} trials finished, running up to {trials}")
-    if done < trials:
-        study.optimize(objective(cfg, metric), callbacks=[optuna.study.MaxTrialsCallback(trials, states=FINISHED)],
-                       catch=(UserError, TrainingHalted), gc_after_trial=True)
-    write_outputs(cfg, study, metric)
+    limits = ([f"running up to {trials}"] if trials else []) + \
+        ([f"budget {hms(budget)} ({hms(clock.left())} left)"] if budget else [])
+    console.print(f"Study '{cfg.name}' ({direction} {metric}): {done} trials finished, " + ", ".join(limits))
+    more = trials is None or done < trials
+    if more and budget is not None:
+        check_fits(clock, cfg, search_dir(cfg))  # before any trial: a budget that cannot hold one is refused
+        more = clock.next_fits()
+    if more:
+        callbacks = [clock, *([optuna.study.MaxTrialsCallback(trials, states=FINISHED)] if trials else [])]
+        with Deadline(clock) as deadline:
+            study.optimize(objective(cfg, metric, deadline), callbacks=callbacks,
+                           catch=(UserError, TrainingHalted), gc_after_trial=True)
+    clock.save()
+    if trials and clock.ended is None:
+        clock.ended = f"--trials {trials} reached"
+    write_outputs(cfg, study, metric, clock.summary() if budget else None)
     return study
 
 
-def write_outputs(cfg: Config, study: optuna.Study, metric: str) -> None:
-    """trials.md, best.yaml, the plots, and compare.html (every trial's curves overlaid)."""
+def write_outputs(cfg: Config, study: optuna.Study, metric: str, budget: dict | None = None) -> None:
+    """trials.md, best.yaml, the plots, and compare.html (every trial's curves overlaid); under a budget,
+    trials.md and study.yaml also say what the budget held."""
     from tunesmith.search.report import plots, trials_table
 
     folder = search_dir(cfg)
-    rows = trials_table(study, metric)
+    rows = trials_table(study, metric) + (f"\n\n{markdown(budget)}" if budget else "")
     (folder / "trials.md").write_text(rows + "\n", encoding="utf-8")
     console.print(rows)
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -138,6 +165,6 @@ def write_outputs(cfg: Config, study: optuna.Study, metric: str) -> None:
         from tunesmith.compare import compare
 
         compare(trial_runs, folder / "compare.html", title=f"Search '{cfg.name}': {len(trial_runs)} trials")
-    (folder / "study.yaml").write_text(yaml.safe_dump({"study": cfg.name, "metric": metric,
-                                                       "direction": study.direction.name.lower(),
-                                                       "written": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    record = {"study": cfg.name, "metric": metric, "direction": study.direction.name.lower(),
+              "written": time.strftime("%Y-%m-%d %H:%M:%S"), **({"budget": budget} if budget else {})}
+    (folder / "study.yaml").write_text(yaml.safe_dump(record))
