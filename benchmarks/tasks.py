@@ -21,11 +21,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # example -> (split, metric, target check on (base, finetuned), target text)
+# The targets are issue 17's (the field's references for models of this size).
 TARGETS = {
-    "sentiment-rotten-tomatoes": ("accuracy", lambda b, f: f >= 85.0, "accuracy >= 85%"),
-    "commongen": ("coverage", None, "coverage >= 90% and BLEU-4 >= 2x base"),
-    "legal-summarization": ("rougeL", lambda b, f: f >= b + 5.0, "ROUGE-L >= base + 5 points"),
-    "spanish-adaptation": ("perplexity", lambda b, f: f <= 0.7 * b, "perplexity >= 30% below base"),
+    "sentiment-rotten-tomatoes": ("accuracy", lambda b, f: f >= 87.5, "accuracy >= 87.5%"),
+    "commongen": ("coverage", None, "coverage >= 95%, all concepts in >= 85%, BLEU-4 >= 2x base"),
+    "legal-summarization": ("rougeL", lambda b, f: f >= b + 10.0, "ROUGE-L >= base + 10 points"),
+    "spanish-adaptation": ("perplexity", None, "perplexity >= 60% below base and English <= +5%"),
     "alpaca-smollm2": ("rougeL", lambda b, f: f > b, "ROUGE-L above base"),
 }
 SHOWN = ("loss", "perplexity", "accuracy", "macro_f1", "rouge1", "rouge2", "rougeL", "bleu4", "coverage",
@@ -64,7 +65,12 @@ def judge(name: str, r: dict) -> tuple[str, bool | None]:
     b, f = r["base"].get(metric), r["finetuned"].get(metric)
     if name == "commongen":
         bb, fb = r["base"].get("bleu4", 0.0), r["finetuned"].get("bleu4", 0.0)
-        return text, bool(f is not None and f >= 90.0 and fb >= 2 * bb)
+        every = r["finetuned"].get("all_concepts", 0.0)
+        return text, bool(f is not None and f >= 95.0 and every >= 85.0 and fb >= 2 * bb)
+    if name == "spanish-adaptation":
+        before, after = r["base"].get("retention_ppl") or {}, r["finetuned"].get("retention_ppl") or {}
+        kept = bool(before) and all(after.get(k, float("inf")) <= 1.05 * v for k, v in before.items())
+        return text, bool(b is not None and f is not None and f <= 0.4 * b and kept)
     if f is None or (b is None and name != "sentiment-rotten-tomatoes"):
         return text, None
     return text, bool(check(b if b is not None else 0.0, f))
