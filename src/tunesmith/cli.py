@@ -205,7 +205,7 @@ def config_keys() -> None:
     Example: tunesmith config keys | grep -A1 train.lr
     """
     from tunesmith.config import Config
-    from tunesmith.config_keys import keys, render
+    from tunesmith.config.keys import keys, render
 
     print(render(keys(Config)), end="")
 
