@@ -122,7 +122,7 @@ def report(run: Annotated[Path, typer.Argument(help="Run directory (runs/<name>)
 
     Example: tunesmith report runs/sentiment-rotten-tomatoes
     """
-    from tunesmith.report import write_report
+    from tunesmith.report.html import write_report
 
     _console().print(f"Report: {write_report(run)}")
 
@@ -138,7 +138,7 @@ def compare(
 
     Example: tunesmith compare runs/a runs/b --out compare.html
     """
-    from tunesmith.compare import check_out, compare as write_compare
+    from tunesmith.report.compare import check_out, compare as write_compare
 
     if len(runs) < 2:
         raise UserError("compare needs at least two run directories")
@@ -149,7 +149,7 @@ def compare(
 @app.command()
 def runs(folder: Annotated[Path, typer.Argument(help="Directory holding run directories.")] = Path("runs")) -> None:
     """List the runs under a directory: task, model, the main metric before -> after, time, status."""
-    from tunesmith.reporting import runs_table
+    from tunesmith.report.console import runs_table
 
     if not folder.is_dir():
         raise UserError(f"{folder}: " + ("not a directory" if folder.exists() else "no such directory"),

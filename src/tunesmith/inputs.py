@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunesmith.config import Config, DataConfig
-from tunesmith.data.formats import RowError, _messages, _string, parse_rows
+from tunesmith.data.formats import RowError, checked_messages, checked_string, parse_rows
 from tunesmith.data.prepare import MAX_LISTED
 from tunesmith.data.sources import Problem, read_source
 from tunesmith.errors import DataError, UserError
@@ -37,11 +37,11 @@ def _prompt(row: dict) -> list[dict]:
         if not isinstance(msgs, list) or not msgs:
             raise RowError("bad_messages", "column 'messages' must be a non-empty list")
         # the conversation so far: it may end on any role, and the model answers next
-        return _messages(msgs + [{"role": "assistant", "content": "-"}])[:-1]
+        return checked_messages(msgs + [{"role": "assistant", "content": "-"}])[:-1]
     for col in ("prompt", "instruction"):
         if col in row:
-            text = _string(row, col, col)
-            extra = _string(row, "input", "input", allow_empty=True) if row.get("input") is not None else ""
+            text = checked_string(row, col, col)
+            extra = checked_string(row, "input", "input", allow_empty=True) if row.get("input") is not None else ""
             return [{"role": "user", "content": f"{text}\n\n{extra}" if extra.strip() else text}]
     raise RowError("missing_column", "expected a 'prompt', 'instruction' or 'messages' field")
 

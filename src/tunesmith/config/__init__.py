@@ -17,7 +17,7 @@ Everything other modules use is re-exported here: `from tunesmith.config import 
 
 from tunesmith.config.base import Strict, format_validation_error
 from tunesmith.config.guard_rails import Privacy, Replay, Retention, RetentionSet
-from tunesmith.config.load import config_from_dict, derive, dump_config, load_config, parse_overrides
+from tunesmith.config.load import config_from_dict, derive, dump_config, flatten, load_config, parse_overrides
 from tunesmith.config.schema import Config, Stage, stage_config
 from tunesmith.config.search import Dist, SearchConfig, unknown_keys
 from tunesmith.config.sections import (CANONICAL_COLUMNS, DEFAULT_PROMPTS, DEFAULT_TASK, FORMATS, MAX_LENGTH_CAP, TASKS,
@@ -28,6 +28,6 @@ __all__ = [
     "CANONICAL_COLUMNS", "DEFAULT_PROMPTS", "DEFAULT_TASK", "FORMATS", "MAX_LENGTH_CAP", "TASKS", "Config",
     "DataConfig", "Dist", "EarlyStopping", "EvalConfig", "LogConfig", "ModelConfig", "PeftConfig", "Privacy",
     "Replay", "Retention", "RetentionSet", "SearchConfig", "Stage", "Strict", "TrainConfig", "config_from_dict",
-    "derive", "dump_config", "format_validation_error", "load_config", "parse_overrides", "stage_config",
+    "derive", "dump_config", "flatten", "format_validation_error", "load_config", "parse_overrides", "stage_config",
     "unknown_keys",
 ]

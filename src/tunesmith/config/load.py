@@ -29,6 +29,15 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested config tree as {dotted.key: leaf value} (the inverse of setting dotted keys)."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     parsed, problems = [], []
     for item in overrides:

@@ -16,7 +16,7 @@ from tunesmith.data.prepare import Examples
 from tunesmith.errors import UserError
 from tunesmith.privacy.dp import DPSGD
 from tunesmith.privacy.sampling import PoissonPlan, units_of
-from tunesmith.reporting import print_setup
+from tunesmith.report.console import print_setup
 from tunesmith.rundir import RunDir
 from tunesmith.training import processes, steppers, trackers, zero
 from tunesmith.training.early_stopping import EarlyStopper

@@ -113,7 +113,7 @@ def search(cfg: Config, trials: int) -> optuna.Study:
 
 def write_outputs(cfg: Config, study: optuna.Study, metric: str) -> None:
     """trials.md, best.yaml, the plots, and compare.html (every trial's curves overlaid)."""
-    from tunesmith.search.report import plots, trials_table
+    from tunesmith.report.search import plots, trials_table
 
     folder = search_dir(cfg)
     rows = trials_table(study, metric)
@@ -135,7 +135,7 @@ def write_outputs(cfg: Config, study: optuna.Study, metric: str) -> None:
         if run.read_json("run.json", {}).get("status") == "running":  # left so by an error or a kill
             run.update_run(status="failed" if "error" in t.user_attrs else "killed")
     if trial_runs:
-        from tunesmith.compare import compare
+        from tunesmith.report.compare import compare
 
         compare(trial_runs, folder / "compare.html", title=f"Search '{cfg.name}': {len(trial_runs)} trials")
     (folder / "study.yaml").write_text(yaml.safe_dump({"study": cfg.name, "metric": metric,
