@@ -20,9 +20,21 @@ from tunesmith.config.guard_rails import Privacy, Replay, Retention, RetentionSe
 from tunesmith.config.load import config_from_dict, derive, dump_config, flatten, load_config, parse_overrides
 from tunesmith.config.schema import Config, Stage, stage_config
 from tunesmith.config.search import Dist, SearchConfig, unknown_keys
-from tunesmith.config.sections import (CANONICAL_COLUMNS, DEFAULT_PROMPTS, DEFAULT_TASK, FORMATS, MAX_LENGTH_CAP, TASKS,
-                                       DataConfig, EarlyStopping, EvalConfig, LogConfig, ModelConfig, PeftConfig,
-                                       TrainConfig)
+from tunesmith.config.sections import (
+    CANONICAL_COLUMNS,
+    DEFAULT_PROMPTS,
+    DEFAULT_TASK,
+    FORMATS,
+    MAX_LENGTH_CAP,
+    TASKS,
+    DataConfig,
+    EarlyStopping,
+    EvalConfig,
+    LogConfig,
+    ModelConfig,
+    PeftConfig,
+    TrainConfig,
+)
 
 __all__ = [
     "CANONICAL_COLUMNS", "DEFAULT_PROMPTS", "DEFAULT_TASK", "FORMATS", "MAX_LENGTH_CAP", "TASKS", "Config",

@@ -11,8 +11,15 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from tunesmith.config.base import Strict, format_validation_error
 from tunesmith.config.guard_rails import Privacy, Retention
 from tunesmith.config.search import SearchConfig, unknown_keys
-from tunesmith.config.sections import (DEFAULT_TASK, DataConfig, EvalConfig, LogConfig, ModelConfig, PeftConfig,
-                                       TrainConfig)
+from tunesmith.config.sections import (
+    DEFAULT_TASK,
+    DataConfig,
+    EvalConfig,
+    LogConfig,
+    ModelConfig,
+    PeftConfig,
+    TrainConfig,
+)
 
 
 class Stage(Strict):

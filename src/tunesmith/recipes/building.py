@@ -20,10 +20,11 @@ from tunesmith.report.console import print_setup
 from tunesmith.rundir import RunDir
 from tunesmith.training import processes, steppers, trackers, zero
 from tunesmith.training.early_stopping import EarlyStopper
-from tunesmith.training.guards import Precision, SpikeDetector
+from tunesmith.training.guards import SpikeDetector
 from tunesmith.training.loss import causal_lm_loss_sum, chunked_loss_sum
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.plan import LengthGroupedPlan, ReplayPlan, ShuffledPlan
+from tunesmith.training.precision import Precision
 from tunesmith.training.processes import collective_forward, device_kwargs, engine_name
 from tunesmith.training.watch import Watch
 
