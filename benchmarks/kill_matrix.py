@@ -59,9 +59,9 @@ class SaveEvents:
         self.renames: list[tuple[str, str]] = []
 
     def install(self) -> None:
-        real_save, real_save_file, real_fsync = ckpt.save_checkpoint, ckpt.save_file, os.fsync
+        real_save, real_save_file, real_fsync = ckpt.write_checkpoint, ckpt.save_file, os.fsync
 
-        def save_checkpoint(*args, **kwargs):
+        def write_checkpoint(*args, **kwargs):
             self.save_no, self.index, self.in_save = self.save_no + 1, 0, True
             self.last_written = None  # earlier saves' files are fsynced and committed: no torn write there
             try:
@@ -80,7 +80,7 @@ class SaveEvents:
             self.event("fsync", os.readlink(f"/proc/self/fd/{fd}"))
             return real_fsync(fd)
 
-        ckpt.save_checkpoint, ckpt.save_file, os.fsync = save_checkpoint, save_file, fsync
+        ckpt.write_checkpoint, ckpt.save_file, os.fsync = write_checkpoint, save_file, fsync
         sys.addaudithook(self.audit)
 
     def audit(self, name: str, args: tuple) -> None:

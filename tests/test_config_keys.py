@@ -14,7 +14,7 @@ from tunesmith.config import Config
 
 
 def sections(model: type[BaseModel], seen: dict | None = None) -> dict[str, type[BaseModel]]:
-    """Every config section class reachable from `model` (found independently of config_keys.py)."""
+    """Every config section class reachable from `model` (found independently of config/keys.py)."""
     seen = {} if seen is None else seen
     seen[model.__name__] = model
     for field in model.model_fields.values():
@@ -88,3 +88,10 @@ def test_config_show_prints_the_resolved_config(tiny_config, tmp_path, capsys):
     assert shown["train"]["schedule"] == "cosine" and shown["retention"]["l2sp"] == 0.0  # defaults filled in
     assert main_in_process("config", "show", path, "train.lrr=1") == 2
     assert "train.lrr: unknown key" in capsys.readouterr().err
+
+
+def test_every_section_refuses_unknown_keys_and_inf_nan():
+    # The search schema once sat on plain BaseModel and took `uniform: [1e-5, .inf]`; every section is strict now.
+    loose = [name for name, model in sections(Config).items()
+             if model.model_config.get("extra") != "forbid" or model.model_config.get("allow_inf_nan") is not False]
+    assert loose == []

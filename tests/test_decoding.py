@@ -15,7 +15,7 @@ from reliability._harness import fresh_accelerator_state, main_in_process  # noq
 from test_commands import no_model_loads, refused
 from test_recipe_tasks import concept_rows, one_thread  # noqa: F401 (autouse fixture)
 
-from tunesmith.config_decoding import Decoding
+from tunesmith.config.decoding import Decoding
 from tunesmith.data.collate import left_pad
 from tunesmith.data.tokenize import render_prompt
 from tunesmith.evaluation import decoding as dec

@@ -119,7 +119,7 @@ def test_summarization_scores_rouge_and_lengths(tmp_path, tiny_config, monkeypat
 
 def test_generative_few_shot_baseline_prompts_the_base_model_with_k_solved_training_rows(tmp_path, tiny_config,
                                                                                           monkeypatch):
-    from tunesmith.reporting import verdict_rows
+    from tunesmith.report.numbers import verdict_rows
 
     val_rows = [{"id": f"v{i}", "document": d, "summary": s} for i, (d, s) in enumerate(SUM_VAL)]
     train_rows = summarization_rows(24, 0)
@@ -441,7 +441,7 @@ def test_zero_shot_baseline_scores_the_rows_it_is_compared_with(tmp_path, tiny_b
 def test_few_shot_prompting_baseline_puts_k_solved_training_rows_before_the_question(tmp_path, tiny_bert,
                                                                                        tiny_llama, monkeypatch):
     import tunesmith.evaluation.generate as generation
-    from tunesmith.reporting import before_after_table
+    from tunesmith.report.console import before_after_table
 
     seen: dict = {}
 

@@ -45,7 +45,7 @@ def test_a_finished_run_writes_a_self_contained_report(finished_run):
 
 
 def test_text_from_data_and_models_is_escaped(finished_run, tmp_path):
-    from tunesmith.report import build
+    from tunesmith.report.html import build
     from tunesmith.rundir import RunDir
 
     copy = tmp_path / "tiny"
@@ -96,8 +96,8 @@ def test_report_renders_in_headless_chromium_with_its_charts(finished_run, tmp_p
 
 
 def test_compare_overlays_runs_and_renders(finished_run, tmp_path):
-    from tunesmith.compare import PANELS
-    from tunesmith.report import read_records, series
+    from tunesmith.report.compare import PANELS
+    from tunesmith.report.html import read_records, series
     from tunesmith.rundir import RunDir
 
     second = tmp_path / "runs" / "tiny2"

@@ -40,6 +40,19 @@ def test_bad_search_spaces_are_clear_config_errors(tiny_config, space, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("space", [
+    {"train.lr": {"uniform": [1e-5, float("inf")]}},
+    {"train.lr": {"log_uniform": [float("nan"), 1e-3]}},
+    {"train.warmup_ratio": {"uniform": [float("-inf"), 0.1]}},
+])
+def test_search_bounds_refuse_inf_and_nan_like_every_other_section(tiny_config, space):
+    # Optuna would draw from [1e-5, inf) without complaint; every other section refuses inf/nan (Strict)
+    tiny_config["search"] = {"space": space}
+    with pytest.raises(UserError) as err:
+        config_from_dict(tiny_config)
+    assert "finite number" in str(err.value)
+
+
 def test_search_space_parses_every_kind_and_metric_direction(tiny_config):
     tiny_config["search"] = {"space": {"train.lr": {"log_uniform": [1e-5, 1e-3]}, "peft.r": {"int": [2, 8]},
                                        "train.warmup_ratio": {"uniform": [0.0, 0.2]},

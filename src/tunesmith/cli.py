@@ -139,7 +139,7 @@ def report(run: Annotated[Path, typer.Argument(help="Run directory (runs/<name>)
 
     Example: tunesmith report runs/sentiment-rotten-tomatoes
     """
-    from tunesmith.report import write_report
+    from tunesmith.report.html import write_report
 
     _console().print(f"Report: {write_report(run)}")
 
@@ -155,7 +155,7 @@ def compare(
 
     Example: tunesmith compare runs/a runs/b --out compare.html
     """
-    from tunesmith.compare import check_out, compare as write_compare
+    from tunesmith.report.compare import check_out, compare as write_compare
 
     if len(runs) < 2:
         raise UserError("compare needs at least two run directories")
@@ -166,7 +166,7 @@ def compare(
 @app.command()
 def runs(folder: Annotated[Path, typer.Argument(help="Directory holding run directories.")] = Path("runs")) -> None:
     """List the runs under a directory: task, model, the main metric before -> after, time, status."""
-    from tunesmith.reporting import runs_table
+    from tunesmith.report.console import runs_table
 
     if not folder.is_dir():
         raise UserError(f"{folder}: " + ("not a directory" if folder.exists() else "no such directory"),
@@ -222,7 +222,7 @@ def config_keys() -> None:
     Example: tunesmith config keys | grep -A1 train.lr
     """
     from tunesmith.config import Config
-    from tunesmith.config_keys import keys, render
+    from tunesmith.config.keys import keys, render
 
     print(render(keys(Config)), end="")
 
@@ -271,7 +271,7 @@ def generate_cmd(
     Example: tunesmith generate runs/alpaca-smollm2 --prompt "Give three tips for staying healthy."
     Example: tunesmith generate runs/commongen --concepts dog,frisbee,catch
     """
-    from tunesmith.config_decoding import for_command
+    from tunesmith.config.decoding import for_command
     from tunesmith.evaluation.generate import generate
     from tunesmith.inference import load_finetuned, open_run, require_task, weights_dir
     from tunesmith.inputs import generation_requests

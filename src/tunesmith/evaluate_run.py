@@ -9,12 +9,12 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from tunesmith.config_decoding import for_command
+from tunesmith.config.decoding import for_command
 from tunesmith.errors import UserError
 from tunesmith.inference import check_saved_weights, load_saved_weights, open_run, weights_dir
 from tunesmith.recipes import recipe_for
 from tunesmith.recipes.loop import merge_samples
-from tunesmith.reporting import print_before_after
+from tunesmith.report.console import print_before_after
 from tunesmith.rundir import RunDir
 from tunesmith.security import check_path
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunesmith.config import Config, DataConfig
-from tunesmith.config_decoding import Decoding
-from tunesmith.data.formats import RowError, _messages, _string, _string_list, concept_prompt, parse_rows
+from tunesmith.config.decoding import Decoding
+from tunesmith.data.formats import RowError, checked_messages, checked_string, concept_prompt, parse_rows, string_list
 from tunesmith.data.prepare import MAX_LISTED
 from tunesmith.data.sources import Problem, read_source
 from tunesmith.errors import DataError, UserError
@@ -38,11 +38,11 @@ def _prompt(row: dict) -> list[dict]:
         if not isinstance(msgs, list) or not msgs:
             raise RowError("bad_messages", "column 'messages' must be a non-empty list")
         # the conversation so far: it may end on any role, and the model answers next
-        return _messages(msgs + [{"role": "assistant", "content": "-"}])[:-1]
+        return checked_messages(msgs + [{"role": "assistant", "content": "-"}])[:-1]
     for col in ("prompt", "instruction"):
         if col in row:
-            text = _string(row, col, col)
-            extra = _string(row, "input", "input", allow_empty=True) if row.get("input") is not None else ""
+            text = checked_string(row, col, col)
+            extra = checked_string(row, "input", "input", allow_empty=True) if row.get("input") is not None else ""
             return [{"role": "user", "content": f"{text}\n\n{extra}" if extra.strip() else text}]
     raise RowError("missing_column", "expected a 'prompt', 'instruction' or 'messages' field")
 
@@ -52,7 +52,7 @@ def _request(row: dict, cfg: Config, decoding: Decoding) -> tuple[list[dict], li
     in training), and must when the kept output depends on them."""
     column = cfg.data.columns.get("concepts", "concepts")
     if cfg.data.format == "concepts" and column in row:
-        concepts = _string_list(row[column], column)
+        concepts = string_list(row[column], column)
         return [{"role": "user", "content": concept_prompt(cfg.data, concepts)}], concepts
     if decoding.by_concepts:
         raise RowError("missing_concepts", f"expected a '{column}' list: this run keeps the candidate that covers "

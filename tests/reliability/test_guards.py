@@ -32,10 +32,10 @@ from _harness import (  # noqa: E402
 from tunesmith.config import config_from_dict  # noqa: E402
 from tunesmith.errors import ConfigError, TrainingHalted  # noqa: E402
 from tunesmith.recipes import building, causal_lm, fitting  # noqa: E402
-from tunesmith.training.guards import Precision  # noqa: E402
 from tunesmith.recipes.state import REQUIRED  # noqa: E402
 from tunesmith.training import checkpoint as ckpt  # noqa: E402
 from tunesmith.training.guards import SpikeDetector, is_oom  # noqa: E402
+from tunesmith.training.precision import Precision  # noqa: E402
 
 torch.set_num_threads(1)
 

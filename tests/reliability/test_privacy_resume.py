@@ -10,7 +10,7 @@ from _harness import adapter, cli, rel_config, write_config
 
 from opacus.accountants import create_accountant
 
-from tunesmith.config_guards import Privacy
+from tunesmith.config import Privacy
 from tunesmith.privacy.dp import DPSGD
 
 # Opacus accountants_test.py: sigma 1.5, q 0.04, delta 1e-5, over int(90 / 0.04) = 2250 steps (RDP) and

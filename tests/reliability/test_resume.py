@@ -314,14 +314,14 @@ def test_r4_rotation_never_deletes_the_checkpoint_just_committed(tmp_path, tiny_
     run = tmp_path / "runs" / "rel"
     rng = run / "checkpoints" / "step-6" / "rng.safetensors"
     rng.write_bytes(rng.read_bytes()[:-8])
-    real_save, kept = ckpt.save_checkpoint, {}
+    real_save, kept = ckpt.write_checkpoint, {}
 
-    def save_checkpoint(root, step, *args, **kwargs):
+    def write_checkpoint(root, step, *args, **kwargs):
         final = real_save(root, step, *args, **kwargs)
         kept[step] = checkpoint_steps(run)
         return final
 
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(ckpt, "write_checkpoint", write_checkpoint)
     assert main_in_process("train", cfg, "--resume", "--fallback", "train.max_steps=8") == 0
     assert all(step in steps for step, steps in kept.items()), kept
 

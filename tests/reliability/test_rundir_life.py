@@ -30,7 +30,7 @@ from _harness import (  # noqa: E402
 
 from tunesmith import models  # noqa: E402
 from tunesmith.recipes import loop  # noqa: E402
-from tunesmith.reporting import runs_table  # noqa: E402
+from tunesmith.report.console import runs_table  # noqa: E402
 from tunesmith.rundir import RunDir  # noqa: E402
 
 torch.set_num_threads(1)

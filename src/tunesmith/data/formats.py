@@ -61,7 +61,8 @@ def _encodable(value: str, name: str) -> str:
     return value
 
 
-def _string(row: dict, col: str, name: str, allow_empty: bool = False) -> str:
+def checked_string(row: dict, col: str, name: str, allow_empty: bool = False) -> str:
+    """row[col] if it is a non-empty string that encodes as UTF-8; otherwise a RowError naming column `name`."""
     value = row[col]
     if not isinstance(value, str):
         raise RowError("wrong_type", f"column '{name}' must be a string, got {type(value).__name__}")
@@ -71,7 +72,8 @@ def _string(row: dict, col: str, name: str, allow_empty: bool = False) -> str:
     return value
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def checked_messages(value: Any) -> list[dict[str, str]]:
+    """A chat as role/content dicts, ending with a non-empty assistant turn; otherwise a RowError."""
     if not isinstance(value, list) or not value:
         raise RowError("bad_messages", "column 'messages' must be a non-empty list")
     out = []
@@ -86,7 +88,7 @@ def _messages(value: Any) -> list[dict[str, str]]:
     return out
 
 
-def _string_list(value: Any, name: str, allow_empty: bool = False) -> list[str]:
+def string_list(value: Any, name: str, allow_empty: bool = False) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
         raise RowError("wrong_type", f"column '{name}' must be a list of non-empty strings")
     if not value and not allow_empty:
@@ -131,33 +133,33 @@ def _to_example(where: str, row: dict, cfg: DataConfig, system: str | None) -> E
         ex_id = where  # ids go into logs: keep them short and printable
     head = [{"role": "system", "content": system}] if system else []
     if fmt == "instruction":
-        instr = _string(row, cols["instruction"], "instruction")
-        extra = _string(row, cols["input"], "input", allow_empty=True) if cols["input"] in row else ""
+        instr = checked_string(row, cols["instruction"], "instruction")
+        extra = checked_string(row, cols["input"], "input", allow_empty=True) if cols["input"] in row else ""
         user = f"{instr}\n\n{extra}" if extra.strip() else instr
-        return Example(where, ex_id, head + [{"role": "user", "content": user}], _string(row, cols["output"], "output"))
+        return Example(where, ex_id, head + [{"role": "user", "content": user}], checked_string(row, cols["output"], "output"))
     if fmt == "prompt_completion":
-        prompt = _string(row, cols["prompt"], "prompt")
-        return Example(where, ex_id, head + [{"role": "user", "content": prompt}], _string(row, cols["completion"], "completion"))
+        prompt = checked_string(row, cols["prompt"], "prompt")
+        return Example(where, ex_id, head + [{"role": "user", "content": prompt}], checked_string(row, cols["completion"], "completion"))
     if fmt == "summarization":
-        doc = _string(row, cols["document"], "document")
+        doc = checked_string(row, cols["document"], "document")
         prompt = f"{cfg.prompt or DEFAULT_PROMPTS['summarization']}\n\n{doc}"
-        summary = _string(row, cols["summary"], "summary")
+        summary = checked_string(row, cols["summary"], "summary")
         return Example(where, ex_id, head + [{"role": "user", "content": prompt}], summary, references=[summary])
     if fmt == "concepts":
-        concepts = _string_list(row[cols["concepts"]], "concepts")
-        target = _string(row, cols["target"], "target")
-        refs = _string_list(row[cols["references"]], "references") if cols["references"] in row else [target]
+        concepts = string_list(row[cols["concepts"]], "concepts")
+        target = checked_string(row, cols["target"], "target")
+        refs = string_list(row[cols["references"]], "references") if cols["references"] in row else [target]
         prompt = concept_prompt(cfg, concepts)
         return Example(where, ex_id, head + [{"role": "user", "content": prompt}], target, references=refs,
                        concepts=concepts)
     if fmt == "chat":
-        msgs = _messages(row[cols["messages"]])
+        msgs = checked_messages(row[cols["messages"]])
         if system and msgs[0]["role"] != "system":
             msgs = head + msgs
         return Example(where, ex_id, msgs[:-1], msgs[-1]["content"])
     if fmt == "text":
-        return Example(where, ex_id, text=_string(row, cols["text"], "text"))
-    return Example(where, ex_id, text=_string(row, cols["text"], "text"), label=_label(row[cols["label"]], cfg.labels))
+        return Example(where, ex_id, text=checked_string(row, cols["text"], "text"))
+    return Example(where, ex_id, text=checked_string(row, cols["text"], "text"), label=_label(row[cols["label"]], cfg.labels))
 
 
 def parse_rows(raw: RawRows, cfg: DataConfig, user_column: str | None = None) -> tuple[list[Example], list[Problem]]:

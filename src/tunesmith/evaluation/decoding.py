@@ -18,7 +18,7 @@ import contextlib
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from tunesmith.config_decoding import Decoding
+from tunesmith.config.decoding import Decoding
 from tunesmith.evaluation.metrics import concept_hits
 
 GREEDY = Decoding()

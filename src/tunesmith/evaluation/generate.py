@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from rich.progress import Progress
 
-from tunesmith.config_decoding import Decoding
+from tunesmith.config.decoding import Decoding
 from tunesmith.data.collate import left_pad
 from tunesmith.data.tokenize import render_prompt
 from tunesmith.evaluation import decoding as dec

@@ -24,7 +24,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 
-from tunesmith.config_guards import Privacy
+from tunesmith.config import Privacy
 from tunesmith.errors import UserError
 
 NOISE_SALT = 9_176_263

@@ -16,14 +16,15 @@ from tunesmith.data.prepare import Examples
 from tunesmith.errors import UserError
 from tunesmith.privacy.dp import DPSGD
 from tunesmith.privacy.sampling import PoissonPlan, units_of
-from tunesmith.reporting import print_setup
+from tunesmith.report.console import print_setup
 from tunesmith.rundir import RunDir
 from tunesmith.training import processes, steppers, trackers, zero
 from tunesmith.training.early_stopping import EarlyStopper
-from tunesmith.training.guards import Precision, SpikeDetector
+from tunesmith.training.guards import SpikeDetector
 from tunesmith.training.loss import causal_lm_loss_sum, chunked_loss_sum
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.plan import LengthGroupedPlan, ReplayPlan, ShuffledPlan
+from tunesmith.training.precision import Precision
 from tunesmith.training.processes import collective_forward, device_kwargs, engine_name
 from tunesmith.training.watch import Watch
 

@@ -18,7 +18,7 @@ from accelerate.utils import broadcast_object_list
 from tunesmith.config import Config
 from tunesmith.recipes.fitting import fit
 from tunesmith.recipes.opening import open_run, set_up
-from tunesmith.reporting import print_before_after
+from tunesmith.report.console import print_before_after
 from tunesmith.rundir import RunDir
 from tunesmith.training import trackers
 from tunesmith.training.processes import process_state
@@ -96,7 +96,7 @@ def run_locked(cfg: Config, recipe, run: RunDir, opened: list, allow_drift: bool
 
 def write_run_report(run: RunDir) -> None:
     """report.html next to eval.json. The run has finished: a failure here is reported, not fatal."""
-    from tunesmith.report import write_report
+    from tunesmith.report.html import write_report
 
     try:
         console.print(f"Report: {write_report(run.path)}")

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 from tunesmith.config import Config
+from tunesmith.config_drift import check_drift, secret_hashes
 from tunesmith.errors import UserError
 from tunesmith.recipes.state import pick_checkpoint, restore
-from tunesmith.resume import check_drift, secret_hashes
 from tunesmith.rundir import RunDir
 from tunesmith.training.guards import is_oom
 

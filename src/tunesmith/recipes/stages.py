@@ -50,7 +50,7 @@ def _origin(cfg: Config) -> str:
 
 def train_staged(cfg: Config, overwrite: bool = False) -> RunDir:
     from tunesmith.recipes import recipe_for
-    from tunesmith.reporting import print_stages
+    from tunesmith.report.console import print_stages
 
     model, rows = None, []
     for i, stage in enumerate(cfg.stages):
@@ -72,7 +72,7 @@ def train_staged(cfg: Config, overwrite: bool = False) -> RunDir:
     report["stages"] = rows
     run.write_json("eval.json", report)
     print_stages(rows)
-    from tunesmith.compare import compare
+    from tunesmith.report.compare import compare
 
     compare([r["run"] for r in rows], run / "stages.html", title=f"Stages of '{cfg.name}'")
     from tunesmith.recipes.loop import write_run_report

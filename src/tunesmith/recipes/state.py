@@ -119,7 +119,7 @@ def save_checkpoint(s, updates: int, data_step: int) -> None:
             console.print(f"[yellow]warning: {warning}[/]")
             s.run.log({"step": updates, "warning": warning})
         try:
-            ckpt.save_checkpoint(root, updates, tensors, state, s.cfg.train.save_total_limit, parts)
+            ckpt.write_checkpoint(root, updates, tensors, state, s.cfg.train.save_total_limit, parts)
         except ckpt.DiskFull:
             try:
                 s.run.update_run(status="halted", step=updates)

@@ -140,7 +140,7 @@ def search(cfg: Config, trials: int | None, budget: float | None = None) -> optu
 def write_outputs(cfg: Config, study: optuna.Study, metric: str, budget: dict | None = None) -> None:
     """trials.md, best.yaml, the plots, and compare.html (every trial's curves overlaid); under a budget,
     trials.md and study.yaml also say what the budget held."""
-    from tunesmith.search.report import plots, trials_table
+    from tunesmith.report.search import plots, trials_table
 
     folder = search_dir(cfg)
     rows = trials_table(study, metric) + (f"\n\n{markdown(budget)}" if budget else "")
@@ -162,7 +162,7 @@ def write_outputs(cfg: Config, study: optuna.Study, metric: str, budget: dict | 
         if run.read_json("run.json", {}).get("status") == "running":  # left so by an error or a kill
             run.update_run(status="failed" if "error" in t.user_attrs else "killed")
     if trial_runs:
-        from tunesmith.compare import compare
+        from tunesmith.report.compare import compare
 
         compare(trial_runs, folder / "compare.html", title=f"Search '{cfg.name}': {len(trial_runs)} trials")
     record = {"study": cfg.name, "metric": metric, "direction": study.direction.name.lower(),

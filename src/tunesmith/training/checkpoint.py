@@ -164,8 +164,8 @@ def commit(root: Path, step: int, state: dict, keep: int | None = None) -> Path:
     return final
 
 
-def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict,
-                    keep: int | None = None, parts=None) -> Path:
+def write_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict,
+                     keep: int | None = None, parts=None) -> Path:
     """Write `tensors` (file name -> tensors) and `state` as checkpoint `root/step-<step>`.
     `parts`, if given, is called between staging and commit: other ranks write their files then."""
     staging = begin(root, step)

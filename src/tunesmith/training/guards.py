@@ -1,4 +1,4 @@
-"""What the loop does when a step goes wrong: out of memory, a loss spike, an fp16 overflow.
+"""What the loop does when a step goes wrong: out of memory, a loss spike (an fp16 overflow: precision.py).
 
 Each guard keeps its state in plain numbers so a checkpoint can carry it (exact resume).
 """
@@ -6,7 +6,6 @@ Each guard keeps its state in plain numbers so a checkpoint can carry it (exact 
 from __future__ import annotations
 
 from collections import deque
-from contextlib import AbstractContextManager
 from statistics import median
 
 import torch
@@ -44,43 +43,3 @@ class SpikeDetector:
     def load_state_dict(self, state: dict) -> None:
         self.history = deque(state["history"], maxlen=self.window)
         self.flagged = list(state["flagged"])
-
-
-class Precision:
-    """Autocast and loss scaling. bf16 goes through accelerate; fp16 owns a GradScaler on every
-    device, CPU included, where accelerate would silently fall back to fp32."""
-
-    def __init__(self, mode: str, accelerator):
-        self.accelerator = accelerator
-        self.device_type = accelerator.device.type
-        self.scaler = torch.amp.GradScaler(self.device_type) if mode == "fp16" else None
-
-    def autocast(self) -> AbstractContextManager:
-        if self.scaler is not None:
-            return torch.autocast(self.device_type, dtype=torch.float16)
-        return self.accelerator.autocast()
-
-    def scale(self, loss: torch.Tensor) -> torch.Tensor:
-        return self.scaler.scale(loss) if self.scaler is not None else loss
-
-    def unscale(self, optimizer) -> None:
-        if self.scaler is not None:
-            self.scaler.unscale_(optimizer)  # clipping and the finiteness check see true gradients
-
-    def step(self, optimizer) -> None:
-        if self.scaler is None:
-            optimizer.step()
-            return
-        self.scaler.step(optimizer)
-        self.scaler.update()
-
-    def skipped(self) -> None:
-        if self.scaler is not None:
-            self.scaler.update()  # after an overflow this halves the scale
-
-    def state_dict(self) -> dict | None:
-        return self.scaler.state_dict() if self.scaler is not None else None
-
-    def load_state_dict(self, state: dict | None) -> None:
-        if self.scaler is not None and state:
-            self.scaler.load_state_dict(state)

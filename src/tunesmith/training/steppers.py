@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 
 from tunesmith.training import processes, zero
-from tunesmith.training.guards import Precision
+from tunesmith.training.precision import Precision
 
 
 class Stepper(Protocol):

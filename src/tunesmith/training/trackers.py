@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import math
 
-from tunesmith.config import Config
-from tunesmith.resume import _flat
+from tunesmith.config import Config, flatten
 
 
 def accelerator_kwargs(cfg: Config, run_path) -> dict:
@@ -28,7 +27,7 @@ def start(accelerator, cfg: Config, run_path) -> None:
         folder = run_path / "trackers"
         folder.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(cfg.log.mlflow_uri or f"sqlite:///{(folder / 'mlflow.db').resolve()}")
-    flat = {k: v for k, v in _flat(cfg.model_dump(mode="json")).items() if isinstance(v, (int, float, str, bool))}
+    flat = {k: v for k, v in flatten(cfg.model_dump(mode="json")).items() if isinstance(v, (int, float, str, bool))}
     init = {"mlflow": {"run_name": cfg.name}, "tensorboard": {}, "wandb": {"name": cfg.name}}
     accelerator.init_trackers(cfg.log.project or cfg.name, config=flat,
                               init_kwargs={k: v for k, v in init.items() if k in cfg.log.trackers})

@@ -1,26 +1,14 @@
-"""The run configuration: a pydantic schema, loaded from YAML plus dotted ``key=value`` overrides.
-
-Every field is described once here; that text reaches ``tunesmith config keys`` (config_keys.py). Every
-problem is reported at once with its dotted path, before any model or data is loaded.
-"""
+"""The core config sections: model, peft, data, train, eval and log (each field described once)."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from tunesmith.config_base import Strict
-from tunesmith.config_decoding import Decoding, task_problem
-from tunesmith.config_yaml import YAML_ERRORS, DuplicateKey, load_yaml
-from tunesmith.config_guards import Privacy, Replay, Retention, RetentionSet  # noqa: F401 (re-exported)
-from tunesmith.errors import ConfigError
-from tunesmith.search.space import SearchConfig, unknown_keys
-
-
+from tunesmith.config.base import Strict
+from tunesmith.config.decoding import Decoding
 
 
 class ModelConfig(Strict):
@@ -177,9 +165,6 @@ class TrainConfig(Strict):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if max_steps is set).")
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
     lr: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
-    head_lr: float | None = Field(None, gt=0, lt=1, description="Classifiers: the new head's peak rate (None: lr).")
-    layer_decay: float | None = Field(None, gt=0, le=1, description="Layer-wise lr decay: of L layers, layer i "
-                                      "trains at lr x layer_decay^(L-i), embeddings at lr x layer_decay^(L+1).")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw, or plain SGD (DP-SGD's textbook form).")
     batch_size: int = Field(8, gt=0, description="Rows per micro-batch (per process).")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
@@ -220,6 +205,9 @@ class TrainConfig(Strict):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward instead of keeping them: less memory, ~30% slower."
     )
+    head_lr: float | None = Field(None, gt=0, lt=1, description="Classifiers: the new head's peak rate (None: lr).")
+    layer_decay: float | None = Field(None, gt=0, le=1, description="Layer-wise lr decay: of L layers, layer i "
+                                      "trains at lr x layer_decay^(L-i), embeddings at lr x layer_decay^(L+1).")
     chunked_loss: bool = Field(
         True, description="Project only target positions to the vocabulary, in chunks (same loss, far less memory)."
     )
@@ -250,267 +238,9 @@ class EvalConfig(Strict):
                                "(evaluation, baselines, tunesmith generate): default greedy, one output.")
 
 
-
 class LogConfig(Strict):
     trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list, description="Experiment trackers that also receive every metric (the run "
         "directory is always written). Each needs its package installed.")
     project: str | None = Field(None, description="Tracker project / experiment name (default: the run name).")
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite under <run>/trackers/).")
-
-
-class Stage(Strict):
-    """An intermediate task, trained before the config's own (final) task; each stage starts from the
-    previous stage's weights (LoRA merged into them)."""
-
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,40}$", description="Stage name (in run names).")
-    task: Literal["instruction", "summarization", "constrained_generation", "language_modeling"] | None = Field(
-        None, description="The stage's task family (generative only); default follows its data.format.")
-    data: DataConfig
-    train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the top-level train section.")
-    eval: dict[str, Any] = Field(default_factory=dict, description="Overrides of the top-level eval section.")
-
-    @model_validator(mode="after")
-    def _generative(self) -> Stage:
-        if self.data.format == "classification":
-            raise ValueError("an intermediate stage must be a generative task (its weights feed the next stage)")
-        return self
-
-
-class Config(Strict):
-    name: str = Field("run", description="Run name: the run directory is <output_dir>/<name>/.")
-    task: Literal["instruction", "summarization", "constrained_generation", "language_modeling", "classification"] | None = Field(
-        None, description="Task family, which picks the metrics; default follows data.format."
-    )
-    output_dir: str = Field("runs", description="Directory holding run directories.")
-    seed: int = Field(0, description="Seed for splits, shuffling, initialisation and dropout.")
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    peft: PeftConfig = Field(default_factory=PeftConfig)
-    data: DataConfig
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    allowed_roots: list[str] = Field(
-        default_factory=list,
-        description="Directories every data/model/output path must resolve under (symlinks followed). Empty: "
-        "anywhere except system and credential locations.",
-    )
-    retention: Retention = Field(
-        default_factory=lambda: Retention(), description="Forgetting: general text whose perplexity should not rise."
-    )
-    privacy: Privacy | None = Field(None, description="Differential privacy (DP-SGD); absent: off.")
-    search: SearchConfig | None = Field(None, description="Hyperparameter search space (tunesmith search).")
-    log: LogConfig = Field(default_factory=LogConfig, description="Experiment trackers.")
-    stages: list[Stage] = Field(default_factory=list, description="Intermediate tasks trained first, in order; "
-                                "the config's own data/task is the final stage.")
-    stage_mode: Literal["merge", "stack"] = Field(
-        "merge", description="merge: each stage's LoRA is merged and saved as a model directory the next stage "
-        "loads; stack: each stage's adapter is kept and the next stage trains a new adapter on top of it "
-        "(the final run needs only the base and the small adapters).")
-
-    @field_validator("retention", mode="before")
-    @classmethod
-    def _retention_list_form(cls, v: Any) -> Any:
-        return {"sets": v} if isinstance(v, list) else v
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
-            raise ValueError("use letters, digits, '.', '_' and '-' (it becomes a directory name)")
-        return v
-
-    @model_validator(mode="after")
-    def _replay_fits(self) -> Config:
-        if self.retention.replay is not None and self.data.packing:
-            raise ValueError("retention.replay with data.packing is not supported yet: packing would blur the mix")
-        if self.retention.replay is not None and self.data.format == "classification":
-            raise ValueError("retention.replay is for causal LM training (text is replayed as language modeling)")
-        return self
-
-    @model_validator(mode="after")
-    def _packing_fits(self) -> Config:
-        if self.data.packing and self.data.format == "classification":
-            raise ValueError("data.packing is for causal LM training; classification rows are not packed")
-        if self.data.packing and self.model.attn_implementation != "sdpa":
-            raise ValueError("data.packing needs model.attn_implementation: sdpa (eager misreads the packed "
-                             "rows' boolean block mask and would let them attend to each other)")
-        return self
-
-    @model_validator(mode="after")
-    def _baselines_have_a_model(self) -> Config:
-        if self.task_name == "classification" and self.eval.baselines and not self.eval.baseline_model:
-            raise ValueError("eval.baselines need eval.baseline_model (the instruction model to prompt)")
-        if self.task_name != "classification" and self.train.head_lr is not None:
-            raise ValueError(f"train.head_lr is for classifiers; task {self.task_name} has no classification head")
-        if self.task_name != "classification" and self.model.pooling != "auto":
-            raise ValueError(f"model.pooling ({self.model.pooling}) is for classifiers; task {self.task_name} "
-                             "uses the language-model head")
-        if self.task_name != "classification" and self.eval.baseline_model:
-            raise ValueError("eval.baseline_model is for classification: a generative task's base row is its own "
-                             "base model (eval.baselines: [few_shot] prompts that model with solved examples)")
-        if task_problem(self.task_name, self.eval.decoding):
-            raise ValueError(task_problem(self.task_name, self.eval.decoding))
-        return self
-
-    @model_validator(mode="after")
-    def _stages_are_valid_runs(self) -> Config:
-        if self.stages and self.stage_mode == "stack" and self.peft.method != "lora":
-            raise ValueError("stage_mode: stack keeps each stage's LoRA adapter; it needs peft.method: lora")
-        for i in range(len(self.stages)):
-            stage_config(self, i)  # a stage that would not train fails here, before anything runs
-        return self
-
-    @model_validator(mode="after")
-    def _search_keys_exist(self) -> Config:
-        bad = unknown_keys(Config, list(self.search.space)) if self.search else []
-        if bad:
-            raise ValueError(f"search.space: unknown config key(s) {bad} (use dotted keys such as train.lr)")
-        return self
-
-    @model_validator(mode="after")
-    def _privacy_fits(self) -> Config:
-        if self.privacy is None:
-            return self
-        # Each of these would break what the guarantee rests on: one example per clipped gradient, sampling
-        # that does not look at the data, and per-example activations captured once per forward.
-        clashes = {"data.packing": self.data.packing, "retention.replay": self.retention.replay is not None,
-                   "train.on_spike: rollback": self.train.on_spike == "rollback",
-                   "train.gradient_checkpointing": self.train.gradient_checkpointing,
-                   "train.precision: fp16": self.train.precision == "fp16", "retention.l2sp": self.retention.l2sp > 0}
-        bad = [name for name, on in clashes.items() if on]
-        if bad:
-            raise ValueError(f"privacy (DP-SGD) does not work with {', '.join(bad)}")
-        return self
-
-    @model_validator(mode="after")
-    def _task_fits_format(self) -> Config:
-        if self.task is not None and (self.task == "classification") != (self.data.format == "classification"):
-            raise ValueError(f"task '{self.task}' does not fit data.format '{self.data.format}'")
-        return self
-
-    @property
-    def task_name(self) -> str:
-        return self.task or DEFAULT_TASK[self.data.format]
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.name
-
-
-def stage_config(cfg: Config, index: int, start: dict | None = None) -> Config:
-    """Stage `index` (0-based; len(stages) is the final task) as a plain config: the final config with
-    the stage's data, task and overrides, starting from the previous stage's weights (`start`: the
-    model section's changed keys, a merged model directory or the adapters to stack)."""
-    tree = cfg.model_dump(mode="json", exclude={"stages", "stage_mode"})
-    if index < len(cfg.stages):
-        stage = cfg.stages[index]
-        tree.update(name=f"{cfg.name}-stage{index + 1}-{stage.name}", task=stage.task,
-                    data=stage.data.model_dump(mode="json"))
-        tree["train"].update(stage.train)
-        # the final task's baselines and decoding, not a stage's
-        tree["eval"].update(baseline_model=None, baselines=[], decoding={})
-        tree["eval"].update(stage.eval)
-        tree["retention"] = {"sets": tree["retention"]["sets"]}  # measure forgetting; limits are the final's
-        tree.pop("privacy")
-    tree["model"].update(start or {})
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as err:
-        where = f"stages[{index}] ({cfg.stages[index].name})" if index < len(cfg.stages) else "final stage"
-        raise ValueError(f"{where}: " + "; ".join(format_validation_error(err))) from None
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        nxt = node.setdefault(k, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError("Bad override", [f"{dotted}: '{k}' is a value, not a section"])
-        node = nxt
-    node[keys[-1]] = value
-
-
-def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    parsed, problems = [], []
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
-            problems.append(f"'{item}': expected dotted.key=value")
-            continue
-        try:
-            value = load_yaml(raw) if raw != "" else ""
-        except DuplicateKey as err:
-            problems.append(f"'{key}': {err.problem}")
-            continue
-        except YAML_ERRORS:
-            value = raw  # a plain string the YAML parser dislikes (e.g. "a: b") is still a string
-        if isinstance(value, str):
-            try:
-                value = float(value) if re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value) else value
-            except ValueError:
-                pass  # YAML 1.1 reads 1e-4 as a string; users mean the number
-        parsed.append((key, value))
-    if problems:
-        raise ConfigError("Bad command-line overrides", problems)
-    return parsed
-
-
-def format_validation_error(err: ValidationError) -> list[str]:
-    out = []
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        out.append(f"{path}: {msg}")
-    return out
-
-
-def config_from_dict(tree: dict, source: str = "config") -> Config:
-    from tunesmith.security import config_path_problems
-
-    try:
-        cfg = Config.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(f"Invalid configuration ({source}):", format_validation_error(err)) from None
-    problems = config_path_problems(cfg)
-    if problems:
-        raise ConfigError(f"Refused paths ({source}):", problems)
-    return cfg
-
-
-def derive(cfg: Config, changes: dict[str, Any], source: str, drop: tuple[str, ...] = ()) -> Config:
-    """A config made from another (a search trial, a curve point, an audit variant): top-level sections
-    dropped, dotted keys set, and the result validated like a file."""
-    tree = cfg.model_dump(mode="json", exclude=set(drop))
-    for key, value in changes.items():
-        _set_dotted(tree, key, value)
-    return config_from_dict(tree, source)
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    tree: dict = {}
-    source = "overrides"
-    if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"Config file not found: {p}")
-        try:
-            tree = load_yaml(p.read_text(encoding="utf-8")) or {}
-        except (*YAML_ERRORS, UnicodeDecodeError) as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f"{p}:{mark.line + 1}" if mark else str(p)
-            raise ConfigError("Config is not valid YAML", [f"{where}: {getattr(err, 'problem', err)}"]) from None
-        if not isinstance(tree, dict):
-            raise ConfigError("Config must be a YAML mapping", [f"{p}: top level is {type(tree).__name__}"])
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value)
-    return config_from_dict(tree, source)
-
-
-def dump_config(cfg: Config) -> str:
-    from tunesmith.security import redact_obj
-
-    return yaml.safe_dump(redact_obj(cfg.model_dump(mode="json")), sort_keys=False, allow_unicode=True)

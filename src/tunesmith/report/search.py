@@ -7,7 +7,7 @@ from pathlib import Path
 import optuna
 
 
-def _fmt(v) -> str:
+def _cell(v) -> str:  # 4 significant digits: a study table compares many trials side by side
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
@@ -22,9 +22,9 @@ def trials_table(study: optuna.Study, metric: str) -> str:
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
         last = max(t.intermediate_values) if t.intermediate_values else "-"
         state = t.state.name.lower() + (f" ({t.user_attrs['stopped']})" if "stopped" in t.user_attrs else "")
-        lines.append(f"| {t.number} | {state} | {_fmt(value) if value is not None else '-'} | "
-                     + " | ".join(_fmt(t.params.get(k, "-")) for k in keys)
-                     + f" | {last} | {_fmt(round(seconds, 1)) if seconds is not None else '-'} |")
+        lines.append(f"| {t.number} | {state} | {_cell(value) if value is not None else '-'} | "
+                     + " | ".join(_cell(t.params.get(k, "-")) for k in keys)
+                     + f" | {last} | {_cell(round(seconds, 1)) if seconds is not None else '-'} |")
     return "\n".join(lines)
 
 

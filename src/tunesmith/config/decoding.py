@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from tunesmith.config_base import Strict
+from tunesmith.config.base import Strict
 from tunesmith.errors import ConfigError
 
 

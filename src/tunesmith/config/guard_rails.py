@@ -1,4 +1,6 @@
-"""Config sections of the guard rails: forgetting (retention:) and differential privacy (privacy:)."""
+"""Config sections of the guard rails: forgetting (retention:) and differential privacy (privacy:).
+
+Only the schema; the guard rails themselves run in evaluation/forgetting.py and privacy/."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tunesmith.config_base import Strict
+from tunesmith.config.base import Strict
 
 
 class RetentionSet(Strict):

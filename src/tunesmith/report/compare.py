@@ -11,8 +11,8 @@ from __future__ import annotations
 from html import escape
 from pathlib import Path
 
-from tunesmith.report import STYLE, _png, read_records, series, table
-from tunesmith.reporting import SHOWN, _fmt
+from tunesmith.report.html import STYLE, png, read_records, series, table
+from tunesmith.report.numbers import SHOWN, fmt
 from tunesmith.rundir import RunDir
 
 PANELS = ("train loss", "validation loss", "epsilon", "forgetting ratio", "validation accuracy", "validation rougeL",
@@ -42,7 +42,7 @@ def overlay(curves: dict[str, dict]) -> str:
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def numbers(runs: list[RunDir]) -> list[list[str]]:
@@ -53,14 +53,14 @@ def numbers(runs: list[RunDir]) -> list[list[str]]:
     rows = []
     for m in SHOWN:
         if any(isinstance(ft.get(m), (int, float)) for _, ft in val):
-            rows.append([escape(m), *(f"{_fmt(b.get(m))} → {_fmt(ft.get(m))}" for b, ft in val)])
+            rows.append([escape(m), *(f"{fmt(b.get(m))} → {fmt(ft.get(m))}" for b, ft in val)])
     extra = {"epsilon": [r.get("epsilon") for r in reports],
              "worst forgetting ratio": [r.get("finetuned", {}).get("forgetting", {}).get("ratio") for r in reports]}
     for name, values in extra.items():
         if any(v is not None for v in values):
-            rows.append([name, *map(_fmt, values)])
+            rows.append([name, *map(fmt, values)])
     rows.append(["status", *(escape(run.status()) for run in runs)])  # "killed" when its process is gone
-    rows.append(["seconds", *(_fmt(round(i["finished"] - i["started"], 1)) if i.get("finished") and i.get("started")
+    rows.append(["seconds", *(fmt(round(i["finished"] - i["started"], 1)) if i.get("finished") and i.get("started")
                               else "-" for i in infos)])
     return rows
 

@@ -8,7 +8,7 @@
         train.warmup_ratio: {uniform: [0.0, 0.1]}
         train.epochs: {int: [1, 3]}
 
-Kept apart from config.py (which imports it) so the schema of a search reads on one screen.
+The schema only, on the strict base like every other section (inf/nan refused); search/run.py runs the study.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tunesmith.config.base import Strict
+
 KINDS = ("log_uniform", "uniform", "integer", "choice")  # integer is written `int:` in YAML
 
 
-class Dist(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+class Dist(Strict):
+    model_config = ConfigDict(populate_by_name=True)  # merged with Strict's: `int:` or `integer:`
     log_uniform: list[float] | None = Field(None, description="[low, high]: a float drawn on a log scale (low > 0).")
     uniform: list[float] | None = Field(None, description="[low, high]: a float drawn uniformly.")
     integer: list[int] | None = Field(None, alias="int", description="[low, high]: an integer, both ends included.")
@@ -58,8 +60,7 @@ class Dist(BaseModel):
         return trial.suggest_float(name, values[0], values[1], log=self.kind == "log_uniform")
 
 
-class SearchConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SearchConfig(Strict):
     space: dict[str, Dist] = Field(..., description="Dotted config key -> distribution.")
     metric: str | None = Field(None, description="Validation metric to optimise (default: the early-stopping "
                                "metric, e.g. accuracy or loss).")

@@ -15,7 +15,7 @@ import platform
 import time
 from html import escape
 
-from tunesmith.reporting import _change, _fmt, stage_rows, verdict_rows
+from tunesmith.report.numbers import change, fmt, stage_rows, verdict_rows
 from tunesmith.rundir import RunDir
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -24,7 +24,8 @@ td:first-child,th:first-child,td.l{text-align:left}th{background:#f3f3f3}.good{c
 pre{background:#f7f7f7;padding:1em;overflow:auto;max-height:28em}img{max-width:100%}h2{margin-top:1.6em}"""
 
 
-def _png(fig) -> str:
+def png(fig) -> str:
+    """A matplotlib figure as an <img> with the PNG inside (a data URI): the page needs no other file."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -75,14 +76,14 @@ def curves(records: list[dict]) -> list[str]:
         b.set_xlabel("step")
         b.set_ylabel("learning rate")
         fig.tight_layout()
-        out.append(_png(fig))
+        out.append(png(fig))
     for name, points in found.items():
         fig, ax = plt.subplots(figsize=(5.5, 3))
         ax.plot(*zip(*points), "o-")
         ax.set_xlabel("step")
         ax.set_ylabel(name)
         fig.tight_layout()
-        out.append(_png(fig))
+        out.append(png(fig))
     return out
 
 
@@ -95,9 +96,9 @@ def table(header: list[str], rows: list[list]) -> str:
 def verdict(report: dict) -> str:
     rows = []
     for split, metric, b, f, higher in verdict_rows(report):
-        change = _change(b, f, higher)
-        cls = "good" if change.endswith("✓") else "bad" if change.endswith("✗") else ""
-        rows.append([escape(split), escape(metric), _fmt(b), _fmt(f), f'<span class="{cls}">{change}</span>'])
+        moved = change(b, f, higher)
+        cls = "good" if moved.endswith("✓") else "bad" if moved.endswith("✗") else ""
+        rows.append([escape(split), escape(metric), fmt(b), fmt(f), f'<span class="{cls}">{moved}</span>'])
     base = report.get("base", {})
     note = f"<p>base: {escape(base['note'])}</p>" if "note" in base else ""
     return table(["split", "metric", "base", "fine-tuned", "change"], rows) + note
@@ -134,14 +135,14 @@ def build(run: RunDir) -> str:
     privacy = report.get("privacy")
     if privacy:
         parts += ["<h2>Privacy</h2>", table(["guarantee", "epsilon", "delta", "noise", "sample rate", "steps"],
-                  [[escape(str(privacy.get("guarantee"))), _fmt(privacy.get("epsilon")), f"{privacy.get('delta'):.3g}",
-                    _fmt(privacy.get("noise_multiplier")), _fmt(privacy.get("sample_rate")), privacy.get("steps")]])]
+                  [[escape(str(privacy.get("guarantee"))), fmt(privacy.get("epsilon")), f"{privacy.get('delta'):.3g}",
+                    fmt(privacy.get("noise_multiplier")), fmt(privacy.get("sample_rate")), privacy.get("steps")]])]
     if report.get("audit"):
         parts += ["<h2>Canary exposure (bits)</h2>", f"<pre>{escape(json.dumps(report['audit'], indent=2))}</pre>"]
     if report.get("stages"):
         header, body = stage_rows(report["stages"])
         parts += ["<h2>Stages: the final task's metrics after each stage</h2>",
-                  table(header, [[escape(stage), escape(task), *map(_fmt, numbers)] for stage, task, *numbers in body])]
+                  table(header, [[escape(stage), escape(task), *map(fmt, numbers)] for stage, task, *numbers in body])]
     parts += ["<h2>Curves</h2>", *curves(records), confusion(report), "<h2>Sample outputs</h2>", samples(report),
               "<h2>Data report</h2>", f"<pre>{escape(json.dumps(run.read_json('data_report.json', {}), indent=2))}</pre>",
               "<h2>Resolved config</h2>",

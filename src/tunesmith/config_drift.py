@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from tunesmith.config import Config
+from tunesmith.config import Config, flatten
 from tunesmith.errors import UserError
 from tunesmith.rundir import RunDir
 from tunesmith.security import redact_obj
@@ -14,23 +14,15 @@ HARMLESS = {"train.resume", "train.max_steps", "train.epochs", "train.save_every
             "eval.every", "eval.samples", "eval.max_new_tokens", "eval.batch_size"}
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
 def secret_hashes(cfg: Config) -> dict[str, str]:
     """sha256 of each value that redaction hides, so a changed secret still counts as drift."""
-    raw, shown = _flat(cfg.model_dump(mode="json")), _flat(redact_obj(cfg.model_dump(mode="json")))
+    raw, shown = flatten(cfg.model_dump(mode="json")), flatten(redact_obj(cfg.model_dump(mode="json")))
     return {k: hashlib.sha256(str(raw[k]).encode()).hexdigest() for k in raw if raw[k] != shown.get(k)}
 
 
 def config_drift(old: Config, new: Config, old_hashes: dict[str, str] | None = None) -> list[str]:
     # The stored snapshot has its secrets redacted; compare the live config in the same form.
-    a, b = _flat(redact_obj(old.model_dump(mode="json"))), _flat(redact_obj(new.model_dump(mode="json")))
+    a, b = flatten(redact_obj(old.model_dump(mode="json"))), flatten(redact_obj(new.model_dump(mode="json")))
     drift = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in HARMLESS]
     new_hashes = secret_hashes(new)
     for k, digest in (old_hashes or {}).items():

@@ -6,12 +6,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from tunesmith.models import count_parameters
+from tunesmith.report.numbers import SHOWN, change, fmt, stage_rows, verdict_rows
 from tunesmith.training.progress import console
-
-# Metrics shown in the before/after table, in this order, with whether higher is better.
-SHOWN = {"loss": False, "perplexity": False, "accuracy": True, "macro_f1": True, "rouge1": True, "rouge2": True,
-         "rougeL": True, "bleu4": True, "coverage": True, "all_concepts": True, "mean_output_words": None,
-         "stopped_on_own": True}
 
 
 def print_setup(s) -> None:
@@ -46,45 +42,12 @@ def print_setup(s) -> None:
     console.print("\n".join(lines), soft_wrap=True)
 
 
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) and abs(v) < 10 else f"{v:.2f}" if isinstance(v, float) else str(v)
-
-
-def _change(b, f, higher_better) -> str:
-    if not isinstance(b, (int, float)) or not isinstance(f, (int, float)):
-        return "-"
-    delta = f - b
-    mark = "" if higher_better is None or delta == 0 else (" ✓" if (delta > 0) == higher_better else " ✗")
-    return f"{delta:+.4g}{mark}"
-
-
-def verdict_rows(report: dict) -> list[tuple[str, str, object, object, bool | None]]:
-    """(split, metric, base, fine-tuned, higher is better) for every number the verdict shows: the task's
-    metrics, the prompting baselines against the fine-tuned model, and retention perplexity."""
-    base, ft = report.get("base", {}), report.get("finetuned", {})
-    rows = []
-    not_splits = ("samples", "retention", "forgetting", "decoding")
-    for split in [k for k in ft if isinstance(ft[k], dict) and k not in not_splits]:
-        for metric, higher in SHOWN.items():
-            if metric in ft[split]:
-                rows.append((split, metric, base.get(split, {}).get(metric), ft[split][metric], higher))
-    for name, per_split in base.get("baselines", {}).items():  # prompting baselines against the fine-tuned model
-        for split, metrics in per_split.items():
-            for metric, higher in SHOWN.items():
-                if metric in metrics and metric not in ("loss", "perplexity", "mean_output_words"):
-                    rows.append((split, f"{metric} vs {name}", metrics[metric], ft.get(split, {}).get(metric), higher))
-    for name, m in ft.get("retention", {}).items():
-        b = base.get("retention", {}).get(name, {}).get("perplexity")
-        rows.append((f"retention:{name}", "perplexity", b, m["perplexity"], False))
-    return rows
-
-
 def before_after_table(report: dict) -> Table:
     table = Table(title=f"Before / after fine-tuning ({report.get('task', '')}, held-out data)")
     for col in ("split", "metric", "base", "fine-tuned", "change"):
         table.add_column(col, justify="left" if col in ("split", "metric") else "right")
     for split, metric, b, f, higher in verdict_rows(report):
-        table.add_row(split, metric, _fmt(b), _fmt(f), _change(b, f, higher))
+        table.add_row(split, metric, fmt(b), fmt(f), change(b, f, higher))
     if "note" in report.get("base", {}):
         table.caption = f"base: {report['base']['note']}"
     return table
@@ -99,21 +62,13 @@ def print_before_after(report: dict) -> None:
         console.print()
 
 
-def stage_rows(rows: list[dict]) -> tuple[list[str], list[list]]:
-    """Header and rows of the stages table: each stage's own validation loss, then the final task's
-    metrics after that stage (up to four, those every stage has)."""
-    keys = [k for k in SHOWN if all(isinstance(r["final_task"].get(k), (int, float)) for r in rows)][:4]
-    return (["stage", "task", "own loss", *(f"final-task {k}" for k in keys)],
-            [[r["stage"], r["task"], r["own"].get("loss"), *(r["final_task"][k] for k in keys)] for r in rows])
-
-
 def print_stages(rows: list[dict]) -> None:
     header, body = stage_rows(rows)
     table = Table(title="Stages: the final task's validation metrics after each stage")
     for col in header:
         table.add_column(col, justify="left" if col in ("stage", "task") else "right")
     for stage, task, *numbers in body:
-        table.add_row(stage, task, *map(_fmt, numbers))
+        table.add_row(stage, task, *map(fmt, numbers))
     console.print(table)
 
 
@@ -135,6 +90,6 @@ def runs_table(folder) -> Table:
         ft, base = report.get("finetuned", {}).get("validation", {}), report.get("base", {}).get("validation", {})
         metric = next((m for m in SHOWN if m != "loss" and isinstance(ft.get(m), (int, float))), "loss")
         took = info["finished"] - info["started"] if info.get("finished") and info.get("started") else None
-        table.add_row(path.name, str(info.get("task", "-")), model[-40:], metric, _fmt(base.get(metric)),
-                      _fmt(ft.get(metric)), f"{took:.0f}" if took else "-", RunDir(path).status())
+        table.add_row(path.name, str(info.get("task", "-")), model[-40:], metric, fmt(base.get(metric)),
+                      fmt(ft.get(metric)), f"{took:.0f}" if took else "-", RunDir(path).status())
     return table
