@@ -25,7 +25,8 @@ from tunesmith.evaluation.forgetting import forgetting, worst_ratio
 from tunesmith.evaluation.generate import generate, generate_sharded
 from tunesmith.evaluation.lm import evaluate_loss
 from tunesmith.evaluation.tasks import TASKS, generation_rows
-from tunesmith.recipes import building, loop
+from tunesmith.recipes import building
+from tunesmith.recipes.recipe import Steps, Which
 from tunesmith.recipes.state import save_weights
 from tunesmith.rundir import RunDir
 from tunesmith.training.loss import causal_lm_loss_sum, choose_loss, per_example_loss_sum
@@ -118,7 +119,7 @@ def loss_eval(s: building.Setup, split: str) -> dict:
                          s.loss_sum if s.dp is None else causal_lm_loss_sum, acc=s.accelerator)
 
 
-def evaluate(s: building.Setup, which: str) -> dict:
+def evaluate(s: building.Setup, which: Which) -> dict:
     """Every held-out split: loss and perplexity, then the task's generation metrics."""
     task, cfg = TASKS[s.cfg.task_name], s.cfg.eval
     model = s.accelerator.unwrap_model(s.model)
@@ -181,7 +182,5 @@ def save(s: building.Setup) -> None:
     save_weights(s)
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False, **options) -> RunDir:
-    import sys
-
-    return loop.train(cfg, sys.modules[__name__], resume=resume, overwrite=overwrite, **options)
+RECIPE = Steps(setup, evaluate, save)
+train = RECIPE.train  # causal_lm.train(cfg): this recipe through the run's sequence (loop.py)

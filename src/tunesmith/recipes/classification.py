@@ -13,7 +13,6 @@ save()     the adapter (classifier head included) plus labels.json
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 
 import torch
@@ -26,7 +25,8 @@ from tunesmith.data.checks import step_fits
 from tunesmith.data.prepare import load_examples, tokenize_splits
 from tunesmith.data.tokenize import LabeledRow
 from tunesmith.evaluation.metrics import classification_metrics
-from tunesmith.recipes import building, loop
+from tunesmith.recipes import building
+from tunesmith.recipes.recipe import Steps, Which
 from tunesmith.recipes.state import save_weights
 from tunesmith.rundir import RunDir
 
@@ -90,7 +90,7 @@ def quick_eval(s: building.Setup, split: str) -> dict:
     return {"loss": loss, "accuracy": 100 * sum(p == r.label for p, r in zip(preds, rows)) / max(len(rows), 1)}
 
 
-def evaluate(s: building.Setup, which: str) -> dict:
+def evaluate(s: building.Setup, which: Which) -> dict:
     labels = s.extra["labels"]
     results: dict = {}
     prompter = Prompter(s) if which == "base" and s.cfg.eval.baseline_model else None
@@ -163,5 +163,5 @@ def save(s: building.Setup) -> None:
         (target / "labels.json").write_text(json.dumps(s.extra["labels"]))
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False, **options) -> RunDir:
-    return loop.train(cfg, sys.modules[__name__], resume=resume, overwrite=overwrite, **options)
+RECIPE = Steps(setup, evaluate, save)
+train = RECIPE.train  # classification.train(cfg): this recipe through the run's sequence (loop.py)

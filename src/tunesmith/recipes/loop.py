@@ -1,9 +1,9 @@
 """A run's sequence, the same for every recipe: open or resume the run, base evaluation, fit, save,
 fine-tuned evaluation, report.
 
-A recipe (causal_lm.py, classification.py) builds a `Setup` with building.build() (data, model, how to
-collate a batch, how to compute a summed loss and count its targets) and supplies evaluate() and save();
-fitting.py holds the fitting loop, state.py checkpoints and resume.
+A recipe (causal_lm.py, classification.py; the Recipe protocol in recipe.py) builds a `Setup` with
+building.build() (data, model, how to collate a batch, how to compute a summed loss and count its targets)
+and supplies evaluate() and save(); fitting.py holds the fitting loop, state.py checkpoints and resume.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from accelerate.utils import broadcast_object_list
 from tunesmith.config import Config
 from tunesmith.recipes.fitting import fit
 from tunesmith.recipes.opening import open_run, set_up
+from tunesmith.recipes.recipe import Recipe
 from tunesmith.reporting import print_before_after
 from tunesmith.rundir import RunDir
 from tunesmith.training import trackers
@@ -25,7 +26,7 @@ from tunesmith.training.processes import process_state
 from tunesmith.training.progress import console
 
 
-def train(cfg: Config, recipe, resume: bool = False, overwrite: bool = False, allow_drift: bool = False,
+def train(cfg: Config, recipe: Recipe, resume: bool = False, overwrite: bool = False, allow_drift: bool = False,
           fallback: bool = False, on_eval: Callable[[int, dict], None] | None = None,
           report_html: bool = True) -> RunDir:
     """setup -> evaluate the base model -> fit -> save -> evaluate the fine-tuned model -> report.
@@ -50,7 +51,7 @@ def train(cfg: Config, recipe, resume: bool = False, overwrite: bool = False, al
         run.unlock()
 
 
-def run_locked(cfg: Config, recipe, run: RunDir, opened: list, allow_drift: bool, on_eval, report_html: bool) -> RunDir:
+def run_locked(cfg: Config, recipe: Recipe, run: RunDir, opened: list, allow_drift: bool, on_eval, report_html: bool) -> RunDir:
     """train() once the main process holds the run directory's lock; `opened` says what open_run() found."""
     state = process_state()
     opened = broadcast_object_list(opened)  # every rank starts from the same checkpoint
