@@ -60,10 +60,10 @@ def run_locked(cfg: Config, recipe: Recipe, run: RunDir, opened: list, allow_dri
     resume, latest, before = opened[0]
     latest = Path(latest) if latest else None
     s, updates, data_step = set_up(cfg, recipe, run, latest, before, allow_drift)
-    s.on_eval = on_eval
+    s.evaluation.on_eval = on_eval
     if latest:
         run.truncate_log(updates, data_step)
-        console.print(f"Resumed from {latest} (step {updates} of {s.total_steps})")
+        console.print(f"Resumed from {latest} (step {updates} of {s.optim.total_steps})")
     elif resume:
         run.truncate_log(0, 0)  # nothing to continue from: start over without logging steps twice
         console.print("[yellow]No usable checkpoint: training starts from step 0.[/]")
@@ -80,11 +80,12 @@ def run_locked(cfg: Config, recipe: Recipe, run: RunDir, opened: list, allow_dri
     trackers.finish(s.accelerator, cfg)
     report["samples"] = merge_samples(report)
     report["training"] = summary
-    if s.dp is not None:
-        report["privacy"] = s.dp.summary()
+    if s.optim.dp is not None:
+        report["privacy"] = s.optim.dp.summary()
         report["epsilon"], report["delta"] = report["privacy"]["epsilon"], report["privacy"]["delta"]
-        console.print(f"Privacy guarantee: {report['privacy']['guarantee']} after {s.dp.steps_taken} steps "
-                      f"(noise multiplier {s.dp.sigma:.3f}, sample rate {s.dp.sample_rate:.4g}, {cfg.privacy.accountant})")
+        dp = s.optim.dp
+        console.print(f"Privacy guarantee: {report['privacy']['guarantee']} after {dp.steps_taken} steps "
+                      f"(noise multiplier {dp.sigma:.3f}, sample rate {dp.sample_rate:.4g}, {cfg.privacy.accountant})")
     run.write_json("eval.json", report)
     run.update_run(status="finished", finished=time.time(), model_path=s.model_path, steps=summary["steps"])
     print_before_after(report)
