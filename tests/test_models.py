@@ -104,7 +104,7 @@ def test_a_decoder_lm_as_a_classifier_trains_and_evaluates(tmp_path, monkeypatch
     tree["train"].update(max_steps=40, lr=1e-2)
     (tmp_path / "scratch").mkdir()
     s = classification.setup(config_from_dict(tree), RunDir(tmp_path / "scratch"))
-    row = s.data["validation"][0]
+    row = s.data.rows["validation"][0]
     rows = [dataclasses.replace(row, input_ids=row.input_ids[:3]), row]  # the first is padded in the batch
     with torch.no_grad():  # a padded row is scored on its last real token, as when it is alone
         batched = s.model(**{k: v for k, v in classification.collate_labeled(rows, s.tokenizer.pad_token_id).items()

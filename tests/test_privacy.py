@@ -49,19 +49,19 @@ def trainables(s) -> dict[str, torch.Tensor]:
 def grad_samples(s, rows) -> dict[str, torch.Tensor]:
     """Per-example gradients of `rows` from the training path (hooks + the per-example loss)."""
     s.model.zero_grad(set_to_none=True)
-    loss, _ = s.loss_sum(s.model, collate(rows, s.tokenizer.pad_token_id))
+    loss, _ = s.optim.loss_sum(s.model, collate(rows, s.tokenizer.pad_token_id))
     loss.backward()
     out = {n: p.grad_sample.detach().clone() for n, p in s.model.named_parameters() if p.requires_grad}
-    s.dp.reset()
+    s.optim.dp.reset()
     return out
 
 
 def single_grads(s, row) -> dict[str, torch.Tensor]:
     s.model.zero_grad(set_to_none=True)
-    loss, _ = s.loss_sum(s.model, collate([row], s.tokenizer.pad_token_id))
+    loss, _ = s.optim.loss_sum(s.model, collate([row], s.tokenizer.pad_token_id))
     loss.backward()
     out = {n: p.grad.detach().clone() for n, p in s.model.named_parameters() if p.requires_grad}
-    s.dp.reset()
+    s.optim.dp.reset()
     return out
 
 
@@ -82,7 +82,7 @@ def test_per_example_gradients_equal_single_example_gradients(dp_config):
     s = make_setup(dp_config)
     s.model.double()
     nonzero_lora_b(s)
-    rows = sorted(s.data["train"][:4], key=lambda r: len(r.input_ids))  # different lengths: padding
+    rows = sorted(s.data.rows["train"][:4], key=lambda r: len(r.input_ids))  # different lengths: padding
     assert len({len(r.input_ids) for r in rows}) > 1
     batched = grad_samples(s, rows)
     for i, row in enumerate(rows):
@@ -162,11 +162,11 @@ def test_peft_model_loaded_in_eval_mode_still_records_per_example_gradients(dp_c
     """The Opacus 1.6 trap: a PEFT model is in eval mode after loading; wrapped as is, the hooks see no
     activations. The engine switches it to training mode."""
     s = make_setup(dp_config)
-    s.dp.close()
+    s.optim.dp.close()
     s.model.eval()
-    s.dp = DPSGD(s.model, torch.optim.SGD(s.model.parameters(), lr=0.1), s.cfg.privacy, 64, 0.125, 4, 0)
+    s.optim.dp = DPSGD(s.model, torch.optim.SGD(s.model.parameters(), lr=0.1), s.cfg.privacy, 64, 0.125, 4, 0)
     assert s.model.training
-    assert all(g.shape[0] == 2 for g in grad_samples(s, s.data["train"][:2]).values())
+    assert all(g.shape[0] == 2 for g in grad_samples(s, s.data.rows["train"][:2]).values())
 
 
 def test_first_dp_step_moves_every_lora_b_leaves_the_base_bit_identical_and_the_adapter_reloads(dp_config, tmp_path):
@@ -191,15 +191,15 @@ def test_first_dp_step_moves_every_lora_b_leaves_the_base_bit_identical_and_the_
     # SGD: the step is lr * (clipped sum + noise) / (q N). The clipped sum is at most rows * C, and the
     # noise's norm is about sigma * C * sqrt(d); 4 sigma C sqrt(d) bounds it with overwhelming probability.
     d = sum(t.numel() for t in after.values())
-    rows = sum(len(m) for m in s.plan.micro_batches(0))
-    c, sigma, lr, expected = 0.5, s.dp.sigma, 0.1, s.plan.sample_rate * s.plan.n_units
+    rows = sum(len(m) for m in s.optim.plan.micro_batches(0))
+    c, sigma, lr, expected = 0.5, s.optim.dp.sigma, 0.1, s.optim.plan.sample_rate * s.optim.plan.n_units
     step = torch.linalg.vector_norm(torch.cat([(after[n] - before[n]).flatten() for n in after]))
     assert 0 < step <= lr * (rows * c + 4 * sigma * c * math.sqrt(d)) / expected
     causal_lm.save(s)
     fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(dp_config["model"]["name"]),
                                       s.run / "adapter").eval()
     s.model.eval()
-    ids = torch.tensor([s.data["validation"][0].input_ids])
+    ids = torch.tensor([s.data.rows["validation"][0].input_ids])
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=ids).logits, s.model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
@@ -208,7 +208,7 @@ def test_first_dp_step_moves_every_lora_b_leaves_the_base_bit_identical_and_the_
 
 def _engine(s, sigma: float, c: float, n_units: int, q: float, seed: int = 0, lr: float = 0.1):
     pcfg = s.cfg.privacy.model_copy(update={"noise_multiplier": sigma, "max_grad_norm": c, "delta": 0.01 / n_units})
-    s.dp.close()
+    s.optim.dp.close()
     opt = torch.optim.SGD([p for p in s.model.parameters() if p.requires_grad], lr=lr)
     return DPSGD(s.model, opt, pcfg, n_units, q, 10, seed), opt
 
@@ -217,8 +217,8 @@ def test_without_noise_one_example_is_clipped_to_exactly_c(dp_config):
     s = make_setup(dp_config)
     nonzero_lora_b(s)
     dp, _ = _engine(s, sigma=0.0, c=0.01, n_units=1, q=1.0)
-    s.dp = dp
-    loss, _ = s.loss_sum(s.model, collate(s.data["train"][:1], s.tokenizer.pad_token_id))
+    s.optim.dp = dp
+    loss, _ = s.optim.loss_sum(s.model, collate(s.data.rows["train"][:1], s.tokenizer.pad_token_id))
     loss.backward()
     raw = torch.linalg.vector_norm(torch.stack([p.grad_sample.norm() for p in dp.optimizer.params]))
     assert raw > 0.01  # the example's own gradient is larger than C, so clipping acts
@@ -262,7 +262,7 @@ def test_secure_mode_is_refused_without_a_csprng_instead_of_downgraded(dp_config
         pass
     s = make_setup(dp_config)
     pcfg = s.cfg.privacy.model_copy(update={"secure_mode": True})
-    s.dp.close()
+    s.optim.dp.close()
     with pytest.raises(UserError, match="secure RNG"):
         DPSGD(s.model, torch.optim.SGD(s.model.parameters(), lr=0.1), pcfg, 64, 0.125, 4, 0)
 
@@ -287,9 +287,9 @@ def test_an_empty_poisson_step_is_a_noise_step_and_an_accountant_step(dp_config,
     monkeypatch.setattr(PoissonPlan, "step_rows", lambda self, k: [] if k in empty else real(self, k))
     before = trainables(s)
     dp_config["train"]["max_steps"] = 2
-    s.total_steps = 2
+    s.optim.total_steps = 2
     summary = fitting.fit(s)
-    assert summary["data_steps"] == 2 and s.dp.steps_taken == 2
+    assert summary["data_steps"] == 2 and s.optim.dp.steps_taken == 2
     moved = trainables(s)
     assert any(not torch.equal(before[n], moved[n]) for n in before)
 
@@ -313,9 +313,9 @@ def test_micro_batch_size_changes_neither_q_epsilon_nor_the_update(dp_config, tm
         cfg["name"] = f"dp-{batch}-{micro}"
         cfg["train"].update(batch_size=batch, grad_accum=accum)
         s = make_setup(cfg)
-        s.plan.micro_size = micro  # 1: as after two out-of-memory back-offs
+        s.optim.plan.micro_size = micro  # 1: as after two out-of-memory back-offs
         fitting.fit(s)
-        results.append((s.plan.sample_rate, s.dp.epsilon(), trainables(s)))
+        results.append((s.optim.plan.sample_rate, s.optim.dp.epsilon(), trainables(s)))
     (q0, e0, w0) = results[0]
     for q, e, w in results[1:]:
         assert q == q0 and e == e0
@@ -329,7 +329,7 @@ def test_an_out_of_memory_back_off_mid_step_keeps_q_epsilon_and_the_update(dp_co
     clean = make_setup({**dp_config, "name": "clean"})
     fitting.fit(clean)
     s = make_setup({**dp_config, "name": "oom"})
-    real, calls = s.loss_sum, {"n": 0}
+    real, calls = s.optim.loss_sum, {"n": 0}
 
     def oom_once_at_the_second_micro_batch(model, batch):
         calls["n"] += 1
@@ -337,11 +337,11 @@ def test_an_out_of_memory_back_off_mid_step_keeps_q_epsilon_and_the_update(dp_co
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(model, batch)
 
-    s.loss_sum = oom_once_at_the_second_micro_batch
+    s.optim.loss_sum = oom_once_at_the_second_micro_batch
     fitting.fit(s)
-    assert s.plan.micro_size == 2 and calls["n"] > 2
-    assert s.plan.sample_rate == clean.plan.sample_rate and s.dp.epsilon() == clean.dp.epsilon()
-    assert s.dp.steps_taken == clean.dp.steps_taken == 4
+    assert s.optim.plan.micro_size == 2 and calls["n"] > 2
+    assert s.optim.plan.sample_rate == clean.optim.plan.sample_rate and s.optim.dp.epsilon() == clean.optim.dp.epsilon()
+    assert s.optim.dp.steps_taken == clean.optim.dp.steps_taken == 4
     a, b = trainables(clean), trainables(s)
     for n in a:
         torch.testing.assert_close(b[n], a[n], rtol=1e-5, atol=1e-6)

@@ -77,7 +77,7 @@ def eval_cmd(
 
     Example: tunesmith eval runs/commongen --split test
     """
-    from tunesmith.evaluate_run import evaluate_run
+    from tunesmith.recipes.loop import evaluate_run
 
     if split not in ("validation", "test"):
         raise UserError(f"--split must be validation or test, not {split!r}")

@@ -155,14 +155,14 @@ def _state(s) -> dict:
     """Everything a skipped step must leave untouched, hashed; plus finiteness and the raw weights."""
     model = s.accelerator.unwrap_model(s.model)
     params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    opt = s.optimizer.state_dict()
+    opt = s.optim.optimizer.state_dict()
     opt_tensors = [v for st in opt["state"].values() for v in st.values() if torch.is_tensor(v)]
     return {
         "params": {n: _digest(p) for n, p in params.items()},
         "optimizer": {f"{pid}.{k}": _digest(v) if torch.is_tensor(v) else v
                       for pid, st in opt["state"].items() for k, v in st.items()},
-        "lr": [g["lr"] for g in s.optimizer.param_groups],
-        "scheduler": s.scheduler.last_epoch,
+        "lr": [g["lr"] for g in s.optim.optimizer.param_groups],
+        "scheduler": s.optim.scheduler.last_epoch,
         "finite": all(bool(torch.isfinite(t).all()) for t in list(params.values()) + opt_tensors),
         "weights": params,
     }

@@ -75,7 +75,7 @@ def test_n3_fp16_overflow_skips_the_step_and_halves_the_scale(tmp_path, tiny_lla
     training = json.loads((run / "eval.json").read_text())["training"]
     # 7 attempts, 6 updates; the schedule advanced only on applied updates.
     assert (training["steps"], training["data_steps"], training["skipped_nonfinite"]) == (6, 7, 1)
-    assert s.scheduler.last_epoch == 6
+    assert s.optim.scheduler.last_epoch == 6
     skipped = [r for r in records(run.path) if r.get("skipped")]
     assert [(r["data_step"], r["step"]) for r in skipped] == [(4, 3)]
     # The scale is halved once, at the overflow, and nowhere else.
@@ -83,7 +83,7 @@ def test_n3_fp16_overflow_skips_the_step_and_halves_the_scale(tmp_path, tiny_lla
     assert scales[5] == scales[4] / 2 and len({scales[d] for d in (1, 2, 3, 4)}) == 1
     assert len({scales[d] for d in (5, 6, 7)}) == 1
     # No replay: every data step took fresh rows of the epoch.
-    rows = [s.plan.step_rows(d) for d in range(7)]
+    rows = [s.optim.plan.step_rows(d) for d in range(7)]
     assert len({i for r in rows for i in r}) == 7 * 8
 
     # The checkpoint after the skip carries the halved scale; resuming from it is exact (atol=0).
@@ -155,13 +155,13 @@ def test_n5_rollback_after_three_spikes_restores_and_never_feeds_those_rows(tmp_
     monkeypatch.setattr(building, "build", build)
     run = causal_lm.train(cfg)
     s = probe.s
-    spiked = {d: [s.data["train"][i].id for i in s.plan.step_rows(d - 1)] for d in (14, 15, 16)}
+    spiked = {d: [s.data.rows["train"][i].id for i in s.optim.plan.step_rows(d - 1)] for d in (14, 15, 16)}
     bad = {i for ids in spiked.values() for i in ids}
     back = [r for r in records(run.path) if "rollback" in r]
     assert [(r["rollback"], r["step"]) for r in back] == [("step-12", 12)]
     assert sorted(back[0]["excluded"]) == sorted(bad)
     excluded = json.loads((run / "excluded_rows.json").read_text())["rows"]
-    assert sorted(s.data["train"][i].id for i in excluded) == sorted(bad)
+    assert sorted(s.data.rows["train"][i].id for i in excluded) == sorted(bad)
     # After the rollback (the 4th feed of data step 13 onwards), no spiking row is fed again.
     first_after = next(k for k, (d, _) in enumerate(fed) if d == 13 and k > 0 and fed[k - 1][0] == 16)
     assert not bad & {i for _, ids in fed[first_after:] for i in ids}

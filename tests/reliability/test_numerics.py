@@ -45,7 +45,8 @@ torch.set_num_threads(1)
 
 
 def _rows_of(s, data_step: int) -> list[str]:
-    return [s.data["train"][i].id for i in s.plan.step_rows(data_step - 1)]  # one process: all of the step's rows
+    # One process: all of the step's rows.
+    return [s.data.rows["train"][i].id for i in s.optim.plan.step_rows(data_step - 1)]
 
 
 # ------------------------------------------------------------------------------------------------ N1
@@ -68,7 +69,7 @@ def test_n1_a_nan_step_is_skipped_whole(tmp_path, tiny_llama, monkeypatch, preci
     assert [r["step"] for r in step_lines(run.path)] == list(range(1, 11))
     training = json.loads((run / "eval.json").read_text())["training"]
     assert (training["steps"], training["data_steps"], training["skipped_nonfinite"]) == (10, 11, 1)
-    assert s.scheduler.last_epoch == 10 == after["scheduler"]
+    assert s.optim.scheduler.last_epoch == 10 == after["scheduler"]
 
     # Data step 7 left weights, optimizer state and schedule bit-identical; the neighbours did not.
     keys = ("params", "optimizer", "lr", "scheduler")
@@ -143,7 +144,7 @@ def test_n2_a_nan_evaluation_is_never_the_best(tmp_path, tiny_llama, monkeypatch
     evals = {r["step"]: r["eval"]["loss"] for r in records(run.path) if "eval" in r and not r.get("final")}
     assert sorted(evals) == [2, 4, 6, 8] and evals[2] is None  # NaN is written as null
     assert all(math.isfinite(evals[k]) for k in (4, 6, 8))
-    stopper = probe.s.stopper
+    stopper = probe.s.books.stopper
     assert stopper.best_step in (4, 6, 8) and stopper.best == min(evals[k] for k in (4, 6, 8))
     final = json.loads((run / "eval.json").read_text())["finetuned"]["validation"]["loss"]
     assert final == pytest.approx(stopper.best, rel=1e-5)  # the restored weights are the best finite ones
@@ -183,7 +184,7 @@ def test_n4_clipping_bounds_the_sgd_update(tmp_path, tiny_llama, monkeypatch, ma
         with pytest.raises(TrainingHalted):
             causal_lm.train(cfg)
     run = probe.s.run
-    assert isinstance(probe.s.optimizer.optimizer, torch.optim.SGD)
+    assert isinstance(probe.s.optim.optimizer.optimizer, torch.optim.SGD)
     update = _update_norm(probe.before[3], probe.before[4])
     grad_norm = {r["step"]: r["grad_norm"] for r in step_lines(run.path)}[3]
     assert grad_norm > 1e3

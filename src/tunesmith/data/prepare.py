@@ -60,6 +60,38 @@ def apply_error_policy(cfg: DataConfig, problems: list[Problem], total: int) -> 
 
 def load_examples(cfg: Config) -> Examples:
     d = cfg.data
+    parsed, report = read_splits(cfg)
+    warnings: list[str] = []
+    labels = d.labels
+    if d.format == "classification" and labels is None:
+        labels = sorted({ex.label for ex in parsed["train"]})
+        checks.unseen_labels(parsed, set(labels))
+    stratify = d.format == "classification"
+    split_seed = cfg.seed if d.split_seed is None else d.split_seed
+    train = hold_out(cfg, parsed, report, warnings, split_seed)
+    if d.train_limit is not None:  # few-shot: after split and overlap removal, so validation is the same for every k
+        seed = cfg.seed if d.sample_seed is None else d.sample_seed
+        parsed["train"] = splitting.sample_k(train, d.train_limit, seed, stratify)
+        report["train_limit"] = {"k": d.train_limit, "from": len(train), "kept": len(parsed["train"]),
+                                 "sample_seed": seed}
+    refuse_empty(parsed, report)
+    if stratify:
+        checks.train_labels(parsed["train"], warnings)
+    report["rows"] = {n: len(rows) for n, rows in parsed.items()}
+    if labels is not None:
+        report["labels"] = {n: dict(Counter(ex.label for ex in rows)) for n, rows in parsed.items()}
+    if warnings:
+        report["warnings"] = warnings
+        checks.show(warnings)
+    fp = splitting.fingerprint(parsed["train"], parsed["validation"], split_seed)
+    report["fingerprint"] = fp
+    return Examples(parsed, labels, fp, report)
+
+
+def read_splits(cfg: Config) -> tuple[dict[str, list[Example]], dict]:
+    """Every configured split, parsed; its bad rows stop the run or are counted, as data.on_error says.
+    Returns the splits and the data report begun with the bad-row counts."""
+    d = cfg.data
     sources = {"train": d.train, "validation": d.validation, "test": d.test}
     parsed: dict[str, list[Example]] = {}
     problems: list[Problem] = []
@@ -73,21 +105,21 @@ def load_examples(cfg: Config) -> Examples:
         parsed[name] = examples
         problems += bad
         total += raw.total
-    report: dict = {"bad_rows": apply_error_policy(cfg.data, problems, total)}
-    warnings: list[str] = []
-    labels = d.labels
-    if d.format == "classification" and labels is None:
-        labels = sorted({ex.label for ex in parsed["train"]})
-        checks.unseen_labels(parsed, set(labels))
+    return parsed, {"bad_rows": apply_error_policy(cfg.data, problems, total)}
+
+
+def hold_out(cfg: Config, parsed: dict[str, list[Example]], report: dict, warnings: list[str],
+             split_seed: int) -> list[Example]:
+    """Dedup train, split validation (and test) off it where not given, and take out of the held-out splits
+    what train holds too. Returns train, also left in parsed["train"]."""
+    d = cfg.data
     train = parsed["train"]
     if d.dedup:
         train, report["train_duplicates"] = splitting.dedup(train)
     checks.conflicts(report, "train", splitting.label_conflicts(train), False, warnings)
-    stratify = d.format == "classification"
-    split_seed = cfg.seed if d.split_seed is None else d.split_seed
     if "validation" not in parsed:
         fractions = [d.validation_fraction] + ([d.test_fraction] if d.test_fraction and "test" not in parsed else [])
-        parts = splitting.split_off(train, fractions, split_seed, stratify)
+        parts = splitting.split_off(train, fractions, split_seed, d.format == "classification")
         train, parsed["validation"] = parts[0], parts[1]
         if len(parts) > 2:
             parsed["test"] = parts[2]
@@ -99,11 +131,11 @@ def load_examples(cfg: Config) -> Examples:
             if d.dedup:
                 parsed[name], report[f"{name}_overlap_removed"] = kept, removed
             checks.conflicts(report, name, relabelled, d.dedup, warnings)
-    if d.train_limit is not None:  # few-shot: after split and overlap removal, so validation is the same for every k
-        seed = cfg.seed if d.sample_seed is None else d.sample_seed
-        parsed["train"] = splitting.sample_k(train, d.train_limit, seed, stratify)
-        report["train_limit"] = {"k": d.train_limit, "from": len(train), "kept": len(parsed["train"]),
-                                 "sample_seed": seed}
+    return train
+
+
+def refuse_empty(parsed: dict[str, list[Example]], report: dict) -> None:
+    """A split left without rows stops the run, saying when overlap removal emptied it."""
     empty = [n for n, rows in parsed.items() if not rows]
     if empty:
         overlap = {n: report.get(f"{n}_overlap_removed") for n in empty}
@@ -111,17 +143,6 @@ def load_examples(cfg: Config) -> Examples:
             n + (f" (all {overlap[n]} rows also appear in train, removed as leakage)" if overlap[n] else "")
             for n in empty), hint="Give held-out rows that are not in train, or leave data.validation unset to "
                                   "split them off train." if any(overlap.values()) else None)
-    if stratify:
-        checks.train_labels(parsed["train"], warnings)
-    report["rows"] = {n: len(rows) for n, rows in parsed.items()}
-    if labels is not None:
-        report["labels"] = {n: dict(Counter(ex.label for ex in rows)) for n, rows in parsed.items()}
-    if warnings:
-        report["warnings"] = warnings
-        checks.show(warnings)
-    fp = splitting.fingerprint(parsed["train"], parsed["validation"], split_seed)
-    report["fingerprint"] = fp
-    return Examples(parsed, labels, fp, report)
 
 
 def _percentiles(lengths: list[int]) -> dict[str, int]:

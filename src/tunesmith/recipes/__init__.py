@@ -5,16 +5,23 @@ classification  sentiment and any label set
 building        a run's Setup: accelerator, optimizer, schedule, batch plan, stepper
 fitting         the fitting loop both share: micro-batches, the update, the bookkeeping after it
 loop            the run's sequence both share: base evaluation, fit, save, fine-tuned evaluation
+recipe          the Recipe protocol: what the sequence asks of a recipe (setup, evaluate, save)
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
-def recipe_for(cfg):
+if TYPE_CHECKING:
+    from tunesmith.config import Config
+    from tunesmith.recipes.recipe import Recipe
+
+
+def recipe_for(cfg: Config) -> Recipe:
     if cfg.task_name == "classification":
         from tunesmith.recipes import classification
 
-        return classification
+        return classification.RECIPE
     from tunesmith.recipes import causal_lm
 
-    return causal_lm
+    return causal_lm.RECIPE

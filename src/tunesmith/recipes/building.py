@@ -1,5 +1,6 @@
 """Building a run: a recipe's freshly loaded model wrapped with the accelerator, optimizer, schedule,
-batch plan and the stepper that takes its optimizer steps (training/steppers.py), in one `Setup`.
+batch plan and the stepper that takes its optimizer steps (training/steppers.py), in one `Setup` made of
+parts by concern: the data, the optimisation, the bookkeeping between updates, the evaluation.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from transformers import PreTrainedTokenizerBase
 
 from tunesmith.config import Config
 from tunesmith.data.prepare import Examples
@@ -30,52 +32,89 @@ from tunesmith.training.watch import Watch
 
 
 @dataclass
-class Setup:
-    cfg: Config
-    run: RunDir
-    accelerator: Accelerator
-    examples: Examples
-    data: dict[str, list]  # split -> prepared rows
-    tokenizer: object
-    model: torch.nn.Module
+class Data:
+    """What the run learns from and is scored on, and how its rows become a batch."""
+
+    examples: Examples  # validated rows by split, the data report and fingerprint, a classifier's labels
+    rows: dict[str, list]  # split -> prepared rows; a causal LM's retention sets as "retention:<name>"
+    collate: Callable[[list], dict[str, torch.Tensor]]
+
+
+@dataclass
+class Optimisation:
+    """How an update is made: the rows of each step, the loss they are summed into, and the stepper that
+    turns their gradients into an update (plain, DP-SGD or DeepSpeed: training/steppers.py)."""
+
+    plan: ShuffledPlan  # which train rows each step and rank gets
+    total_steps: int
+    loss_sum: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]  # summed loss, target count
+    count: Callable[[list], int]  # targets in a micro-batch, what a step's loss is normalised by: tokens or rows
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    plan: ShuffledPlan
-    total_steps: int
-    model_path: str
-    collate: Callable[[list], dict[str, torch.Tensor]]
-    loss_sum: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]  # summed loss, target count
-    count: Callable[[list], int]  # targets in a micro-batch: tokens for LMs, rows for classifiers
-    quick_eval: Callable[[Setup, str], dict]  # cheap metrics used during training and for early stopping
-    stepper: steppers.Stepper  # backward, gradient preparation and the update: plain, DP-SGD or DeepSpeed
+    stepper: steppers.Stepper
     precision: Precision
+    dp: DPSGD | None  # DP-SGD (privacy:): per-example clipping, noise and the accountant
+
+
+@dataclass
+class Bookkeeping:
+    """What the fitting loop carries from one update to the next; a checkpoint saves it (state.py)."""
+
     stopper: EarlyStopper
     spikes: SpikeDetector
     watch: Watch  # overfitting and flat-loss warnings
+    counters: dict = field(default_factory=lambda: {"skipped_nonfinite": 0, "tokens": 0})
     excluded: set[int] = field(default_factory=set)  # train rows rolled back after spikes; never fed again
     spike_rows: dict[int, list[int]] = field(default_factory=dict)  # data step -> rows, for rollback
-    best_weights: dict[str, torch.Tensor] | None = None
-    dp: DPSGD | None = None  # DP-SGD (privacy:): per-example clipping, noise and the accountant
-    engine: object = None  # the DeepSpeed engine (the prepared model) under accelerate's DeepSpeed
+    best_weights: dict[str, torch.Tensor] | None = None  # the trainables at the best evaluation so far
+
+
+@dataclass
+class Evaluation:
+    """What evaluations during training use besides the model: the recipe's cheap metrics, who else sees
+    them, and the base model's retention scores that say how much was forgotten."""
+
+    quick_eval: Callable[[Setup, str], dict]  # cheap metrics used during training and for early stopping
     on_eval: Callable[[int, dict], None] | None = None  # sees each evaluation (a search's pruner)
-    counters: dict = field(default_factory=lambda: {"skipped_nonfinite": 0, "tokens": 0})
-    extra: dict = field(default_factory=dict)  # recipe-specific state (label map, samples...)
+    retention_base: dict[str, float] = field(default_factory=dict)  # retention set -> the base model's perplexity
+    # The same measurement whole, until the base model's evaluation reuses it instead of measuring again.
+    retention_at_start: dict[str, dict] | None = None
 
 
-def build(cfg: Config, run: RunDir, examples: Examples, data: dict, tokenizer, model, model_path: str, **fns) -> Setup:
+@dataclass
+class Setup:
+    """A run ready to fit: its settings and directory, the model it trains, and the four parts above."""
+
+    cfg: Config
+    run: RunDir
+    accelerator: Accelerator
+    model: torch.nn.Module  # as accelerate prepared it; accelerator.unwrap_model() gives the bare one
+    tokenizer: PreTrainedTokenizerBase
+    model_path: str  # where the base weights were loaded from
+    data: Data
+    optim: Optimisation
+    books: Bookkeeping
+    evaluation: Evaluation
+    engine: torch.nn.Module | None = None  # the DeepSpeed engine (the prepared model) under accelerate's DeepSpeed
+
+
+def build(cfg: Config, run: RunDir, examples: Examples, rows: dict, tokenizer: PreTrainedTokenizerBase,
+          model: torch.nn.Module, model_path: str, *, collate: Callable[[list], dict[str, torch.Tensor]],
+          loss_sum: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]], count: Callable[[list], int],
+          quick_eval: Callable[[Setup, str], dict]) -> Setup:
     """Wrap a freshly loaded model with the optimizer, schedule, batch plan and accelerator."""
     # fp16 is handled by Precision (its own GradScaler): accelerate has none on CPU.
     accelerator = Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
                               cpu=device_kwargs()["cpu"], **trackers.accelerator_kwargs(cfg, run.path))
     processes.engage(cfg, accelerator)  # DeepSpeed or FSDP settled (and refusals) before the model is wrapped
-    if collective_forward(accelerator) and fns.get("loss_sum") is chunked_loss_sum:
+    if collective_forward(accelerator) and loss_sum is chunked_loss_sum:
         # The chunked loss recomputes lm_head in the backward, after ZeRO-3/FSDP has freed the gathered weight.
-        fns["loss_sum"] = causal_lm_loss_sum
+        loss_sum = causal_lm_loss_sum
     if cfg.train.gradient_checkpointing:
         checkpoint_activations(model, accelerator)
     optimizer = build_optimizer(model, cfg.train)
     t = cfg.train
-    plan = batch_plan(cfg, examples, data, accelerator)
+    plan = batch_plan(cfg, examples, rows, accelerator)
     total = t.max_steps or math.ceil(t.epochs * plan.steps_per_epoch)
     dp = DPSGD(model, optimizer, cfg.privacy, plan.n_units, plan.sample_rate, total, cfg.seed) if cfg.privacy else None
     if dp is not None and accelerator.num_processes > 1:
@@ -85,11 +124,11 @@ def build(cfg: Config, run: RunDir, examples: Examples, data: dict, tokenizer, m
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
     precision = Precision(t.precision, accelerator)
-    s = Setup(cfg, run, accelerator, examples, data, tokenizer, model, optimizer,
-              build_scheduler(optimizer, t, total), plan, total, model_path, **fns,
-              stepper=steppers.choose(accelerator, model, optimizer, precision, cfg, dp), precision=precision,
-              stopper=EarlyStopper(t.early_stopping), spikes=SpikeDetector(t.spike_factor, t.spike_window),
-              watch=Watch(total), dp=dp, engine=model if zero.engaged(accelerator) else None)
+    optim = Optimisation(plan, total, loss_sum, count, optimizer, build_scheduler(optimizer, t, total),
+                         steppers.choose(accelerator, model, optimizer, precision, cfg, dp), precision, dp)
+    books = Bookkeeping(EarlyStopper(t.early_stopping), SpikeDetector(t.spike_factor, t.spike_window), Watch(total))
+    s = Setup(cfg, run, accelerator, model, tokenizer, model_path, Data(examples, rows, collate), optim, books,
+              Evaluation(quick_eval), engine=model if zero.engaged(accelerator) else None)
     run.update_run(processes=accelerator.num_processes, distributed=engine_name(accelerator),
                    device=str(accelerator.device))
     trackers.start(accelerator, cfg, run.path)

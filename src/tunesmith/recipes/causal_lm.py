@@ -26,7 +26,8 @@ from tunesmith.evaluation.forgetting import forgetting, worst_ratio
 from tunesmith.evaluation.generate import generate, generate_sharded
 from tunesmith.evaluation.lm import evaluate_loss
 from tunesmith.evaluation.tasks import TASKS, generation_rows
-from tunesmith.recipes import building, loop
+from tunesmith.recipes import building
+from tunesmith.recipes.recipe import Steps, Which
 from tunesmith.recipes.state import save_weights
 from tunesmith.rundir import RunDir
 from tunesmith.training.loss import causal_lm_loss_sum, choose_loss, per_example_loss_sum
@@ -93,44 +94,44 @@ def setup(cfg: Config, run: RunDir) -> building.Setup:
     # The base model's retention perplexity, before any update (also after a resume: the checkpoint is
     # restored later), so every evaluation can say how much was forgotten.
     # Kept whole: the base model's evaluation reuses it instead of measuring the same rows again.
-    s.extra["retention_at_start"] = retention_eval(s)
-    s.extra["retention_base"] = {k: v["perplexity"] for k, v in s.extra["retention_at_start"].items()}
+    at_start = s.evaluation.retention_at_start = retention_eval(s)
+    s.evaluation.retention_base = {k: v["perplexity"] for k, v in at_start.items()}
     return s
 
 
 def retention_eval(s: building.Setup) -> dict[str, dict]:
-    return {name.split(":", 1)[1]: loss_eval(s, name) for name in s.data if name.startswith("retention:")}
+    return {name.split(":", 1)[1]: loss_eval(s, name) for name in s.data.rows if name.startswith("retention:")}
 
 
 def train_eval(s: building.Setup, split: str) -> dict:
     """Validation loss, plus forgetting when retention sets are configured."""
     metrics = loss_eval(s, split)
-    if s.extra.get("retention_base"):
-        report = forgetting(s.extra["retention_base"], {k: v["perplexity"] for k, v in retention_eval(s).items()})
+    if s.evaluation.retention_base:
+        report = forgetting(s.evaluation.retention_base, {k: v["perplexity"] for k, v in retention_eval(s).items()})
         metrics["forgetting"] = report
         metrics["forgetting_ratio"] = worst_ratio(report)
     return metrics
 
 
 def loss_eval(s: building.Setup, split: str) -> dict:
-    return evaluate_loss(s.accelerator.unwrap_model(s.model), s.data[split], s.cfg.eval.batch_size, s.tokenizer.pad_token_id,
-                         s.accelerator.device, s.cfg.eval.max_rows,
+    return evaluate_loss(s.accelerator.unwrap_model(s.model), s.data.rows[split], s.cfg.eval.batch_size,
+                         s.tokenizer.pad_token_id, s.accelerator.device, s.cfg.eval.max_rows,
                          # DP trains on per-example means; evaluation stays token-weighted, as without DP
-                         s.loss_sum if s.dp is None else causal_lm_loss_sum, acc=s.accelerator)
+                         s.optim.loss_sum if s.optim.dp is None else causal_lm_loss_sum, acc=s.accelerator)
 
 
-def evaluate(s: building.Setup, which: str) -> dict:
+def evaluate(s: building.Setup, which: Which) -> dict:
     """Every held-out split: loss and perplexity, then the task's generation metrics."""
     task, cfg = TASKS[s.cfg.task_name], s.cfg.eval
     model = s.accelerator.unwrap_model(s.model)
     results: dict = {}
     for split in ("validation", "test"):
-        if split not in s.data:
+        if split not in s.data.rows:
             continue
         results[split] = loss_eval(s, split)
-        rows = generation_rows(task, s.examples.splits[split], cfg.generate_rows) if task.generate else []
+        rows = generation_rows(task, s.data.examples.splits[split], cfg.generate_rows) if task.generate else []
         if split == "validation" and not rows and cfg.samples:
-            rows = [ex for ex in s.examples.splits[split] if ex.prompt is not None][: cfg.samples]
+            rows = [ex for ex in s.data.examples.splits[split] if ex.prompt is not None][: cfg.samples]
         if not rows:
             continue
         outputs, stopped = generate_sharded(s.accelerator, model, s.tokenizer, [ex.prompt for ex in rows],
@@ -147,12 +148,12 @@ def evaluate(s: building.Setup, which: str) -> dict:
         if split == "validation":
             results["samples"] = [{"id": ex.id, "prompt": ex.prompt[-1]["content"], "output": out,
                                    "reference": ex.completion} for ex, out in zip(rows[: cfg.samples], outputs)]
-    at_start = s.extra.pop("retention_at_start", None)
+    at_start, s.evaluation.retention_at_start = s.evaluation.retention_at_start, None  # measured once, used once
     retention = at_start if which == "base" and at_start is not None else retention_eval(s)
     if retention:
         results["retention"] = retention
-        if which != "base" and s.extra.get("retention_base"):
-            report = forgetting(s.extra["retention_base"], {k: v["perplexity"] for k, v in retention.items()})
+        if which != "base" and s.evaluation.retention_base:
+            report = forgetting(s.evaluation.retention_base, {k: v["perplexity"] for k, v in retention.items()})
             results["forgetting"] = {"sets": report, "ratio": worst_ratio(report),
                                      "max_increase": s.cfg.retention.max_increase}
     s.model.train()
@@ -163,7 +164,7 @@ def few_shot_turns(s: building.Setup, k: int) -> list[dict]:
     """k solved training rows as earlier chat turns (their system message, if any, left to the query)."""
     from tunesmith.data.split import demonstrations
 
-    return demonstrations(s.examples.splits["train"], k, s.cfg.seed, False, lambda ex: [
+    return demonstrations(s.data.examples.splits["train"], k, s.cfg.seed, False, lambda ex: [
         *(m for m in ex.prompt if m["role"] != "system"), {"role": "assistant", "content": ex.completion}])
 
 
@@ -185,7 +186,5 @@ def save(s: building.Setup) -> None:
     save_weights(s)
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False, **options) -> RunDir:
-    import sys
-
-    return loop.train(cfg, sys.modules[__name__], resume=resume, overwrite=overwrite, **options)
+RECIPE = Steps(setup, evaluate, save)
+train = RECIPE.train  # causal_lm.train(cfg): this recipe through the run's sequence (loop.py)

@@ -13,7 +13,6 @@ save()     the adapter (classifier head included) plus labels.json
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 
 import torch
@@ -26,7 +25,8 @@ from tunesmith.data.checks import step_fits
 from tunesmith.data.prepare import load_examples, tokenize_splits
 from tunesmith.data.tokenize import LabeledRow
 from tunesmith.evaluation.metrics import classification_metrics
-from tunesmith.recipes import building, loop
+from tunesmith.recipes import building
+from tunesmith.recipes.recipe import Steps, Which
 from tunesmith.recipes.state import save_weights
 from tunesmith.rundir import RunDir
 
@@ -57,11 +57,9 @@ def setup(cfg: Config, run: RunDir) -> building.Setup:
     model = models.load_classifier(model_path, cfg.model, examples.labels, tokenizer.pad_token_id)
     model = models.apply_peft(model, cfg.peft, task_type="SEQ_CLS")
     pad = tokenizer.pad_token_id
-    s = building.build(cfg, run, examples, data, tokenizer, model, model_path,
-                       collate=lambda rows: collate_labeled(rows, pad), loss_sum=loss_sum, count=len,
-                       quick_eval=quick_eval)
-    s.extra["labels"] = examples.labels
-    return s
+    return building.build(cfg, run, examples, data, tokenizer, model, model_path,
+                          collate=lambda rows: collate_labeled(rows, pad), loss_sum=loss_sum, count=len,
+                          quick_eval=quick_eval)
 
 
 @torch.no_grad()
@@ -85,22 +83,22 @@ def predict(s: building.Setup, rows: list[LabeledRow]) -> tuple[list[int], float
 
 
 def quick_eval(s: building.Setup, split: str) -> dict:
-    rows = s.data[split][: s.cfg.eval.max_rows] if s.cfg.eval.max_rows else s.data[split]
+    rows = s.data.rows[split][: s.cfg.eval.max_rows] if s.cfg.eval.max_rows else s.data.rows[split]
     preds, loss = predict(s, rows)
     return {"loss": loss, "accuracy": 100 * sum(p == r.label for p, r in zip(preds, rows)) / max(len(rows), 1)}
 
 
-def evaluate(s: building.Setup, which: str) -> dict:
-    labels = s.extra["labels"]
+def evaluate(s: building.Setup, which: Which) -> dict:
+    labels = s.data.examples.labels
     results: dict = {}
     prompter = Prompter(s) if which == "base" and s.cfg.eval.baseline_model else None
     if which == "base":
         results["note"] = (f"zero-shot prompting of {s.cfg.eval.baseline_model}" if prompter
                            else "majority-class baseline (always the most frequent training label), not a model")
     for split in ("validation", "test"):
-        if split not in s.data:
+        if split not in s.data.rows:
             continue
-        rows = s.data[split][: s.cfg.eval.max_rows] if s.cfg.eval.max_rows else s.data[split]
+        rows = s.data.rows[split][: s.cfg.eval.max_rows] if s.cfg.eval.max_rows else s.data.rows[split]
         truth = [labels[r.label] for r in rows]
         if which == "base":
             pred = prompter.predict(split, rows) if prompter else [majority(s)] * len(rows)
@@ -114,14 +112,14 @@ def evaluate(s: building.Setup, which: str) -> dict:
             pred = [labels[i] for i in idx]
             results[split] = {"loss": loss, **classification_metrics(truth, pred, labels)}
         if split == "validation":
-            texts = {ex.where: ex.text for ex in s.examples.splits[split]}
+            texts = {ex.where: ex.text for ex in s.data.examples.splits[split]}
             results["samples"] = [{"id": r.id, "prompt": texts.get(r.where), "output": p, "reference": t}
                                   for r, p, t in list(zip(rows, pred, truth))[: s.cfg.eval.samples]]
     return results
 
 
 def majority(s: building.Setup) -> str:
-    return Counter(ex.label for ex in s.examples.splits["train"]).most_common(1)[0][0]
+    return Counter(ex.label for ex in s.data.examples.splits["train"]).most_common(1)[0][0]
 
 
 class Prompter:
@@ -131,7 +129,7 @@ class Prompter:
     def __init__(self, s: building.Setup):
         from tunesmith.config import ModelConfig
 
-        self.s, self.labels = s, s.extra["labels"]
+        self.s, self.labels = s, s.data.examples.labels
         mcfg = ModelConfig(name=s.cfg.eval.baseline_model)
         path = models.resolve(mcfg)
         self.tok, self.lm = models.load_tokenizer(path, mcfg), models.load_causal_lm(path, mcfg)
@@ -144,9 +142,10 @@ class Prompter:
         from tunesmith.evaluation.generate import generate
 
         s = self.s
-        turns = demonstrations(s.examples.splits["train"], k, s.cfg.seed, True, lambda ex: [
+        turns = demonstrations(s.data.examples.splits["train"], k, s.cfg.seed, True, lambda ex: [
             {"role": "user", "content": self.ask(ex.text)}, {"role": "assistant", "content": ex.label}])
-        texts = {ex.where: ex.text for ex in s.examples.splits[split]}  # rows may have been dropped: align by origin
+        # Rows may have been dropped: align by origin.
+        texts = {ex.where: ex.text for ex in s.data.examples.splits[split]}
         prompts = [turns + [{"role": "user", "content": self.ask(texts[r.where])}] for r in rows]
         outputs, _ = generate(self.lm, self.tok, prompts, max_new_tokens=8, batch_size=s.cfg.eval.batch_size,
                               label=f"{k}-shot prompt")
@@ -160,8 +159,8 @@ class Prompter:
 def save(s: building.Setup) -> None:
     target = save_weights(s)
     if target is not None:
-        (target / "labels.json").write_text(json.dumps(s.extra["labels"]))
+        (target / "labels.json").write_text(json.dumps(s.data.examples.labels))
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False, **options) -> RunDir:
-    return loop.train(cfg, sys.modules[__name__], resume=resume, overwrite=overwrite, **options)
+RECIPE = Steps(setup, evaluate, save)
+train = RECIPE.train  # classification.train(cfg): this recipe through the run's sequence (loop.py)

@@ -11,6 +11,8 @@ from pathlib import Path
 from tunesmith.config import Config
 from tunesmith.config_drift import check_drift, secret_hashes
 from tunesmith.errors import UserError
+from tunesmith.recipes.building import Setup
+from tunesmith.recipes.recipe import Recipe
 from tunesmith.recipes.state import pick_checkpoint, restore
 from tunesmith.rundir import RunDir
 from tunesmith.training.guards import is_oom
@@ -40,7 +42,8 @@ def open_run(cfg: Config, resume: bool, overwrite: bool, allow_drift: bool, fall
     return run, resume, str(latest) if latest else None, before
 
 
-def set_up(cfg: Config, recipe, run: RunDir, latest: Path | None, before: dict | None, allow_drift: bool) -> tuple:
+def set_up(cfg: Config, recipe: Recipe, run: RunDir, latest: Path | None, before: dict | None,
+           allow_drift: bool) -> tuple[Setup, int, int]:
     """recipe.setup() and the checkpoint's state: (Setup, updates, data step). Any failure (bad data or
     model, or anything else) leaves no half-made run to block the corrected one, brings a replaced run
     back and leaves a refused resume's record as it was."""

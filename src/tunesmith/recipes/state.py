@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,20 +17,23 @@ from tunesmith.errors import UserError
 from tunesmith.training import checkpoint as ckpt
 from tunesmith.training import zero
 
+if TYPE_CHECKING:
+    from tunesmith.recipes.building import Setup
+
 EXCLUDED = "excluded_rows.json"  # train rows removed by spike rollbacks, kept across resumes
 REQUIRED = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 
 
-def trainable_state(s) -> dict[str, torch.Tensor]:
+def trainable_state(s: Setup) -> dict[str, torch.Tensor]:
     model = s.accelerator.unwrap_model(s.model)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    with zero.gathered(getattr(s, "engine", None), list(trainable.values())):  # ZeRO-3: whole tensors
+    with zero.gathered(s.engine, list(trainable.values())):  # ZeRO-3: whole tensors
         return {n: ckpt.whole(p.detach()).cpu().clone() for n, p in trainable.items()}  # FSDP: full_tensor
 
 
-def load_trainable(s, tensors: dict[str, torch.Tensor], source: str = "checkpoint weights") -> None:
+def load_trainable(s: Setup, tensors: dict[str, torch.Tensor], source: str = "checkpoint weights") -> None:
     params = dict(s.accelerator.unwrap_model(s.model).named_parameters())
-    engine = getattr(s, "engine", None)
+    engine = s.engine
     with zero.gathered(engine, [p for n, p in params.items() if n in tensors], modify=True):
         missing = sorted(set(n for n, p in params.items() if p.requires_grad) - set(tensors))
         unexpected = sorted(set(tensors) - set(params))
@@ -45,7 +49,7 @@ def load_trainable(s, tensors: dict[str, torch.Tensor], source: str = "checkpoin
         zero.weights_changed(engine)
 
 
-def save_weights(s):
+def save_weights(s: Setup) -> Path | None:
     """The adapter (LoRA) or full model plus tokenizer, in the format plain peft/transformers load.
     Returns the directory on the main process, None elsewhere."""
     from tunesmith.training.processes import collective_forward, fsdp
@@ -68,33 +72,34 @@ def save_weights(s):
     return target
 
 
-def optimizer_of(s):
+def optimizer_of(s: Setup):
     """The optimizer whose state a checkpoint holds (a context): under DeepSpeed, this rank's partition."""
-    return nullcontext(s.optimizer) if getattr(s, "engine", None) is None else zero.base_optimizer(s.engine)
+    return nullcontext(s.optim.optimizer) if s.engine is None else zero.base_optimizer(s.engine)
 
 
-def partitioned(s) -> bool:
+def partitioned(s: Setup) -> bool:
     """Each rank holds its own part of the optimizer state (DeepSpeed ZeRO, FSDP): each saves it."""
     from tunesmith.training.processes import sharded
 
     return s.accelerator.num_processes > 1 and sharded(s.accelerator)
 
 
-def save_checkpoint(s, updates: int, data_step: int) -> None:
+def save_checkpoint(s: Setup, updates: int, data_step: int) -> None:
     with optimizer_of(s) as opt:
         opt_meta, opt_tensors = ckpt.optimizer_to_tensors(opt)
     rng_meta, rng_tensors = ckpt.rng_state()
     tensors = {"trainable.safetensors": trainable_state(s), "optimizer.safetensors": opt_tensors,
                "rng.safetensors": rng_tensors}
-    if s.best_weights is not None:
-        tensors["best.safetensors"] = s.best_weights
-    state = {"step": updates, "data_step": data_step, "epoch": s.plan.epoch_of(max(data_step - 1, 0)),
-             "optimizer": opt_meta, "rng": rng_meta, "scheduler": {"last_epoch": s.scheduler.last_epoch},
-             "early_stopping": s.stopper.state_dict(), "counters": s.counters,
-             "fingerprint": s.examples.fingerprint, "world_size": s.accelerator.num_processes,
-             "grad_scaler": s.precision.state_dict(), "spikes": s.spikes.state_dict(),
-             "watch": s.watch.state_dict(),
-             "micro_batch_size": s.plan.micro_size, "privacy": s.dp.state_dict() if s.dp is not None else None}
+    if s.books.best_weights is not None:
+        tensors["best.safetensors"] = s.books.best_weights
+    state = {"step": updates, "data_step": data_step, "epoch": s.optim.plan.epoch_of(max(data_step - 1, 0)),
+             "optimizer": opt_meta, "rng": rng_meta, "scheduler": {"last_epoch": s.optim.scheduler.last_epoch},
+             "early_stopping": s.books.stopper.state_dict(), "counters": s.books.counters,
+             "fingerprint": s.data.examples.fingerprint, "world_size": s.accelerator.num_processes,
+             "grad_scaler": s.optim.precision.state_dict(), "spikes": s.books.spikes.state_dict(),
+             "watch": s.books.watch.state_dict(),
+             "micro_batch_size": s.optim.plan.micro_size,
+             "privacy": s.optim.dp.state_dict() if s.optim.dp is not None else None}
     acc, root = s.accelerator, s.run / "checkpoints"
     parts = None
     if acc.num_processes > 1:
@@ -147,10 +152,10 @@ def pick_checkpoint(root: Path, fallback: bool) -> Path | None:
     return None
 
 
-def restore(s, path: Path, allow_drift: bool = False) -> tuple[int, int]:
+def restore(s: Setup, path: Path, allow_drift: bool = False) -> tuple[int, int]:
     state, tensors = ckpt.load_checkpoint(path, REQUIRED)
-    if state["fingerprint"] != s.examples.fingerprint:
-        problem = f"dataset fingerprint {state['fingerprint'][:12]} -> {s.examples.fingerprint[:12]}"
+    if state["fingerprint"] != s.data.examples.fingerprint:
+        problem = f"dataset fingerprint {state['fingerprint'][:12]} -> {s.data.examples.fingerprint[:12]}"
         if not allow_drift:
             raise UserError(f"Refusing to resume from {path}: the training/validation data changed", [problem],
                             hint="Use --allow-drift to resume anyway (recorded in run.json).")
@@ -158,8 +163,8 @@ def restore(s, path: Path, allow_drift: bool = False) -> tuple[int, int]:
     if state.get("world_size", 1) != s.accelerator.num_processes:
         raise UserError(f"Refusing to resume from {path}: saved with {state.get('world_size', 1)} processes, "
                         f"now {s.accelerator.num_processes}", hint="Resume with the same number of processes.")
-    if s.dp is not None:  # epsilon continues from the checkpoint's accountant, or the resume is refused
-        s.dp.load_state_dict(state.get("privacy"), str(path))
+    if s.optim.dp is not None:  # epsilon continues from the checkpoint's accountant, or the resume is refused
+        s.optim.dp.load_state_dict(state.get("privacy"), str(path))
     elif state.get("privacy"):
         raise UserError(f"Refusing to resume from {path}: it was trained with privacy (DP-SGD), this config has none",
                         hint="Resume with the original privacy block; a mix of private and non-private steps has "
@@ -174,19 +179,19 @@ def restore(s, path: Path, allow_drift: bool = False) -> tuple[int, int]:
             ckpt.optimizer_from_tensors(opt, state["optimizer"], tensors["optimizer.safetensors"])
     # The rate comes from this config's schedule, not the checkpoint's param_groups: identical without
     # drift, and with --allow-drift a changed train.lr applies from the first resumed update.
-    sched = s.scheduler
+    sched = s.optim.scheduler
     sched.last_epoch = state["scheduler"]["last_epoch"]
-    for group, base, fn in zip(s.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+    for group, base, fn in zip(s.optim.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
         group["initial_lr"], group["lr"] = base, base * fn(sched.last_epoch)
-    sched._last_lr = [g["lr"] for g in s.optimizer.param_groups]
-    s.stopper.load_state_dict(state["early_stopping"])
-    s.watch.load_state_dict(state.get("watch"))  # absent in checkpoints written before it was saved
-    s.best_weights = tensors.get("best.safetensors")
-    s.counters = state["counters"]
-    s.precision.load_state_dict(state.get("grad_scaler"))  # None after a drift from fp32: a fresh scaler
-    s.spikes.load_state_dict(state.get("spikes", {"history": [], "flagged": []}))
-    s.plan.micro_size = state.get("micro_batch_size", s.plan.micro_size)  # keep an out-of-memory back-off
-    s.excluded = set(s.run.read_json(EXCLUDED, {}).get("rows", []))
+    sched._last_lr = [g["lr"] for g in s.optim.optimizer.param_groups]
+    s.books.stopper.load_state_dict(state["early_stopping"])
+    s.books.watch.load_state_dict(state.get("watch"))  # absent in checkpoints written before it was saved
+    s.books.best_weights = tensors.get("best.safetensors")
+    s.books.counters = state["counters"]
+    s.optim.precision.load_state_dict(state.get("grad_scaler"))  # None after a drift from fp32: a fresh scaler
+    s.books.spikes.load_state_dict(state.get("spikes", {"history": [], "flagged": []}))
+    s.optim.plan.micro_size = state.get("micro_batch_size", s.optim.plan.micro_size)  # keep an out-of-memory back-off
+    s.books.excluded = set(s.run.read_json(EXCLUDED, {}).get("rows", []))
     if rank == 0:
         ckpt.set_rng_state(state["rng"], tensors["rng.safetensors"])
     else:
@@ -195,23 +200,23 @@ def restore(s, path: Path, allow_drift: bool = False) -> tuple[int, int]:
     return state["step"], state.get("data_step", state["step"])
 
 
-def rollback(s, rows: list[int], updates: int, data_step: int) -> tuple[int, int]:
+def rollback(s: Setup, rows: list[int], updates: int, data_step: int) -> tuple[int, int]:
     """Back to the last committed checkpoint, with `rows` (train indices) excluded from then on."""
     from tunesmith.training.progress import console
 
-    spikes = len(s.spikes.flagged)
-    s.excluded |= set(rows)
-    s.spike_rows.clear()
-    s.run.write_json(EXCLUDED, {"rows": sorted(s.excluded)})
+    spikes = len(s.books.spikes.flagged)
+    s.books.excluded |= set(rows)
+    s.books.spike_rows.clear()
+    s.run.write_json(EXCLUDED, {"rows": sorted(s.books.excluded)})
     latest = ckpt.latest_checkpoint(s.run / "checkpoints")
     if latest is None:
         console.print("[yellow]spikes: no checkpoint yet to roll back to; the rows are excluded from now on[/]")
         return updates, data_step
-    rollbacks = s.counters.get("rollbacks", 0) + 1
+    rollbacks = s.books.counters.get("rollbacks", 0) + 1
     back_to, back_data = restore(s, latest)
-    s.counters["rollbacks"] = rollbacks
+    s.books.counters["rollbacks"] = rollbacks
     s.run.truncate_log(back_to, back_data)
-    ids = [s.data["train"][i].id for i in sorted(rows)]
+    ids = [s.data.rows["train"][i].id for i in sorted(rows)]
     s.run.log({"step": back_to, "data_step": back_data, "rollback": latest.name, "excluded": ids})
     console.print(f"[yellow]{spikes} spikes within "
                   f"{s.cfg.train.spike_window} steps: rolled back to {latest.name}; {len(ids)} rows excluded[/]")

@@ -11,7 +11,7 @@ from tunesmith.training.progress import console
 
 
 def print_setup(s) -> None:
-    cfg, rep = s.cfg, s.examples.report
+    cfg, rep = s.cfg, s.data.examples.report
     trainable, total = count_parameters(s.accelerator.unwrap_model(s.model))
     t = cfg.train
     eff = t.batch_size * t.grad_accum * s.accelerator.num_processes
@@ -20,12 +20,12 @@ def print_setup(s) -> None:
         f"params     {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)",
         "data       " + ", ".join(f"{k} {v}" for k, v in rep["rows"].items()) + f"; fingerprint {rep['fingerprint'][:12]}",
         f"batch      {t.batch_size} x {t.grad_accum} accum x {s.accelerator.num_processes} proc = {eff} rows/step",
-        f"steps      {s.plan.steps_per_epoch}/epoch, {s.total_steps} total, lr {t.lr:g} {t.schedule}"
+        f"steps      {s.optim.plan.steps_per_epoch}/epoch, {s.optim.total_steps} total, lr {t.lr:g} {t.schedule}"
         + (f", head {t.head_lr:g}" if t.head_lr else "")
         + (f", layer decay {t.layer_decay:g}" if t.layer_decay else ""),
     ]
-    if s.dp is not None:
-        d, p = s.dp, cfg.privacy
+    if s.optim.dp is not None:
+        d, p = s.optim.dp, cfg.privacy
         budget = f"target epsilon {p.target_epsilon:g}" if p.target_epsilon is not None else "no epsilon target"
         lines.append(f"privacy    DP-SGD, {p.unit}-level: Poisson rate q={d.sample_rate:.4g} of {d.n_units} units, "
                      f"clip C={p.max_grad_norm:g}, noise multiplier {d.sigma:.3f}, delta {d.delta:.3g}, {budget} "
