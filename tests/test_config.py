@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from _cli import run_cli
 
 from tunesmith.config import config_from_dict, load_config, parse_overrides
 from tunesmith.errors import ConfigError
@@ -247,8 +246,7 @@ def test_example_configs_validate(path):
 
 def test_cli_bad_config_exits_2_without_traceback(tmp_path):
     path = write_yaml(tmp_path, minimal(train={"lrr": 1e-4}))
-    proc = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(path), "peft.r=0"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = run_cli("train", path, "peft.r=0", timeout=120, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "train.lrr: unknown key" in proc.stderr

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from _cli import invoke_cli
 from test_models import build_word_llama
 from test_recipe_tasks import build_tiny_bert, classification_config
 
@@ -99,9 +100,6 @@ def test_pooling_on_a_generative_task_is_a_config_error(tmp_path, tiny_llama):
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_a_mean_pooled_run_learns_and_is_scored_again_the_same(tmp_path, tiny_bert, method, monkeypatch):
-    from tunesmith.cli import app
-    from typer.testing import CliRunner
-
     monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path / "home"))
     tree = classification_config(tmp_path, tiny_bert)
     tree["model"]["pooling"] = "mean"
@@ -111,14 +109,14 @@ def test_a_mean_pooled_run_learns_and_is_scored_again_the_same(tmp_path, tiny_be
     report = json.loads((run / "eval.json").read_text())
     tuned = report["finetuned"]["validation"]["accuracy"]
     assert tuned >= 87.5, report["finetuned"]["validation"]  # at most 2 of 16 wrong; majority: 62.5
-    again = CliRunner().invoke(app, ["eval", str(run.path)])
-    assert again.exit_code == 0, again.output
+    again = invoke_cli("eval", run.path)
+    assert again.returncode == 0, again.stderr
     rescored = json.loads((run / "eval.json").read_text())["finetuned"]["validation"]["accuracy"]
     assert rescored == pytest.approx(tuned)
     rows = tmp_path / "predict.jsonl"
     rows.write_text(open(tree["data"]["validation"]).read())
-    out = CliRunner().invoke(app, ["predict", str(run.path), "--input", str(rows)])
-    assert out.exit_code == 0, out.output
+    out = invoke_cli("predict", run.path, "--input", rows)
+    assert out.returncode == 0, out.stderr
     predicted = [json.loads(line)["label"] for line in out.stdout.splitlines() if line.startswith("{")]
     truth = [json.loads(line)["label"] for line in rows.read_text().splitlines()]
     assert 100 * sum(p == t for p, t in zip(predicted, truth)) / len(truth) == pytest.approx(tuned)

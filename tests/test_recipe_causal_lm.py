@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
+from _cli import run_cli
 from conftest import write_config
 from safetensors.torch import load_file
 
 from tunesmith.config import config_from_dict
 from tunesmith.recipes import causal_lm, fitting
-
-
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "tunesmith", *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
 def adapter_tensors(run_dir):
