@@ -388,7 +388,8 @@ def test_saved_hf_dataset_directory_is_a_source(tmp_path):
 
     from tunesmith.data.sources import read_source
 
-    datasets.Dataset.from_list([{"text": "a b", "label": "x"}, {"text": "c d", "label": "y"}]).save_to_disk(tmp_path / "ds")
+    rows = [{"text": "a b", "label": "x"}, {"text": "c d", "label": "y"}]
+    datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "ds")
     raw = read_source(str(tmp_path / "ds"))
     assert [r for _, r in raw.rows] == [{"text": "a b", "label": "x"}, {"text": "c d", "label": "y"}]
     assert raw.rows[1][0].endswith(":row 2")

@@ -43,10 +43,11 @@ def test_adapter_loads_with_plain_peft_in_another_process(tiny_config, tiny_llam
                          capture_output=True, text=True, check=True)
     theirs = torch.tensor(json.loads(res.stdout))
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    plain_base = PLAIN_PEFT.replace("PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)",
+                                    "AutoModelForCausalLM.from_pretrained(base)")
     base = torch.tensor(json.loads(subprocess.run(
-        [sys.executable, "-c", PLAIN_PEFT.replace("PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)",
-                                                  "AutoModelForCausalLM.from_pretrained(base)"),
-         str(tiny_llama), str(run / "adapter"), json.dumps(ids)], capture_output=True, text=True, check=True).stdout))
+        [sys.executable, "-c", plain_base, str(tiny_llama), str(run / "adapter"), json.dumps(ids)],
+        capture_output=True, text=True, check=True).stdout))
     assert (base - ours).abs().max() > 1e-3  # the adapter really changes the model
 
 

@@ -144,7 +144,8 @@ def test_generative_few_shot_baseline_prompts_the_base_model_with_k_solved_train
     shot = report["base"]["baselines"]["2-shot prompt"]["validation"]
     assert shot["rougeL"] == pytest.approx(100.0) and report["base"]["validation"]["rougeL"] < 100
     rows = {(split, metric): (b, f) for split, metric, b, f, _ in verdict_rows(report)}
-    assert rows[("validation", "rougeL vs 2-shot prompt")] == (shot["rougeL"], report["finetuned"]["validation"]["rougeL"])
+    assert rows[("validation", "rougeL vs 2-shot prompt")] == (shot["rougeL"],
+                                                               report["finetuned"]["validation"]["rougeL"])
 
 
 def test_generative_tasks_refuse_a_separate_baseline_model(tmp_path, tiny_config):

@@ -96,7 +96,8 @@ def build(*args, **fns):
             os.kill(os.getpid(), signal.SIGKILL)
         if "record_rows" in fault:
             with open(fault["record_rows"], "a") as f:
-                f.write(json.dumps({"data_step": current["data_step"], "rank": RANK, "ids": [r.id for r in rows]}) + "\n")
+                line = {"data_step": current["data_step"], "rank": RANK, "ids": [r.id for r in rows]}
+                f.write(json.dumps(line) + "\n")
         return collate(rows)
     fns["collate"] = recording_collate
     s = real_build(*args, **fns)

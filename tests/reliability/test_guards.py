@@ -255,6 +255,7 @@ def test_n5_spikes_that_rollback_cannot_fix_halt_the_run(tmp_path, tiny_llama, m
                                       spike_window=10, max_rollbacks=2))
     Probe(monkeypatch, scale_loss_at={14, 15, 16}, factor=50.0)
     real_rollback = fitting.rollback
-    monkeypatch.setattr(fitting, "rollback", lambda s, rows, updates, data_step: real_rollback(s, [], updates, data_step))
+    monkeypatch.setattr(fitting, "rollback",
+                        lambda s, rows, updates, data_step: real_rollback(s, [], updates, data_step))
     with pytest.raises(TrainingHalted, match="persist after 2 rollbacks"):
         causal_lm.train(cfg)
