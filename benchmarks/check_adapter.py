@@ -35,7 +35,8 @@ def main(run_path: str, prompt: str = "Give three tips for staying healthy.") ->
     out = subprocess.run([sys.executable, "-c", PLAIN, base, str(run / "adapter"), json.dumps(ids)],
                          capture_output=True, text=True, check=True)
     diff = float((torch.tensor(json.loads(out.stdout)) - ours).abs().max())
-    print(f"max |plain peft - tunesmith| = {diff:.3g} over {ours.numel()} logits: {'OK' if diff <= 1e-5 else 'DIFFERENT'}")
+    verdict = "OK" if diff <= 1e-5 else "DIFFERENT"
+    print(f"max |plain peft - tunesmith| = {diff:.3g} over {ours.numel()} logits: {verdict}")
     sys.exit(0 if diff <= 1e-5 else 1)
 
 

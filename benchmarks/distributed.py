@@ -58,7 +58,8 @@ def main() -> None:
                    str(ROOT / "configs" / "accelerate" / launch), "--main_process_port", port,
                    "-m", "tunesmith", "train", str(path)]
         start = time.time()
-        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(2 // procs)})
+        res = subprocess.run(cmd, capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": str(2 // procs)})
         run = work / "runs" / key
         if res.returncode != 0:
             raise SystemExit(f"{name} failed:\n{res.stderr[-3000:]}")

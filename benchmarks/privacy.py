@@ -32,7 +32,8 @@ def rotten_tomatoes(epochs: float) -> list[dict]:
     # logical batches (here 512 expected rows) and few trainable weights (the noise is added to every
     # one of them): LoRA r=8 on query/value plus the classifier head.
     common = ["peft.method=lora", "peft.r=8", "peft.dropout=0.0", "peft.target_modules=[query,value]",
-              "train.batch_size=64", "train.grad_accum=8", f"train.epochs={epochs}", "train.lr=5e-3", "train.warmup_ratio=0.0", "train.schedule=constant",
+              "train.batch_size=64", "train.grad_accum=8", f"train.epochs={epochs}", "train.lr=5e-3",
+              "train.warmup_ratio=0.0", "train.schedule=constant",
               "train.early_stopping.patience=null", "eval.every=null", "eval.samples=0", "train.log_every=5",
               f"output_dir={RUNS}"]
     rows = []

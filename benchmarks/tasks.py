@@ -84,7 +84,8 @@ def markdown(results: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "base" not in r:
-            lines.append(f"| {r['example']} | failed (exit {r['exit']}) | | | | | | {r['wall_s']} | {r['peak_rss_gb']} |")
+            lines.append(f"| {r['example']} | failed (exit {r['exit']}) | | | | | | {r['wall_s']} "
+                         f"| {r['peak_rss_gb']} |")
             continue
         metric = TARGETS[r["example"]][0]
         cells = [f"{r['base'].get(metric, float('nan')):.2f}", f"{r['finetuned'].get(metric, float('nan')):.2f}"]
@@ -98,7 +99,8 @@ def markdown(results: list[dict]) -> str:
                               if isinstance(v, float))
             lines.append(f"- **{r['example']}**: {pairs}")
             if "retention_ppl" in r["finetuned"]:
-                lines.append(f"  - retention perplexity {r['base'].get('retention_ppl')} -> {r['finetuned']['retention_ppl']}")
+                lines.append(f"  - retention perplexity {r['base'].get('retention_ppl')} -> "
+                             f"{r['finetuned']['retention_ppl']}")
             if r.get("base_note"):
                 lines.append(f"  - base: {r['base_note']}")
     return "\n".join(lines) + "\n"

@@ -109,8 +109,9 @@ def tunesmith_run(mode: str, model: str, a, out: Path, k: int) -> dict:
     first, last = steps[0], steps[-1]  # tokens/s over steps 2..N: the first step is warm-up
     tps = (last["tokens"] - first["tokens"]) / (last["time"] - first["time"])
     report = json.loads((run / "eval.json").read_text())
-    return {"tool": "tunesmith", "mode": mode, "exit": code, "tokens_per_s": round(tps, 1), "peak_rss_gb": round(rss, 2),
-            "gpu_peak_gb": report["training"].get("gpu_peak_gb"), "wall_s": round(wall, 1),
+    return {"tool": "tunesmith", "mode": mode, "exit": code, "tokens_per_s": round(tps, 1),
+            "peak_rss_gb": round(rss, 2), "gpu_peak_gb": report["training"].get("gpu_peak_gb"),
+            "wall_s": round(wall, 1),
             "val_loss": report["finetuned"]["validation"]["loss"], "steps": len(steps), "log": str(log)}
 
 
@@ -293,7 +294,8 @@ def summarize(results: list[dict], peaks: dict, n_params: int) -> dict:
         table[f"{tool}:{mode}"] = {"tokens_per_s": tps, "peak_rss_gb": rss, "gpu_peak_gb": gpu, "mfu": round(mfu, 4),
                                    "runs": [r["tokens_per_s"] for r in rs]}
         lines.append(f"{tool:9s} {mode:13s} median {tps:8.1f} tokens/s  peak RSS {rss:5.2f} GB  MFU {100 * mfu:5.1f}%"
-                     + (f"  GPU peak {gpu:.2f} GiB" if gpu is not None else "") + f"  runs {[r['tokens_per_s'] for r in rs]}")
+                     + (f"  GPU peak {gpu:.2f} GiB" if gpu is not None else "")
+                     + f"  runs {[r['tokens_per_s'] for r in rs]}")
     ours = [v for k, v in table.items() if k.startswith("tunesmith:")]
     peer = [v for k, v in table.items() if k.startswith("peer:")]
     if ours and peer:

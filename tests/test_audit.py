@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from _cli import run_cli
 from conftest import write_config, write_jsonl
 
 from tunesmith.privacy import canaries as cn
@@ -54,8 +53,7 @@ def text_run(tmp_path, tiny_llama):
 
 def test_canary_exposure_without_dp_with_sample_and_user_level_dp(text_run):
     run = text_run
-    res = subprocess.run([sys.executable, "-m", "tunesmith", "audit", str(run), "--canaries"], capture_output=True,
-                         text=True)
+    res = run_cli("audit", run, "--canaries")
     assert res.returncode == 0, res.stderr
     result = json.loads((run / "audit.json").read_text())
     mean = {name: {int(r): x["mean"] for r, x in v["exposure"].items()} for name, v in result["variants"].items()}

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _cli import invoke_cli
 from conftest import build_tiny_llama, instruction_rows, write_jsonl
-from reliability._harness import cli, fresh_accelerator_state, main_in_process  # noqa: F401 (autouse fixture)
+from reliability._harness import cli, fresh_accelerator_state  # noqa: F401 (autouse fixture)
 from test_recipe_tasks import build_tiny_bert, sentiment_rows
 
 from tunesmith.config import config_from_dict
@@ -77,10 +78,10 @@ def no_model_loads(monkeypatch):
         monkeypatch.setattr(models, name, refuse)
 
 
-def refused(capsys, *args) -> str:
+def refused(*args) -> str:
     """Runs the command in this process; it must exit 2 with an `error:` message. Returns stderr."""
-    code = main_in_process(*args)
-    err = capsys.readouterr().err
+    res = invoke_cli(*args)
+    code, err = res.returncode, res.stderr
     assert code == 2, err
     assert "error: " in err and "Traceback" not in err, err
     return err
@@ -90,20 +91,21 @@ def refused(capsys, *args) -> str:
 
 
 @pytest.mark.parametrize("command", [["generate", "{run}", "--prompt", "hi"], ["export", "{run}", "--merge", "{out}"]])
-def test_generate_and_export_refuse_a_classification_run(made, tmp_path, capsys, monkeypatch, command):
+def test_generate_and_export_refuse_a_classification_run(made, tmp_path, monkeypatch, command):
     no_model_loads(monkeypatch)
     args = [a.format(run=made["cls"], out=tmp_path / "merged") for a in command]
-    err = refused(capsys, *args)
+    err = refused(*args)
     assert "classification" in err and "tunesmith predict" in err
     assert not (tmp_path / "merged").exists()
 
 
-def test_predict_writes_label_and_probabilities_that_match_the_fine_tuned_model(made, tmp_path, capsys):
+def test_predict_writes_label_and_probabilities_that_match_the_fine_tuned_model(made, tmp_path):
     samples = json.loads((made["cls"] / "eval.json").read_text())["samples"]
     assert len(samples) == 16
     rows = write_jsonl(tmp_path / "in.jsonl", [{"text": s["prompt"]} for s in samples])
-    assert main_in_process("predict", made["cls"], "--input", rows, "--batch-size", "3") == 0
-    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    res = invoke_cli("predict", made["cls"], "--input", rows, "--batch-size", "3")
+    assert res.returncode == 0
+    out = [json.loads(line) for line in res.stdout.splitlines()]
     assert len(out) == 16
     for s, o in zip(samples, out):
         assert sorted(o) == ["label", "probabilities"] and sorted(o["probabilities"]) == ["negative", "positive"]
@@ -113,31 +115,33 @@ def test_predict_writes_label_and_probabilities_that_match_the_fine_tuned_model(
     # the trained head separates the classes: not a fresh head's near-uniform probabilities
     assert sum(abs(o["probabilities"]["positive"] - 0.5) > 0.2 for o in out) >= 12
     # one batch or several: the same answers
-    assert main_in_process("predict", made["cls"], "--input", rows) == 0
-    again = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    res = invoke_cli("predict", made["cls"], "--input", rows)
+    assert res.returncode == 0
+    again = [json.loads(line) for line in res.stdout.splitlines()]
     assert [o["label"] for o in again] == [o["label"] for o in out]
     for a, b in zip(again, out):
         assert a["probabilities"]["positive"] == pytest.approx(b["probabilities"]["positive"], abs=1e-4)
 
 
-def test_predict_reads_the_runs_column_mapping(made, tmp_path, capsys):
+def test_predict_reads_the_runs_column_mapping(made, tmp_path):
     run = copy_run(made, "cls", tmp_path)
     tree = yaml.safe_load((run / "config.yaml").read_text())
     tree["data"]["columns"] = {"text": "review"}
     (run / "config.yaml").write_text(yaml.safe_dump(tree))
     rows = write_jsonl(tmp_path / "in.jsonl", [{"review": "good movie film was"}, {"review": "bad plot acting so"}])
-    assert main_in_process("predict", run, "--input", rows) == 0
-    assert len(capsys.readouterr().out.splitlines()) == 2
+    res = invoke_cli("predict", run, "--input", rows)
+    assert res.returncode == 0
+    assert len(res.stdout.splitlines()) == 2
     plain = write_jsonl(tmp_path / "plain.jsonl", [{"text": "good movie"}])
-    err = refused(capsys, "predict", run, "--input", plain)
+    err = refused("predict", run, "--input", plain)
     assert f"{plain}:1" in err and "'review'" in err
 
 
-def test_predict_lists_every_bad_row_before_loading_a_model(made, tmp_path, capsys, monkeypatch):
+def test_predict_lists_every_bad_row_before_loading_a_model(made, tmp_path, monkeypatch):
     no_model_loads(monkeypatch)
     rows = write_jsonl(tmp_path / "in.jsonl", [{"text": "good"}, "{not json", {"txt": "x"}, {"text": ""},
                                                {"text": "bad"}, [1, 2]])
-    err = refused(capsys, "predict", made["cls"], "--input", rows)
+    err = refused("predict", made["cls"], "--input", rows)
     for line in (2, 3, 4, 6):
         assert f"{rows}:{line}:" in err
     assert f"{rows}:1:" not in err and f"{rows}:5:" not in err
@@ -146,17 +150,17 @@ def test_predict_lists_every_bad_row_before_loading_a_model(made, tmp_path, caps
 
 @pytest.mark.parametrize("args", [["--input", "{rows}", "--batch-size", "0"], ["--input", "{missing}"],
                                   ["--input", "{empty}"]])
-def test_predict_checks_its_arguments_first(made, tmp_path, capsys, monkeypatch, args):
+def test_predict_checks_its_arguments_first(made, tmp_path, monkeypatch, args):
     no_model_loads(monkeypatch)
     names = {"rows": write_jsonl(tmp_path / "in.jsonl", [{"text": "good"}]), "missing": tmp_path / "nope.jsonl",
              "empty": write_jsonl(tmp_path / "empty.jsonl", [])}
-    refused(capsys, "predict", made["cls"], *[a.format(**names) for a in args])
+    refused("predict", made["cls"], *[a.format(**names) for a in args])
 
 
-def test_predict_refuses_a_causal_lm_run(made, tmp_path, capsys, monkeypatch):
+def test_predict_refuses_a_causal_lm_run(made, tmp_path, monkeypatch):
     no_model_loads(monkeypatch)
     rows = write_jsonl(tmp_path / "in.jsonl", [{"text": "good"}])
-    err = refused(capsys, "predict", made["lm"], "--input", rows)
+    err = refused("predict", made["lm"], "--input", rows)
     assert "classification" in err and "tunesmith generate" in err
 
 
@@ -166,28 +170,29 @@ def test_predict_refuses_a_causal_lm_run(made, tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("args", [["--prompt", "hi", "--batch-size", "0"], ["--prompt", "hi", "--max-new-tokens", "-1"],
                                   ["--prompt", "hi", "--max-new-tokens", "0"], ["--prompt", ""], ["--prompt", "  "],
                                   ["--input", "{missing}"], ["--input", "{folder}"]])
-def test_generate_checks_its_arguments_before_loading_a_model(made, tmp_path, capsys, monkeypatch, args):
+def test_generate_checks_its_arguments_before_loading_a_model(made, tmp_path, monkeypatch, args):
     no_model_loads(monkeypatch)
     args = [a.format(missing=tmp_path / "nope.jsonl", folder=tmp_path) for a in args]
-    refused(capsys, "generate", made["lm"], *args)
+    refused("generate", made["lm"], *args)
 
 
-def test_generate_input_lists_every_bad_line(made, tmp_path, capsys, monkeypatch):
+def test_generate_input_lists_every_bad_line(made, tmp_path, monkeypatch):
     no_model_loads(monkeypatch)
     rows = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}, "{oops", {"nothing": 1}, {"prompt": "ok"},
                                               {"messages": "not a list"}, '"a string"', {"prompt": ""}])
-    err = refused(capsys, "generate", made["lm"], "--input", rows)
+    err = refused("generate", made["lm"], "--input", rows)
     for line in (2, 3, 5, 6, 7):
         assert f"{rows}:{line}:" in err, err
     assert f"{rows}:1:" not in err and f"{rows}:4:" not in err
     assert "5 bad line" in err
 
 
-def test_generate_answers_prompts_from_a_file(made, tmp_path, capsys):
+def test_generate_answers_prompts_from_a_file(made, tmp_path):
     rows = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "one two"}, {"instruction": "reverse", "input": "a b"},
                                               {"messages": [{"role": "user", "content": "hi"}]}])
-    assert main_in_process("generate", made["lm"], "--input", rows, "--max-new-tokens", "2", "--batch-size", "2") == 0
-    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    res = invoke_cli("generate", made["lm"], "--input", rows, "--max-new-tokens", "2", "--batch-size", "2")
+    assert res.returncode == 0
+    out = [json.loads(line) for line in res.stdout.splitlines()]
     assert len(out) == 3 and all(isinstance(o["output"], str) for o in out)
 
 
@@ -201,7 +206,7 @@ def truncate(path: Path) -> None:
 
 @pytest.mark.parametrize("damage", ["truncated", "no_config", "no_weights"])
 @pytest.mark.parametrize("command", ["generate", "eval", "export"])
-def test_a_damaged_adapter_is_a_clear_error(made, tmp_path, capsys, monkeypatch, damage, command):
+def test_a_damaged_adapter_is_a_clear_error(made, tmp_path, monkeypatch, damage, command):
     run = copy_run(made, "lm", tmp_path)
     if damage == "truncated":
         truncate(run / "adapter" / "adapter_model.safetensors")
@@ -209,14 +214,14 @@ def test_a_damaged_adapter_is_a_clear_error(made, tmp_path, capsys, monkeypatch,
         (run / "adapter" / ("adapter_config.json" if damage == "no_config" else "adapter_model.safetensors")).unlink()
     no_model_loads(monkeypatch)
     args = {"generate": ["--prompt", "hi"], "eval": [], "export": ["--merge", str(tmp_path / "merged")]}[command]
-    err = refused(capsys, command, run, *args)
+    err = refused(command, run, *args)
     assert "adapter" in err
     assert not (tmp_path / "merged").exists()
 
 
 @pytest.mark.parametrize("targets, r, says", [(["q_proj"], 4, ["24 missing of 28 tensors"]),
                                              ("all-linear", 2, ["of another shape", "(2, 32) saved, (4, 32)"])])
-def test_eval_refuses_an_adapter_of_another_shape(made, tmp_path, capsys, targets, r, says):
+def test_eval_refuses_an_adapter_of_another_shape(made, tmp_path, targets, r, says):
     """An adapter saved from another config (other target_modules, or another r) swapped into the run."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -228,15 +233,15 @@ def test_eval_refuses_an_adapter_of_another_shape(made, tmp_path, capsys, target
         (run / "adapter" / f).unlink()
     other.save_pretrained(run / "adapter", safe_serialization=True)  # the run's tokenizer files stay
     before = (run / "eval.json").read_text()
-    err = refused(capsys, "eval", run)
+    err = refused("eval", run)
     assert "do not match" in err and all(s in err for s in says), err
     assert ".lora_" in err  # names a few keys
     assert (run / "eval.json").read_text() == before  # nothing was scored as "fine-tuned"
     # generate builds the model from the same config and refuses the same adapter
-    assert "do not match" in refused(capsys, "generate", run, "--prompt", "hi")
+    assert "do not match" in refused("generate", run, "--prompt", "hi")
 
 
-def test_eval_refuses_an_adapter_missing_keys(made, tmp_path, capsys):
+def test_eval_refuses_an_adapter_missing_keys(made, tmp_path):
     from safetensors.torch import load_file, save_file
 
     run = copy_run(made, "lm", tmp_path)
@@ -245,62 +250,61 @@ def test_eval_refuses_an_adapter_missing_keys(made, tmp_path, capsys):
     kept = {k: v for k, v in tensors.items() if "layers.1." not in k}
     assert 0 < len(kept) < len(tensors)
     save_file(kept, str(path))
-    err = refused(capsys, "eval", run)
+    err = refused("eval", run)
     assert f"{len(tensors) - len(kept)} missing" in err and "layers.1." in err
 
 
 @pytest.mark.parametrize("damage", ["yaml", "schema", "list"])
-def test_eval_on_a_damaged_config_is_a_clear_error(made, tmp_path, capsys, damage):
+def test_eval_on_a_damaged_config_is_a_clear_error(made, tmp_path, damage):
     run = copy_run(made, "lm", tmp_path)
     text = {"yaml": "name: [unclosed\n", "list": "- a\n- b\n",
             "schema": (run / "config.yaml").read_text().replace("seed: 0", "seed: zero")}[damage]
     (run / "config.yaml").write_text(text)
-    err = refused(capsys, "eval", run)
+    err = refused("eval", run)
     assert "config.yaml" in err
 
 
 # ---------------------------------------------------------------- eval --split test, export, report
 
 
-def test_eval_split_test_scores_the_fine_tuned_weights_again(made, tmp_path, capsys):
+def test_eval_split_test_scores_the_fine_tuned_weights_again(made, tmp_path):
     run = copy_run(made, "lm", tmp_path)
     report = json.loads((run / "eval.json").read_text())
     trained = {which: report[which].pop("test") for which in ("base", "finetuned")}
     assert trained["finetuned"]["loss"] < trained["base"]["loss"]
     (run / "eval.json").write_text(json.dumps(report))
-    assert main_in_process("eval", run, "--split", "test") == 0
+    assert invoke_cli("eval", run, "--split", "test").returncode == 0
     again = json.loads((run / "eval.json").read_text())
     for which in ("base", "finetuned"):
         assert again[which]["test"]["loss"] == pytest.approx(trained[which]["loss"], rel=1e-4)
     assert "validation" in again["finetuned"]  # the other entries are kept
 
 
-def test_eval_and_generate_load_a_fully_fine_tuned_run(made, tmp_path, capsys):
+def test_eval_and_generate_load_a_fully_fine_tuned_run(made, tmp_path):
     from safetensors.torch import load_file, save_file
 
     run = copy_run(made, "full", tmp_path)
     report = json.loads((run / "eval.json").read_text())
-    assert main_in_process("eval", run) == 0
+    assert invoke_cli("eval", run).returncode == 0
     again = json.loads((run / "eval.json").read_text())
     loss = again["finetuned"]["validation"]["loss"]
     assert loss == pytest.approx(report["finetuned"]["validation"]["loss"], rel=1e-4)
     assert loss != pytest.approx(report["base"]["validation"]["loss"], rel=1e-4)
-    assert main_in_process("generate", run, "--prompt", "one two", "--max-new-tokens", "2") == 0
-    capsys.readouterr()
+    assert invoke_cli("generate", run, "--prompt", "one two", "--max-new-tokens", "2").returncode == 0
     path = next((run / "model").glob("*.safetensors"))
     tensors = load_file(str(path))
     save_file({k: v for k, v in tensors.items() if "layers.0.mlp.up_proj" not in k}, str(path),
               metadata={"format": "pt"})
-    err = refused(capsys, "eval", run)
+    err = refused("eval", run)
     assert "1 missing" in err and "model.layers.0.mlp.up_proj.weight" in err
 
 
-def test_export_merges_and_refuses_an_existing_file(made, tmp_path, capsys):
+def test_export_merges_and_refuses_an_existing_file(made, tmp_path):
     target = tmp_path / "file"
     target.write_text("keep")
-    err = refused(capsys, "export", made["lm"], "--merge", target)
+    err = refused("export", made["lm"], "--merge", target)
     assert str(target) in err and target.read_text() == "keep"
-    assert main_in_process("export", made["lm"], "--merge", tmp_path / "merged") == 0
+    assert invoke_cli("export", made["lm"], "--merge", tmp_path / "merged").returncode == 0
     assert (tmp_path / "merged" / "config.json").is_file() and list((tmp_path / "merged").glob("*.safetensors"))
     from transformers import AutoModelForCausalLM
 
@@ -308,10 +312,10 @@ def test_export_merges_and_refuses_an_existing_file(made, tmp_path, capsys):
     assert not any("lora" in n for n, _ in merged.named_parameters())
 
 
-def test_report_writes_report_html(made, tmp_path, capsys):
+def test_report_writes_report_html(made, tmp_path):
     run = copy_run(made, "lm", tmp_path)
     (run / "report.html").unlink(missing_ok=True)
-    assert main_in_process("report", run) == 0
+    assert invoke_cli("report", run).returncode == 0
     html = (run / "report.html").read_text()
     assert html.startswith("<!doctype html>") and "Sample outputs" in html and "data:image/png;base64," in html
     assert "lm" in html and "<script" not in html.lower()
@@ -320,35 +324,36 @@ def test_report_writes_report_html(made, tmp_path, capsys):
 # ---------------------------------------------------------------- compare, runs, models
 
 
-def test_compare_refuses_to_write_over_a_file_or_into_a_run(made, tmp_path, capsys):
+def test_compare_refuses_to_write_over_a_file_or_into_a_run(made, tmp_path):
     a, b = copy_run(made, "lm", tmp_path), copy_run(made, "cls", tmp_path)
     config = (a / "config.yaml").read_text()
     for out in (a / "config.yaml", a / "new.html", a / "adapter" / "x.html"):
-        err = refused(capsys, "compare", a, b, "--out", out)
+        err = refused("compare", a, b, "--out", out)
         assert "run directory" in err
-    err = refused(capsys, "compare", a, b, "--out", a / "config.yaml", "--overwrite")
+    err = refused("compare", a, b, "--out", a / "config.yaml", "--overwrite")
     assert (a / "config.yaml").read_text() == config and not (a / "new.html").exists()
-    err = refused(capsys, "compare", a, b, "--out", tmp_path / "missing" / "c.html")
+    err = refused("compare", a, b, "--out", tmp_path / "missing" / "c.html")
     assert "missing" in err
     old = tmp_path / "c.html"
     old.write_text("old")
-    err = refused(capsys, "compare", a, b, "--out", old)
+    err = refused("compare", a, b, "--out", old)
     assert "--overwrite" in err and old.read_text() == "old"
-    assert main_in_process("compare", a, b, "--out", old, "--overwrite") == 0
+    assert invoke_cli("compare", a, b, "--out", old, "--overwrite").returncode == 0
     assert old.read_text().startswith("<!doctype html>")
 
 
-def test_runs_on_a_missing_folder(tmp_path, capsys):
-    err = refused(capsys, "runs", tmp_path / "nope")
+def test_runs_on_a_missing_folder(tmp_path):
+    err = refused("runs", tmp_path / "nope")
     assert "nope" in err
     (tmp_path / "file").write_text("")
-    refused(capsys, "runs", tmp_path / "file")
+    refused("runs", tmp_path / "file")
 
 
-def test_runs_lists_the_runs(made, capsys, monkeypatch):
+def test_runs_lists_the_runs(made, monkeypatch):
     monkeypatch.setenv("COLUMNS", "300")
-    assert main_in_process("runs", made["root"] / "runs") == 0
-    shown = capsys.readouterr().err
+    res = invoke_cli("runs", made["root"] / "runs")
+    assert res.returncode == 0
+    shown = res.stderr
     assert "classification" in shown and "instruction" in shown
 
 

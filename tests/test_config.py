@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from _cli import run_cli
 
 from tunesmith.config import config_from_dict, load_config, parse_overrides
 from tunesmith.errors import ConfigError
@@ -30,7 +29,8 @@ def minimal(**extra) -> dict:
 
 
 def test_parse_overrides_yaml_types():
-    parsed = dict(parse_overrides(["peft.r=8", "data.dedup=false", "train.lr=0.0001", "name=my-run", "data.system_prompt="]))
+    parsed = dict(parse_overrides(["peft.r=8", "data.dedup=false", "train.lr=0.0001", "name=my-run",
+                                   "data.system_prompt="]))
     assert parsed["peft.r"] == 8 and type(parsed["peft.r"]) is int
     assert parsed["data.dedup"] is False
     assert parsed["train.lr"] == pytest.approx(1e-4) and type(parsed["train.lr"]) is float
@@ -247,8 +247,7 @@ def test_example_configs_validate(path):
 
 def test_cli_bad_config_exits_2_without_traceback(tmp_path):
     path = write_yaml(tmp_path, minimal(train={"lrr": 1e-4}))
-    proc = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(path), "peft.r=0"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = run_cli("train", path, "peft.r=0", timeout=120, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "train.lrr: unknown key" in proc.stderr

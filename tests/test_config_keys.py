@@ -6,9 +6,9 @@ import typing
 
 import pytest
 import yaml
+from _cli import invoke_cli
 from conftest import write_config
 from pydantic import BaseModel
-from reliability._harness import main_in_process
 
 from tunesmith.config import Config
 
@@ -34,9 +34,10 @@ def flat(text: str) -> str:
 
 
 @pytest.fixture
-def listing(capsys) -> str:
-    assert main_in_process("config", "keys") == 0
-    return capsys.readouterr().out
+def listing() -> str:
+    res = invoke_cli("config", "keys")
+    assert res.returncode == 0
+    return res.stdout
 
 
 def test_every_leaf_field_is_listed_with_its_description(listing):
@@ -80,14 +81,16 @@ def test_nested_keys_appear_with_type_default_and_description(listing):
     assert not any(line.startswith("stages[].data.") for line in listing.splitlines())
 
 
-def test_config_show_prints_the_resolved_config(tiny_config, tmp_path, capsys):
+def test_config_show_prints_the_resolved_config(tiny_config, tmp_path):
     path = write_config(tmp_path, tiny_config)
-    assert main_in_process("config", "show", path, "train.lr=0.001", "seed=3") == 0
-    shown = yaml.safe_load(capsys.readouterr().out)
+    res = invoke_cli("config", "show", path, "train.lr=0.001", "seed=3")
+    assert res.returncode == 0
+    shown = yaml.safe_load(res.stdout)
     assert shown["train"]["lr"] == 0.001 and shown["seed"] == 3
     assert shown["train"]["schedule"] == "cosine" and shown["retention"]["l2sp"] == 0.0  # defaults filled in
-    assert main_in_process("config", "show", path, "train.lrr=1") == 2
-    assert "train.lrr: unknown key" in capsys.readouterr().err
+    res = invoke_cli("config", "show", path, "train.lrr=1")
+    assert res.returncode == 2
+    assert "train.lrr: unknown key" in res.stderr
 
 
 def test_every_section_refuses_unknown_keys_and_inf_nan():

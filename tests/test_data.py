@@ -5,12 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from _cli import run_cli
 
 from conftest import instruction_rows, write_config, write_jsonl
 from tunesmith.config import config_from_dict
@@ -359,14 +358,9 @@ def test_label_only_in_validation_refused(tmp_path):
 # --- CLI: tunesmith data check -----------------------------------------------------------------------------
 
 
-def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tunesmith", *args], capture_output=True, text=True,
-                          timeout=180, cwd=cwd)
-
-
 def test_cli_data_check_prints_report(tiny_config, tmp_path):
     path = write_config(tmp_path, tiny_config)
-    proc = _run_cli("data", "check", str(path), cwd=tmp_path)
+    proc = run_cli("data", "check", path, cwd=tmp_path, timeout=180)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["rows"]["train"] == 48
@@ -382,7 +376,7 @@ def test_cli_data_check_bad_rows_exit_2(tiny_config, tmp_path):
     lines[2] = lines[2][:-5]  # truncate the JSON on line 3
     train.write_text("\n".join(lines) + "\n")
     path = write_config(tmp_path, tiny_config)
-    proc = _run_cli("data", "check", str(path), cwd=tmp_path)
+    proc = run_cli("data", "check", path, cwd=tmp_path, timeout=180)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert f"{train}:3: malformed JSON" in proc.stderr
@@ -394,7 +388,8 @@ def test_saved_hf_dataset_directory_is_a_source(tmp_path):
 
     from tunesmith.data.sources import read_source
 
-    datasets.Dataset.from_list([{"text": "a b", "label": "x"}, {"text": "c d", "label": "y"}]).save_to_disk(tmp_path / "ds")
+    rows = [{"text": "a b", "label": "x"}, {"text": "c d", "label": "y"}]
+    datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "ds")
     raw = read_source(str(tmp_path / "ds"))
     assert [r for _, r in raw.rows] == [{"text": "a b", "label": "x"}, {"text": "c d", "label": "y"}]
     assert raw.rows[1][0].endswith(":row 2")

@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 from conftest import build_tiny_llama, write_config, write_jsonl
-from reliability._harness import fresh_accelerator_state, main_in_process  # noqa: F401 (autouse fixture)
+from _cli import main_in_process
+from reliability._harness import fresh_accelerator_state  # noqa: F401 (autouse fixture)
 from test_commands import no_model_loads, refused
 from test_recipe_tasks import concept_rows, one_thread  # noqa: F401 (autouse fixture)
 

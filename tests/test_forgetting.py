@@ -142,14 +142,16 @@ def test_replay_run_feeds_general_text_and_l2sp_pulls_toward_the_start(retention
 
     monkeypatch.setattr(building, "build", build)
     base = {**retention_cfg, "eval": {**retention_cfg["eval"], "every": None}, "peft": {"method": "full"}}
-    cfg = {**base, "name": "replay", "retention": {**base["retention"], "replay": {"data": str(replay), "fraction": 0.2}}}
+    replay_block = {"data": str(replay), "fraction": 0.2}
+    cfg = {**base, "name": "replay", "retention": {**base["retention"], "replay": replay_block}}
     run = causal_lm.train(config_from_dict(cfg))
     replayed = [i for i in fed if "replay.jsonl" in i]
     assert len(replayed) == 6 and len(fed) == 6 * 5  # 1 of every 5 rows fed is replayed text (4 task + 1)
     assert json.loads((run / "data_report.json").read_text())["replay"]["rows"] == 30
 
     def distance(name: str, l2sp: float) -> float:
-        out = causal_lm.train(config_from_dict({**base, "name": name, "retention": {**base["retention"], "l2sp": l2sp}}))
+        retention = {**base["retention"], "l2sp": l2sp}
+        out = causal_lm.train(config_from_dict({**base, "name": name, "retention": retention}))
         from transformers import AutoModelForCausalLM
 
         tuned = AutoModelForCausalLM.from_pretrained(out / "model")

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_config
-from reliability._harness import fresh_accelerator_state, main_in_process  # noqa: F401 (autouse fixture)
+from _cli import invoke_cli
+from reliability._harness import fresh_accelerator_state  # noqa: F401 (autouse fixture)
 from safetensors.torch import load_file
 from test_models import build_word_llama
 from test_recipe_tasks import build_tiny_bert, classification_config
@@ -105,12 +106,13 @@ def scored_again(run, validation: str, capsys) -> tuple[float, float, float]:
     """The validation accuracy of the training run, of `tunesmith eval RUN` and of `tunesmith predict RUN` on the
     same rows: a pooled run must be rebuilt with its pooling, or the last two would score another model."""
     tuned = json.loads((run / "eval.json").read_text())["finetuned"]["validation"]["accuracy"]
-    assert main_in_process("eval", run) == 0, capsys.readouterr().err
+    res = invoke_cli("eval", run)
+    assert res.returncode == 0, res.stderr
     rescored = json.loads((run / "eval.json").read_text())["finetuned"]["validation"]["accuracy"]
     truth = [json.loads(line)["label"] for line in Path(validation).read_text().splitlines()]
-    capsys.readouterr()
-    assert main_in_process("predict", run, "--input", validation) == 0, capsys.readouterr().err
-    predicted = [json.loads(line)["label"] for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    res = invoke_cli("predict", run, "--input", validation)
+    assert res.returncode == 0, res.stderr
+    predicted = [json.loads(line)["label"] for line in res.stdout.splitlines() if line.startswith("{")]
     assert len(predicted) == len(truth)
     return tuned, rescored, 100 * sum(p == t for p, t in zip(predicted, truth)) / len(truth)
 
@@ -138,7 +140,8 @@ def test_a_decoder_classifier_pooled_on_its_last_token_trains_through_the_cli(tm
     `tunesmith eval` and `predict` on the finished run."""
     tree = classification_config(tmp_path, build_word_llama(tmp_path / "word-llama", config_pad=False))
     tree["model"]["pooling"] = "last"
-    assert main_in_process("train", write_config(tmp_path, tree)) == 0, capsys.readouterr().err
+    res = invoke_cli("train", write_config(tmp_path, tree))
+    assert res.returncode == 0, res.stderr
     run = tmp_path / "runs" / tree["name"]
     head = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert any(".score." in k for k in head), sorted(head)  # the head trained and is saved with the adapter
@@ -153,10 +156,10 @@ def test_bad_pooling_stops_the_cli_before_training(tmp_path, tiny_bert, tiny_lla
     tree = classification_config(tmp_path, tiny_bert)
     tree["model"]["pooling"] = "mean"
     monkeypatch.setattr(BertModel, "forward", lambda self, input_ids=None: None)
-    assert main_in_process("train", write_config(tmp_path, tree)) == 2
-    assert "takes no attention_mask" in capsys.readouterr().err
+    res = invoke_cli("train", write_config(tmp_path, tree))
+    assert res.returncode == 2 and "takes no attention_mask" in res.stderr
     assert not (tmp_path / "runs" / tree["name"] / "metrics.jsonl").exists()
     generative = {"name": "lm", "output_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_llama),
                   "pooling": "last"}, "data": {"train": tree["data"]["train"], "format": "instruction"}}
-    assert main_in_process("train", write_config(tmp_path, generative)) == 2
-    assert "model.pooling" in capsys.readouterr().err
+    res = invoke_cli("train", write_config(tmp_path, generative))
+    assert res.returncode == 2 and "model.pooling" in res.stderr

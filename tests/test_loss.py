@@ -30,7 +30,8 @@ def test_chunked_loss_matches_plain_loss_and_gradients(tiny_llama, monkeypatch, 
     results = []
     for fn in (loss_mod.causal_lm_loss_sum, loss_mod.chunked_loss_sum):
         torch.manual_seed(0)
-        model = apply_peft(AutoModelForCausalLM.from_pretrained(tiny_llama), PeftConfig(method=method, r=4, dropout=0.0))
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        model = apply_peft(base, PeftConfig(method=method, r=4, dropout=0.0))
         if method == "lora":  # lora_B starts at zero; give it values so every gradient path is exercised
             for n, p in model.named_parameters():
                 if "lora_B" in n:

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _cli import run_cli
 from conftest import instruction_rows, write_config, write_jsonl
 from safetensors.torch import load_file
 
@@ -138,8 +137,7 @@ def test_train_on_a_gguf_says_one_line_and_prints_no_bars_or_deepspeed_warning(t
         "eval": {"before_after": False, "samples": 0, "generate_rows": 1, "max_new_tokens": 2}})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TUNESMITH_HOME": str(tmp_path / "home"),
            "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    res = subprocess.run([sys.executable, "-m", "tunesmith", "train", "config.yaml"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
+    res = run_cli("train", "config.yaml", cwd=tmp_path, env=env, timeout=600)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
     assert out.count(f"converting {tiny_gguf.name} to safetensors") == 1, out[-3000:]

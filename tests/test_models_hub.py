@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _cli import run_cli
 from conftest import instruction_rows, write_config, write_jsonl
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -49,8 +50,7 @@ def train(tmp_path: Path, name: str, env: dict) -> subprocess.CompletedProcess:
         "data": {"train": "data/train.jsonl", "validation": "data/val.jsonl", "max_length": 128, "overlength": "drop"},
         "train": {"max_steps": 1, "batch_size": 4},
         "eval": {"before_after": False, "samples": 0, "generate_rows": 1, "max_new_tokens": 2}})
-    return subprocess.run([sys.executable, "-m", "tunesmith", "train", "config.yaml"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return run_cli("train", "config.yaml", cwd=tmp_path, env=env, timeout=600)
 
 
 TIMED = r"""

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import torch
+from _cli import run_cli
 
 from tunesmith.config import config_from_dict
 from tunesmith.inference import load_finetuned
@@ -42,10 +43,11 @@ def test_adapter_loads_with_plain_peft_in_another_process(tiny_config, tiny_llam
                          capture_output=True, text=True, check=True)
     theirs = torch.tensor(json.loads(res.stdout))
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    plain_base = PLAIN_PEFT.replace("PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)",
+                                    "AutoModelForCausalLM.from_pretrained(base)")
     base = torch.tensor(json.loads(subprocess.run(
-        [sys.executable, "-c", PLAIN_PEFT.replace("PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)",
-                                                  "AutoModelForCausalLM.from_pretrained(base)"),
-         str(tiny_llama), str(run / "adapter"), json.dumps(ids)], capture_output=True, text=True, check=True).stdout))
+        [sys.executable, "-c", plain_base, str(tiny_llama), str(run / "adapter"), json.dumps(ids)],
+        capture_output=True, text=True, check=True).stdout))
     assert (base - ours).abs().max() > 1e-3  # the adapter really changes the model
 
 
@@ -54,8 +56,7 @@ def test_export_merge_writes_a_plain_hf_model_with_the_same_logits(tiny_config, 
 
     run = _trained_run(tiny_config)
     out = tmp_path / "merged"
-    res = subprocess.run([sys.executable, "-m", "tunesmith", "export", str(run.path), "--merge", str(out)],
-                         capture_output=True, text=True)
+    res = run_cli("export", run.path, "--merge", out)
     assert res.returncode == 0, res.stderr
     model, tok, _ = load_finetuned(RunDir.open(run.path))
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -66,12 +67,10 @@ def test_export_merge_writes_a_plain_hf_model_with_the_same_logits(tiny_config, 
 
 def test_generate_cli_answers_prompts_and_a_jsonl_file(tiny_config, tmp_path):
     run = _trained_run(tiny_config)
-    one = subprocess.run([sys.executable, "-m", "tunesmith", "generate", str(run.path), "--prompt", "reverse the words",
-                          "--max-new-tokens", "5"], capture_output=True, text=True)
+    one = run_cli("generate", run.path, "--prompt", "reverse the words", "--max-new-tokens", "5")
     assert one.returncode == 0, one.stderr
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"instruction": "reverse the words", "input": "one two"}\n{"prompt": "three four"}\n')
-    many = subprocess.run([sys.executable, "-m", "tunesmith", "generate", str(run.path), "--input", str(prompts),
-                           "--max-new-tokens", "5"], capture_output=True, text=True)
+    many = run_cli("generate", run.path, "--input", prompts, "--max-new-tokens", "5")
     assert many.returncode == 0, many.stderr
     assert len([json.loads(x)["output"] for x in many.stdout.splitlines()]) == 2

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
+from _cli import run_cli
 from conftest import write_config
 from safetensors.torch import load_file
 
 from tunesmith.config import config_from_dict
 from tunesmith.recipes import causal_lm, fitting
-
-
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "tunesmith", *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
 def adapter_tensors(run_dir):
@@ -68,7 +63,8 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_config):
     tiny_config["train"].update(max_steps=4, lr=1e-2)
     tiny_config["eval"]["before_after"] = False
     tiny_config["eval"]["samples"] = 0
-    results = [_train_in_process(tiny_config, train__batch_size=b, train__grad_accum=g) for b, g in ((8, 1), (4, 2), (2, 4))]
+    shapes = ((8, 1), (4, 2), (2, 4))
+    results = [_train_in_process(tiny_config, train__batch_size=b, train__grad_accum=g) for b, g in shapes]
     ref_losses, ref_weights = results[0]
     for losses, weights in results[1:]:
         assert losses == pytest.approx(ref_losses, rel=1e-5)

@@ -7,12 +7,11 @@ import json
 import math
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import sacrebleu
+from _cli import run_cli
 from conftest import write_config, write_jsonl
 
 from tunesmith.config import config_from_dict
@@ -38,9 +37,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def run_cli(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "tunesmith", *map(str, args)], capture_output=True, text=True, env=env)
+def one_thread_cli(*args):
+    """The CLI in a fresh process, on one thread like this module's in-process runs (see one_thread)."""
+    return run_cli(*args, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def train(cfg_dict: dict) -> tuple[Path, dict]:
@@ -145,7 +144,8 @@ def test_generative_few_shot_baseline_prompts_the_base_model_with_k_solved_train
     shot = report["base"]["baselines"]["2-shot prompt"]["validation"]
     assert shot["rougeL"] == pytest.approx(100.0) and report["base"]["validation"]["rougeL"] < 100
     rows = {(split, metric): (b, f) for split, metric, b, f, _ in verdict_rows(report)}
-    assert rows[("validation", "rougeL vs 2-shot prompt")] == (shot["rougeL"], report["finetuned"]["validation"]["rougeL"])
+    assert rows[("validation", "rougeL vs 2-shot prompt")] == (shot["rougeL"],
+                                                               report["finetuned"]["validation"]["rougeL"])
 
 
 def test_generative_tasks_refuse_a_separate_baseline_model(tmp_path, tiny_config):
@@ -304,7 +304,7 @@ def test_instruction_rougeL_and_eval_on_a_data_file(tmp_path, tiny_config):
         assert {"mean_output_words", "stopped_on_own"} <= set(val) and "rouge1" not in val
 
     # score the validation file again as --data: the same rows, so the same numbers, from a fresh process
-    res = run_cli("eval", run, "--data", tiny_config["data"]["validation"])
+    res = one_thread_cli("eval", run, "--data", tiny_config["data"]["validation"])
     assert res.returncode == 0, res.stderr
     again = json.loads((run / "eval.json").read_text())
     for which in ("base", "finetuned"):
@@ -400,7 +400,7 @@ def test_classification_label_outside_the_label_set_exits_2_with_file_and_line(t
     lines = train_path.read_text().splitlines()
     lines[6] = json.dumps({"text": "the movie was meh", "label": "neutral"})
     train_path.write_text("\n".join(lines) + "\n")
-    res = run_cli("train", write_config(tmp_path, cfg))
+    res = one_thread_cli("train", write_config(tmp_path, cfg))
     assert res.returncode == 2, res.stderr
     assert f"{train_path}:7: label is not one of labels ['negative', 'positive']" in res.stderr
     assert "Traceback" not in res.stderr
@@ -484,7 +484,7 @@ def test_empty_document_row_exits_2_with_file_and_line(tmp_path, tiny_config):
     tiny_config["data"].update(format="summarization", train=str(write_jsonl(tmp_path / "data" / "sum.jsonl", rows)),
                                validation=str(val))
     tiny_config["model"]["name"] = str(tmp_path / "no-such-model")  # the data check comes before any load
-    res = run_cli("train", write_config(tmp_path, tiny_config))
+    res = one_thread_cli("train", write_config(tmp_path, tiny_config))
     assert res.returncode == 2, res.stderr
     assert f"{tmp_path / 'data' / 'sum.jsonl'}:3: column 'document' is empty" in res.stderr
     assert "1 bad row(s)" in res.stderr and "Traceback" not in res.stderr

@@ -4,12 +4,13 @@ page renders offline (skipped, with the reason, where Chromium is not installed)
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
+from _cli import run_cli
 from conftest import write_config
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -28,8 +29,7 @@ def finished_run(tmp_path_factory, tiny_llama):
                     "overlength": "drop"},
            "train": {"max_steps": 8, "lr": 1e-2, "batch_size": 4, "warmup_ratio": 0.0},
            "eval": {"every": 4, "batch_size": 8, "max_new_tokens": 4, "samples": 2}}
-    res = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(write_config(tmp, cfg))],
-                         capture_output=True, text=True)
+    res = run_cli("train", write_config(tmp, cfg))
     assert res.returncode == 0, res.stderr
     return tmp / "runs" / "tiny"
 
@@ -59,8 +59,7 @@ def test_text_from_data_and_models_is_escaped(finished_run, tmp_path):
 
 
 def test_runs_lists_each_run_with_its_metric(finished_run):
-    res = subprocess.run([sys.executable, "-m", "tunesmith", "runs", str(finished_run.parent)], capture_output=True,
-                         text=True, env={**__import__("os").environ, "COLUMNS": "200"})
+    res = run_cli("runs", finished_run.parent, env={**os.environ, "COLUMNS": "200"})
     assert res.returncode == 0, res.stderr
     line = next(x for x in res.stdout.splitlines() + res.stderr.splitlines() if "│ tiny" in x)
     assert "finished" in line and "perplexity" in line
@@ -118,8 +117,7 @@ def test_compare_overlays_runs_and_renders(finished_run, tmp_path):
         PANELS) | {"learning rate"}
     assert "epsilon" not in series(read_records(RunDir(finished_run)))
     out = tmp_path / "compare.html"
-    res = subprocess.run([sys.executable, "-m", "tunesmith", "compare", str(finished_run), str(second), "--out",
-                          str(out)], capture_output=True, text=True)
+    res = run_cli("compare", finished_run, second, "--out", out)
     assert res.returncode == 0, res.stderr
     html = out.read_text()
     assert html.count('src="data:image/png;base64,') == 1 and "<th>tiny</th><th>tiny2</th>" in html
@@ -127,8 +125,7 @@ def test_compare_overlays_runs_and_renders(finished_run, tmp_path):
     assert "<tr><td>worst forgetting ratio</td><td>-</td><td>1.0825</td></tr>" in html
     loss = json.loads((finished_run / "eval.json").read_text())["finetuned"]["validation"]["loss"]
     assert f"→ {loss:.4f}</td>" in html  # base -> fine-tuned, side by side
-    one = subprocess.run([sys.executable, "-m", "tunesmith", "compare", str(finished_run)], capture_output=True,
-                         text=True)
+    one = run_cli("compare", finished_run)
     assert one.returncode == 2 and "at least two" in one.stderr
     if CHROMIUM:  # where Chromium is missing, the skipped report test above says so
         dom = render_in_chromium(out, tmp_path)

@@ -6,12 +6,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 
 import optuna
 import pytest
+from _cli import cli_argv, invoke_cli, run_cli
 from conftest import write_config
 
 from tunesmith.config import config_from_dict
@@ -130,9 +130,9 @@ def test_a_killed_search_continues_the_same_study(tiny_config, tmp_path):
     config["train"]["max_steps"] = 60
     config["eval"]["every"] = 20
     path = write_config(tmp_path, config)
-    cmd = [sys.executable, "-m", "tunesmith", "search", str(path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([*cmd, "--trials", "5"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cli_argv("search", path, "--trials", "5"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env)
     folder = tmp_path / "runs" / "tiny-search"
     deadline = time.time() + 120
     while time.time() < deadline:  # kill -9 while the second trial trains
@@ -147,7 +147,7 @@ def test_a_killed_search_continues_the_same_study(tiny_config, tmp_path):
     before = len(study.trials)
     assert before == 2 and study.trials[1].state == optuna.trial.TrialState.RUNNING
     time.sleep(3.5)  # past the heartbeat grace period: the killed trial counts as failed
-    res = subprocess.run([*cmd, "--trials", "5"], capture_output=True, text=True, env=env)
+    res = run_cli("search", path, "--trials", "5", env=env)
     assert res.returncode == 0, res.stderr
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{folder.resolve() / 'study.db'}")
     numbers = [t.number for t in study.trials]
@@ -216,11 +216,9 @@ def test_curve_trains_each_size_and_seed_and_writes_table_and_plot(tiny_config, 
 def test_curve_cli_writes_its_table_plot_and_runs(tiny_config, tmp_path):
     """`tunesmith curve CFG --sizes 8,all`: one run per size, each point is its run's validation loss (the
     default metric, from train.early_stopping.metric), the base model evaluated once, files as documented."""
-    from reliability._harness import main_in_process
-
     tiny_config["train"].update(max_steps=2)
     tiny_config["eval"].update(samples=0, max_rows=4, generate_rows=1, max_new_tokens=1)
-    assert main_in_process("curve", write_config(tmp_path, tiny_config), "--sizes", "8,all") == 0
+    assert invoke_cli("curve", write_config(tmp_path, tiny_config), "--sizes", "8,all").returncode == 0
     folder = tmp_path / "runs" / "tiny-curve"
     result = json.loads((folder / "curve.json").read_text())
     assert result["metric"] == "loss"
@@ -243,13 +241,12 @@ def test_curve_cli_writes_its_table_plot_and_runs(tiny_config, tmp_path):
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--sizes", "8", "--metric", "nosuch"], "'nosuch' is not a validation metric"),
 ])
-def test_curve_cli_refuses_bad_arguments(tiny_config, tmp_path, capsys, args, message):
-    from reliability._harness import main_in_process
-
+def test_curve_cli_refuses_bad_arguments(tiny_config, tmp_path, args, message):
     tiny_config["train"].update(max_steps=1)
     tiny_config["eval"].update(samples=0, max_rows=2, generate_rows=1, max_new_tokens=1, before_after=False)
-    assert main_in_process("curve", write_config(tmp_path, tiny_config), *args) == 2
-    assert message in " ".join(capsys.readouterr().err.split())
+    res = invoke_cli("curve", write_config(tmp_path, tiny_config), *args)
+    assert res.returncode == 2
+    assert message in " ".join(res.stderr.split())
 
 
 def test_curve_sizes_are_checked():

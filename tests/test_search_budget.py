@@ -9,7 +9,7 @@ import optuna
 import pytest
 import yaml
 from conftest import write_config
-from reliability._harness import main_in_process
+from _cli import main_in_process
 
 from tunesmith.errors import UserError
 from tunesmith.search.budget import Clock, parse_budget

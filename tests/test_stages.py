@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
+from _cli import run_cli
 from conftest import instruction_rows, write_config, write_jsonl
 
 from tunesmith.config import config_from_dict, stage_config
@@ -30,8 +29,7 @@ def staged(tiny_config, tmp_path) -> dict:
 def test_each_stage_starts_from_the_previous_stages_weights(tiny_config, tmp_path):
     from safetensors.torch import load_file
 
-    res = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(write_config(tmp_path, staged(tiny_config,
-                          tmp_path)))], capture_output=True, text=True)
+    res = run_cli("train", write_config(tmp_path, staged(tiny_config, tmp_path)))
     assert res.returncode == 0, res.stderr
     runs = tmp_path / "runs"
     stage1, final = runs / "tiny-stage1-copy", runs / "tiny"
@@ -76,8 +74,7 @@ def test_stack_mode_trains_a_new_adapter_on_top_of_the_previous_one(tiny_config,
 
     cfg = staged(tiny_config, tmp_path)
     cfg["stage_mode"] = "stack"
-    res = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(write_config(tmp_path, cfg))],
-                         capture_output=True, text=True)
+    res = run_cli("train", write_config(tmp_path, cfg))
     assert res.returncode == 0, res.stderr
     runs = tmp_path / "runs"
     stage1, final = runs / "tiny-stage1-copy", runs / "tiny"

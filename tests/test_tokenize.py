@@ -34,7 +34,8 @@ def prompt_of_length(tok, n: int) -> str:
     """A user message whose rendered prompt (template + generation prompt) is exactly n tokens."""
     for k in range(0, 20 * n):
         content = "x" * k
-        if len(tok(render_prompt(tok, [{"role": "user", "content": content}]), add_special_tokens=False)["input_ids"]) == n:
+        prompt = render_prompt(tok, [{"role": "user", "content": content}])
+        if len(tok(prompt, add_special_tokens=False)["input_ids"]) == n:
             return content
     raise AssertionError(f"no prompt of {n} tokens")
 

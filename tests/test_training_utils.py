@@ -8,8 +8,9 @@ import math
 
 import pytest
 import torch
+from _cli import invoke_cli
 from conftest import instruction_rows, write_config, write_jsonl
-from reliability._harness import fresh_accelerator_state, main_in_process, records  # noqa: F401 (autouse fixture)
+from reliability._harness import fresh_accelerator_state, records  # noqa: F401 (autouse fixture)
 
 from tunesmith.config import TrainConfig
 from tunesmith.training.optim import build_optimizer, build_scheduler
@@ -88,8 +89,8 @@ def test_a_resumed_run_warns_that_its_loss_is_flat(tmp_path, tiny_config):
     tiny_config["train"].update(max_steps=20, save_every=20, lr=1e-10, batch_size=8, schedule="constant")
     tiny_config["eval"].update(before_after=False, samples=0, max_rows=2, generate_rows=1, max_new_tokens=1)
     cfg = write_config(tmp_path, tiny_config)
-    assert main_in_process("train", cfg) == 0
-    assert main_in_process("train", cfg, "--resume", "train.max_steps=60") == 0
+    assert invoke_cli("train", cfg).returncode == 0
+    assert invoke_cli("train", cfg, "--resume", "train.max_steps=60").returncode == 0
     warnings = [r for r in records(tmp_path / "runs" / "tiny") if "warning" in r]
     assert [r["step"] for r in warnings] == [50] and "flat" in warnings[0]["warning"]
 
@@ -170,6 +171,6 @@ def test_the_training_loop_uses_the_schedule(tmp_path, tiny_config, schedule):
     """metrics.jsonl logs the rate each update used: the same values through the real loop."""
     tiny_config["train"].update(lr=0.1, warmup_steps=2, warmup_ratio=0.0, schedule=schedule, max_steps=6)
     tiny_config["eval"].update(before_after=False, samples=0, max_rows=2, generate_rows=1, max_new_tokens=1)
-    assert main_in_process("train", write_config(tmp_path, tiny_config)) == 0
+    assert invoke_cli("train", write_config(tmp_path, tiny_config)).returncode == 0
     logged = [r["lr"] for r in records(tmp_path / "runs" / "tiny") if "loss" in r]
     assert logged == pytest.approx(EXPECTED_LR[schedule])

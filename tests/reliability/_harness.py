@@ -1,11 +1,11 @@
 """Shared helpers for the reliability tests (RELIABILITY.md sections 1, 2 and 5).
 
 - `rel_config`: the tiny-Llama run used throughout (64 rows, LoRA r=4 with dropout, cosine warmup).
-- `cli`: the real CLI in a fresh process, either plain (`python -m tunesmith`) or through `RUNNER`,
-  a small `python -c` program that installs one fault (SIGKILL at a chosen point, NaN at chosen data
-  steps) or records the row ids each micro-batch consumes, then calls `tunesmith.cli.main()`.
-  Faults are installed from outside by wrapping tunesmith functions; src/ has no test hooks.
-- `main_in_process`: `tunesmith.cli.main()` in this process (exit code, no import cost).
+- `cli`: the real CLI in a fresh process (tests/_cli.py `run_cli`) with `ENV`, either plain
+  (`python -m tunesmith`) or through `RUNNER`, a small `python -c` program that installs one fault
+  (SIGKILL at a chosen point, NaN at chosen data steps) or records the row ids each micro-batch consumes,
+  then calls `tunesmith.cli.main()`. Faults are installed from outside by wrapping tunesmith functions;
+  src/ has no test hooks. In-process runs use tests/_cli.py `invoke_cli`.
 - readers for metrics.jsonl, adapters and checkpoints.
 """
 
@@ -16,12 +16,12 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 import torch
+from _cli import run_cli
 from safetensors.torch import load_file
 
 from tunesmith.recipes import building
@@ -96,7 +96,8 @@ def build(*args, **fns):
             os.kill(os.getpid(), signal.SIGKILL)
         if "record_rows" in fault:
             with open(fault["record_rows"], "a") as f:
-                f.write(json.dumps({"data_step": current["data_step"], "rank": RANK, "ids": [r.id for r in rows]}) + "\n")
+                line = {"data_step": current["data_step"], "rank": RANK, "ids": [r.id for r in rows]}
+                f.write(json.dumps(line) + "\n")
         return collate(rows)
     fns["collate"] = recording_collate
     s = real_build(*args, **fns)
@@ -139,12 +140,8 @@ cli.main()
 def cli(*args, fault: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """`tunesmith <args>` in a fresh process; with `fault`, through RUNNER."""
     if fault is None:
-        cmd = [sys.executable, "-m", "tunesmith", *map(str, args)]
-        env = ENV
-    else:
-        cmd = [sys.executable, "-c", RUNNER, *map(str, args)]
-        env = {**ENV, "TS_FAULT": json.dumps(fault)}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        return run_cli(*args, env=ENV, timeout=timeout)
+    return run_cli(*args, program=("-c", RUNNER), env={**ENV, "TS_FAULT": json.dumps(fault)}, timeout=timeout)
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -222,21 +219,6 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def main_in_process(*args) -> int:
-    """`tunesmith.cli.main()` in this process: its exit code (0 when it returns)."""
-    from tunesmith import cli as tcli
-
-    old = sys.argv
-    sys.argv = ["tunesmith", *map(str, args)]
-    try:
-        tcli.main()
-        return 0
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    finally:
-        sys.argv = old
 
 
 def rel_config(tmp_path: Path, model: Path, n_rows: int = 64, **train) -> dict:

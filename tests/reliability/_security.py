@@ -9,11 +9,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _cli import run_cli
 from conftest import instruction_rows, write_config, write_jsonl
 
 torch.set_num_threads(1)
@@ -35,8 +35,8 @@ def _env(extra: dict | None = None) -> dict:
 
 
 def cli(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tunesmith", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=_env(env), timeout=timeout)
+    """`tunesmith <args>` in a fresh process with `_env(env)`."""
+    return run_cli(*args, cwd=cwd, env=_env(env), timeout=timeout)
 
 
 def flat(text: str) -> str:

@@ -20,6 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import TUNESMITH, run_cli  # noqa: E402
 from _harness import (  # noqa: E402
     ENV,
     RUNNER,
@@ -54,10 +55,8 @@ def _free_port() -> int:
 def torchrun(tmp_path: Path, *args, fault: dict | None = None) -> subprocess.CompletedProcess:
     runner = tmp_path / "runner.py"
     runner.write_text(RUNNER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(runner), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**ENV, "TS_FAULT": json.dumps(fault or {})})
+    launch = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(), runner)
+    return run_cli(*args, program=launch, timeout=300, env={**ENV, "TS_FAULT": json.dumps(fault or {})})
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +94,11 @@ def test_the_shipped_accelerate_config_trains_like_torchrun(two):
     torchrun: here, without a GPU, two gloo ranks."""
     tmp, cfg, _ = two
     config = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "ddp.yaml"
-    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                          "--main_process_port", str(_free_port()), "-m", "tunesmith", "train", str(cfg), "name=acc",
-                          f"output_dir={tmp / 'accelerate-runs'}"],  # apart: another test counts tmp/runs
-                         capture_output=True, text=True, timeout=300, env=ENV)
+    launch = ("-m", "accelerate.commands.launch", "--config_file", config, "--main_process_port", _free_port(),
+              *TUNESMITH)
+    # output_dir apart: another test counts tmp/runs
+    res = run_cli("train", cfg, "name=acc", f"output_dir={tmp / 'accelerate-runs'}", program=launch, timeout=300,
+                  env=ENV)
     assert res.returncode == 0, res.stderr[-4000:]
     assert json.loads((tmp / "accelerate-runs" / "acc" / "run.json").read_text())["processes"] == 2
     got, want = adapter(tmp / "accelerate-runs" / "acc"), adapter(tmp / "runs" / "two")
@@ -138,10 +138,9 @@ def zero2(tmp_path: Path, *args, fault: dict | None = None, launch: tuple = (),
     runner = tmp_path / "runner.py"
     runner.write_text(RUNNER)
     accelerate_config = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / config  # or the path
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config), *launch,
-           "--main_process_port", str(_free_port()), str(runner), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**ENV, "TS_FAULT": json.dumps(fault or {})})
+    program = ("-m", "accelerate.commands.launch", "--config_file", accelerate_config, *launch,
+               "--main_process_port", _free_port(), runner)
+    return run_cli(*args, program=program, timeout=300, env={**ENV, "TS_FAULT": json.dumps(fault or {})})
 
 
 def test_zero2_trains_like_ddp_and_saves_each_ranks_optimizer_partition(two):

@@ -36,7 +36,8 @@ LABELS = ["pos", "neg", "7"]
 
 text_value = st.one_of(st.text(max_size=16), st.just(""), st.just(" \n\t"), st.text(max_size=8).map(MARK.__add__))
 lone_surrogate = st.characters(categories=["Cs"])
-text_or_surrogate = st.one_of(text_value, text_value, text_value, st.builds(lambda a, s: a + s, text_value, lone_surrogate))
+text_or_surrogate = st.one_of(text_value, text_value, text_value,
+                              st.builds(lambda a, s: a + s, text_value, lone_surrogate))
 json_scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), text_or_surrogate,
                         st.sampled_from(LABELS))
 json_value = st.recursive(json_scalar, lambda inner: st.lists(inner, max_size=3)
@@ -93,7 +94,8 @@ csv_field = st.one_of(text_value, st.sampled_from(LABELS + ["", '"', '""', ",", 
 @st.composite
 def csv_text(draw, fmt: str) -> str:
     if draw(st.booleans()):  # the format's own columns, in some order, fields mostly plain words
-        header = draw(st.permutations(list(REQUIRED[fmt]) + sorted(draw(st.sets(st.sampled_from(["id", "input", "extra"]))))))
+        extra = sorted(draw(st.sets(st.sampled_from(["id", "input", "extra"]))))
+        header = draw(st.permutations(list(REQUIRED[fmt]) + extra))
         plain = st.sampled_from(["one two", "a dog runs", "pos", "neg", "x y"])
         field = st.one_of(plain, plain, plain, good_text, csv_field)
         width = st.sampled_from([len(header)] * 4 + [len(header) - 1, len(header) + 1])
@@ -108,7 +110,8 @@ def csv_text(draw, fmt: str) -> str:
 
     sep = draw(st.sampled_from(["\n", "\r\n"]))
     body = sep.join(",".join(cell(v) for v in r) for r in [header] + rows)
-    return draw(st.one_of(st.just(body), st.just(body), st.just(body), st.text(alphabet=',"\n\r \tabc;\x00', max_size=60)))
+    return draw(st.one_of(st.just(body), st.just(body), st.just(body),
+                          st.text(alphabet=',"\n\r \tabc;\x00', max_size=60)))
 
 
 def data_config(fmt: str, with_labels: bool) -> DataConfig:

@@ -16,13 +16,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import invoke_cli  # noqa: E402
 from _harness import (  # noqa: E402
     Probe,
     fresh_accelerator_state,  # noqa: F401  (autouse fixture)
     adapter,
     assert_tensors_equal,
     checkpoint_steps,
-    main_in_process,
     records,
     rel_config,
     step_lines,
@@ -228,7 +228,7 @@ def test_k4_oom_halves_the_micro_batch_and_keeps_the_effective_batch(tmp_path, t
 def test_k4_oom_at_one_row_halts_with_the_checkpoint_intact(tmp_path, tiny_llama, monkeypatch):
     cfg = write_config(tmp_path, rel_config(tmp_path, tiny_llama, max_steps=6, save_every=2))
     _oom_from(monkeypatch, 3, above_rows=0)
-    assert main_in_process("train", cfg) == 3
+    assert invoke_cli("train", cfg).returncode == 3
     run = tmp_path / "runs" / "rel"
     assert json.loads((run / "run.json").read_text())["status"] == "halted"
     assert checkpoint_steps(run) == [2]
@@ -255,6 +255,7 @@ def test_n5_spikes_that_rollback_cannot_fix_halt_the_run(tmp_path, tiny_llama, m
                                       spike_window=10, max_rollbacks=2))
     Probe(monkeypatch, scale_loss_at={14, 15, 16}, factor=50.0)
     real_rollback = fitting.rollback
-    monkeypatch.setattr(fitting, "rollback", lambda s, rows, updates, data_step: real_rollback(s, [], updates, data_step))
+    monkeypatch.setattr(fitting, "rollback",
+                        lambda s, rows, updates, data_step: real_rollback(s, [], updates, data_step))
     with pytest.raises(TrainingHalted, match="persist after 2 rollbacks"):
         causal_lm.train(cfg)

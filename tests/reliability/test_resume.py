@@ -3,7 +3,7 @@ complete-state-or-refuse and config drift.
 
 Crashes are real: the run SIGKILLs itself from inside (tests/reliability/_harness.py RUNNER) and the
 resume is a fresh `tunesmith train --resume` process. Refusals (R4, R5) run `tunesmith.cli.main()`
-in this process, which is the same code path without the import cost.
+in this process (tests/_cli.py invoke_cli), which is the same code path without the import cost.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import invoke_cli  # noqa: E402
 from _harness import (  # noqa: E402
     adapter,
     assert_tensors_equal,
@@ -26,7 +27,6 @@ from _harness import (  # noqa: E402
     cli,
     killed,
     leftovers,
-    main_in_process,
     records,
     rel_config,
     row_log,
@@ -247,7 +247,7 @@ def one_checkpoint(tmp_path_factory, tiny_llama):
     """A run of 3 updates whose only checkpoint is step-3; resumed below with max_steps=6."""
     tmp = tmp_path_factory.mktemp("r4")
     cfg = write_config(tmp, rel_config(tmp, tiny_llama, max_steps=3, save_every=3))
-    assert main_in_process("train", cfg) == 0
+    assert invoke_cli("train", cfg).returncode == 0
     run = tmp / "runs" / "rel"
     pristine = tmp / "pristine"
     shutil.copytree(run, pristine)
@@ -261,14 +261,13 @@ def _restore(fx) -> None:
 
 @pytest.mark.parametrize("piece", ["trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json",
                                    "manifest.json"])
-def test_r4_resume_refuses_a_checkpoint_missing_a_piece(one_checkpoint, piece, capsys):
+def test_r4_resume_refuses_a_checkpoint_missing_a_piece(one_checkpoint, piece):
     fx = one_checkpoint
     _restore(fx)
     (fx.run / "checkpoints" / "step-3" / piece).unlink()
     metrics_before = (fx.run / "metrics.jsonl").read_bytes()
-    capsys.readouterr()
-    code = main_in_process("train", fx.cfg, "--resume", "train.max_steps=6")
-    err = capsys.readouterr().err
+    res = invoke_cli("train", fx.cfg, "--resume", "train.max_steps=6")
+    code, err = res.returncode, res.stderr
     assert code == 2, err
     assert "Refusing to resume" in err and "step-3" in err and f"missing {piece}" in err
     assert "--fallback" in err
@@ -276,11 +275,11 @@ def test_r4_resume_refuses_a_checkpoint_missing_a_piece(one_checkpoint, piece, c
     assert checkpoint_steps(fx.run) == [3] and leftovers(fx.run) == []
 
 
-def test_r4_control_the_intact_checkpoint_resumes(one_checkpoint, capsys):
+def test_r4_control_the_intact_checkpoint_resumes(one_checkpoint):
     fx = one_checkpoint
     _restore(fx)
-    code = main_in_process("train", fx.cfg, "--resume", "train.max_steps=6")
-    assert code == 0, capsys.readouterr().err
+    res = invoke_cli("train", fx.cfg, "--resume", "train.max_steps=6")
+    assert res.returncode == 0, res.stderr
     assert [r["step"] for r in step_lines(fx.run)] == [1, 2, 3, 4, 5, 6]
 
 
@@ -290,17 +289,17 @@ def test_r4_refused_resume_leaves_run_json_as_it_was(one_checkpoint):
     _restore(fx)
     before = json.loads((fx.run / "run.json").read_text())
     (fx.run / "checkpoints" / "step-3" / "rng.safetensors").unlink()
-    assert main_in_process("train", fx.cfg, "--resume", "train.max_steps=6") == 2
+    assert invoke_cli("train", fx.cfg, "--resume", "train.max_steps=6").returncode == 2
     assert json.loads((fx.run / "run.json").read_text()) == before
 
 
-def test_r4_resume_without_any_checkpoint_does_not_duplicate_the_log(one_checkpoint, capsys):
+def test_r4_resume_without_any_checkpoint_does_not_duplicate_the_log(one_checkpoint):
     """Nothing to continue from: the resume starts over from step 0 (and says so), logging each step once."""
     fx = one_checkpoint
     _restore(fx)
     shutil.rmtree(fx.run / "checkpoints")  # e.g. killed before its first save
-    code = main_in_process("train", fx.cfg, "--resume", "train.max_steps=6")
-    out = "".join(capsys.readouterr())
+    res = invoke_cli("train", fx.cfg, "--resume", "train.max_steps=6")
+    code, out = res.returncode, res.stdout + res.stderr
     assert code == 0, out
     assert says(out, "No usable checkpoint: training starts from step 0.")
     assert [r["step"] for r in step_lines(fx.run)] == [1, 2, 3, 4, 5, 6]
@@ -310,7 +309,7 @@ def test_r4_rotation_never_deletes_the_checkpoint_just_committed(tmp_path, tiny_
     """save_total_limit=1; the only checkpoint (step-6) is corrupt; --fallback starts over. Each new save
     must survive its own rotation, or a crash now leaves nothing but the corrupt step-6."""
     cfg = write_config(tmp_path, rel_config(tmp_path, tiny_llama, max_steps=6, save_every=2, save_total_limit=1))
-    assert main_in_process("train", cfg) == 0
+    assert invoke_cli("train", cfg).returncode == 0
     run = tmp_path / "runs" / "rel"
     rng = run / "checkpoints" / "step-6" / "rng.safetensors"
     rng.write_bytes(rng.read_bytes()[:-8])
@@ -322,7 +321,7 @@ def test_r4_rotation_never_deletes_the_checkpoint_just_committed(tmp_path, tiny_
         return final
 
     monkeypatch.setattr(ckpt, "write_checkpoint", write_checkpoint)
-    assert main_in_process("train", cfg, "--resume", "--fallback", "train.max_steps=8") == 0
+    assert invoke_cli("train", cfg, "--resume", "--fallback", "train.max_steps=8").returncode == 0
     assert all(step in steps for step, steps in kept.items()), kept
 
 
@@ -334,13 +333,12 @@ DRIFTS = [("train.batch_size=2", "train.batch_size"), ("train.grad_accum=4", "tr
 
 
 @pytest.mark.parametrize("override,key", DRIFTS)
-def test_r5_resume_refuses_each_changed_setting(one_checkpoint, override, key, capsys):
+def test_r5_resume_refuses_each_changed_setting(one_checkpoint, override, key):
     fx = one_checkpoint
     _restore(fx)
     metrics_before = (fx.run / "metrics.jsonl").read_bytes()
-    capsys.readouterr()
-    code = main_in_process("train", fx.cfg, "--resume", "train.max_steps=6", override)
-    err = capsys.readouterr().err
+    res = invoke_cli("train", fx.cfg, "--resume", "train.max_steps=6", override)
+    code, err = res.returncode, res.stderr
     assert code == 2, err
     assert "the configuration changed" in err and "--allow-drift" in err
     listed = [ln.strip()[2:] for ln in err.splitlines() if ln.strip().startswith("- ")]
@@ -348,12 +346,11 @@ def test_r5_resume_refuses_each_changed_setting(one_checkpoint, override, key, c
     assert (fx.run / "metrics.jsonl").read_bytes() == metrics_before
 
 
-def test_r5_resume_names_every_changed_setting_at_once(one_checkpoint, capsys):
+def test_r5_resume_names_every_changed_setting_at_once(one_checkpoint):
     fx = one_checkpoint
     _restore(fx)
-    capsys.readouterr()
-    code = main_in_process("train", fx.cfg, "--resume", *(o for o, _ in DRIFTS))
-    err = capsys.readouterr().err
+    res = invoke_cli("train", fx.cfg, "--resume", *(o for o, _ in DRIFTS))
+    code, err = res.returncode, res.stderr
     assert code == 2
     listed = sorted(ln.strip()[2:].split(":")[0] for ln in err.splitlines() if ln.strip().startswith("- "))
     assert listed == sorted(k for _, k in DRIFTS)
@@ -368,15 +365,14 @@ def _change_training_file(cfg_path: Path) -> None:
     write_jsonl(train, rows)
 
 
-def test_r5_resume_refuses_a_changed_training_file(tmp_path, tiny_llama, capsys):
+def test_r5_resume_refuses_a_changed_training_file(tmp_path, tiny_llama):
     cfg = write_config(tmp_path, rel_config(tmp_path, tiny_llama, max_steps=3, save_every=3))
-    assert main_in_process("train", cfg) == 0
+    assert invoke_cli("train", cfg).returncode == 0
     run = tmp_path / "runs" / "rel"
     metrics_before = (run / "metrics.jsonl").read_bytes()
     _change_training_file(cfg)
-    capsys.readouterr()
-    code = main_in_process("train", cfg, "--resume", "train.max_steps=6")
-    err = capsys.readouterr().err
+    res = invoke_cli("train", cfg, "--resume", "train.max_steps=6")
+    code, err = res.returncode, res.stderr
     assert code == 2, err
     assert "data changed" in err and "dataset fingerprint" in err and "--allow-drift" in err
     assert (run / "metrics.jsonl").read_bytes() == metrics_before
@@ -384,23 +380,22 @@ def test_r5_resume_refuses_a_changed_training_file(tmp_path, tiny_llama, capsys)
 
 def test_r5_refused_data_change_leaves_run_json_as_it_was(tmp_path, tiny_llama):
     cfg = write_config(tmp_path, rel_config(tmp_path, tiny_llama, max_steps=3, save_every=3))
-    assert main_in_process("train", cfg) == 0
+    assert invoke_cli("train", cfg).returncode == 0
     run = tmp_path / "runs" / "rel"
     before = json.loads((run / "run.json").read_text())
     _change_training_file(cfg)
-    assert main_in_process("train", cfg, "--resume", "train.max_steps=6") == 2
+    assert invoke_cli("train", cfg, "--resume", "train.max_steps=6").returncode == 2
     assert json.loads((run / "run.json").read_text()) == before
 
 
-def test_r5_allow_drift_proceeds_and_records_the_drift(tmp_path, tiny_llama, capsys):
+def test_r5_allow_drift_proceeds_and_records_the_drift(tmp_path, tiny_llama):
     cfg = write_config(tmp_path, rel_config(tmp_path, tiny_llama, max_steps=3, save_every=3))
-    assert main_in_process("train", cfg) == 0
+    assert invoke_cli("train", cfg).returncode == 0
     run = tmp_path / "runs" / "rel"
     _change_training_file(cfg)
     overrides = ("train.batch_size=2", "train.grad_accum=4", "train.lr=0.05")
-    capsys.readouterr()
-    code = main_in_process("train", cfg, "--resume", "--allow-drift", "train.max_steps=6", *overrides)
-    err = capsys.readouterr().err
+    res = invoke_cli("train", cfg, "--resume", "--allow-drift", "train.max_steps=6", *overrides)
+    code, err = res.returncode, res.stderr
     assert code == 0, err
     assert says(err, "step-3 (step 3 of 6)")
     info = json.loads((run / "run.json").read_text())
@@ -414,18 +409,17 @@ def test_r5_allow_drift_proceeds_and_records_the_drift(tmp_path, tiny_llama, cap
 
 @pytest.mark.parametrize("override,problem", [("peft.r=8", "(8, 32) in the model"),
                                               ("peft.target_modules=[q_proj,v_proj]", "unexpected ")])
-def test_r5_allow_drift_with_a_changed_adapter_shape_fails_cleanly(tmp_path, tiny_llama, override, problem, capsys):
+def test_r5_allow_drift_with_a_changed_adapter_shape_fails_cleanly(tmp_path, tiny_llama, override, problem):
     """At 516e0f2 these crashed in state.load_trainable with a RuntimeError (shape) or KeyError (extra
     tensor): a traceback and exit 1 instead of a UserError."""
     cfg = write_config(tmp_path, rel_config(tmp_path, tiny_llama, max_steps=3, save_every=3))
-    assert main_in_process("train", cfg) == 0
+    assert invoke_cli("train", cfg).returncode == 0
     metrics_before = (tmp_path / "runs" / "rel" / "metrics.jsonl").read_bytes()
-    capsys.readouterr()
     try:
-        code = main_in_process("train", cfg, "--resume", "--allow-drift", "train.max_steps=6", override)
+        res = invoke_cli("train", cfg, "--resume", "--allow-drift", "train.max_steps=6", override)
     except (RuntimeError, KeyError, ValueError) as exc:  # what the CLI would print as a traceback
         pytest.fail(f"uncaught {type(exc).__name__}: {exc}")
-    err = capsys.readouterr().err
+    code, err = res.returncode, res.stderr
     assert code == 2, err
     assert "trainable.safetensors do not match the model" in err and problem in err
     assert (tmp_path / "runs" / "rel" / "metrics.jsonl").read_bytes() == metrics_before
@@ -434,8 +428,8 @@ def test_r5_allow_drift_with_a_changed_adapter_shape_fails_cleanly(tmp_path, tin
 def test_r5_allow_drift_lr_applies_from_the_first_resumed_update(tmp_path, tiny_llama):
     cfg = write_config(tmp_path, rel_config(tmp_path, tiny_llama, max_steps=3, save_every=3, warmup_steps=0,
                                             schedule="constant"))
-    assert main_in_process("train", cfg) == 0
-    assert main_in_process("train", cfg, "--resume", "--allow-drift", "train.max_steps=6", "train.lr=0.05") == 0
+    assert invoke_cli("train", cfg).returncode == 0
+    assert invoke_cli("train", cfg, "--resume", "--allow-drift", "train.max_steps=6", "train.lr=0.05").returncode == 0
     lrs = {r["step"]: r["lr"] for r in step_lines(tmp_path / "runs" / "rel")}
     assert [lrs[s] for s in (1, 2, 3)] == [0.01] * 3
     assert [lrs[s] for s in (4, 5, 6)] == [0.05] * 3

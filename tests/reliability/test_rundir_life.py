@@ -19,11 +19,11 @@ import torch
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import invoke_cli  # noqa: E402
 from _harness import (  # noqa: E402
     ENV,
     cli,
     fresh_accelerator_state,  # noqa: F401  (autouse fixture)
-    main_in_process,
     write_config,
     write_jsonl,
 )
@@ -51,7 +51,7 @@ def _quick(cfg: dict) -> dict:
 def finished(tmp_path, tiny_config):
     """A finished tiny run: its config path, its directory and the bytes of the files it must keep."""
     path = write_config(tmp_path, _quick(tiny_config))
-    assert main_in_process("train", path) == 0
+    assert invoke_cli("train", path).returncode == 0
     run = tmp_path / "runs" / "tiny"
     kept = {p.relative_to(run): p.read_bytes()
             for p in [run / "eval.json", run / "run.json", *sorted((run / "adapter").iterdir())]}
@@ -77,14 +77,15 @@ def _status_of(folder: Path, name: str) -> str:
 # -- --overwrite keeps the old run until the new one has started training --------------------------------
 
 @pytest.mark.parametrize("broken", ["missing data", "bad rows", "bad model"])
-def test_failed_overwrite_keeps_the_finished_run(finished, tmp_path, capsys, broken):
+def test_failed_overwrite_keeps_the_finished_run(finished, tmp_path, broken):
     path, run, kept = finished
     bad_rows = write_jsonl(tmp_path / "data" / "bad.jsonl", ["{not json"] * 10)
     override = {"missing data": f"data.train={tmp_path / 'data' / 'trian.jsonl'}",
                 "bad rows": f"data.train={bad_rows}",
                 "bad model": f"model.name={tmp_path / 'no-such-model'}"}[broken]
-    assert main_in_process("train", path, override, "--overwrite") == 2
-    assert "error:" in capsys.readouterr().err
+    res = invoke_cli("train", path, override, "--overwrite")
+    assert res.returncode == 2
+    assert "error:" in res.stderr
     _intact(run, kept)
 
 
@@ -98,7 +99,7 @@ def test_overwrite_deletes_the_old_run_only_once_the_new_one_trains(finished, mo
         return real_fit(s, *args)
 
     monkeypatch.setattr(loop, "fit", fit)
-    assert main_in_process("train", path, "--overwrite", "seed=1") == 0
+    assert invoke_cli("train", path, "--overwrite", "seed=1").returncode == 0
     assert seen == [([], False)]  # setup succeeded: the old run was gone, the new one in its place
     assert (run / "eval.json").read_bytes() != kept[Path("eval.json")]
 
@@ -107,7 +108,7 @@ def test_any_exception_in_setup_restores_the_old_run(finished, monkeypatch):
     path, run, kept = finished
     monkeypatch.setattr(models, "apply_peft", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
-        main_in_process("train", path, "--overwrite")
+        invoke_cli("train", path, "--overwrite")
     _intact(run, kept)
 
 
@@ -117,7 +118,7 @@ def test_any_exception_in_setup_of_a_new_run_leaves_no_run_directory(tmp_path, t
     path = write_config(tmp_path, _quick(tiny_config))
     monkeypatch.setattr(models, "apply_peft", lambda *a, **k: (_ for _ in ()).throw(ValueError("boom")))
     with pytest.raises(ValueError, match="boom"):
-        main_in_process("train", path)
+        invoke_cli("train", path)
     assert not (tmp_path / "runs" / "tiny").exists()
 
 
@@ -126,15 +127,16 @@ def test_any_exception_in_setup_of_a_resume_leaves_its_record(finished, monkeypa
     config = (run / "config.yaml").read_bytes()
     monkeypatch.setattr(models, "apply_peft", lambda *a, **k: (_ for _ in ()).throw(ValueError("boom")))
     with pytest.raises(ValueError, match="boom"):
-        main_in_process("train", path, "--resume")
+        invoke_cli("train", path, "--resume")
     _intact(run, kept)
     assert (run / "config.yaml").read_bytes() == config
 
 
-def test_absurd_lora_rank_is_an_error_message_and_leaves_no_run(tmp_path, tiny_config, capsys):
+def test_absurd_lora_rank_is_an_error_message_and_leaves_no_run(tmp_path, tiny_config):
     path = write_config(tmp_path, _quick(tiny_config))
-    assert main_in_process("train", path, "peft.r=1000000000") == 2
-    err = capsys.readouterr().err
+    res = invoke_cli("train", path, "peft.r=1000000000")
+    assert res.returncode == 2
+    err = res.stderr
     assert "could not build the model" in err.lower(), err[-2000:]
     assert not (tmp_path / "runs" / "tiny").exists()
 
@@ -164,7 +166,7 @@ def test_the_lock_of_a_killed_process_is_taken_over_and_the_run_shows_as_killed(
     assert res.returncode == -signal.SIGKILL and "locked" in res.stdout, res.stderr[-2000:]
     assert json.loads((run / "run.json").read_text())["status"] == "running"
     assert _status_of(tmp_path / "runs", "tiny") == "killed"
-    assert main_in_process("train", path, "--overwrite") == 0  # the stale lock does not block
+    assert invoke_cli("train", path, "--overwrite").returncode == 0  # the stale lock does not block
     assert _status_of(tmp_path / "runs", "tiny") == "finished"
 
 
@@ -182,25 +184,27 @@ def test_runs_shows_a_running_run_whose_pid_is_dead_as_killed(tmp_path):
 
 # -- refusals that must be messages --------------------------------------------------------------------------
 
-def test_resume_and_overwrite_together_are_refused(finished, capsys):
+def test_resume_and_overwrite_together_are_refused(finished):
     path, run, kept = finished
-    assert main_in_process("train", path, "--resume", "--overwrite") == 2
-    assert "--resume" in capsys.readouterr().err
+    res = invoke_cli("train", path, "--resume", "--overwrite")
+    assert res.returncode == 2
+    assert "--resume" in res.stderr
     _intact(run, kept)
 
 
 @pytest.mark.parametrize("where", ["output_dir", "run"])
-def test_an_output_dir_that_is_a_file_is_an_error_message(tmp_path, tiny_config, capsys, where):
+def test_an_output_dir_that_is_a_file_is_an_error_message(tmp_path, tiny_config, where):
     blocker = tmp_path / "runs" if where == "output_dir" else tmp_path / "runs" / "tiny"
     blocker.parent.mkdir(parents=True, exist_ok=True)
     blocker.write_text("not a directory\n")
     path = write_config(tmp_path, _quick(tiny_config))
-    assert main_in_process("train", path) == 2
-    assert "not a directory" in capsys.readouterr().err.lower()
+    res = invoke_cli("train", path)
+    assert res.returncode == 2
+    assert "not a directory" in res.stderr.lower()
     assert blocker.read_text() == "not a directory\n"
 
 
-def test_an_unwritable_output_dir_is_an_error_message(tmp_path, tiny_config, capsys, monkeypatch):
+def test_an_unwritable_output_dir_is_an_error_message(tmp_path, tiny_config, monkeypatch):
     """As root chmod stops nothing: the permission error the kernel would raise is raised for the output dir."""
     out = tmp_path / "runs"
     real_mkdir = Path.mkdir
@@ -212,18 +216,20 @@ def test_an_unwritable_output_dir_is_an_error_message(tmp_path, tiny_config, cap
 
     monkeypatch.setattr(Path, "mkdir", mkdir)
     path = write_config(tmp_path, _quick(tiny_config))
-    assert main_in_process("train", path) == 2
-    assert "permission denied" in capsys.readouterr().err.lower()
+    res = invoke_cli("train", path)
+    assert res.returncode == 2
+    assert "permission denied" in res.stderr.lower()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory")
-def test_a_read_only_output_dir_is_an_error_message(tmp_path, tiny_config, capsys):
+def test_a_read_only_output_dir_is_an_error_message(tmp_path, tiny_config):
     out = tmp_path / "runs"
     out.mkdir()
     out.chmod(0o555)
     try:
         path = write_config(tmp_path, _quick(tiny_config))
-        assert main_in_process("train", path) == 2
-        assert "permission denied" in capsys.readouterr().err.lower()
+        res = invoke_cli("train", path)
+        assert res.returncode == 2
+        assert "permission denied" in res.stderr.lower()
     finally:
         out.chmod(0o755)

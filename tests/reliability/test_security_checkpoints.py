@@ -50,7 +50,8 @@ def unsafe_load_sites(files: list[Path]) -> list[str]:
             if isinstance(node, ast.Import):
                 hits += [f"{path}:{node.lineno}: import {a.name}" for a in node.names if a.name in UNSAFE_IMPORTS]
             elif isinstance(node, ast.ImportFrom):
-                if node.module in UNSAFE_IMPORTS or (node.module == "torch" and any(a.name == "load" for a in node.names)):
+                torch_load = node.module == "torch" and any(a.name == "load" for a in node.names)
+                if node.module in UNSAFE_IMPORTS or torch_load:
                     hits.append(f"{path}:{node.lineno}: from {node.module} import ...")
             elif isinstance(node, ast.keyword) and node.arg == "weights_only":
                 if isinstance(node.value, ast.Constant) and node.value.value is False:

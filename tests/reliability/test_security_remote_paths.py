@@ -9,11 +9,11 @@ import re
 import shutil
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from _cli import run_cli
 from conftest import instruction_rows, write_config, write_jsonl
 
 from tunesmith.security import model_dir_problems
@@ -152,8 +152,7 @@ main()
 def audited_cli(args: list, cwd: Path, watch: list[Path], home: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
     """Run the CLI with an audit hook recording every open() of a watched file (symlinks resolved)."""
     env = _env({"TS_WATCH": json.dumps([os.path.realpath(p) for p in watch]), "HOME": str(home)})
-    res = subprocess.run([sys.executable, "-c", AUDITED_CLI, *map(str, args)], capture_output=True, text=True,
-                         cwd=cwd, env=env, timeout=600)
+    res = run_cli(*args, program=("-c", AUDITED_CLI), cwd=cwd, env=env, timeout=600)
     found = re.findall(r"AUDIT-OPENED (.*)", res.stderr)
     assert found, res.stderr[-3000:]  # the hook ran to the end
     return res, json.loads(found[-1])

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import cli_argv, invoke_cli  # noqa: E402
 from _harness import (  # noqa: E402
     ENV,
     adapter,
@@ -56,8 +57,8 @@ def k2(tmp_path_factory, tiny_llama):
 
 def _start(cfg: Path, name: str, *extra) -> tuple[subprocess.Popen, Path]:
     log = cfg.parent / f"{name}.log"
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(cfg), f"name={name}", *extra],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ENV)
+    proc = subprocess.Popen(cli_argv("train", cfg, f"name={name}", *extra), stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, env=ENV)
     return proc, log
 
 
@@ -133,10 +134,8 @@ def test_k2_second_signal_exits_at_once_and_leaves_committed_checkpoints_intact(
 
 
 @pytest.mark.parametrize("error", ["oserror", "safetensors"])
-def test_k3_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, tiny_llama, monkeypatch, capsys, error):
+def test_k3_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, tiny_llama, monkeypatch, error):
     from safetensors import SafetensorError
-
-    from tunesmith import cli as tcli
 
     cfg_dict = rel_config(tmp_path, tiny_llama, max_steps=6, save_every=2)
     cfg = config_from_dict(cfg_dict)
@@ -180,16 +179,9 @@ def test_k3_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, tiny
 
     # Through the CLI the same failure is one clean line and a non-zero exit, no traceback.
     calls.clear()
-    capsys.readouterr()
-    old_argv = sys.argv
-    sys.argv = ["tunesmith", "train", str(write_config(tmp_path, {**cfg_dict, "name": "cli"}))]
-    try:
-        with pytest.raises(SystemExit) as code:
-            tcli.main()
-    finally:
-        sys.argv = old_argv
-    err = capsys.readouterr().err
-    assert code.value.code == 3 and "Traceback" not in err and "No space left on device while writing" in err
+    res = invoke_cli("train", write_config(tmp_path, {**cfg_dict, "name": "cli"}))
+    err = res.stderr
+    assert res.returncode == 3 and "Traceback" not in err and "No space left on device while writing" in err
 
     # Space is back: the resume starts from step-2 and ends where an uninterrupted run ends.
     monkeypatch.setattr(ckpt, "save_file", real_save_file)
