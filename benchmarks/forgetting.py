@@ -32,19 +32,32 @@ def main() -> None:
     a = ap.parse_args()
     out, results = ROOT / "benchmarks" / "results", []
     for name, extra in VARIANTS.items():
-        overrides = [f"train.max_steps={a.steps}", f"eval.max_rows={a.eval_rows}", "output_dir=benchmarks/results/runs",
-                     f"name=forgetting-{name.replace('+', '-')}", *extra]
+        overrides = [
+            f"train.max_steps={a.steps}",
+            f"eval.max_rows={a.eval_rows}",
+            "output_dir=benchmarks/results/runs",
+            f"name=forgetting-{name.replace('+', '-')}",
+            *extra,
+        ]
         start = time.time()
-        res = subprocess.run([sys.executable, "-m", "tunesmith", "train", "examples/spanish-adaptation.yaml",
-                              "--overwrite", *overrides], cwd=ROOT, capture_output=True, text=True)
+        res = subprocess.run(
+            [sys.executable, "-m", "tunesmith", "train", "examples/spanish-adaptation.yaml", "--overwrite", *overrides],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         run = ROOT / "benchmarks" / "results" / "runs" / f"forgetting-{name.replace('+', '-')}"
         row = {"variant": name, "overrides": overrides, "exit": res.returncode, "wall_s": round(time.time() - start, 1)}
         if res.returncode == 0:
             report = json.loads((run / "eval.json").read_text())
             es = [report[w]["validation"]["perplexity"] for w in ("base", "finetuned")]
             en = [report[w]["retention"]["wikitext2-en"]["perplexity"] for w in ("base", "finetuned")]
-            row.update(spanish_ppl=es, english_ppl=en, spanish_gain=round(1 - es[1] / es[0], 4),
-                       english_loss=round(en[1] / en[0] - 1, 4))
+            row.update(
+                spanish_ppl=es,
+                english_ppl=en,
+                spanish_gain=round(1 - es[1] / es[0], 4),
+                english_loss=round(en[1] / en[0] - 1, 4),
+            )
         else:
             row["error"] = res.stderr[-1500:]
         results.append(row)

@@ -32,8 +32,9 @@ def main() -> None:
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="k5-"))
     model = fixtures.build_tiny_llama(tmp / "model")
-    cfg_dict = rel_config(tmp, model, n_rows=57, max_steps=6, save_every=2, grad_accum=1, batch_size=4,
-                          save_total_limit=3)
+    cfg_dict = rel_config(
+        tmp, model, n_rows=57, max_steps=6, save_every=2, grad_accum=1, batch_size=4, save_total_limit=3
+    )
     cfg = write_config(tmp, cfg_dict)
     failures, reference, start = [], None, time.time()
     for k in range(a.repeats):
@@ -52,8 +53,10 @@ def main() -> None:
                 problems.append("final weights differ from repeat 0")
         failures += [f"repeat {k}: {p}" for p in problems]
         print(f"repeat {k}: {'ok' if not problems else problems}", flush=True)
-    print(f"{a.repeats - len({f.split(':')[0] for f in failures})}/{a.repeats} fault-free 2-rank runs committed "
-          f"every checkpoint with both ranks' parts and identical weights ({time.time() - start:.0f} s)")
+    print(
+        f"{a.repeats - len({f.split(':')[0] for f in failures})}/{a.repeats} fault-free 2-rank runs committed "
+        f"every checkpoint with both ranks' parts and identical weights ({time.time() - start:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,8 +30,12 @@ import time
 import traceback
 from pathlib import Path
 
-for var, value in (("OMP_NUM_THREADS", "1"), ("TOKENIZERS_PARALLELISM", "false"), ("HF_HUB_OFFLINE", "1"),
-                   ("COLUMNS", "500")):
+for var, value in (
+    ("OMP_NUM_THREADS", "1"),
+    ("TOKENIZERS_PARALLELISM", "false"),
+    ("HF_HUB_OFFLINE", "1"),
+    ("COLUMNS", "500"),
+):
     os.environ.setdefault(var, value)
 
 import torch  # noqa: E402
@@ -121,7 +124,7 @@ class SaveEvents:
             path = self.last_written
             for src, dst in self.renames:  # follow the file if its directory was renamed since it was written
                 if path == src or path.startswith(src + os.sep):
-                    path = dst + path[len(src):]
+                    path = dst + path[len(src) :]
             if os.path.isfile(path):
                 size = os.path.getsize(path)
                 os.truncate(path, size // 2)
@@ -193,22 +196,54 @@ def short(path: str, work: Path) -> str:
 
 
 def setup(work: Path, max_steps: int) -> Path:
-    subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
-                    "from conftest import build_tiny_llama; build_tiny_llama(Path(sys.argv[2]))",
-                    str(TESTS), str(work / "model")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
+            "from conftest import build_tiny_llama; build_tiny_llama(Path(sys.argv[2]))",
+            str(TESTS),
+            str(work / "model"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     sys.path.insert(0, str(TESTS))
     from conftest import instruction_rows, write_jsonl
 
     write_jsonl(work / "data" / "train.jsonl", instruction_rows(64))
     write_jsonl(work / "data" / "val.jsonl", instruction_rows(12, seed=1))
-    cfg = {"name": "reference", "output_dir": str(work / "runs"), "seed": 0, "model": {"name": str(work / "model")},
-           "peft": {"method": "lora", "r": 4, "dropout": 0.1},
-           "data": {"train": str(work / "data" / "train.jsonl"), "validation": str(work / "data" / "val.jsonl"),
-                    "format": "instruction", "max_length": 128, "overlength": "drop"},
-           "train": {"max_steps": max_steps, "lr": 1e-2, "batch_size": 4, "grad_accum": 2, "warmup_steps": 2,
-                     "save_every": 2, "save_total_limit": 1},
-           "eval": {"batch_size": 8, "max_new_tokens": 2, "samples": 0, "before_after": False, "generate_rows": 2,
-                    "max_rows": 4}}
+    cfg = {
+        "name": "reference",
+        "output_dir": str(work / "runs"),
+        "seed": 0,
+        "model": {"name": str(work / "model")},
+        "peft": {"method": "lora", "r": 4, "dropout": 0.1},
+        "data": {
+            "train": str(work / "data" / "train.jsonl"),
+            "validation": str(work / "data" / "val.jsonl"),
+            "format": "instruction",
+            "max_length": 128,
+            "overlength": "drop",
+        },
+        "train": {
+            "max_steps": max_steps,
+            "lr": 1e-2,
+            "batch_size": 4,
+            "grad_accum": 2,
+            "warmup_steps": 2,
+            "save_every": 2,
+            "save_total_limit": 1,
+        },
+        "eval": {
+            "batch_size": 8,
+            "max_new_tokens": 2,
+            "samples": 0,
+            "before_after": False,
+            "generate_rows": 2,
+            "max_rows": 4,
+        },
+    }
     path = work / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -221,8 +256,15 @@ def run_case(work: Path, cfg: Path, ref: dict, k, truncate: bool) -> dict:
     rc = run_child(["train", str(cfg), f"name={name}"], logs / f"{name}.kill.log", SaveEvents(k, truncate, marker))
     note_file = marker.with_suffix(".kill.json")
     kill_note = json.loads(note_file.read_text()) if note_file.exists() else {}
-    case = {"name": name, "k": k, "variant": "truncate" if truncate else "kill", "killed": rc == -9,
-            "after_kill": steps_in(run), "debris": debris(run), "note": kill_note}
+    case = {
+        "name": name,
+        "k": k,
+        "variant": "truncate" if truncate else "kill",
+        "killed": rc == -9,
+        "after_kill": steps_in(run),
+        "debris": debris(run),
+        "note": kill_note,
+    }
     rc = run_child(["train", str(cfg), f"name={name}", "--resume"], logs / f"{name}.resume.log")
     text = " ".join((logs / f"{name}.resume.log").read_text().split())
     case["resume_rc"], case["fallback"] = rc, False
@@ -243,8 +285,12 @@ def run_case(work: Path, cfg: Path, ref: dict, k, truncate: bool) -> dict:
 
 def describe(case: dict) -> str:
     resumed = f"step-{case['resumed_from']}" if case["resumed_from"] else "step 0 (no checkpoint)"
-    bits = [f"{case['name']:<12}", "killed" if case["killed"] else "NOT KILLED",
-            f"ckpts {case['after_kill'] or '-'}", f"resume {resumed}"]
+    bits = [
+        f"{case['name']:<12}",
+        "killed" if case["killed"] else "NOT KILLED",
+        f"ckpts {case['after_kill'] or '-'}",
+        f"resume {resumed}",
+    ]
     if case["note"].get("truncated"):
         fsynced = " (fsynced)" if case["note"]["fsynced"] else ""
         bits.append(f"truncated {Path(case['note']['truncated']).name}{fsynced}")
@@ -295,8 +341,10 @@ def main() -> None:
         sys.exit(f"probe run (forked child) rc={rc} does not reproduce the reference; see {work}/logs/probe.log")
     per_save = [sum(1 for e in events if e["save"] == n) for n in range(1, max(e["save"] for e in events) + 1)]
     second = [e for e in events if e["save"] == 2]
-    print(f"reference: {args.max_steps} updates, a save every 2 (save_total_limit 1); "
-          "the in-process warm-up and the forked probe reproduce it exactly")
+    print(
+        f"reference: {args.max_steps} updates, a save every 2 (save_total_limit 1); "
+        "the in-process warm-up and the forked probe reproduce it exactly"
+    )
     print(f"file events per save: {per_save}; killing at each of the {len(second)} events of save 2, and after it")
     for e in second:
         print(f"  event {e['index']:2d}: {e['kind']:<13} {short(e['path'], work)}")
@@ -311,8 +359,9 @@ def main() -> None:
     # Control: the comparison can fail. Same kill, resumed without restoring the random streams.
     name = "control-no-rng"
     run_child(["train", str(cfg), f"name={name}"], work / "logs" / f"{name}.kill.log", SaveEvents(0))
-    run_child(["train", str(cfg), f"name={name}", "--resume"], work / "logs" / f"{name}.resume.log",
-              no_rng_restore=True)
+    run_child(
+        ["train", str(cfg), f"name={name}", "--resume"], work / "logs" / f"{name}.resume.log", no_rng_restore=True
+    )
     control_differs = not same(adapter(work / "runs" / name), ref)
     verdict = "differs, as it must" if control_differs else "EQUAL: the check is blind"
     print(f"control (resume without the RNG restore): {verdict}")
@@ -336,26 +385,39 @@ def summarize(cases: list[dict]) -> list[str]:
         cs = [c for c in cases if c["variant"] == variant]
         plain = [c for c in cs if not c["fallback"]]
         fell_back = [c for c in cs if c["fallback"]]
-        line = (f"{variant}: {sum(c['exact'] for c in cs)}/{len(cs)} exact; {len(plain)} with a plain --resume, "
-                f"{sum(c['resumed_from'] == max(c['after_kill'], default=None) for c in plain)} of them from the "
-                f"newest committed checkpoint")
+        line = (
+            f"{variant}: {sum(c['exact'] for c in cs)}/{len(cs)} exact; {len(plain)} with a plain --resume, "
+            f"{sum(c['resumed_from'] == max(c['after_kill'], default=None) for c in plain)} of them from the "
+            f"newest committed checkpoint"
+        )
         if fell_back:
             restarted = [c for c in fell_back if c["resumed_from"] is None]
             reasons = ", ".join(sorted({c["refusal"] for c in fell_back}))
-            line += (f"; {len(fell_back)} refused a cut committed file ({reasons})"
-                     f" and needed --fallback: {len(fell_back) - len(restarted)} from an older checkpoint, "
-                     f"{len(restarted)} from step 0 (no valid checkpoint left)")
+            line += (
+                f"; {len(fell_back)} refused a cut committed file ({reasons})"
+                f" and needed --fallback: {len(fell_back) - len(restarted)} from an older checkpoint, "
+                f"{len(restarted)} from step 0 (no valid checkpoint left)"
+            )
         lines.append(line)
-    lines.append(f"staging debris left after the resume: {sum(bool(c['debris_after']) for c in cases)}/{len(cases)}; "
-                 f"metrics.jsonl with a step logged twice: {sum(not c['log_ok'] for c in cases)}/{len(cases)}")
+    lines.append(
+        f"staging debris left after the resume: {sum(bool(c['debris_after']) for c in cases)}/{len(cases)}; "
+        f"metrics.jsonl with a step logged twice: {sum(not c['log_ok'] for c in cases)}/{len(cases)}"
+    )
     lines.append(f"{sum(c['exact'] for c in cases)}/{len(cases)} resumed exactly")
     return lines
 
 
-def write_report(out: Path, work: Path, max_steps: int, per_save, second, cases, control_differs: bool,
-                 seconds: float) -> None:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+def write_report(
+    out: Path, work: Path, max_steps: int, per_save, second, cases, control_differs: bool, seconds: float
+) -> None:
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
     by_k = {(c["k"], c["variant"]): c for c in cases}
     control = "differs, so the comparison can fail" if control_differs else "EQUAL - the check is blind"
 
@@ -373,10 +435,14 @@ def write_report(out: Path, work: Path, max_steps: int, per_save, second, cases,
         parts.append("**exact**" if c["exact"] else "**DIFFERENT**")
         return "; ".join(parts)
 
-    rows = [f"| {e['index']} | {e['kind']} | `{short(e['path'], work)}` | {cell(by_k[(e['index'], 'kill')])} | "
-            f"{cell(by_k[(e['index'], 'truncate')])} |" for e in second]
+    rows = [
+        f"| {e['index']} | {e['kind']} | `{short(e['path'], work)}` | {cell(by_k[(e['index'], 'kill')])} | "
+        f"{cell(by_k[(e['index'], 'truncate')])} |"
+        for e in second
+    ]
     rows.append(f"| after | save returned | | {cell(by_k[('after', 'kill')])} | {cell(by_k[('after', 'truncate')])} |")
-    text = f"""# Reliability: K1 kill matrix
+    text = (
+        f"""# Reliability: K1 kill matrix
 
 Machine: {platform.node()} ({cpu}, {os.cpu_count()} CPUs), Python {platform.python_version()}, \
 torch {torch.__version__}, one thread.
@@ -393,7 +459,9 @@ committed checkpoint instead, which verification must detect (then `--fallback` 
 
 Result (final adapter `torch.equal` to the uninterrupted run):
 
-""" + "\n".join(f"- {line}" for line in summarize(cases)) + f"""
+"""
+        + "\n".join(f"- {line}" for line in summarize(cases))
+        + f"""
 
 Control (resumed without restoring the RNG): {control}.
 {LOG_NOTE if any(not c["log_ok"] for c in cases) else ""}
@@ -401,7 +469,10 @@ Cells: checkpoints present after the kill → checkpoint the resume started from
 
 | # | event | path | kill | truncate last write to 50%, then kill |
 |---|---|---|---|---|
-""" + "\n".join(rows) + "\n"
+"""
+        + "\n".join(rows)
+        + "\n"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     # Sections written by hand after the matrix (the bad-input figures) survive reruns.
     rest = out.read_text().partition("\n# Bad input")[2] if out.exists() else ""

@@ -31,25 +31,48 @@ def rotten_tomatoes(epochs: float) -> list[dict]:
     # One recipe for every epsilon, so the rows differ only by the privacy block. DP wants large
     # logical batches (here 512 expected rows) and few trainable weights (the noise is added to every
     # one of them): LoRA r=8 on query/value plus the classifier head.
-    common = ["peft.method=lora", "peft.r=8", "peft.dropout=0.0", "peft.target_modules=[query,value]",
-              "train.batch_size=64", "train.grad_accum=8", f"train.epochs={epochs}", "train.lr=5e-3",
-              "train.warmup_ratio=0.0", "train.schedule=constant",
-              "train.early_stopping.patience=null", "eval.every=null", "eval.samples=0", "train.log_every=5",
-              f"output_dir={RUNS}"]
+    common = [
+        "peft.method=lora",
+        "peft.r=8",
+        "peft.dropout=0.0",
+        "peft.target_modules=[query,value]",
+        "train.batch_size=64",
+        "train.grad_accum=8",
+        f"train.epochs={epochs}",
+        "train.lr=5e-3",
+        "train.warmup_ratio=0.0",
+        "train.schedule=constant",
+        "train.early_stopping.patience=null",
+        "eval.every=null",
+        "eval.samples=0",
+        "train.log_every=5",
+        f"output_dir={RUNS}",
+    ]
     rows = []
     for eps in ("8", "inf", "3", "1"):
         name = f"privacy-rt-eps{eps}"
         privacy = [] if eps == "inf" else [f"privacy.target_epsilon={eps}"]
         start = time.time()
-        res = tunesmith("train", "examples/sentiment-rotten-tomatoes.yaml", "--overwrite", f"name={name}",
-                        *common, *privacy)
-        row = {"epsilon_target": eps, "exit": res.returncode, "wall_s": round(time.time() - start, 1),
-               "overrides": common + privacy}
+        res = tunesmith(
+            "train", "examples/sentiment-rotten-tomatoes.yaml", "--overwrite", f"name={name}", *common, *privacy
+        )
+        row = {
+            "epsilon_target": eps,
+            "exit": res.returncode,
+            "wall_s": round(time.time() - start, 1),
+            "overrides": common + privacy,
+        }
         if res.returncode == 0:
             report = json.loads((RUNS / name / "eval.json").read_text())
             val = report["finetuned"]["validation"]
-            row.update(accuracy=val["accuracy"], macro_f1=val.get("macro_f1"), epsilon=report.get("epsilon"),
-                       delta=report.get("delta"), privacy=report.get("privacy"), steps=report["training"]["steps"])
+            row.update(
+                accuracy=val["accuracy"],
+                macro_f1=val.get("macro_f1"),
+                epsilon=report.get("epsilon"),
+                delta=report.get("delta"),
+                privacy=report.get("privacy"),
+                steps=report["training"]["steps"],
+            )
         else:
             row["error"] = res.stderr[-1500:]
         print(json.dumps({k: v for k, v in row.items() if k != "overrides"}), flush=True)
@@ -66,12 +89,22 @@ def canary(epochs: float, references: int) -> dict:
             if i >= 600:
                 break
             out.write(json.dumps({"text": json.loads(line)["target"]}) + "\n")
-    cfg = {"name": "privacy-canary", "output_dir": str(RUNS), "model": {"name": "smollm2-135m-instruct"},
-           "peft": {"method": "lora", "r": 16, "dropout": 0.0},
-           "data": {"train": str(data), "format": "text", "max_length": 64, "overlength": "drop"},
-           "train": {"epochs": epochs, "lr": 2e-3, "batch_size": 16, "warmup_ratio": 0.0, "schedule": "constant",
-                     "log_every": 10},
-           "eval": {"batch_size": 64, "samples": 0, "before_after": False, "max_rows": 100}}
+    cfg = {
+        "name": "privacy-canary",
+        "output_dir": str(RUNS),
+        "model": {"name": "smollm2-135m-instruct"},
+        "peft": {"method": "lora", "r": 16, "dropout": 0.0},
+        "data": {"train": str(data), "format": "text", "max_length": 64, "overlength": "drop"},
+        "train": {
+            "epochs": epochs,
+            "lr": 2e-3,
+            "batch_size": 16,
+            "warmup_ratio": 0.0,
+            "schedule": "constant",
+            "log_every": 10,
+        },
+        "eval": {"batch_size": 64, "samples": 0, "before_after": False, "max_rows": 100},
+    }
     run = RUNS / "privacy-canary"
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))  # the audit reads the run's config only

@@ -43,9 +43,13 @@ def counts() -> dict:
 
 
 def launch(trials: int, log) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tunesmith", "search", CONFIG, f"--trials={trials}",
-                             f"output_dir={RUNS}"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tunesmith", "search", CONFIG, f"--trials={trials}", f"output_dir={RUNS}"],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def main() -> None:
@@ -84,13 +88,19 @@ def report(record: dict) -> None:
     record["after"] = counts()
     record["finished"] = time.time()
     study = optuna.load_study(study_name=NAME, storage=f"sqlite:///{FOLDER / 'study.db'}")
-    record["trials"] = [{"number": t.number, "state": t.state.name.lower(), "value": t.value,
-                         "started": str(t.datetime_start), "completed": str(t.datetime_complete),
-                         "last_intermediate": (t.intermediate_values[max(t.intermediate_values)]
-                                               if t.intermediate_values else None),
-                         "params": t.params,
-                         "seconds": ((t.datetime_complete - t.datetime_start).total_seconds()
-                                     if t.datetime_complete else None)} for t in study.get_trials()]
+    record["trials"] = [
+        {
+            "number": t.number,
+            "state": t.state.name.lower(),
+            "value": t.value,
+            "started": str(t.datetime_start),
+            "completed": str(t.datetime_complete),
+            "last_intermediate": (t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None),
+            "params": t.params,
+            "seconds": ((t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None),
+        }
+        for t in study.get_trials()
+    ]
     best = study.best_trial
     record["best"] = {"number": best.number, "value": best.value, "params": best.params}
     out = ROOT / "benchmarks" / "results" / "search"

@@ -24,13 +24,29 @@ def main() -> None:
     for name, config in (("staged", "examples/staged-legal.yaml"), ("direct", "examples/legal-summarization.yaml")):
         run_name = "staged-legal" if name == "staged" else "direct-legal"
         start = time.time()
-        res = subprocess.run([sys.executable, "-m", "tunesmith", "train", config, "--overwrite", f"name={run_name}",
-                              f"output_dir={RUNS}"], cwd=ROOT, capture_output=True, text=True)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tunesmith",
+                "train",
+                config,
+                "--overwrite",
+                f"name={run_name}",
+                f"output_dir={RUNS}",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         row = {"config": config, "exit": res.returncode, "wall_s": round(time.time() - start, 1)}
         if res.returncode == 0:
             report = json.loads((RUNS / run_name / "eval.json").read_text())
-            row.update(base=report["base"]["validation"], finetuned=report["finetuned"]["validation"],
-                       stages=report.get("stages"))
+            row.update(
+                base=report["base"]["validation"],
+                finetuned=report["finetuned"]["validation"],
+                stages=report.get("stages"),
+            )
         else:
             row["error"] = res.stderr[-2000:]
         results[name] = row

@@ -29,21 +29,44 @@ TARGETS = {
     "spanish-adaptation": ("perplexity", None, "perplexity >= 60% below base and English <= +5%"),
     "alpaca-smollm2": ("rougeL", lambda b, f: f > b, "ROUGE-L above base"),
 }
-SHOWN = ("loss", "perplexity", "accuracy", "macro_f1", "rouge1", "rouge2", "rougeL", "bleu4", "coverage",
-         "all_concepts", "stopped_on_own")
+SHOWN = (
+    "loss",
+    "perplexity",
+    "accuracy",
+    "macro_f1",
+    "rouge1",
+    "rouge2",
+    "rougeL",
+    "bleu4",
+    "coverage",
+    "all_concepts",
+    "stopped_on_own",
+)
 
 
 def run_one(name: str, out_dir: Path, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "tunesmith", "train", str(ROOT / "examples" / f"{name}.yaml"), "--overwrite",
-           f"output_dir={out_dir / 'runs'}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tunesmith",
+        "train",
+        str(ROOT / "examples" / f"{name}.yaml"),
+        "--overwrite",
+        f"output_dir={out_dir / 'runs'}",
+        *extra,
+    ]
     log = open(out_dir / f"{name}.log", "w")
     start = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.time() - start
-    result = {"example": name, "command": " ".join(["tunesmith", "train", f"examples/{name}.yaml", *extra]),
-              "exit": os.waitstatus_to_exitcode(status), "wall_s": round(wall, 1),
-              "peak_rss_gb": round(usage.ru_maxrss / 1024**2, 2)}
+    result = {
+        "example": name,
+        "command": " ".join(["tunesmith", "train", f"examples/{name}.yaml", *extra]),
+        "exit": os.waitstatus_to_exitcode(status),
+        "wall_s": round(wall, 1),
+        "peak_rss_gb": round(usage.ru_maxrss / 1024**2, 2),
+    }
     report_path = out_dir / "runs" / name / "eval.json"
     if result["exit"] == 0 and report_path.exists():
         report = json.loads(report_path.read_text())
@@ -77,30 +100,41 @@ def judge(name: str, r: dict) -> tuple[str, bool | None]:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["# Task benchmarks", "",
-             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-             f"Python {platform.python_version()}. Command: `.venv/bin/python benchmarks/tasks.py`.", "",
-             "| example | metric | base | fine-tuned | target | met | steps | wall (s) | peak RSS (GB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Task benchmarks",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}. Command: `.venv/bin/python benchmarks/tasks.py`.",
+        "",
+        "| example | metric | base | fine-tuned | target | met | steps | wall (s) | peak RSS (GB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         if "base" not in r:
-            lines.append(f"| {r['example']} | failed (exit {r['exit']}) | | | | | | {r['wall_s']} "
-                         f"| {r['peak_rss_gb']} |")
+            lines.append(
+                f"| {r['example']} | failed (exit {r['exit']}) | | | | | | {r['wall_s']} | {r['peak_rss_gb']} |"
+            )
             continue
         metric = TARGETS[r["example"]][0]
         cells = [f"{r['base'].get(metric, float('nan')):.2f}", f"{r['finetuned'].get(metric, float('nan')):.2f}"]
-        lines.append(f"| {r['example']} | {metric} | {cells[0]} | {cells[1]} | {r['target']} | "
-                     f"{'yes' if r['met'] else 'no' if r['met'] is False else '?'} | {r['steps']} | {r['wall_s']} | "
-                     f"{r['peak_rss_gb']} |")
+        lines.append(
+            f"| {r['example']} | {metric} | {cells[0]} | {cells[1]} | {r['target']} | "
+            f"{'yes' if r['met'] else 'no' if r['met'] is False else '?'} | {r['steps']} | {r['wall_s']} | "
+            f"{r['peak_rss_gb']} |"
+        )
     lines += ["", "All validation metrics (base -> fine-tuned):", ""]
     for r in results:
         if "base" in r:
-            pairs = ", ".join(f"{k} {r['base'].get(k, float('nan')):.2f} -> {v:.2f}" for k, v in r["finetuned"].items()
-                              if isinstance(v, float))
+            pairs = ", ".join(
+                f"{k} {r['base'].get(k, float('nan')):.2f} -> {v:.2f}"
+                for k, v in r["finetuned"].items()
+                if isinstance(v, float)
+            )
             lines.append(f"- **{r['example']}**: {pairs}")
             if "retention_ppl" in r["finetuned"]:
-                lines.append(f"  - retention perplexity {r['base'].get('retention_ppl')} -> "
-                             f"{r['finetuned']['retention_ppl']}")
+                lines.append(
+                    f"  - retention perplexity {r['base'].get('retention_ppl')} -> {r['finetuned']['retention_ppl']}"
+                )
             if r.get("base_note"):
                 lines.append(f"  - base: {r['base_note']}")
     return "\n".join(lines) + "\n"

@@ -41,21 +41,48 @@ MODES = {
     "bf16-packed": {"train": {"precision": "bf16"}, "data": {"packing": True}},
     "bf16-packed-gc": {"train": {"precision": "bf16", "gradient_checkpointing": True}, "data": {"packing": True}},
     # Frozen base weights stored in bf16 (the LoRA matrices stay fp32): autocast computes in bf16 anyway.
-    "bf16w-packed-gc": {"train": {"precision": "bf16", "gradient_checkpointing": True}, "data": {"packing": True},
-                        "model": {"dtype": "bfloat16"}},
+    "bf16w-packed-gc": {
+        "train": {"precision": "bf16", "gradient_checkpointing": True},
+        "data": {"packing": True},
+        "model": {"dtype": "bfloat16"},
+    },
     # The same config in a process started with one malloc arena (glibc's per-thread arenas can hold
     # freed activation memory). Kept as an experiment: see results/throughput.md for what it did.
-    "bf16-packed-gc-arena1": {"train": {"precision": "bf16", "gradient_checkpointing": True},
-                              "data": {"packing": True}, "env": {"MALLOC_ARENA_MAX": "1"}},
+    "bf16-packed-gc-arena1": {
+        "train": {"precision": "bf16", "gradient_checkpointing": True},
+        "data": {"packing": True},
+        "env": {"MALLOC_ARENA_MAX": "1"},
+    },
 }
 PEER_MODES = {"fp32": [], "packing": ["--packing"], "bf16": ["--bf16"], "bf16-packing": ["--bf16", "--packing"]}
 ARCHS = {  # --random-init: throughput does not depend on weight values
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True),  # a dry run of this script
-    "llama-0.5b": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                       num_key_value_heads=8, vocab_size=49152, tie_word_embeddings=True),
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),  # a dry run of this script
+    "llama-0.5b": dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -85,14 +112,35 @@ def run_child(cmd: list[str], log: Path, env: dict | None = None) -> tuple[int, 
 
 
 def tunesmith_run(mode: str, model: str, a, out: Path, k: int) -> dict:
-    cfg = {"name": f"{mode}-{k}", "output_dir": str(out / "runs"), "seed": 0, "model": {"name": model},
-           "peft": {"method": "lora", "r": a.lora_r, "alpha": 2 * a.lora_r, "dropout": 0.0},
-           "data": {"train": str(a.data), "format": "instruction", "max_length": a.max_length,
-                    "overlength": "truncate", "validation_fraction": 0.05},
-           "train": {"max_steps": a.steps + 1, "batch_size": a.batch_size, "lr": 2e-4, "warmup_steps": 0,
-                     "schedule": "cosine"},
-           "eval": {"before_after": False, "samples": 0, "max_rows": 32, "generate_rows": 1, "max_new_tokens": 1,
-                    "batch_size": a.batch_size}}
+    cfg = {
+        "name": f"{mode}-{k}",
+        "output_dir": str(out / "runs"),
+        "seed": 0,
+        "model": {"name": model},
+        "peft": {"method": "lora", "r": a.lora_r, "alpha": 2 * a.lora_r, "dropout": 0.0},
+        "data": {
+            "train": str(a.data),
+            "format": "instruction",
+            "max_length": a.max_length,
+            "overlength": "truncate",
+            "validation_fraction": 0.05,
+        },
+        "train": {
+            "max_steps": a.steps + 1,
+            "batch_size": a.batch_size,
+            "lr": 2e-4,
+            "warmup_steps": 0,
+            "schedule": "cosine",
+        },
+        "eval": {
+            "before_after": False,
+            "samples": 0,
+            "max_rows": 32,
+            "generate_rows": 1,
+            "max_new_tokens": 1,
+            "batch_size": a.batch_size,
+        },
+    }
     env = {**os.environ, **MODES[mode].get("env", {})}
     for section, values in MODES[mode].items():
         if section != "env":
@@ -102,27 +150,65 @@ def tunesmith_run(mode: str, model: str, a, out: Path, k: int) -> dict:
     log = out / f"{mode}-{k}.log"
     code, wall, rss = run_child([sys.executable, "-m", "tunesmith", "train", str(path), "--overwrite"], log, env)
     if code != 0:  # nothing to read: finish() reports it and the benchmark exits 1
-        return {"tool": "tunesmith", "mode": mode, "exit": code, "tokens_per_s": None, "peak_rss_gb": round(rss, 2),
-                "gpu_peak_gb": None, "wall_s": round(wall, 1), "log": str(log)}
+        return {
+            "tool": "tunesmith",
+            "mode": mode,
+            "exit": code,
+            "tokens_per_s": None,
+            "peak_rss_gb": round(rss, 2),
+            "gpu_peak_gb": None,
+            "wall_s": round(wall, 1),
+            "log": str(log),
+        }
     run = out / "runs" / f"{mode}-{k}"
     steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     first, last = steps[0], steps[-1]  # tokens/s over steps 2..N: the first step is warm-up
     tps = (last["tokens"] - first["tokens"]) / (last["time"] - first["time"])
     report = json.loads((run / "eval.json").read_text())
-    return {"tool": "tunesmith", "mode": mode, "exit": code, "tokens_per_s": round(tps, 1),
-            "peak_rss_gb": round(rss, 2), "gpu_peak_gb": report["training"].get("gpu_peak_gb"),
-            "wall_s": round(wall, 1),
-            "val_loss": report["finetuned"]["validation"]["loss"], "steps": len(steps), "log": str(log)}
+    return {
+        "tool": "tunesmith",
+        "mode": mode,
+        "exit": code,
+        "tokens_per_s": round(tps, 1),
+        "peak_rss_gb": round(rss, 2),
+        "gpu_peak_gb": report["training"].get("gpu_peak_gb"),
+        "wall_s": round(wall, 1),
+        "val_loss": report["finetuned"]["validation"]["loss"],
+        "steps": len(steps),
+        "log": str(log),
+    }
 
 
 def peer_run(mode: str, model: str, a, out: Path, k: int) -> dict:
     # On a GPU the memory that matters is the device's: a wrapper prints the peer's peak after it ends.
-    wrap = ([sys.executable, "-c", "import atexit, json, runpy, sys, torch; atexit.register(lambda: print(json.dumps("
-             "{'gpu_peak_gb': torch.cuda.max_memory_allocated() / 2**30}))); sys.argv = sys.argv[1:]; "
-             "runpy.run_path(sys.argv[0], run_name='__main__')"] if torch.cuda.is_available() else [sys.executable])
-    cmd = [*wrap, str(a.peer), "--model", model, "--data", str(a.data), "--steps", str(a.steps),
-           "--batch-size", str(a.batch_size), "--max-length", str(a.max_length), "--lora-r", str(a.lora_r),
-           *PEER_MODES[mode]]
+    wrap = (
+        [
+            sys.executable,
+            "-c",
+            "import atexit, json, runpy, sys, torch; atexit.register(lambda: print(json.dumps("
+            "{'gpu_peak_gb': torch.cuda.max_memory_allocated() / 2**30}))); sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')",
+        ]
+        if torch.cuda.is_available()
+        else [sys.executable]
+    )
+    cmd = [
+        *wrap,
+        str(a.peer),
+        "--model",
+        model,
+        "--data",
+        str(a.data),
+        "--steps",
+        str(a.steps),
+        "--batch-size",
+        str(a.batch_size),
+        "--max-length",
+        str(a.max_length),
+        "--lora-r",
+        str(a.lora_r),
+        *PEER_MODES[mode],
+    ]
     log = out / f"peer-{mode}-{k}.log"
     code, wall, rss = run_child(cmd, log)
     res = {}
@@ -132,9 +218,16 @@ def peer_run(mode: str, model: str, a, out: Path, k: int) -> dict:
                 res.update(json.loads(x))
             except ValueError:
                 pass  # the Trainer prints Python dicts too
-    return {"tool": "peer", "mode": mode, "exit": code, "tokens_per_s": res.get("tokens_per_s"),
-            "peak_rss_gb": round(rss, 2), "gpu_peak_gb": res.get("gpu_peak_gb"), "wall_s": round(wall, 1),
-            "log": str(log)}
+    return {
+        "tool": "peer",
+        "mode": mode,
+        "exit": code,
+        "tokens_per_s": res.get("tokens_per_s"),
+        "peak_rss_gb": round(rss, 2),
+        "gpu_peak_gb": res.get("gpu_peak_gb"),
+        "wall_s": round(wall, 1),
+        "log": str(log),
+    }
 
 
 def peer_problem(peer: Path) -> str | None:
@@ -150,8 +243,13 @@ def peer_problem(peer: Path) -> str | None:
 
 def failures(results: list[dict]) -> list[str]:
     """Each run that exited non-zero or measured nothing: its numbers (and any ratio) would be missing."""
-    return [f"{r['tool']} {r['mode']}: exit {r['exit']}" + ("" if r["tokens_per_s"] else ", no tokens/s")
-            + f" (log {r['log']})" for r in results if r["exit"] != 0 or not r["tokens_per_s"]]
+    return [
+        f"{r['tool']} {r['mode']}: exit {r['exit']}"
+        + ("" if r["tokens_per_s"] else ", no tokens/s")
+        + f" (log {r['log']})"
+        for r in results
+        if r["exit"] != 0 or not r["tokens_per_s"]
+    ]
 
 
 def finish(results: list[dict]) -> None:
@@ -201,11 +299,17 @@ def generation_speed(model_dir: str, device: str, data: Path, n: int = 16, new: 
     with torch.no_grad():
         for p in prompts:
             ids = tok(render_prompt(tok, p), add_special_tokens=False, return_tensors="pt").to(device)
-            model.generate(**ids, max_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id,
-                           eos_token_id=tok.eos_token_id)
+            model.generate(
+                **ids, max_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+            )
     single = n / (time.perf_counter() - t)
-    return {"examples": n, "new_tokens": new, "batched_per_s": round(batched, 3), "single_per_s": round(single, 3),
-            "ratio": round(batched / single, 2)}
+    return {
+        "examples": n,
+        "new_tokens": new,
+        "batched_per_s": round(batched, 3),
+        "single_per_s": round(single, 3),
+        "ratio": round(batched / single, 2),
+    }
 
 
 def main() -> None:
@@ -237,8 +341,11 @@ def main() -> None:
         model = models.resolve(ModelConfig(name="smollm2-135m-instruct"))
     n_params = count_params(model)
     peaks = {"fp32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
-    print(f"device {device}; matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} "
-          f"GFLOP/s; model {model} ({n_params / 1e6:.1f}M parameters)", flush=True)
+    print(
+        f"device {device}; matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} "
+        f"GFLOP/s; model {model} ({n_params / 1e6:.1f}M parameters)",
+        flush=True,
+    )
     results = []
     for k in range(a.rounds):
         for mode in filter(None, a.peer_modes.split(",")):
@@ -253,12 +360,17 @@ def main() -> None:
     gen = generation_speed(model, device, a.data)
     print("generation " + json.dumps(gen), flush=True)
     summary = summarize(results, peaks, n_params)
-    record = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {device}"
-              + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""),
-              "model": a.random_init or "smollm2-135m-instruct (cached safetensors)", "params": n_params,
-              "settings": {k: v for k, v in vars(a).items() if k not in ("out",)} | {"data": str(a.data)},
-              "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()},
-              "runs": results, "summary": summary, "generation": gen}
+    record = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {device}"
+        + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""),
+        "model": a.random_init or "smollm2-135m-instruct (cached safetensors)",
+        "params": n_params,
+        "settings": {k: v for k, v in vars(a).items() if k not in ("out",)} | {"data": str(a.data)},
+        "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()},
+        "runs": results,
+        "summary": summary,
+        "generation": gen,
+    }
     a.out.mkdir(parents=True, exist_ok=True)
     name = f"throughput-{device}{'-' + a.random_init if a.random_init else ''}.json"
     (a.out / name).write_text(json.dumps(record, indent=2, default=str) + "\n")
@@ -291,19 +403,31 @@ def summarize(results: list[dict], peaks: dict, n_params: int) -> dict:
         peak = peaks["bf16" if "bf16" in mode else "fp32"]
         mfu = tps * 4 * n_params / peak
         gpu = statistics.median(r["gpu_peak_gb"] for r in rs) if rs[0].get("gpu_peak_gb") is not None else None
-        table[f"{tool}:{mode}"] = {"tokens_per_s": tps, "peak_rss_gb": rss, "gpu_peak_gb": gpu, "mfu": round(mfu, 4),
-                                   "runs": [r["tokens_per_s"] for r in rs]}
-        lines.append(f"{tool:9s} {mode:13s} median {tps:8.1f} tokens/s  peak RSS {rss:5.2f} GB  MFU {100 * mfu:5.1f}%"
-                     + (f"  GPU peak {gpu:.2f} GiB" if gpu is not None else "")
-                     + f"  runs {[r['tokens_per_s'] for r in rs]}")
+        table[f"{tool}:{mode}"] = {
+            "tokens_per_s": tps,
+            "peak_rss_gb": rss,
+            "gpu_peak_gb": gpu,
+            "mfu": round(mfu, 4),
+            "runs": [r["tokens_per_s"] for r in rs],
+        }
+        lines.append(
+            f"{tool:9s} {mode:13s} median {tps:8.1f} tokens/s  peak RSS {rss:5.2f} GB  MFU {100 * mfu:5.1f}%"
+            + (f"  GPU peak {gpu:.2f} GiB" if gpu is not None else "")
+            + f"  runs {[r['tokens_per_s'] for r in rs]}"
+        )
     ours = [v for k, v in table.items() if k.startswith("tunesmith:")]
     peer = [v for k, v in table.items() if k.startswith("peer:")]
     if ours and peer:
         best, rival = max(ours, key=lambda v: v["tokens_per_s"]), max(peer, key=lambda v: v["tokens_per_s"])
-        mem = ("gpu_peak_gb", "GPU peak memory") if best.get("gpu_peak_gb") and rival.get("gpu_peak_gb") else (
-            "peak_rss_gb", "peak RSS")
-        lines.append(f"ratio tunesmith/peer tokens/s: {best['tokens_per_s'] / rival['tokens_per_s']:.2f} "
-                     f"({mem[1]} ratio: {best[mem[0]] / rival[mem[0]]:.2f})")
+        mem = (
+            ("gpu_peak_gb", "GPU peak memory")
+            if best.get("gpu_peak_gb") and rival.get("gpu_peak_gb")
+            else ("peak_rss_gb", "peak RSS")
+        )
+        lines.append(
+            f"ratio tunesmith/peer tokens/s: {best['tokens_per_s'] / rival['tokens_per_s']:.2f} "
+            f"({mem[1]} ratio: {best[mem[0]] / rival[mem[0]]:.2f})"
+        )
     return {"table": table, "lines": lines}
 
 

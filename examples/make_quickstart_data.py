@@ -15,14 +15,30 @@ from pathlib import Path
 
 PRODUCTS = ["router", "laptop", "phone", "printer", "smart watch", "headphones", "tablet", "camera"]
 ISSUES = {
-    "billing": ["I was charged twice for my {p}", "the invoice for my {p} shows the wrong amount",
-                "I want a refund for the {p} I returned", "my card was billed after I cancelled the {p} plan"],
-    "shipping": ["my {p} has not arrived yet", "the tracking number for my {p} does not work",
-                 "the box with my {p} was delivered to the wrong address", "my {p} arrived damaged in transit"],
-    "technical": ["my {p} keeps restarting", "the {p} will not connect to wifi",
-                  "the screen of my {p} stays black", "my {p} gets very hot after a few minutes"],
-    "account": ["I cannot log in to manage my {p}", "please change the email on my {p} account",
-                "I forgot the password for my {p} app", "how do I delete the account linked to my {p}"],
+    "billing": [
+        "I was charged twice for my {p}",
+        "the invoice for my {p} shows the wrong amount",
+        "I want a refund for the {p} I returned",
+        "my card was billed after I cancelled the {p} plan",
+    ],
+    "shipping": [
+        "my {p} has not arrived yet",
+        "the tracking number for my {p} does not work",
+        "the box with my {p} was delivered to the wrong address",
+        "my {p} arrived damaged in transit",
+    ],
+    "technical": [
+        "my {p} keeps restarting",
+        "the {p} will not connect to wifi",
+        "the screen of my {p} stays black",
+        "my {p} gets very hot after a few minutes",
+    ],
+    "account": [
+        "I cannot log in to manage my {p}",
+        "please change the email on my {p} account",
+        "I forgot the password for my {p} app",
+        "how do I delete the account linked to my {p}",
+    ],
 }
 URGENT = ["This is urgent, I need it today.", "Please help as soon as possible!", "I need this fixed right now."]
 CALM = ["No rush.", "Whenever you have time.", "Thanks in advance.", ""]
@@ -37,8 +53,11 @@ def ticket(rng: random.Random) -> dict:
     tail = rng.choice(URGENT if urgent else CALM)
     text = " ".join(x for x in (rng.choice(OPENERS), body[0].upper() + body[1:] + ".", tail) if x)
     answer = {"category": category, "product": product, "urgency": "high" if urgent else "normal"}
-    return {"instruction": "Triage this support ticket. Answer with one line of JSON.", "input": text,
-            "output": json.dumps(answer)}
+    return {
+        "instruction": "Triage this support ticket. Answer with one line of JSON.",
+        "input": text,
+        "output": json.dumps(answer),
+    }
 
 
 def main(out_dir: str) -> None:

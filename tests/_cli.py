@@ -62,12 +62,18 @@ def cli_argv(*args, program: Sequence[str | Path] = TUNESMITH) -> list[str]:
     return [sys.executable, *map(str, program), *map(str, args)]
 
 
-def run_cli(*args, program: Sequence[str | Path] = TUNESMITH, env: Mapping[str, str] | None = None,
-            cwd: str | Path | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args,
+    program: Sequence[str | Path] = TUNESMITH,
+    env: Mapping[str, str] | None = None,
+    cwd: str | Path | None = None,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess:
     """`tunesmith <args>` in a fresh process. `env` is its whole environment (None: this process's), as for
     subprocess.run, so that a test can also leave variables out."""
-    return subprocess.run(cli_argv(*args, program=program), capture_output=True, text=True, env=env, cwd=cwd,
-                          timeout=timeout)
+    return subprocess.run(
+        cli_argv(*args, program=program), capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
+    )
 
 
 def main_in_process(*args) -> int:

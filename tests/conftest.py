@@ -53,11 +53,16 @@ def build_tokenizer(path: Path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
-                                   bos_token="<|im_start|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>"
+    )
     fast.chat_template = CHATML
     fast.save_pretrained(path)
     return fast
@@ -68,10 +73,20 @@ def build_tiny_llama(path: Path, seed: int = 0) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer(path)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-                         tie_word_embeddings=True, initializer_range=0.2)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+    )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(path)
     return path
@@ -106,8 +121,14 @@ def instruction_rows(n: int, seed: int = 0) -> list[dict]:
     for i in range(n):
         k = rng.randint(1, 6)
         ws = [rng.choice(words) for _ in range(k)]
-        rows.append({"id": f"r{i}", "instruction": "reverse the words", "input": " ".join(ws) + f" #{i}",
-                     "output": " ".join(reversed(ws))})
+        rows.append(
+            {
+                "id": f"r{i}",
+                "instruction": "reverse the words",
+                "input": " ".join(ws) + f" #{i}",
+                "output": " ".join(reversed(ws)),
+            }
+        )
     return rows
 
 
@@ -122,8 +143,13 @@ def tiny_config(tmp_path, tiny_llama):
         "seed": 0,
         "model": {"name": str(tiny_llama)},
         "peft": {"method": "lora", "r": 4, "dropout": 0.0},
-        "data": {"train": str(train), "validation": str(val), "format": "instruction", "max_length": 128,
-                 "overlength": "drop"},
+        "data": {
+            "train": str(train),
+            "validation": str(val),
+            "format": "instruction",
+            "max_length": 128,
+            "overlength": "drop",
+        },
         "train": {"max_steps": 6, "lr": 1e-2, "batch_size": 4, "grad_accum": 1, "warmup_ratio": 0.0},
         "eval": {"batch_size": 8, "max_new_tokens": 8, "samples": 1},
     }

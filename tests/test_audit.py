@@ -39,12 +39,20 @@ def text_run(tmp_path, tiny_llama):
     rng = random.Random(0)
     words = "the quick brown fox jumps over lazy dog one two three four five six seven".split()
     rows = [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(4, 9)))} for _ in range(200)]
-    cfg = {"name": "base", "output_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_llama)},
-           "peft": {"method": "full"},
-           "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", rows)), "format": "text", "max_length": 64,
-                    "overlength": "drop"},
-           "train": {"epochs": 10, "lr": 1e-2, "batch_size": 16, "warmup_ratio": 0.0, "log_every": 50},
-           "eval": {"batch_size": 64, "samples": 0, "before_after": False}}
+    cfg = {
+        "name": "base",
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"name": str(tiny_llama)},
+        "peft": {"method": "full"},
+        "data": {
+            "train": str(write_jsonl(tmp_path / "train.jsonl", rows)),
+            "format": "text",
+            "max_length": 64,
+            "overlength": "drop",
+        },
+        "train": {"epochs": 10, "lr": 1e-2, "batch_size": 16, "warmup_ratio": 0.0, "log_every": 50},
+        "eval": {"batch_size": 64, "samples": 0, "before_after": False},
+    }
     run = tmp_path / "runs" / "base"
     run.mkdir(parents=True)
     write_config(tmp_path, cfg).replace(run / "config.yaml")  # the audit reads only the run's config

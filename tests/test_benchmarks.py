@@ -15,8 +15,15 @@ _spec.loader.exec_module(throughput)
 
 
 def run(tool: str, mode: str, code: int = 0, tps: float | None = 100.0) -> dict:
-    return {"tool": tool, "mode": mode, "exit": code, "tokens_per_s": tps, "peak_rss_gb": 1.0, "gpu_peak_gb": None,
-            "log": f"/work/{tool}-{mode}-0.log"}
+    return {
+        "tool": tool,
+        "mode": mode,
+        "exit": code,
+        "tokens_per_s": tps,
+        "peak_rss_gb": 1.0,
+        "gpu_peak_gb": None,
+        "log": f"/work/{tool}-{mode}-0.log",
+    }
 
 
 def test_every_run_ok_is_no_failure():
@@ -24,11 +31,15 @@ def test_every_run_ok_is_no_failure():
     assert throughput.failures(results) == []
 
 
-@pytest.mark.parametrize("bad,said", [
-    (run("peer", "bf16", code=1, tps=None), "peer bf16: exit 1, no tokens/s (log /work/peer-bf16-0.log)"),
-    (run("peer", "bf16", code=0, tps=None), "peer bf16: exit 0, no tokens/s (log /work/peer-bf16-0.log)"),
-    (run("tunesmith", "fp32", code=2), "tunesmith fp32: exit 2 (log /work/tunesmith-fp32-0.log)"),
-], ids=["peer-exit-1", "peer-printed-no-tokens", "tunesmith-exit-2"])
+@pytest.mark.parametrize(
+    "bad,said",
+    [
+        (run("peer", "bf16", code=1, tps=None), "peer bf16: exit 1, no tokens/s (log /work/peer-bf16-0.log)"),
+        (run("peer", "bf16", code=0, tps=None), "peer bf16: exit 0, no tokens/s (log /work/peer-bf16-0.log)"),
+        (run("tunesmith", "fp32", code=2), "tunesmith fp32: exit 2 (log /work/tunesmith-fp32-0.log)"),
+    ],
+    ids=["peer-exit-1", "peer-printed-no-tokens", "tunesmith-exit-2"],
+)
 def test_a_failed_run_is_a_failure(bad, said):
     assert throughput.failures([run("peer", "bf16"), run("tunesmith", "bf16-packed"), bad]) == [said]
 

@@ -33,22 +33,41 @@ def made(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TUNESMITH_HOME", str(root / "home"))
         llama = build_tiny_llama(root / "llama")
-        lm = {"name": "lm", "output_dir": str(root / "runs"), "seed": 0, "model": {"name": str(llama)},
-              "peft": {"method": "lora", "r": 4, "dropout": 0.0},
-              "data": {"train": str(write_jsonl(root / "d" / "train.jsonl", instruction_rows(24))),
-                       "validation": str(write_jsonl(root / "d" / "val.jsonl", instruction_rows(6, seed=1))),
-                       "test": str(write_jsonl(root / "d" / "test.jsonl", instruction_rows(6, seed=2))),
-                       "format": "instruction", "max_length": 128, "overlength": "drop"},
-              "train": {"max_steps": 3, "lr": 1e-2, "batch_size": 4, "warmup_ratio": 0.0}, "eval": CHEAP_EVAL}
+        lm = {
+            "name": "lm",
+            "output_dir": str(root / "runs"),
+            "seed": 0,
+            "model": {"name": str(llama)},
+            "peft": {"method": "lora", "r": 4, "dropout": 0.0},
+            "data": {
+                "train": str(write_jsonl(root / "d" / "train.jsonl", instruction_rows(24))),
+                "validation": str(write_jsonl(root / "d" / "val.jsonl", instruction_rows(6, seed=1))),
+                "test": str(write_jsonl(root / "d" / "test.jsonl", instruction_rows(6, seed=2))),
+                "format": "instruction",
+                "max_length": 128,
+                "overlength": "drop",
+            },
+            "train": {"max_steps": 3, "lr": 1e-2, "batch_size": 4, "warmup_ratio": 0.0},
+            "eval": CHEAP_EVAL,
+        }
         taken: set = set()
         bert = build_tiny_bert(root / "bert")
-        cls = {"name": "cls", "output_dir": str(root / "runs"), "seed": 0, "model": {"name": str(bert)},
-               "peft": {"method": "lora", "r": 8, "dropout": 0.0},
-               "data": {"train": str(write_jsonl(root / "d" / "cls-train.jsonl", sentiment_rows(36, 28, 0, taken))),
-                        "validation": str(write_jsonl(root / "d" / "cls-val.jsonl", sentiment_rows(10, 6, 1, taken))),
-                        "format": "classification", "labels": ["negative", "positive"], "max_length": 32},
-               "train": {"max_steps": 40, "lr": 1e-2, "batch_size": 16, "warmup_ratio": 0.1, "schedule": "cosine"},
-               "eval": {"batch_size": 16, "samples": 16}}
+        cls = {
+            "name": "cls",
+            "output_dir": str(root / "runs"),
+            "seed": 0,
+            "model": {"name": str(bert)},
+            "peft": {"method": "lora", "r": 8, "dropout": 0.0},
+            "data": {
+                "train": str(write_jsonl(root / "d" / "cls-train.jsonl", sentiment_rows(36, 28, 0, taken))),
+                "validation": str(write_jsonl(root / "d" / "cls-val.jsonl", sentiment_rows(10, 6, 1, taken))),
+                "format": "classification",
+                "labels": ["negative", "positive"],
+                "max_length": 32,
+            },
+            "train": {"max_steps": 40, "lr": 1e-2, "batch_size": 16, "warmup_ratio": 0.1, "schedule": "cosine"},
+            "eval": {"batch_size": 16, "samples": 16},
+        }
         full = {**lm, "name": "full", "peft": {"method": "full"}, "train": {**lm["train"], "max_steps": 2, "lr": 1e-3}}
         runs = {}
         for tree in (lm, cls, full):
@@ -139,8 +158,9 @@ def test_predict_reads_the_runs_column_mapping(made, tmp_path):
 
 def test_predict_lists_every_bad_row_before_loading_a_model(made, tmp_path, monkeypatch):
     no_model_loads(monkeypatch)
-    rows = write_jsonl(tmp_path / "in.jsonl", [{"text": "good"}, "{not json", {"txt": "x"}, {"text": ""},
-                                               {"text": "bad"}, [1, 2]])
+    rows = write_jsonl(
+        tmp_path / "in.jsonl", [{"text": "good"}, "{not json", {"txt": "x"}, {"text": ""}, {"text": "bad"}, [1, 2]]
+    )
     err = refused("predict", made["cls"], "--input", rows)
     for line in (2, 3, 4, 6):
         assert f"{rows}:{line}:" in err
@@ -148,12 +168,16 @@ def test_predict_lists_every_bad_row_before_loading_a_model(made, tmp_path, monk
     assert "4 bad line" in err
 
 
-@pytest.mark.parametrize("args", [["--input", "{rows}", "--batch-size", "0"], ["--input", "{missing}"],
-                                  ["--input", "{empty}"]])
+@pytest.mark.parametrize(
+    "args", [["--input", "{rows}", "--batch-size", "0"], ["--input", "{missing}"], ["--input", "{empty}"]]
+)
 def test_predict_checks_its_arguments_first(made, tmp_path, monkeypatch, args):
     no_model_loads(monkeypatch)
-    names = {"rows": write_jsonl(tmp_path / "in.jsonl", [{"text": "good"}]), "missing": tmp_path / "nope.jsonl",
-             "empty": write_jsonl(tmp_path / "empty.jsonl", [])}
+    names = {
+        "rows": write_jsonl(tmp_path / "in.jsonl", [{"text": "good"}]),
+        "missing": tmp_path / "nope.jsonl",
+        "empty": write_jsonl(tmp_path / "empty.jsonl", []),
+    }
     refused("predict", made["cls"], *[a.format(**names) for a in args])
 
 
@@ -167,9 +191,18 @@ def test_predict_refuses_a_causal_lm_run(made, tmp_path, monkeypatch):
 # ---------------------------------------------------------------- generate: arguments before the model
 
 
-@pytest.mark.parametrize("args", [["--prompt", "hi", "--batch-size", "0"], ["--prompt", "hi", "--max-new-tokens", "-1"],
-                                  ["--prompt", "hi", "--max-new-tokens", "0"], ["--prompt", ""], ["--prompt", "  "],
-                                  ["--input", "{missing}"], ["--input", "{folder}"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--prompt", "hi", "--batch-size", "0"],
+        ["--prompt", "hi", "--max-new-tokens", "-1"],
+        ["--prompt", "hi", "--max-new-tokens", "0"],
+        ["--prompt", ""],
+        ["--prompt", "  "],
+        ["--input", "{missing}"],
+        ["--input", "{folder}"],
+    ],
+)
 def test_generate_checks_its_arguments_before_loading_a_model(made, tmp_path, monkeypatch, args):
     no_model_loads(monkeypatch)
     args = [a.format(missing=tmp_path / "nope.jsonl", folder=tmp_path) for a in args]
@@ -178,8 +211,18 @@ def test_generate_checks_its_arguments_before_loading_a_model(made, tmp_path, mo
 
 def test_generate_input_lists_every_bad_line(made, tmp_path, monkeypatch):
     no_model_loads(monkeypatch)
-    rows = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}, "{oops", {"nothing": 1}, {"prompt": "ok"},
-                                              {"messages": "not a list"}, '"a string"', {"prompt": ""}])
+    rows = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "hi"},
+            "{oops",
+            {"nothing": 1},
+            {"prompt": "ok"},
+            {"messages": "not a list"},
+            '"a string"',
+            {"prompt": ""},
+        ],
+    )
     err = refused("generate", made["lm"], "--input", rows)
     for line in (2, 3, 5, 6, 7):
         assert f"{rows}:{line}:" in err, err
@@ -188,8 +231,14 @@ def test_generate_input_lists_every_bad_line(made, tmp_path, monkeypatch):
 
 
 def test_generate_answers_prompts_from_a_file(made, tmp_path):
-    rows = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "one two"}, {"instruction": "reverse", "input": "a b"},
-                                              {"messages": [{"role": "user", "content": "hi"}]}])
+    rows = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "one two"},
+            {"instruction": "reverse", "input": "a b"},
+            {"messages": [{"role": "user", "content": "hi"}]},
+        ],
+    )
     res = invoke_cli("generate", made["lm"], "--input", rows, "--max-new-tokens", "2", "--batch-size", "2")
     assert res.returncode == 0
     out = [json.loads(line) for line in res.stdout.splitlines()]
@@ -219,16 +268,20 @@ def test_a_damaged_adapter_is_a_clear_error(made, tmp_path, monkeypatch, damage,
     assert not (tmp_path / "merged").exists()
 
 
-@pytest.mark.parametrize("targets, r, says", [(["q_proj"], 4, ["24 missing of 28 tensors"]),
-                                             ("all-linear", 2, ["of another shape", "(2, 32) saved, (4, 32)"])])
+@pytest.mark.parametrize(
+    "targets, r, says",
+    [(["q_proj"], 4, ["24 missing of 28 tensors"]), ("all-linear", 2, ["of another shape", "(2, 32) saved, (4, 32)"])],
+)
 def test_eval_refuses_an_adapter_of_another_shape(made, tmp_path, targets, r, says):
     """An adapter saved from another config (other target_modules, or another r) swapped into the run."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     run = copy_run(made, "lm", tmp_path)
-    other = get_peft_model(AutoModelForCausalLM.from_pretrained(made["llama"]),
-                           LoraConfig(r=r, target_modules=targets, task_type="CAUSAL_LM"))
+    other = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(made["llama"]),
+        LoraConfig(r=r, target_modules=targets, task_type="CAUSAL_LM"),
+    )
     for f in ("adapter_model.safetensors", "adapter_config.json"):
         (run / "adapter" / f).unlink()
     other.save_pretrained(run / "adapter", safe_serialization=True)  # the run's tokenizer files stay
@@ -257,8 +310,11 @@ def test_eval_refuses_an_adapter_missing_keys(made, tmp_path):
 @pytest.mark.parametrize("damage", ["yaml", "schema", "list"])
 def test_eval_on_a_damaged_config_is_a_clear_error(made, tmp_path, damage):
     run = copy_run(made, "lm", tmp_path)
-    text = {"yaml": "name: [unclosed\n", "list": "- a\n- b\n",
-            "schema": (run / "config.yaml").read_text().replace("seed: 0", "seed: zero")}[damage]
+    text = {
+        "yaml": "name: [unclosed\n",
+        "list": "- a\n- b\n",
+        "schema": (run / "config.yaml").read_text().replace("seed: 0", "seed: zero"),
+    }[damage]
     (run / "config.yaml").write_text(text)
     err = refused("eval", run)
     assert "config.yaml" in err
@@ -293,8 +349,9 @@ def test_eval_and_generate_load_a_fully_fine_tuned_run(made, tmp_path):
     assert invoke_cli("generate", run, "--prompt", "one two", "--max-new-tokens", "2").returncode == 0
     path = next((run / "model").glob("*.safetensors"))
     tensors = load_file(str(path))
-    save_file({k: v for k, v in tensors.items() if "layers.0.mlp.up_proj" not in k}, str(path),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in tensors.items() if "layers.0.mlp.up_proj" not in k}, str(path), metadata={"format": "pt"}
+    )
     err = refused("eval", run)
     assert "1 missing" in err and "model.layers.0.mlp.up_proj.weight" in err
 

@@ -29,8 +29,9 @@ def minimal(**extra) -> dict:
 
 
 def test_parse_overrides_yaml_types():
-    parsed = dict(parse_overrides(["peft.r=8", "data.dedup=false", "train.lr=0.0001", "name=my-run",
-                                   "data.system_prompt="]))
+    parsed = dict(
+        parse_overrides(["peft.r=8", "data.dedup=false", "train.lr=0.0001", "name=my-run", "data.system_prompt="])
+    )
     assert parsed["peft.r"] == 8 and type(parsed["peft.r"]) is int
     assert parsed["data.dedup"] is False
     assert parsed["train.lr"] == pytest.approx(1e-4) and type(parsed["train.lr"]) is float

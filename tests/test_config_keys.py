@@ -95,6 +95,9 @@ def test_config_show_prints_the_resolved_config(tiny_config, tmp_path):
 
 def test_every_section_refuses_unknown_keys_and_inf_nan():
     # The search schema once sat on plain BaseModel and took `uniform: [1e-5, .inf]`; every section is strict now.
-    loose = [name for name, model in sections(Config).items()
-             if model.model_config.get("extra") != "forbid" or model.model_config.get("allow_inf_nan") is not False]
+    loose = [
+        name
+        for name, model in sections(Config).items()
+        if model.model_config.get("extra") != "forbid" or model.model_config.get("allow_inf_nan") is not False
+    ]
     assert loose == []

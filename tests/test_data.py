@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 from _cli import run_cli
-
 from conftest import instruction_rows, write_config, write_jsonl
+
 from tunesmith.config import config_from_dict
 from tunesmith.data.formats import parse_rows
 from tunesmith.data.prepare import load_examples
@@ -126,9 +126,14 @@ def test_utf16_file_refused(tmp_path):
 def test_nul_byte_and_lone_surrogate(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_bytes(
-        json.dumps(good_row(1)).encode() + b"\n"
-        + b'{"instruction": "' + SECRET.encode() + b'\x00", "output": "x"}\n'
-        + b'{"instruction": "' + SECRET.encode() + b' \\ud800", "output": "x"}\n'
+        json.dumps(good_row(1)).encode()
+        + b"\n"
+        + b'{"instruction": "'
+        + SECRET.encode()
+        + b'\x00", "output": "x"}\n'
+        + b'{"instruction": "'
+        + SECRET.encode()
+        + b' \\ud800", "output": "x"}\n'
     )
     raw = read_source(str(path))
     examples, problems = parse_rows(raw, make_cfg(path).data)
@@ -319,17 +324,23 @@ def test_fingerprint_changes_on_case_only_edit(tmp_path):
 
 
 def test_classification_label_problems(tmp_path):
-    path = write_jsonl(tmp_path / "train.jsonl", [
-        {"text": f"{SECRET} good", "label": "pos"},
-        {"text": f"{SECRET} unknown", "label": "maybe"},
-        {"text": f"{SECRET} null", "label": None},
-        {"text": f"{SECRET} int", "label": 1},
-        {"text": f"{SECRET} list", "label": ["pos"]},
-    ])
+    path = write_jsonl(
+        tmp_path / "train.jsonl",
+        [
+            {"text": f"{SECRET} good", "label": "pos"},
+            {"text": f"{SECRET} unknown", "label": "maybe"},
+            {"text": f"{SECRET} null", "label": None},
+            {"text": f"{SECRET} int", "label": 1},
+            {"text": f"{SECRET} list", "label": ["pos"]},
+        ],
+    )
     cfg = make_cfg(path, "classification", labels=["pos", "neg", "1"])
     examples, problems = parse_rows(read_source(str(path)), cfg.data)
     assert [(p.where, p.code) for p in problems] == [
-        (f"{path}:2", "unknown_label"), (f"{path}:3", "bad_label"), (f"{path}:5", "bad_label")]
+        (f"{path}:2", "unknown_label"),
+        (f"{path}:3", "bad_label"),
+        (f"{path}:5", "bad_label"),
+    ]
     assert [(ex.where, ex.label) for ex in examples] == [(f"{path}:1", "pos"), (f"{path}:4", "1")]
     assert all(SECRET not in str(p) for p in problems)
 
@@ -343,8 +354,9 @@ def test_empty_csv_label_is_a_problem(tmp_path):
 
 
 def test_label_only_in_validation_refused(tmp_path):
-    train = write_jsonl(tmp_path / "train.jsonl",
-                        [{"text": f"t{i}", "label": "pos" if i % 2 else "neg"} for i in range(10)])
+    train = write_jsonl(
+        tmp_path / "train.jsonl", [{"text": f"t{i}", "label": "pos" if i % 2 else "neg"} for i in range(10)]
+    )
     val = write_jsonl(tmp_path / "val.jsonl", [{"text": "v1", "label": "pos"}, {"text": "v2", "label": "neutral"}])
     with pytest.raises(DataError) as info:
         load_examples(make_cfg(train, "classification", validation=str(val)))

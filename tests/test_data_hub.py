@@ -4,8 +4,8 @@ split, never all from train. `datasets.load_dataset` is monkeypatched: no networ
 from __future__ import annotations
 
 import pytest
-
 from conftest import instruction_rows
+
 from tunesmith.config import config_from_dict
 from tunesmith.data.prepare import load_examples
 from tunesmith.errors import ConfigError
@@ -17,8 +17,10 @@ def fake_hub(monkeypatch):
     import datasets
 
     calls = []
-    store = {name: [dict(r, id=f"{name}-{i}") for i, r in enumerate(instruction_rows(n, seed=len(name)))]
-             for name, n in (("train", 30), ("validation", 6), ("test", 5), ("dev", 4))}
+    store = {
+        name: [dict(r, id=f"{name}-{i}") for i, r in enumerate(instruction_rows(n, seed=len(name)))]
+        for name, n in (("train", 30), ("validation", 6), ("test", 5), ("dev", 4))
+    }
 
     def load_dataset(path, split=None, **kwargs):
         calls.append((path, split))
@@ -31,8 +33,7 @@ def fake_hub(monkeypatch):
 
 
 def hub_cfg(**data):
-    return config_from_dict({"train": {"batch_size": 2},
-                             "data": {"train": "org/ds", "format": "instruction", **data}})
+    return config_from_dict({"train": {"batch_size": 2}, "data": {"train": "org/ds", "format": "instruction", **data}})
 
 
 def _prefixes(ex) -> dict[str, set[str]]:
@@ -66,8 +67,13 @@ def test_saved_dataset_dict_reads_split_per_source(tmp_path):
     import datasets
 
     parts = {"train": 20, "validation": 3}
-    datasets.DatasetDict({name: datasets.Dataset.from_list([dict(r, id=f"{name}-{i}") for i, r in
-                                                           enumerate(instruction_rows(n, seed=len(name)))])
-                          for name, n in parts.items()}).save_to_disk(tmp_path / "dd")
+    datasets.DatasetDict(
+        {
+            name: datasets.Dataset.from_list(
+                [dict(r, id=f"{name}-{i}") for i, r in enumerate(instruction_rows(n, seed=len(name)))]
+            )
+            for name, n in parts.items()
+        }
+    ).save_to_disk(tmp_path / "dd")
     ex = load_examples(hub_cfg(train=str(tmp_path / "dd"), validation=str(tmp_path / "dd")))
     assert _prefixes(ex) == {"train": {"train"}, "validation": {"validation"}}

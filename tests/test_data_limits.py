@@ -4,15 +4,16 @@ data.max_length's cap."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import instruction_rows, write_jsonl
+
 from tunesmith.config import config_from_dict
 from tunesmith.errors import ConfigError, DataError, UserError
 
 
 def cfg_of(train, fmt: str = "instruction", train_section: dict | None = None, **data):
-    return config_from_dict({"train": train_section or {"batch_size": 2},
-                             "data": {"train": str(train), "format": fmt, **data}})
+    return config_from_dict(
+        {"train": train_section or {"batch_size": 2}, "data": {"train": str(train), "format": fmt, **data}}
+    )
 
 
 def labelled(n: int, prefix: str = "t") -> list[dict]:

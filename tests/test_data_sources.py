@@ -9,8 +9,8 @@ import lzma
 import os
 
 import pytest
-
 from conftest import instruction_rows, write_jsonl
+
 from tunesmith.data.sources import read_source
 from tunesmith.errors import DataError
 
@@ -41,8 +41,9 @@ def test_gzip_named_jsonl_is_detected(tmp_path):
     assert ".jsonl.gz" in info.value.hint
 
 
-@pytest.mark.parametrize("suffix,compress", [(".jsonl.gz", gzip.compress), (".jsonl.bz2", bz2.compress),
-                                             (".jsonl.xz", lzma.compress)])
+@pytest.mark.parametrize(
+    "suffix,compress", [(".jsonl.gz", gzip.compress), (".jsonl.bz2", bz2.compress), (".jsonl.xz", lzma.compress)]
+)
 def test_compressed_jsonl_is_read(tmp_path, suffix, compress):
     rows = instruction_rows(5)
     path = tmp_path / f"train{suffix}"

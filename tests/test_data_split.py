@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import instruction_rows, write_jsonl
+
 from tunesmith.config import config_from_dict
 from tunesmith.data.prepare import load_examples
 from tunesmith.errors import DataError
@@ -17,8 +17,13 @@ SECRET = "SECRETLABEL"
 
 
 def cfg_of(train: Path, fmt: str = "instruction", seed: int = 0, train_section: dict | None = None, **data):
-    return config_from_dict({"seed": seed, "train": train_section or {"batch_size": 2},
-                             "data": {"train": str(train), "format": fmt, **data}})
+    return config_from_dict(
+        {
+            "seed": seed,
+            "train": train_section or {"batch_size": 2},
+            "data": {"train": str(train), "format": fmt, **data},
+        }
+    )
 
 
 def labelled(n: int, labels: tuple[str, ...] = ("neg", "pos"), prefix: str = "t") -> list[dict]:
@@ -91,8 +96,15 @@ def test_conflicting_duplicates_inside_train_are_reported(tmp_path, capsys):
 
 def test_unseen_label_error_gives_positions_not_label_text(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", labelled(10))
-    val = write_jsonl(tmp_path / "val.jsonl", [{"text": "v1", "label": "pos"}, {"text": "v2", "label": SECRET},
-                                               {"text": "v3", "label": SECRET + "2"}, {"text": "v4", "label": SECRET}])
+    val = write_jsonl(
+        tmp_path / "val.jsonl",
+        [
+            {"text": "v1", "label": "pos"},
+            {"text": "v2", "label": SECRET},
+            {"text": "v3", "label": SECRET + "2"},
+            {"text": "v4", "label": SECRET},
+        ],
+    )
     with pytest.raises(DataError) as info:
         load_examples(cfg_of(train, "classification", validation=str(val)))
     err = info.value
@@ -134,8 +146,9 @@ def test_strong_imbalance_warns(tmp_path, capsys):
     ex = load_examples(cfg_of(train, "classification", validation=str(val)))
     assert ex.report["warnings"] == ["imbalanced labels: one label is 97.5% of train (78 of 80 rows)"]
     assert "imbalanced labels" in capsys.readouterr().err
-    balanced = load_examples(cfg_of(write_jsonl(tmp_path / "b.jsonl", labelled(80)), "classification",
-                                    validation=str(val)))
+    balanced = load_examples(
+        cfg_of(write_jsonl(tmp_path / "b.jsonl", labelled(80)), "classification", validation=str(val))
+    )
     assert "warnings" not in balanced.report
 
 

@@ -10,8 +10,8 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import build_tiny_llama, write_config, write_jsonl
 from _cli import main_in_process
+from conftest import build_tiny_llama, write_config, write_jsonl
 from reliability._harness import fresh_accelerator_state  # noqa: F401 (autouse fixture)
 from test_commands import no_model_loads, refused
 from test_recipe_tasks import concept_rows, one_thread  # noqa: F401 (autouse fixture)
@@ -70,8 +70,7 @@ def spy_on_generate(model, monkeypatch) -> list:
 def mean_log_probs(model, kwargs: dict, out: torch.Tensor, eos: int, temperature: float = 1.0) -> list[float]:
     """By one forward pass: each candidate's mean log-probability of its tokens up to its first EOS."""
     n, prompt_len = kwargs["num_return_sequences"], kwargs["input_ids"].shape[1]
-    mask = torch.cat([kwargs["attention_mask"].repeat_interleave(n, 0),
-                      torch.ones_like(out[:, prompt_len:])], dim=1)
+    mask = torch.cat([kwargs["attention_mask"].repeat_interleave(n, 0), torch.ones_like(out[:, prompt_len:])], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         logits = model(input_ids=out, attention_mask=mask, position_ids=positions).logits
@@ -91,12 +90,13 @@ def mean_log_probs(model, kwargs: dict, out: torch.Tensor, eos: int, temperature
 def test_a_sampled_candidates_score_is_its_mean_token_log_prob_before_temperature(lm, monkeypatch):
     model, tok = lm
     calls = spy_on_generate(model, monkeypatch)
-    batch = left_pad([tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in PROMPTS],
-                     tok.pad_token_id)
+    batch = left_pad(
+        [tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in PROMPTS], tok.pad_token_id
+    )
     with dec.seeded(SAMPLED, 0, "cpu"):
         texts, scores, _ = dec.candidates(model, tok, batch, 8, SAMPLED)
     assert [len(t) for t in texts] == [4, 4] and len({*texts[0], *texts[1]}) > 2
-    (kwargs, out), = calls
+    ((kwargs, out),) = calls
     flat = [s for per_prompt in scores for s in per_prompt]
     assert flat == pytest.approx(mean_log_probs(model, kwargs, out, tok.eos_token_id), abs=1e-4)
     # a control: the sampling distribution's own log-probabilities (temperature 0.7) are another number
@@ -117,10 +117,10 @@ def test_beam_search_keeps_the_searchs_best_beam(lm, monkeypatch):
     model, tok = lm
     calls = spy_on_generate(model, monkeypatch)
     outputs, _ = generate(model, tok, PROMPTS, 8, decoding=Decoding(num_candidates=3, num_beams=3))
-    (kwargs, _), = calls
+    ((kwargs, _),) = calls
     assert (kwargs["num_beams"], kwargs["num_return_sequences"], kwargs["do_sample"]) == (3, 3, False)
     best = model.generate(**{**kwargs, "num_return_sequences": 1})  # the beam search's own single answer
-    texts = [t.strip() for t in tok.batch_decode(best[:, kwargs["input_ids"].shape[1]:], skip_special_tokens=True)]
+    texts = [t.strip() for t in tok.batch_decode(best[:, kwargs["input_ids"].shape[1] :], skip_special_tokens=True)]
     lengths = [len(tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"]) for p in PROMPTS]
     order = sorted(range(len(PROMPTS)), key=lambda i: lengths[i])  # generate()'s batch order
     assert [outputs[i] for i in order] == texts
@@ -135,16 +135,20 @@ def test_coverage_rerank_without_concepts_is_a_programming_error(lm):
 # ---------------------------------------------------------------- bad settings: exit 2 before training
 
 
-@pytest.mark.parametrize("fmt, decoding, says", [
-    ("classification", {"rerank": "coverage"}, "generative tasks"),
-    ("classification", {"num_candidates": 2, "do_sample": True}, "generative tasks"),
-    ("instruction", COVERAGE, "rerank: coverage needs each row's concepts"),
-    ("concepts", {"num_candidates": 0}, "num_candidates: Input should be greater than or equal to 1"),
-    ("concepts", {"num_candidates": 3}, "needs do_sample: true or num_beams >= 3"),
-    ("concepts", {"num_candidates": 4, "num_beams": 2}, "more than num_beams"),
-])
-def test_a_decoding_that_cannot_work_stops_train_before_anything_runs(tmp_path, tiny_config, capsys, monkeypatch,
-                                                                      fmt, decoding, says):
+@pytest.mark.parametrize(
+    "fmt, decoding, says",
+    [
+        ("classification", {"rerank": "coverage"}, "generative tasks"),
+        ("classification", {"num_candidates": 2, "do_sample": True}, "generative tasks"),
+        ("instruction", COVERAGE, "rerank: coverage needs each row's concepts"),
+        ("concepts", {"num_candidates": 0}, "num_candidates: Input should be greater than or equal to 1"),
+        ("concepts", {"num_candidates": 3}, "needs do_sample: true or num_beams >= 3"),
+        ("concepts", {"num_candidates": 4, "num_beams": 2}, "more than num_beams"),
+    ],
+)
+def test_a_decoding_that_cannot_work_stops_train_before_anything_runs(
+    tmp_path, tiny_config, capsys, monkeypatch, fmt, decoding, says
+):
     no_model_loads(monkeypatch)
     tiny_config["data"]["format"] = fmt
     tiny_config["eval"]["decoding"] = decoding
@@ -171,13 +175,22 @@ def concepts_run(tmp_path_factory):
 
 def run_config(root, llama) -> dict:
     train_rows, val_rows = concept_rows()
-    return {"name": "cg", "output_dir": str(root / "runs"), "seed": 0, "model": {"name": str(llama)},
-            "peft": {"method": "lora", "r": 4, "dropout": 0.0},
-            "data": {"train": str(write_jsonl(root / "d" / "train.jsonl", train_rows)),
-                     "validation": str(write_jsonl(root / "d" / "val.jsonl", val_rows)),
-                     "format": "concepts", "max_length": 256, "dedup": False},
-            "train": {"max_steps": 3, "lr": 1e-2, "batch_size": 4, "warmup_ratio": 0.0},
-            "eval": {"batch_size": 8, "max_new_tokens": 6, "samples": 3, "decoding": COVERAGE}}
+    return {
+        "name": "cg",
+        "output_dir": str(root / "runs"),
+        "seed": 0,
+        "model": {"name": str(llama)},
+        "peft": {"method": "lora", "r": 4, "dropout": 0.0},
+        "data": {
+            "train": str(write_jsonl(root / "d" / "train.jsonl", train_rows)),
+            "validation": str(write_jsonl(root / "d" / "val.jsonl", val_rows)),
+            "format": "concepts",
+            "max_length": 256,
+            "dedup": False,
+        },
+        "train": {"max_steps": 3, "lr": 1e-2, "batch_size": 4, "warmup_ratio": 0.0},
+        "eval": {"batch_size": 8, "max_new_tokens": 6, "samples": 3, "decoding": COVERAGE},
+    }
 
 
 def spy_on_candidates(monkeypatch, inject: str | None = None) -> list[dict]:
@@ -220,13 +233,19 @@ def test_the_evaluation_scores_the_candidate_covering_most_concepts(tmp_path, ti
     assert len(calls) == 2 and all(len(t) == 3 for call in calls for t in call["texts"])
     for which in ("base", "finetuned"):  # the worst-scored candidate is kept: it alone has every concept
         assert report[which]["validation"]["coverage"] == 100.0 and report[which]["validation"]["all_concepts"] == 100
-        assert report[which]["decoding"]["validation"] == {**COVERAGE, "temperature": 1.0, "top_p": 1.0,
-                                                           "num_beams": 1, "seed": 0}
+        assert report[which]["decoding"]["validation"] == {
+            **COVERAGE,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "num_beams": 1,
+            "seed": 0,
+        }
     assert [s["finetuned"] for s in report["samples"]] == [everything] * 3
 
 
-def test_eval_and_generate_keep_the_rerankers_pick_and_reproduce_the_evaluation(concepts_run, tmp_path,
-                                                                                monkeypatch, capsys):
+def test_eval_and_generate_keep_the_rerankers_pick_and_reproduce_the_evaluation(
+    concepts_run, tmp_path, monkeypatch, capsys
+):
     """`tunesmith eval` and `tunesmith generate` decode like the run's evaluation: 3 candidates, the same
     pick, and for the same rows in the same batches the same outputs the metric saw."""
     report = json.loads((concepts_run / "eval.json").read_text())
@@ -262,17 +281,21 @@ def test_generate_takes_concepts_and_the_command_line_decoding(concepts_run, tmp
     assert len(calls[-1]["texts"][0]) == 2
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--prompt", "a dog in a park"], "--concepts"),
-    (["--input", "{rows}"], "{rows}:2: expected a 'concepts' list"),
-    (["--concepts", " , "], "--concepts is empty"),
-    (["--concepts", "dog", "--num-candidates", "0"], "greater than or equal to 1"),
-    (["--concepts", "dog", "--decoding", "do_sample=false"], "needs do_sample: true or num_beams >= 3"),
-    (["--concepts", "dog", "--decoding", "beams=2"], "eval.decoding.beams: unknown key"),
-    (["--concepts", "dog", "--prompt", "hi"], "exactly one of --prompt, --input or --concepts"),
-])
-def test_generate_refuses_what_it_cannot_decode_before_loading_a_model(concepts_run, tmp_path, capsys, monkeypatch,
-                                                                       args, says):
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--prompt", "a dog in a park"], "--concepts"),
+        (["--input", "{rows}"], "{rows}:2: expected a 'concepts' list"),
+        (["--concepts", " , "], "--concepts is empty"),
+        (["--concepts", "dog", "--num-candidates", "0"], "greater than or equal to 1"),
+        (["--concepts", "dog", "--decoding", "do_sample=false"], "needs do_sample: true or num_beams >= 3"),
+        (["--concepts", "dog", "--decoding", "beams=2"], "eval.decoding.beams: unknown key"),
+        (["--concepts", "dog", "--prompt", "hi"], "exactly one of --prompt, --input or --concepts"),
+    ],
+)
+def test_generate_refuses_what_it_cannot_decode_before_loading_a_model(
+    concepts_run, tmp_path, capsys, monkeypatch, args, says
+):
     no_model_loads(monkeypatch)
     rows = write_jsonl(tmp_path / "rows.jsonl", [{"concepts": ["dog"]}, {"prompt": "hi"}])
     err = refused(capsys, "generate", concepts_run, *[a.format(rows=rows) for a in args])
@@ -286,8 +309,9 @@ def test_concepts_are_refused_on_a_run_without_them(concepts_run, tmp_path, caps
     tree["eval"]["decoding"] = {"num_candidates": 3, "do_sample": True}
     (run / "config.yaml").write_text(yaml.safe_dump(tree))
     assert "--concepts is for constrained-generation runs" in refused(capsys, "generate", run, "--concepts", "dog")
-    assert "rerank: coverage needs" in refused(capsys, "generate", run, "--prompt", "hi", "--decoding",
-                                               "rerank=coverage")
+    assert "rerank: coverage needs" in refused(
+        capsys, "generate", run, "--prompt", "hi", "--decoding", "rerank=coverage"
+    )
     assert "rerank: coverage needs" in refused(capsys, "eval", run, "--decoding", "rerank=coverage")
 
 
@@ -307,8 +331,11 @@ def test_a_stage_decodes_greedily_unless_it_says_otherwise(tmp_path, tiny_config
 
     train_rows, val_rows = concept_rows()
     stage_data = dict(tiny_config["data"])
-    tiny_config["data"].update(format="concepts", train=str(write_jsonl(tmp_path / "cg.jsonl", train_rows)),
-                               validation=str(write_jsonl(tmp_path / "cgv.jsonl", val_rows)))
+    tiny_config["data"].update(
+        format="concepts",
+        train=str(write_jsonl(tmp_path / "cg.jsonl", train_rows)),
+        validation=str(write_jsonl(tmp_path / "cgv.jsonl", val_rows)),
+    )
     tiny_config["eval"]["decoding"] = COVERAGE
     tiny_config["stages"] = [{"name": "warmup", "data": stage_data}]
     cfg = config_from_dict(tiny_config)

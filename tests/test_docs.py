@@ -33,8 +33,11 @@ def undocumented(sources: dict[str, str], doc: str) -> dict[str, list[str]]:
 
 def test_every_case_code_used_in_tests_has_a_row_in_docs_reliability_md():
     # this file plants made-up codes in its control below
-    sources = {str(p.relative_to(ROOT)): p.read_text(encoding="utf-8") for p in sorted(TESTS.rglob("*.py"))
-               if p != Path(__file__).resolve()}
+    sources = {
+        str(p.relative_to(ROOT)): p.read_text(encoding="utf-8")
+        for p in sorted(TESTS.rglob("*.py"))
+        if p != Path(__file__).resolve()
+    }
     missing = undocumented(sources, DOC.read_text(encoding="utf-8"))
     assert not missing, f"codes without a row in docs/reliability.md (look-alikes go to NOT_CASES): {missing}"
 
@@ -51,6 +54,9 @@ def test_the_files_and_tests_the_doc_names_exist():
     assert files and not [f for f in files if not (ROOT / f).is_file()]
     defined = set(re.findall(r"^def (test_\w+)", "\n".join(p.read_text() for p in TESTS.rglob("*.py")), re.M))
     named = set(re.findall(r"(?:`|::)(test_\w+?)(_\*)?`", doc))
-    gone = [name + star for name, star in named
-            if not (any(d.startswith(name + "_") for d in defined) if star else name in defined)]
+    gone = [
+        name + star
+        for name, star in named
+        if not (any(d.startswith(name + "_") for d in defined) if star else name in defined)
+    ]
     assert not gone, f"docs/reliability.md names tests that do not exist: {gone}"

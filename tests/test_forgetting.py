@@ -18,8 +18,10 @@ from tunesmith.recipes import building, causal_lm, loop
 
 def test_forgetting_against_hand_computed_values():
     report = forgetting({"wiki": 10.0, "news": 20.0}, {"wiki": 11.0, "news": 19.0})
-    assert report == {"wiki": {"before": 10.0, "after": 11.0, "ratio": 1.1, "change": 1.0},
-                      "news": {"before": 20.0, "after": 19.0, "ratio": 0.95, "change": -1.0}}
+    assert report == {
+        "wiki": {"before": 10.0, "after": 11.0, "ratio": 1.1, "change": 1.0},
+        "news": {"before": 20.0, "after": 19.0, "ratio": 0.95, "change": -1.0},
+    }
     assert worst_ratio(report) == 1.1
     assert over_limit(1.1, 0.05) and not over_limit(1.04, 0.05) and not over_limit(1.05, 0.05)
     assert over_limit(math.nan, 0.05)  # a diverged model is never within the limit
@@ -42,17 +44,25 @@ def test_retention_config_forms_and_errors():
 
 @pytest.fixture
 def retention_cfg(tmp_path, tiny_config):
-    general = write_jsonl(tmp_path / "data" / "general.jsonl",
-                          [{"text": f"plain general text number {i} about weather and towns"} for i in range(12)])
-    return {**tiny_config, "retention": {"sets": [{"name": "general", "data": str(general)}]},
-            "eval": {**tiny_config["eval"], "every": 2, "samples": 0},
-            "train": {**tiny_config["train"], "lr": 5e-2}}
+    general = write_jsonl(
+        tmp_path / "data" / "general.jsonl",
+        [{"text": f"plain general text number {i} about weather and towns"} for i in range(12)],
+    )
+    return {
+        **tiny_config,
+        "retention": {"sets": [{"name": "general", "data": str(general)}]},
+        "eval": {**tiny_config["eval"], "every": 2, "samples": 0},
+        "train": {**tiny_config["train"], "lr": 5e-2},
+    }
 
 
 def test_forgetting_is_logged_at_every_evaluation_and_in_eval_json(retention_cfg):
     run = causal_lm.train(config_from_dict(retention_cfg))
-    evals = [r["eval"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-             if "eval" in r and not r.get("final")]
+    evals = [
+        r["eval"]
+        for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if "eval" in r and not r.get("final")
+    ]
     assert [e["forgetting"]["general"]["before"] for e in evals]  # steps 2 and 4 (6 is the final eval)
     report = json.loads((run / "eval.json").read_text())
     before = report["base"]["retention"]["general"]["perplexity"]
@@ -76,8 +86,11 @@ def _scripted(monkeypatch, losses: dict[int, float], ratios: dict[int, float]):
         real_log(self, record)
 
     monkeypatch.setattr(loop.RunDir, "log", log)
-    monkeypatch.setattr(causal_lm, "train_eval", lambda s, split: {
-        "loss": losses[seen["step"]], "forgetting_ratio": ratios[seen["step"]]})
+    monkeypatch.setattr(
+        causal_lm,
+        "train_eval",
+        lambda s, split: {"loss": losses[seen["step"]], "forgetting_ratio": ratios[seen["step"]]},
+    )
 
 
 def _trainable_at(run, step: int) -> list[torch.Tensor]:
@@ -94,9 +107,11 @@ def _adapter(run) -> list[torch.Tensor]:
 def test_best_checkpoint_is_chosen_among_evaluations_under_the_limit(retention_cfg, monkeypatch, limit, best):
     """Loss improves at every evaluation, but forgetting passes the limit after step 2."""
     _scripted(monkeypatch, losses={2: 3.0, 4: 2.0, 6: 1.0}, ratios={2: 1.01, 4: 1.2, 6: 1.3})
-    cfg = {**retention_cfg, "train": {**retention_cfg["train"], "save_every": 2, "save_total_limit": 5,
-                                      "early_stopping": {"patience": 10}},
-           "retention": {**retention_cfg["retention"], "max_increase": limit}}
+    cfg = {
+        **retention_cfg,
+        "train": {**retention_cfg["train"], "save_every": 2, "save_total_limit": 5, "early_stopping": {"patience": 10}},
+        "retention": {**retention_cfg["retention"], "max_increase": limit},
+    }
     run = causal_lm.train(config_from_dict(cfg))
     assert all(torch.equal(a, b) for a, b in zip(_adapter(run), _trainable_at(run, best)))
     assert not all(torch.equal(a, b) for a, b in zip(_adapter(run), _trainable_at(run, 8 - best)))
@@ -104,8 +119,10 @@ def test_best_checkpoint_is_chosen_among_evaluations_under_the_limit(retention_c
 
 def test_stop_when_exceeded_stops_at_the_first_evaluation_over_the_limit(retention_cfg, monkeypatch, capsys):
     _scripted(monkeypatch, losses={2: 3.0, 4: 2.0, 6: 1.0}, ratios={2: 1.01, 4: 1.2, 6: 1.3})
-    cfg = {**retention_cfg, "retention": {**retention_cfg["retention"], "max_increase": 0.05,
-                                          "stop_when_exceeded": True}}
+    cfg = {
+        **retention_cfg,
+        "retention": {**retention_cfg["retention"], "max_increase": 0.05, "stop_when_exceeded": True},
+    }
     run = causal_lm.train(config_from_dict(cfg))
     steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert steps == [1, 2, 3, 4]
@@ -130,8 +147,10 @@ def test_replay_plan_mixes_the_fraction_into_every_step():
 
 
 def test_replay_run_feeds_general_text_and_l2sp_pulls_toward_the_start(retention_cfg, tmp_path, monkeypatch):
-    replay = write_jsonl(tmp_path / "data" / "replay.jsonl",
-                         [{"text": f"replayed general sentence {i} on ordinary topics"} for i in range(30)])
+    replay = write_jsonl(
+        tmp_path / "data" / "replay.jsonl",
+        [{"text": f"replayed general sentence {i} on ordinary topics"} for i in range(30)],
+    )
     fed = []
     real_build = building.build
 
@@ -159,4 +178,3 @@ def test_replay_run_feeds_general_text_and_l2sp_pulls_toward_the_start(retention
         return sum(float((a - b).pow(2).sum()) for a, b in zip(tuned.parameters(), start.parameters()))
 
     assert distance("l2sp", 50.0) < 0.8 * distance("plain", 0.0)
-

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_config
 from _cli import invoke_cli
+from conftest import write_config
 from reliability._harness import fresh_accelerator_state  # noqa: F401 (autouse fixture)
 from safetensors.torch import load_file
 from test_models import build_word_llama
@@ -96,8 +96,11 @@ def test_pooling_mean_needs_a_backbone_that_takes_the_padding_mask(tiny_bert, mo
 def test_pooling_on_a_generative_task_is_a_config_error(tmp_path, tiny_llama):
     from tunesmith.errors import ConfigError
 
-    tree = {"name": "x", "model": {"name": str(tiny_llama), "pooling": "mean"},
-            "data": {"train": str(tmp_path / "t.jsonl"), "format": "instruction"}}
+    tree = {
+        "name": "x",
+        "model": {"name": str(tiny_llama), "pooling": "mean"},
+        "data": {"train": str(tmp_path / "t.jsonl"), "format": "instruction"},
+    }
     with pytest.raises(ConfigError, match="model.pooling"):
         config_from_dict(tree)
 
@@ -117,8 +120,11 @@ def scored_again(run, validation: str, capsys) -> tuple[float, float, float]:
     return tuned, rescored, 100 * sum(p == t for p, t in zip(predicted, truth)) / len(truth)
 
 
-PEFTS = {"lora": {"method": "lora", "r": 8, "dropout": 0.0}, "full": {"method": "full"},
-         "freeze": {"method": "freeze", "trainable": ["bert.encoder.layer.1.*"]}}
+PEFTS = {
+    "lora": {"method": "lora", "r": 8, "dropout": 0.0},
+    "full": {"method": "full"},
+    "freeze": {"method": "freeze", "trainable": ["bert.encoder.layer.1.*"]},
+}
 
 
 @pytest.mark.parametrize("method", sorted(PEFTS))
@@ -159,7 +165,11 @@ def test_bad_pooling_stops_the_cli_before_training(tmp_path, tiny_bert, tiny_lla
     res = invoke_cli("train", write_config(tmp_path, tree))
     assert res.returncode == 2 and "takes no attention_mask" in res.stderr
     assert not (tmp_path / "runs" / tree["name"] / "metrics.jsonl").exists()
-    generative = {"name": "lm", "output_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_llama),
-                  "pooling": "last"}, "data": {"train": tree["data"]["train"], "format": "instruction"}}
+    generative = {
+        "name": "lm",
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"name": str(tiny_llama), "pooling": "last"},
+        "data": {"train": tree["data"]["train"], "format": "instruction"},
+    }
     res = invoke_cli("train", write_config(tmp_path, generative))
     assert res.returncode == 2 and "model.pooling" in res.stderr

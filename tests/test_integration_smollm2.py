@@ -41,14 +41,20 @@ def test_short_lora_finetune_lowers_validation_loss(smol_home, monkeypatch, tmp_
     mkdata = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mkdata)
     mkdata.main(str(tmp_path / "data"))
-    cfg = config_from_dict({
-        "name": "smol", "output_dir": str(tmp_path / "runs"),
-        "peft": {"r": 8},
-        "data": {"train": str(tmp_path / "data" / "train.jsonl"),
-                 "validation": str(tmp_path / "data" / "validation.jsonl"), "max_length": 256},
-        "train": {"max_steps": 6, "lr": 1e-3, "batch_size": 8, "warmup_ratio": 0.0},
-        "eval": {"max_rows": 16, "samples": 0},
-    })
+    cfg = config_from_dict(
+        {
+            "name": "smol",
+            "output_dir": str(tmp_path / "runs"),
+            "peft": {"r": 8},
+            "data": {
+                "train": str(tmp_path / "data" / "train.jsonl"),
+                "validation": str(tmp_path / "data" / "validation.jsonl"),
+                "max_length": 256,
+            },
+            "train": {"max_steps": 6, "lr": 1e-3, "batch_size": 8, "warmup_ratio": 0.0},
+            "eval": {"max_rows": 16, "samples": 0},
+        }
+    )
     from tunesmith.recipes import causal_lm
 
     run = causal_lm.train(cfg)

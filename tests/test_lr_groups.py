@@ -17,16 +17,34 @@ LAYERS = 3
 
 def tiny_bert_classifier():
     torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(
-        vocab_size=20, hidden_size=8, num_hidden_layers=LAYERS, num_attention_heads=2, intermediate_size=16,
-        max_position_embeddings=16, num_labels=2))
+    return BertForSequenceClassification(
+        BertConfig(
+            vocab_size=20,
+            hidden_size=8,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=2,
+            intermediate_size=16,
+            max_position_embeddings=16,
+            num_labels=2,
+        )
+    )
 
 
 def tiny_llama_classifier():
     torch.manual_seed(0)
-    return LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=20, hidden_size=8, intermediate_size=16, num_hidden_layers=LAYERS, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=16, num_labels=2, pad_token_id=0))
+    return LlamaForSequenceClassification(
+        LlamaConfig(
+            vocab_size=20,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=16,
+            num_labels=2,
+            pad_token_id=0,
+        )
+    )
 
 
 def rates(model, opt) -> dict[str, tuple[float, float]]:
@@ -56,8 +74,11 @@ def test_full_fine_tuning_gets_a_head_rate_and_rates_that_decay_down_the_layers(
 
 
 def test_under_lora_the_saved_head_copy_gets_the_head_rate_and_adapters_decay():
-    model = apply_peft(tiny_llama_classifier(), PeftConfig(method="lora", r=2, target_modules=["q_proj", "v_proj"]),
-                       task_type="SEQ_CLS")
+    model = apply_peft(
+        tiny_llama_classifier(),
+        PeftConfig(method="lora", r=2, target_modules=["q_proj", "v_proj"]),
+        task_type="SEQ_CLS",
+    )
     got = rates(model, build_optimizer(model, TrainConfig(lr=0.1, head_lr=0.3, layer_decay=0.5)))
     assert got == {n: got[n] for n, p in model.named_parameters() if p.requires_grad}  # frozen ones are left out
     head = [n for n in got if ".score." in n]
@@ -88,8 +109,12 @@ def test_the_schedule_scales_each_groups_own_peak():
 
 
 def test_head_lr_on_a_generative_task_is_a_config_error(tmp_path):
-    tree = {"name": "x", "model": {"name": "m"}, "train": {"head_lr": 1e-3},
-            "data": {"train": str(tmp_path / "t.jsonl"), "format": "instruction"}}
+    tree = {
+        "name": "x",
+        "model": {"name": "m"},
+        "train": {"head_lr": 1e-3},
+        "data": {"train": str(tmp_path / "t.jsonl"), "format": "instruction"},
+    }
     with pytest.raises(ConfigError, match="train.head_lr"):
         config_from_dict(tree)
 

@@ -73,17 +73,26 @@ def test_bleu4_second_reference_raises_the_score_and_matches_sacrebleu():
     two = bleu4(pred, [["there is a cat on the mat", "the cat is on a mat"]])
     assert one == pytest.approx(sacrebleu.corpus_bleu(pred, [["there is a cat on the mat"]]).score, abs=1e-9)
     assert two == pytest.approx(
-        sacrebleu.corpus_bleu(pred, [["there is a cat on the mat"], ["the cat is on a mat"]]).score, abs=1e-9)
+        sacrebleu.corpus_bleu(pred, [["there is a cat on the mat"], ["the cat is on a mat"]]).score, abs=1e-9
+    )
     assert two > one + 10
 
 
 def test_bleu4_with_a_variable_number_of_references_per_example():
-    preds = ["the quick brown fox jumps over the dog", "a man rides a red bike in the park",
-             "two dogs play with a ball in the yard"]
-    refs = [["the quick brown fox jumped over the lazy dog", "a fast brown fox jumps over a dog",
-             "the brown fox jumps over the dog"],
-            ["a man is riding a bike in the park"],
-            ["two dogs play with a ball", "dogs are playing in the yard with a ball"]]
+    preds = [
+        "the quick brown fox jumps over the dog",
+        "a man rides a red bike in the park",
+        "two dogs play with a ball in the yard",
+    ]
+    refs = [
+        [
+            "the quick brown fox jumped over the lazy dog",
+            "a fast brown fox jumps over a dog",
+            "the brown fox jumps over the dog",
+        ],
+        ["a man is riding a bike in the park"],
+        ["two dogs play with a ball", "dogs are playing in the yard with a ball"],
+    ]
     got = bleu4(preds, refs)
     # "no reference here" must behave as if the slot did not exist. Repeating one of the example's own
     # references is exactly that: it changes neither the clipped n-gram counts nor the closest length.
@@ -99,17 +108,39 @@ def test_bleu4_with_a_variable_number_of_references_per_example():
 
 @pytest.mark.parametrize(
     "concept, form",
-    [("dog", "dogs"), ("box", "boxes"), ("city", "cities"), ("walk", "walked"), ("walk", "walking"),
-     ("ride", "riding"), ("ride", "rides"), ("run", "running"), ("stop", "stopped"), ("stop", "stopping"),
-     ("lie", "lying"), ("carry", "carried"), ("dance", "danced"), ("Dog", "dogs")],
+    [
+        ("dog", "dogs"),
+        ("box", "boxes"),
+        ("city", "cities"),
+        ("walk", "walked"),
+        ("walk", "walking"),
+        ("ride", "riding"),
+        ("ride", "rides"),
+        ("run", "running"),
+        ("stop", "stopped"),
+        ("stop", "stopping"),
+        ("lie", "lying"),
+        ("carry", "carried"),
+        ("dance", "danced"),
+        ("Dog", "dogs"),
+    ],
 )
 def test_regular_inflections_count_as_the_concept(concept, form):
     assert form in inflections(concept)
     assert concept_coverage([f"Look: {form.capitalize()}!"], [[concept]]) == {"coverage": 100.0, "all_concepts": 100.0}
 
 
-@pytest.mark.parametrize("concept, word", [("dog", "dogma"), ("cat", "concatenate"), ("run", "ran"),
-                                           ("stand", "stood"), ("city", "citizen"), ("walk", "walkked")])
+@pytest.mark.parametrize(
+    "concept, word",
+    [
+        ("dog", "dogma"),
+        ("cat", "concatenate"),
+        ("run", "ran"),
+        ("stand", "stood"),
+        ("city", "citizen"),
+        ("walk", "walkked"),
+    ],
+)
 def test_unrelated_words_and_irregular_forms_do_not_count(concept, word):
     # stand -> stood: irregular forms are not recognised (the documented rule): coverage is
     # underestimated, never inflated.
@@ -117,23 +148,28 @@ def test_unrelated_words_and_irregular_forms_do_not_count(concept, word):
     assert concept_coverage([f"the {word} is here"], [[concept]]) == {"coverage": 0.0, "all_concepts": 0.0}
 
 
-@pytest.mark.parametrize("concept, other_word, sentence", [
-    ("car", "card", "She wrote a card."),          # car + d
-    ("fin", "find", "I cannot find it."),          # fin + d
-    ("plan", "planes", "Planes land at night."),   # plan + es (plural is plans)
-    ("sit", "sites", "Two sites were built."),     # sit + es
-    ("star", "stared", "He stared at the wall."),  # star + ed (past is starred)
-    ("hop", "hoping", "We are hoping for rain."),  # hop + ing (hopping)
-])
+@pytest.mark.parametrize(
+    "concept, other_word, sentence",
+    [
+        ("car", "card", "She wrote a card."),  # car + d
+        ("fin", "find", "I cannot find it."),  # fin + d
+        ("plan", "planes", "Planes land at night."),  # plan + es (plural is plans)
+        ("sit", "sites", "Two sites were built."),  # sit + es
+        ("star", "stared", "He stared at the wall."),  # star + ed (past is starred)
+        ("hop", "hoping", "We are hoping for rain."),  # hop + ing (hopping)
+    ],
+)
 def test_words_of_other_lemmas_do_not_count(concept, other_word, sentence):
     assert other_word not in inflections(concept)
     assert concept_coverage([sentence], [[concept]])["coverage"] == 0.0
 
 
 def test_concept_coverage_hand_computed():
-    outputs = ["The dogs chased a ball.",                  # dog, ball; not run -> 2/3
-               "Children were riding bikes in the city.",  # ride, bike, city -> 3/3
-               "He stood up."]                             # up; stand (stood) is irregular -> 1/2
+    outputs = [
+        "The dogs chased a ball.",  # dog, ball; not run -> 2/3
+        "Children were riding bikes in the city.",  # ride, bike, city -> 3/3
+        "He stood up.",
+    ]  # up; stand (stood) is irregular -> 1/2
     concepts = [["dog", "ball", "run"], ["ride", "bike", "city"], ["stand", "up"]]
     got = concept_coverage(outputs, concepts)
     assert got["coverage"] == pytest.approx(100 * (2 / 3 + 1 + 1 / 2) / 3, abs=1e-9)  # 72.22

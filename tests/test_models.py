@@ -82,13 +82,23 @@ def build_word_llama(path: Path, config_pad: bool = True) -> Path:
     vocab = ["<pad>", "<unk>", "<s>", "</s>", *FILLER, "good", "bad"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
     fast.save_pretrained(path)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=0 if config_pad else None,
-                         bos_token_id=2, eos_token_id=3, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0 if config_pad else None,
+        bos_token_id=2,
+        eos_token_id=3,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
     return path
@@ -107,8 +117,9 @@ def test_a_decoder_lm_as_a_classifier_trains_and_evaluates(tmp_path, monkeypatch
     row = s.data.rows["validation"][0]
     rows = [dataclasses.replace(row, input_ids=row.input_ids[:3]), row]  # the first is padded in the batch
     with torch.no_grad():  # a padded row is scored on its last real token, as when it is alone
-        batched = s.model(**{k: v for k, v in classification.collate_labeled(rows, s.tokenizer.pad_token_id).items()
-                             if k != "labels"}).logits
+        batched = s.model(
+            **{k: v for k, v in classification.collate_labeled(rows, s.tokenizer.pad_token_id).items() if k != "labels"}
+        ).logits
         alone = s.model(input_ids=torch.tensor([rows[0].input_ids])).logits
     torch.testing.assert_close(batched[0], alone[0])
     run, report = train_dict(tree)

@@ -108,8 +108,12 @@ def test_gguf_file_is_path_checked(tiny_gguf, tmp_path):
     """The directory is inside the allowed root; the file in it is a link to one outside."""
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "linked.gguf").symlink_to(tiny_gguf)
-    tree = {"data": {"train": "t.jsonl"}, "output_dir": str(tmp_path / "runs"), "allowed_roots": [str(tmp_path)],
-            "model": {"name": str(tmp_path / "m"), "gguf_file": "linked.gguf"}}
+    tree = {
+        "data": {"train": "t.jsonl"},
+        "output_dir": str(tmp_path / "runs"),
+        "allowed_roots": [str(tmp_path)],
+        "model": {"name": str(tmp_path / "m"), "gguf_file": "linked.gguf"},
+    }
     with pytest.raises(ConfigError, match="model.gguf_file: .*linked.gguf resolves to .* outside allowed_roots"):
         config_from_dict(tree)
     tree["model"]["gguf_file"] = "linked.bin"
@@ -129,14 +133,30 @@ def test_train_on_a_gguf_says_one_line_and_prints_no_bars_or_deepspeed_warning(t
     a run that uses neither DeepSpeed nor a bar prints one conversion line and then trains."""
     write_jsonl(tmp_path / "data" / "train.jsonl", instruction_rows(24))
     write_jsonl(tmp_path / "data" / "val.jsonl", instruction_rows(6, seed=1))
-    write_config(tmp_path, {
-        "name": "g", "output_dir": "runs", "model": {"name": str(tiny_gguf)},
-        "peft": {"method": "lora", "r": 4, "dropout": 0.0},
-        "data": {"train": "data/train.jsonl", "validation": "data/val.jsonl", "max_length": 128, "overlength": "drop"},
-        "train": {"max_steps": 1, "batch_size": 4},
-        "eval": {"before_after": False, "samples": 0, "generate_rows": 1, "max_new_tokens": 2}})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TUNESMITH_HOME": str(tmp_path / "home"),
-           "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    write_config(
+        tmp_path,
+        {
+            "name": "g",
+            "output_dir": "runs",
+            "model": {"name": str(tiny_gguf)},
+            "peft": {"method": "lora", "r": 4, "dropout": 0.0},
+            "data": {
+                "train": "data/train.jsonl",
+                "validation": "data/val.jsonl",
+                "max_length": 128,
+                "overlength": "drop",
+            },
+            "train": {"max_steps": 1, "batch_size": 4},
+            "eval": {"before_after": False, "samples": 0, "generate_rows": 1, "max_new_tokens": 2},
+        },
+    )
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TUNESMITH_HOME": str(tmp_path / "home"),
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
     res = run_cli("train", "config.yaml", cwd=tmp_path, env=env, timeout=600)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]

@@ -31,9 +31,15 @@ def fake_hub_cache(cache: Path, model_dir: Path, repo: str = "tiny-org/tiny-llam
 
 
 def _env(tmp_path: Path, offline: bool, cache: Path | None = None) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "TUNESMITH_HOME": str(tmp_path / "ts-home"), "HF_HUB_CACHE": str(cache or tmp_path / "empty-cache"),
-           "HF_ENDPOINT": UNREACHABLE, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TUNESMITH_HOME": str(tmp_path / "ts-home"),
+        "HF_HUB_CACHE": str(cache or tmp_path / "empty-cache"),
+        "HF_ENDPOINT": UNREACHABLE,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
     env.pop("HF_HUB_OFFLINE", None)
     env.pop("TRANSFORMERS_OFFLINE", None)
     if offline:
@@ -44,12 +50,23 @@ def _env(tmp_path: Path, offline: bool, cache: Path | None = None) -> dict:
 def train(tmp_path: Path, name: str, env: dict) -> subprocess.CompletedProcess:
     write_jsonl(tmp_path / "data" / "train.jsonl", instruction_rows(24))
     write_jsonl(tmp_path / "data" / "val.jsonl", instruction_rows(6, seed=1))
-    write_config(tmp_path, {
-        "name": "hub", "output_dir": "runs", "model": {"name": name},
-        "peft": {"method": "lora", "r": 4, "dropout": 0.0},
-        "data": {"train": "data/train.jsonl", "validation": "data/val.jsonl", "max_length": 128, "overlength": "drop"},
-        "train": {"max_steps": 1, "batch_size": 4},
-        "eval": {"before_after": False, "samples": 0, "generate_rows": 1, "max_new_tokens": 2}})
+    write_config(
+        tmp_path,
+        {
+            "name": "hub",
+            "output_dir": "runs",
+            "model": {"name": name},
+            "peft": {"method": "lora", "r": 4, "dropout": 0.0},
+            "data": {
+                "train": "data/train.jsonl",
+                "validation": "data/val.jsonl",
+                "max_length": 128,
+                "overlength": "drop",
+            },
+            "train": {"max_steps": 1, "batch_size": 4},
+            "eval": {"before_after": False, "samples": 0, "generate_rows": 1, "max_new_tokens": 2},
+        },
+    )
     return run_cli("train", "config.yaml", cwd=tmp_path, env=env, timeout=600)
 
 

@@ -39,15 +39,28 @@ def test_adapter_loads_with_plain_peft_in_another_process(tiny_config, tiny_llam
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0]
     # A separate interpreter that imports peft and transformers only.
-    res = subprocess.run([sys.executable, "-c", PLAIN_PEFT, str(tiny_llama), str(run / "adapter"), json.dumps(ids)],
-                         capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, "-c", PLAIN_PEFT, str(tiny_llama), str(run / "adapter"), json.dumps(ids)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     theirs = torch.tensor(json.loads(res.stdout))
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
-    plain_base = PLAIN_PEFT.replace("PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)",
-                                    "AutoModelForCausalLM.from_pretrained(base)")
-    base = torch.tensor(json.loads(subprocess.run(
-        [sys.executable, "-c", plain_base, str(tiny_llama), str(run / "adapter"), json.dumps(ids)],
-        capture_output=True, text=True, check=True).stdout))
+    plain_base = PLAIN_PEFT.replace(
+        "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)",
+        "AutoModelForCausalLM.from_pretrained(base)",
+    )
+    base = torch.tensor(
+        json.loads(
+            subprocess.run(
+                [sys.executable, "-c", plain_base, str(tiny_llama), str(run / "adapter"), json.dumps(ids)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+    )
     assert (base - ours).abs().max() > 1e-3  # the adapter really changes the model
 
 

@@ -51,8 +51,9 @@ def test_collate_packed_mask_is_block_diagonal_and_causal():
     batch = collate_packed(pack(rows, 8), pad_id=0)
     mask = batch["attention_mask"][0, 0]
     assert batch["position_ids"][0].tolist() == [0, 1, 2, 0, 1]
-    expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]],
-                            dtype=torch.bool)
+    expected = torch.tensor(
+        [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]], dtype=torch.bool
+    )
     assert torch.equal(mask, expected)
     # Row b's first token is not a target: row a's last token must not learn to predict it.
     assert batch["labels"][0].tolist() == [IGNORE, 6, 7, IGNORE, 9]
@@ -99,12 +100,18 @@ def test_a_packed_run_trains_and_reports_the_fill(tmp_path, tiny_llama):
     from tunesmith.recipes import causal_lm
 
     train = write_jsonl(tmp_path / "train.jsonl", instruction_rows(48))
-    cfg = write_config(tmp_path, {
-        "name": "packed", "output_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_llama)},
-        "peft": {"method": "lora", "r": 4}, "data": {"train": str(train), "format": "instruction",
-                                                      "max_length": 128, "packing": True},
-        "train": {"max_steps": 3, "batch_size": 2, "lr": 1e-2},
-        "eval": {"samples": 0, "before_after": False, "max_new_tokens": 2, "generate_rows": 2}})
+    cfg = write_config(
+        tmp_path,
+        {
+            "name": "packed",
+            "output_dir": str(tmp_path / "runs"),
+            "model": {"name": str(tiny_llama)},
+            "peft": {"method": "lora", "r": 4},
+            "data": {"train": str(train), "format": "instruction", "max_length": 128, "packing": True},
+            "train": {"max_steps": 3, "batch_size": 2, "lr": 1e-2},
+            "eval": {"samples": 0, "before_after": False, "max_new_tokens": 2, "generate_rows": 2},
+        },
+    )
     from tunesmith.config import load_config
 
     run = causal_lm.train(load_config(cfg, []))
@@ -123,8 +130,11 @@ def test_length_grouped_plan_covers_each_row_once_with_less_padding():
 
     def padding(plan, epoch):
         steps = range(epoch * plan.steps_per_epoch, (epoch + 1) * plan.steps_per_epoch)
-        return sum(max(lengths[i] for i in m) * len(m) - sum(lengths[i] for i in m)
-                   for s in steps for m in plan.micro_batches(s))
+        return sum(
+            max(lengths[i] for i in m) * len(m) - sum(lengths[i] for i in m)
+            for s in steps
+            for m in plan.micro_batches(s)
+        )
 
     for epoch in (0, 1):
         rows = [i for s in range(epoch * 125, (epoch + 1) * 125) for i in grouped.step_rows(s)]
@@ -144,12 +154,18 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tiny_llama):
     train = write_jsonl(tmp_path / "train.jsonl", instruction_rows(32))
     weights = []
     for gc in (False, True):
-        cfg = write_config(tmp_path, {
-            "name": f"gc-{gc}", "output_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_llama)},
-            "peft": {"method": "lora", "r": 4, "dropout": 0.0},
-            "data": {"train": str(train), "format": "instruction", "max_length": 128},
-            "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "gradient_checkpointing": gc},
-            "eval": {"samples": 0, "before_after": False, "max_new_tokens": 2, "generate_rows": 2}})
+        cfg = write_config(
+            tmp_path,
+            {
+                "name": f"gc-{gc}",
+                "output_dir": str(tmp_path / "runs"),
+                "model": {"name": str(tiny_llama)},
+                "peft": {"method": "lora", "r": 4, "dropout": 0.0},
+                "data": {"train": str(train), "format": "instruction", "max_length": 128},
+                "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "gradient_checkpointing": gc},
+                "eval": {"samples": 0, "before_after": False, "max_new_tokens": 2, "generate_rows": 2},
+            },
+        )
         run = causal_lm.train(load_config(cfg, []))
         weights.append(load_file(str(run / "adapter" / "adapter_model.safetensors")))
     assert sorted(weights[0]) == sorted(weights[1])
@@ -169,15 +185,22 @@ def test_bf16_loss_curve_stays_within_tolerance_of_fp32(tmp_path, tiny_llama):
     curves = {}
     for precision in ("fp32", "bf16"):
         AcceleratorState._reset_state(reset_partial_state=True)  # one mixed-precision setting per state
-        cfg = write_config(tmp_path, {
-            "name": precision, "output_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_llama)},
-            "peft": {"method": "lora", "r": 4, "dropout": 0.0},
-            "data": {"train": str(train), "format": "instruction", "max_length": 128, "packing": True},
-            "train": {"max_steps": 12, "batch_size": 4, "lr": 1e-2, "precision": precision},
-            "eval": {"samples": 0, "before_after": False, "max_new_tokens": 2, "generate_rows": 2}})
+        cfg = write_config(
+            tmp_path,
+            {
+                "name": precision,
+                "output_dir": str(tmp_path / "runs"),
+                "model": {"name": str(tiny_llama)},
+                "peft": {"method": "lora", "r": 4, "dropout": 0.0},
+                "data": {"train": str(train), "format": "instruction", "max_length": 128, "packing": True},
+                "train": {"max_steps": 12, "batch_size": 4, "lr": 1e-2, "precision": precision},
+                "eval": {"samples": 0, "before_after": False, "max_new_tokens": 2, "generate_rows": 2},
+            },
+        )
         run = causal_lm.train(load_config(cfg, []))
-        curves[precision] = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-                             if "loss" in r]
+        curves[precision] = [
+            r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+        ]
     AcceleratorState._reset_state(reset_partial_state=True)
     assert len(curves["fp32"]) == len(curves["bf16"]) == 12
     assert curves["fp32"][-1] < curves["fp32"][0]  # the curve is a learning curve, not flat

@@ -26,12 +26,28 @@ def dp_config(tmp_path, tiny_llama):
     train = write_jsonl(tmp_path / "data" / "train.jsonl", instruction_rows(64))
     val = write_jsonl(tmp_path / "data" / "val.jsonl", instruction_rows(8, seed=1))
     return {
-        "name": "dp", "output_dir": str(tmp_path / "runs"), "seed": 0, "model": {"name": str(tiny_llama)},
+        "name": "dp",
+        "output_dir": str(tmp_path / "runs"),
+        "seed": 0,
+        "model": {"name": str(tiny_llama)},
         "peft": {"method": "lora", "r": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        "data": {"train": str(train), "validation": str(val), "format": "instruction", "max_length": 128,
-                 "overlength": "drop"},
-        "train": {"max_steps": 4, "lr": 0.1, "batch_size": 4, "grad_accum": 2, "warmup_ratio": 0.0,
-                  "schedule": "constant", "optimizer": "sgd", "log_every": 1},
+        "data": {
+            "train": str(train),
+            "validation": str(val),
+            "format": "instruction",
+            "max_length": 128,
+            "overlength": "drop",
+        },
+        "train": {
+            "max_steps": 4,
+            "lr": 0.1,
+            "batch_size": 4,
+            "grad_accum": 2,
+            "warmup_ratio": 0.0,
+            "schedule": "constant",
+            "optimizer": "sgd",
+            "log_every": 1,
+        },
         "eval": {"batch_size": 8, "max_new_tokens": 4, "samples": 0, "before_after": False},
         "privacy": {"noise_multiplier": 1.0, "max_grad_norm": 0.5},
     }
@@ -75,6 +91,7 @@ def nonzero_lora_b(s) -> None:
 
 
 # -- S7: per-example gradients and the DP-LoRA update --------------------------------------------------
+
 
 def test_per_example_gradients_equal_single_example_gradients(dp_config):
     """S7 and S10c: each row's gradient in a padded batch equals its gradient alone, and does not change
@@ -140,8 +157,9 @@ def test_opacus_checks_pass_on_the_wrapped_model_in_hooks_and_ghost_modes(dp_con
         wrapped.zero_grad()
         wrapped(ids[i : i + 1]).sum().backward()
         expected.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in wrapped.parameters()])))
-    ghost = GradSampleModuleFastGradientClipping(_Logits(copy.deepcopy(model)), max_grad_norm=1.0,
-                                                 use_ghost_clipping=True, loss_reduction="sum")
+    ghost = GradSampleModuleFastGradientClipping(
+        _Logits(copy.deepcopy(model)), max_grad_norm=1.0, use_ghost_clipping=True, loss_reduction="sum"
+    )
     ghost(ids).sum(dim=(1, 2)).sum().backward()
     torch.testing.assert_close(ghost.get_norm_sample(), torch.stack(expected), rtol=1e-6, atol=1e-8)
 
@@ -196,8 +214,9 @@ def test_first_dp_step_moves_every_lora_b_leaves_the_base_bit_identical_and_the_
     step = torch.linalg.vector_norm(torch.cat([(after[n] - before[n]).flatten() for n in after]))
     assert 0 < step <= lr * (rows * c + 4 * sigma * c * math.sqrt(d)) / expected
     causal_lm.save(s)
-    fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(dp_config["model"]["name"]),
-                                      s.run / "adapter").eval()
+    fresh = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(dp_config["model"]["name"]), s.run / "adapter"
+    ).eval()
     s.model.eval()
     ids = torch.tensor([s.data.rows["validation"][0].input_ids])
     with torch.no_grad():
@@ -205,6 +224,7 @@ def test_first_dp_step_moves_every_lora_b_leaves_the_base_bit_identical_and_the_
 
 
 # -- S8: clipping and noise calibration ---------------------------------------------------------------
+
 
 def _engine(s, sigma: float, c: float, n_units: int, q: float, seed: int = 0, lr: float = 0.1):
     pcfg = s.cfg.privacy.model_copy(update={"noise_multiplier": sigma, "max_grad_norm": c, "delta": 0.01 / n_units})
@@ -257,6 +277,7 @@ def test_secure_mode_is_refused_without_a_csprng_instead_of_downgraded(dp_config
     pytest.importorskip("opacus")
     try:
         import torchcsprng  # noqa: F401
+
         pytest.skip("torchcsprng is installed here")
     except ImportError:
         pass
@@ -268,6 +289,7 @@ def test_secure_mode_is_refused_without_a_csprng_instead_of_downgraded(dp_config
 
 
 # -- S10: sampling and normalisation ------------------------------------------------------------------
+
 
 def test_poisson_batches_average_q_n_and_empty_steps_are_still_taken():
     plan = PoissonPlan(units_of(None, 1000), expected_batch=20, micro_size=8, seed=3)
@@ -366,12 +388,16 @@ def test_report_states_the_privacy_unit_and_epsilon(dp_config):
 
 # -- bad input ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("privacy, message", [
-    ({"target_epsilon": 0}, "target_epsilon must be > 0"),
-    ({"target_epsilon": -1}, "target_epsilon must be > 0"),
-    ({}, "set target_epsilon"),
-    ({"target_epsilon": 3, "unit": "user"}, "needs user_column"),
-])
+
+@pytest.mark.parametrize(
+    "privacy, message",
+    [
+        ({"target_epsilon": 0}, "target_epsilon must be > 0"),
+        ({"target_epsilon": -1}, "target_epsilon must be > 0"),
+        ({}, "set target_epsilon"),
+        ({"target_epsilon": 3, "unit": "user"}, "needs user_column"),
+    ],
+)
 def test_bad_privacy_blocks_are_config_errors(dp_config, privacy, message):
     dp_config["privacy"] = privacy
     with pytest.raises(UserError, match=message):
@@ -396,8 +422,11 @@ def test_user_unit_without_the_user_column_in_the_data_is_refused(dp_config):
 
 
 def test_dp_refuses_what_would_break_its_guarantee(dp_config):
-    for key, value in (("data", {"packing": True}), ("train", {"gradient_checkpointing": True}),
-                       ("train", {"precision": "fp16"})):
+    for key, value in (
+        ("data", {"packing": True}),
+        ("train", {"gradient_checkpointing": True}),
+        ("train", {"precision": "fp16"}),
+    ):
         cfg = copy.deepcopy(dp_config)
         cfg[key].update(value)
         with pytest.raises(UserError) as err:

@@ -142,8 +142,11 @@ def test_bad_rows_stop_the_run_before_the_model_loads_or_are_skipped_and_counted
     rows[4] = rows[4][:25]  # line 5: truncated JSON
     rows[9] = json.dumps({"instruction": "reverse the words", "input": "one"})  # line 10: no output column
     data = tmp_path / "bad.jsonl"
-    data.write_bytes(("\n".join(rows[:14]) + "\n").encode() + b'{"instruction": "x \xff y", "output": "z"}\n'
-                     + ("\n".join(rows[15:]) + "\n").encode())
+    data.write_bytes(
+        ("\n".join(rows[:14]) + "\n").encode()
+        + b'{"instruction": "x \xff y", "output": "z"}\n'
+        + ("\n".join(rows[15:]) + "\n").encode()
+    )
     tiny_config["data"]["train"] = str(data)
     tiny_config["model"]["name"] = str(tmp_path / "no-such-model")  # proves nothing loads before the data check
     res = run_cli("train", write_config(tmp_path, tiny_config))

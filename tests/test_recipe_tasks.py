@@ -50,9 +50,11 @@ def train(cfg_dict: dict) -> tuple[Path, dict]:
 
 def causal_config(tiny_config: dict, tmp_path: Path, fmt: str, train_rows: list, val_rows: list) -> dict:
     tiny_config["data"].update(
-        format=fmt, max_length=256,
+        format=fmt,
+        max_length=256,
         train=str(write_jsonl(tmp_path / "data" / f"{fmt}-train.jsonl", train_rows)),
-        validation=str(write_jsonl(tmp_path / "data" / f"{fmt}-val.jsonl", val_rows)))
+        validation=str(write_jsonl(tmp_path / "data" / f"{fmt}-val.jsonl", val_rows)),
+    )
     tiny_config["train"]["max_steps"] = 4
     tiny_config["eval"].update(samples=len(val_rows), max_new_tokens=6)  # every scored row becomes a sample
     return tiny_config
@@ -74,8 +76,11 @@ class FakeGenerate:
 
 # ---------------------------------------------------------------- summarization
 
-SUM_VAL = [("one two three four five six", "one two"), ("seven eight nine ten one two", "seven eight"),
-           ("three four five six seven eight", "three four")]
+SUM_VAL = [
+    ("one two three four five six", "one two"),
+    ("seven eight nine ten one two", "seven eight"),
+    ("three four five six seven eight", "three four"),
+]
 
 
 def summarization_rows(n: int, seed: int) -> list[dict]:
@@ -91,9 +96,10 @@ def test_summarization_scores_rouge_and_lengths(tmp_path, tiny_config, monkeypat
     val_rows = [{"id": f"v{i}", "document": d, "summary": s} for i, (d, s) in enumerate(SUM_VAL)]
     cfg = causal_config(tiny_config, tmp_path, "summarization", summarization_rows(24, 0), val_rows)
     prompts = [f"Summarize the following document in plain English.\n\n{d}" for d, _ in SUM_VAL]
-    fake = FakeGenerate({"base": dict.fromkeys(prompts, "one two three"),
-                         "finetuned": {p: s for p, (_, s) in zip(prompts, SUM_VAL)}},
-                        {"base": [False, False, False], "finetuned": [True, False, True]})
+    fake = FakeGenerate(
+        {"base": dict.fromkeys(prompts, "one two three"), "finetuned": {p: s for p, (_, s) in zip(prompts, SUM_VAL)}},
+        {"base": [False, False, False], "finetuned": [True, False, True]},
+    )
     monkeypatch.setattr(causal_lm, "generate", fake)
     run, report = train(cfg)
     assert report["task"] == "summarization"
@@ -109,15 +115,18 @@ def test_summarization_scores_rouge_and_lengths(tmp_path, tiny_config, monkeypat
     assert base["rougeL"] == pytest.approx(100 * (4 / 5 + 0 + 2 / 5) / 3, abs=1e-6)
     assert (base["mean_output_words"], base["stopped_on_own"]) == (3.0, 0.0)
     assert {k: tuned[k] for k in ("rouge1", "rouge2", "rougeL")} == pytest.approx(
-        {"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0}, abs=1e-9)
+        {"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0}, abs=1e-9
+    )
     assert tuned["mean_output_words"] == 2.0 and tuned["stopped_on_own"] == pytest.approx(200 / 3)
     assert [(s["id"], s["base"], s["finetuned"], s["reference"]) for s in report["samples"]] == [
-        (f"v{i}", "one two three", summ, summ) for i, (_, summ) in enumerate(SUM_VAL)]
+        (f"v{i}", "one two three", summ, summ) for i, (_, summ) in enumerate(SUM_VAL)
+    ]
     assert tuned["loss"] < base["loss"] and tuned["rows"] == 3
 
 
-def test_generative_few_shot_baseline_prompts_the_base_model_with_k_solved_training_rows(tmp_path, tiny_config,
-                                                                                          monkeypatch):
+def test_generative_few_shot_baseline_prompts_the_base_model_with_k_solved_training_rows(
+    tmp_path, tiny_config, monkeypatch
+):
     from tunesmith.report.numbers import verdict_rows
 
     val_rows = [{"id": f"v{i}", "document": d, "summary": s} for i, (d, s) in enumerate(SUM_VAL)]
@@ -126,8 +135,10 @@ def test_generative_few_shot_baseline_prompts_the_base_model_with_k_solved_train
     cfg["eval"].update(baselines=["few_shot"], few_shot_k=2)
     prompts = [f"Summarize the following document in plain English.\n\n{d}" for d, _ in SUM_VAL]
     exact = {p: s for p, (_, s) in zip(prompts, SUM_VAL)}
-    fake = FakeGenerate({"base": dict.fromkeys(prompts, "one two three"), "2-shot": exact, "finetuned": exact},
-                        {k: [True] * 3 for k in ("base", "2-shot", "finetuned")})
+    fake = FakeGenerate(
+        {"base": dict.fromkeys(prompts, "one two three"), "2-shot": exact, "finetuned": exact},
+        {k: [True] * 3 for k in ("base", "2-shot", "finetuned")},
+    )
     asked: dict = {}
 
     def recording(model, tokenizer, prompts, *args, **kw):
@@ -144,8 +155,10 @@ def test_generative_few_shot_baseline_prompts_the_base_model_with_k_solved_train
     shot = report["base"]["baselines"]["2-shot prompt"]["validation"]
     assert shot["rougeL"] == pytest.approx(100.0) and report["base"]["validation"]["rougeL"] < 100
     rows = {(split, metric): (b, f) for split, metric, b, f, _ in verdict_rows(report)}
-    assert rows[("validation", "rougeL vs 2-shot prompt")] == (shot["rougeL"],
-                                                               report["finetuned"]["validation"]["rougeL"])
+    assert rows[("validation", "rougeL vs 2-shot prompt")] == (
+        shot["rougeL"],
+        report["finetuned"]["validation"]["rougeL"],
+    )
 
 
 def test_generative_tasks_refuse_a_separate_baseline_model(tmp_path, tiny_config):
@@ -159,23 +172,31 @@ def test_generative_tasks_refuse_a_separate_baseline_model(tmp_path, tiny_config
 # ---------------------------------------------------------------- constrained generation (CommonGen)
 
 CONCEPT_TRAIN = [
-    (["dog", "ball"], "the dog chased the ball"), (["fox", "jump"], "the fox jumps"),
-    (["cat", "sit"], "a cat sits"), (["man", "ride", "bike"], "a man rides a bike"),
-    (["bird", "sing"], "birds sing"), (["child", "run", "park"], "children run in the park"),
-    (["boy", "kick", "ball"], "the boy kicked the ball"), (["girl", "read", "book"], "a girl reads a book"),
+    (["dog", "ball"], "the dog chased the ball"),
+    (["fox", "jump"], "the fox jumps"),
+    (["cat", "sit"], "a cat sits"),
+    (["man", "ride", "bike"], "a man rides a bike"),
+    (["bird", "sing"], "birds sing"),
+    (["child", "run", "park"], "children run in the park"),
+    (["boy", "kick", "ball"], "the boy kicked the ball"),
+    (["girl", "read", "book"], "a girl reads a book"),
 ]
 # validation: several rows (one per reference) share a concept set, as in CommonGen files
 CONCEPT_VAL = [
-    ("v0", ["dog", "park"], "a dog runs in the park"), ("v1", ["dog", "park"], "the park has a dog"),
-    ("v2", ["fox", "bird"], "a fox watches a bird"), ("v3", ["fox", "bird"], "the bird flies over the fox"),
-    ("v4", ["fox", "bird"], "birds and a fox"), ("v5", ["cat", "book"], "the cat sits on a book"),
+    ("v0", ["dog", "park"], "a dog runs in the park"),
+    ("v1", ["dog", "park"], "the park has a dog"),
+    ("v2", ["fox", "bird"], "a fox watches a bird"),
+    ("v3", ["fox", "bird"], "the bird flies over the fox"),
+    ("v4", ["fox", "bird"], "birds and a fox"),
+    ("v5", ["cat", "book"], "the cat sits on a book"),
 ]
 CONCEPT_PROMPT = "Write one short sentence that uses all of these words: {}."
 
 
 def concept_rows():
-    train = [{"id": f"t{i}", "concepts": c, "target": t, "references": [t]}
-             for i, (c, t) in enumerate(CONCEPT_TRAIN * 2)]
+    train = [
+        {"id": f"t{i}", "concepts": c, "target": t, "references": [t]} for i, (c, t) in enumerate(CONCEPT_TRAIN * 2)
+    ]
     refs: dict[tuple, list[str]] = {}
     for _, c, t in CONCEPT_VAL:
         refs.setdefault(tuple(c), []).append(t)
@@ -195,11 +216,15 @@ def test_constrained_generation_scores_one_row_per_concept_set(tmp_path, tiny_co
     assert [ex.id for ex in generation_rows(task, parsed, 2)] == ["v0", "v2"]
 
     prompts = [CONCEPT_PROMPT.format(c) for c in ("dog, park", "fox, bird", "cat, book")]
-    finetuned = ["a dog runs in the park",  # both concepts; equals a reference
-                 "the fox saw two birds",   # fox, bird (plural): both
-                 "a cat sat"]               # cat only: 1/2
-    fake = FakeGenerate({"base": dict.fromkeys(prompts, "the dog"), "finetuned": dict(zip(prompts, finetuned))},
-                        {"base": [False] * 3, "finetuned": [True] * 3})
+    finetuned = [
+        "a dog runs in the park",  # both concepts; equals a reference
+        "the fox saw two birds",  # fox, bird (plural): both
+        "a cat sat",
+    ]  # cat only: 1/2
+    fake = FakeGenerate(
+        {"base": dict.fromkeys(prompts, "the dog"), "finetuned": dict(zip(prompts, finetuned))},
+        {"base": [False] * 3, "finetuned": [True] * 3},
+    )
     monkeypatch.setattr(causal_lm, "generate", fake)
     run, report = train(cfg)
     assert report["task"] == "constrained_generation"
@@ -213,8 +238,10 @@ def test_constrained_generation_scores_one_row_per_concept_set(tmp_path, tiny_co
     assert tuned["all_concepts"] == pytest.approx(200 / 3)
     assert base["coverage"] == pytest.approx(100 * (1 / 2) / 3) and base["all_concepts"] == 0.0  # "the dog"
     refs = [r["references"] for r in val_rows if r["id"] in ids]
-    assert tuned["bleu4"] == pytest.approx(sacrebleu.corpus_bleu(
-        finetuned, [[r[i] if i < len(r) else None for r in refs] for i in range(3)]).score, abs=1e-9)
+    assert tuned["bleu4"] == pytest.approx(
+        sacrebleu.corpus_bleu(finetuned, [[r[i] if i < len(r) else None for r in refs] for i in range(3)]).score,
+        abs=1e-9,
+    )
     assert tuned["bleu4"] > 30 and base["bleu4"] < tuned["bleu4"]
     # rougeL takes each set's best reference: scoring against one reference per set gives less
     assert tuned["rougeL"] == pytest.approx(metrics.rouge(finetuned, refs)["rougeL"], abs=1e-9)
@@ -233,7 +260,8 @@ def test_commongen_rows_without_a_references_column_keep_every_target_as_a_refer
     assert [ex.references for ex in scored] == [
         ["a dog runs in the park", "the park has a dog"],
         ["a fox watches a bird", "the bird flies over the fox", "birds and a fox"],
-        ["the cat sits on a book"]]
+        ["the cat sits on a book"],
+    ]
 
 
 # ---------------------------------------------------------------- language modeling + retention
@@ -246,11 +274,21 @@ def text_rows(n: int, seed: int, column: str = "text") -> list[dict]:
 
 def test_language_modeling_reports_perplexity_and_retention_only(tmp_path, tiny_config):
     cfg = causal_config(tiny_config, tmp_path, "text", text_rows(24, 0), text_rows(6, 1))
-    general = write_jsonl(tmp_path / "data" / "general.jsonl",
-                          [{"content": line} for line in ["the quick brown fox jumps over the lazy dog",
-                                                          "reverse the words sort the numbers", "name the colour",
-                                                          "instruction input output", "one two three",
-                                                          "seven eight nine ten", "a b c d e f"]])
+    general = write_jsonl(
+        tmp_path / "data" / "general.jsonl",
+        [
+            {"content": line}
+            for line in [
+                "the quick brown fox jumps over the lazy dog",
+                "reverse the words sort the numbers",
+                "name the colour",
+                "instruction input output",
+                "one two three",
+                "seven eight nine ten",
+                "a b c d e f",
+            ]
+        ],
+    )
     cfg["retention"] = [{"name": "general", "data": str(general), "column": "content", "max_rows": 5}]
     run, report = train(cfg)
     assert report["task"] == "language_modeling"
@@ -318,8 +356,28 @@ def test_instruction_rougeL_and_eval_on_a_data_file(tmp_path, tiny_config):
 
 # ---------------------------------------------------------------- classification on a tiny random BERT
 
-FILLER = ["the", "movie", "film", "was", "really", "quite", "plot", "acting", "music", "story", "and", "it",
-          "very", "so", "this", "a", "show", "ending", "cast", "script"]
+FILLER = [
+    "the",
+    "movie",
+    "film",
+    "was",
+    "really",
+    "quite",
+    "plot",
+    "acting",
+    "music",
+    "story",
+    "and",
+    "it",
+    "very",
+    "so",
+    "this",
+    "a",
+    "show",
+    "ending",
+    "cast",
+    "script",
+]
 
 
 def build_tiny_bert(path: Path) -> Path:
@@ -330,8 +388,15 @@ def build_tiny_bert(path: Path) -> Path:
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *FILLER, "good", "bad"]
     tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
     tok.save_pretrained(path)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     BertModel(config).save_pretrained(path)
     return path
@@ -362,12 +427,18 @@ def classification_config(tmp_path: Path, tiny_bert: Path) -> dict:
     train_rows = sentiment_rows(36, 28, 0, taken)
     val_rows = sentiment_rows(10, 6, 1, taken)
     return {
-        "name": "sentiment", "output_dir": str(tmp_path / "runs"), "seed": 0,
+        "name": "sentiment",
+        "output_dir": str(tmp_path / "runs"),
+        "seed": 0,
         "model": {"name": str(tiny_bert)},
         "peft": {"method": "lora", "r": 8, "dropout": 0.0},
-        "data": {"train": str(write_jsonl(tmp_path / "data" / "cls-train.jsonl", train_rows)),
-                 "validation": str(write_jsonl(tmp_path / "data" / "cls-val.jsonl", val_rows)),
-                 "format": "classification", "labels": ["negative", "positive"], "max_length": 32},
+        "data": {
+            "train": str(write_jsonl(tmp_path / "data" / "cls-train.jsonl", train_rows)),
+            "validation": str(write_jsonl(tmp_path / "data" / "cls-val.jsonl", val_rows)),
+            "format": "classification",
+            "labels": ["negative", "positive"],
+            "max_length": 32,
+        },
         "train": {"max_steps": 40, "lr": 1e-2, "batch_size": 16, "warmup_ratio": 0.1, "schedule": "cosine"},
         "eval": {"batch_size": 16, "samples": 3},
     }
@@ -413,12 +484,16 @@ def oracle_generate(model, tokenizer, prompts, max_new_tokens=128, batch_size=8,
     return ["positive" if "good" in t.split() else "negative" for t in texts], [True] * len(prompts)
 
 
-@pytest.mark.parametrize("overlong_row", [
-    None,
-    1,
-])
-def test_zero_shot_baseline_scores_the_rows_it_is_compared_with(tmp_path, tiny_bert, tiny_llama, monkeypatch,
-                                                                 overlong_row):
+@pytest.mark.parametrize(
+    "overlong_row",
+    [
+        None,
+        1,
+    ],
+)
+def test_zero_shot_baseline_scores_the_rows_it_is_compared_with(
+    tmp_path, tiny_bert, tiny_llama, monkeypatch, overlong_row
+):
     import tunesmith.evaluation.generate as generation
 
     cfg = classification_config(tmp_path, tiny_bert)
@@ -438,8 +513,9 @@ def test_zero_shot_baseline_scores_the_rows_it_is_compared_with(tmp_path, tiny_b
     assert report["base"]["validation"]["accuracy"] == 100.0
 
 
-def test_few_shot_prompting_baseline_puts_k_solved_training_rows_before_the_question(tmp_path, tiny_bert,
-                                                                                       tiny_llama, monkeypatch):
+def test_few_shot_prompting_baseline_puts_k_solved_training_rows_before_the_question(
+    tmp_path, tiny_bert, tiny_llama, monkeypatch
+):
     import tunesmith.evaluation.generate as generation
     from tunesmith.report.console import before_after_table
 
@@ -481,8 +557,9 @@ def test_empty_document_row_exits_2_with_file_and_line(tmp_path, tiny_config):
     rows = summarization_rows(10, 0)
     rows[2]["document"] = "   "
     val = write_jsonl(tmp_path / "data" / "sum-val.jsonl", summarization_rows(3, 1))
-    tiny_config["data"].update(format="summarization", train=str(write_jsonl(tmp_path / "data" / "sum.jsonl", rows)),
-                               validation=str(val))
+    tiny_config["data"].update(
+        format="summarization", train=str(write_jsonl(tmp_path / "data" / "sum.jsonl", rows)), validation=str(val)
+    )
     tiny_config["model"]["name"] = str(tmp_path / "no-such-model")  # the data check comes before any load
     res = one_thread_cli("train", write_config(tmp_path, tiny_config))
     assert res.returncode == 2, res.stderr

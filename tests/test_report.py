@@ -23,12 +23,21 @@ def finished_run(tmp_path_factory, tiny_llama):
     tmp = tmp_path_factory.mktemp("report")
     train = write_jsonl(tmp / "train.jsonl", instruction_rows(48))
     val = write_jsonl(tmp / "val.jsonl", instruction_rows(12, seed=1))
-    cfg = {"name": "tiny", "output_dir": str(tmp / "runs"), "model": {"name": str(tiny_llama)},
-           "peft": {"method": "lora", "r": 4, "dropout": 0.0},
-           "data": {"train": str(train), "validation": str(val), "format": "instruction", "max_length": 128,
-                    "overlength": "drop"},
-           "train": {"max_steps": 8, "lr": 1e-2, "batch_size": 4, "warmup_ratio": 0.0},
-           "eval": {"every": 4, "batch_size": 8, "max_new_tokens": 4, "samples": 2}}
+    cfg = {
+        "name": "tiny",
+        "output_dir": str(tmp / "runs"),
+        "model": {"name": str(tiny_llama)},
+        "peft": {"method": "lora", "r": 4, "dropout": 0.0},
+        "data": {
+            "train": str(train),
+            "validation": str(val),
+            "format": "instruction",
+            "max_length": 128,
+            "overlength": "drop",
+        },
+        "train": {"max_steps": 8, "lr": 1e-2, "batch_size": 4, "warmup_ratio": 0.0},
+        "eval": {"every": 4, "batch_size": 8, "max_new_tokens": 4, "samples": 2},
+    }
     res = run_cli("train", write_config(tmp, cfg))
     assert res.returncode == 0, res.stderr
     return tmp / "runs" / "tiny"
@@ -72,13 +81,15 @@ def render_in_chromium(page, tmp_path) -> str:
 
     url = page.resolve().as_uri()
     common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files"]
-    dom = subprocess.run([*common, "--enable-logging=stderr", "--v=0", "--dump-dom", url], capture_output=True,
-                         text=True, timeout=120)
+    dom = subprocess.run(
+        [*common, "--enable-logging=stderr", "--v=0", "--dump-dom", url], capture_output=True, text=True, timeout=120
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert "Uncaught" not in dom.stderr and "CONSOLE" not in dom.stderr  # no console errors
     shot = tmp_path / f"{page.stem}.png"
-    res = subprocess.run([*common, f"--screenshot={shot}", "--window-size=1100,1600", url], capture_output=True,
-                         text=True, timeout=120)
+    res = subprocess.run(
+        [*common, f"--screenshot={shot}", "--window-size=1100,1600", url], capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0 and shot.exists(), res.stderr[-2000:]
     colours = Image.open(shot).convert("RGB").getcolors(maxcolors=1_000_000) or []
     # Text alone is black on white; matplotlib's default blue line means a chart was drawn.
@@ -87,8 +98,9 @@ def render_in_chromium(page, tmp_path) -> str:
     return dom.stdout
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium); "
-                    ".ci/run installs it where it can")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium); .ci/run installs it where it can"
+)
 def test_report_renders_in_headless_chromium_with_its_charts(finished_run, tmp_path):
     dom = render_in_chromium(finished_run / "report.html", tmp_path)
     assert "Before / after" in dom and dom.count("<table") >= 2
@@ -113,8 +125,9 @@ def test_compare_overlays_runs_and_renders(finished_run, tmp_path):
     report.update(epsilon=3.25, finetuned={**report["finetuned"], "forgetting": {"ratio": 1.0825}})
     (second / "eval.json").write_text(json.dumps(report))
     found = series(read_records(RunDir(second)))
-    assert found["epsilon"][-1] == (8, 4.0) and {"forgetting ratio", "validation loss"} <= set(found) <= set(
-        PANELS) | {"learning rate"}
+    assert found["epsilon"][-1] == (8, 4.0) and {"forgetting ratio", "validation loss"} <= set(found) <= set(PANELS) | {
+        "learning rate"
+    }
     assert "epsilon" not in series(read_records(RunDir(finished_run)))
     out = tmp_path / "compare.html"
     res = run_cli("compare", finished_run, second, "--out", out)

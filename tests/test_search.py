@@ -20,19 +20,22 @@ from tunesmith.data.split import sample_k
 from tunesmith.errors import UserError
 from tunesmith.search.run import search, search_dir
 
-
 # -- the search space ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("space, message", [
-    ({"train.lrr": {"log_uniform": [1e-5, 1e-3]}}, "unknown config key(s) ['train.lrr']"),
-    ({"nosuch.section.key": {"choice": [1]}}, "unknown config key"),
-    ({"peft.r": {"choice": []}}, "choice needs at least one value"),
-    ({"train.lr": {"uniform": [1e-3, 1e-5]}}, "low < high"),
-    ({"train.lr": {"log_uniform": [0, 1e-3]}}, "log_uniform needs low > 0"),
-    ({"train.lr": {"uniform": [1e-5, 1e-3], "choice": [1e-4]}}, "exactly one of"),
-    ({"train.lr": {"gaussian": [0, 1]}}, "unknown key"),
-    ({}, "at least one key"),
-])
+
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({"train.lrr": {"log_uniform": [1e-5, 1e-3]}}, "unknown config key(s) ['train.lrr']"),
+        ({"nosuch.section.key": {"choice": [1]}}, "unknown config key"),
+        ({"peft.r": {"choice": []}}, "choice needs at least one value"),
+        ({"train.lr": {"uniform": [1e-3, 1e-5]}}, "low < high"),
+        ({"train.lr": {"log_uniform": [0, 1e-3]}}, "log_uniform needs low > 0"),
+        ({"train.lr": {"uniform": [1e-5, 1e-3], "choice": [1e-4]}}, "exactly one of"),
+        ({"train.lr": {"gaussian": [0, 1]}}, "unknown key"),
+        ({}, "at least one key"),
+    ],
+)
 def test_bad_search_spaces_are_clear_config_errors(tiny_config, space, message):
     tiny_config["search"] = {"space": space}
     with pytest.raises(UserError) as err:
@@ -40,11 +43,14 @@ def test_bad_search_spaces_are_clear_config_errors(tiny_config, space, message):
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("space", [
-    {"train.lr": {"uniform": [1e-5, float("inf")]}},
-    {"train.lr": {"log_uniform": [float("nan"), 1e-3]}},
-    {"train.warmup_ratio": {"uniform": [float("-inf"), 0.1]}},
-])
+@pytest.mark.parametrize(
+    "space",
+    [
+        {"train.lr": {"uniform": [1e-5, float("inf")]}},
+        {"train.lr": {"log_uniform": [float("nan"), 1e-3]}},
+        {"train.warmup_ratio": {"uniform": [float("-inf"), 0.1]}},
+    ],
+)
 def test_search_bounds_refuse_inf_and_nan_like_every_other_section(tiny_config, space):
     # Optuna would draw from [1e-5, inf) without complaint; every other section refuses inf/nan (Strict)
     tiny_config["search"] = {"space": space}
@@ -54,10 +60,15 @@ def test_search_bounds_refuse_inf_and_nan_like_every_other_section(tiny_config, 
 
 
 def test_search_space_parses_every_kind_and_metric_direction(tiny_config):
-    tiny_config["search"] = {"space": {"train.lr": {"log_uniform": [1e-5, 1e-3]}, "peft.r": {"int": [2, 8]},
-                                       "train.warmup_ratio": {"uniform": [0.0, 0.2]},
-                                       "train.batch_size": {"choice": [2, 4]},
-                                       "privacy.noise_multiplier": {"uniform": [0.5, 1.5]}}}
+    tiny_config["search"] = {
+        "space": {
+            "train.lr": {"log_uniform": [1e-5, 1e-3]},
+            "peft.r": {"int": [2, 8]},
+            "train.warmup_ratio": {"uniform": [0.0, 0.2]},
+            "train.batch_size": {"choice": [2, 4]},
+            "privacy.noise_multiplier": {"uniform": [0.5, 1.5]},
+        }
+    }
     cfg = config_from_dict(tiny_config)
     assert [d.kind for d in cfg.search.space.values()] == ["log_uniform", "integer", "uniform", "choice", "uniform"]
     assert cfg.search.objective("eval_loss") == ("loss", "minimize")
@@ -71,13 +82,16 @@ def test_search_without_a_search_block_is_refused(tiny_config):
 
 # -- running a study -------------------------------------------------------------------------------------
 
+
 def search_config(tiny_config) -> dict:
     tiny_config["train"].update(max_steps=8, schedule="constant")
-    tiny_config["eval"].update(every=2, samples=0, before_after=False, max_rows=4, generate_rows=2,
-                               max_new_tokens=2)
+    tiny_config["eval"].update(every=2, samples=0, before_after=False, max_rows=4, generate_rows=2, max_new_tokens=2)
     # lr from "barely moves" to "learns": the loss separates trials early, which the pruner needs.
-    tiny_config["search"] = {"space": {"train.lr": {"log_uniform": [1e-5, 5e-2]}}, "startup_trials": 2,
-                             "heartbeat_s": 1}
+    tiny_config["search"] = {
+        "space": {"train.lr": {"log_uniform": [1e-5, 5e-2]}},
+        "startup_trials": 2,
+        "heartbeat_s": 1,
+    }
     return tiny_config
 
 
@@ -131,8 +145,9 @@ def test_a_killed_search_continues_the_same_study(tiny_config, tmp_path):
     config["eval"]["every"] = 20
     path = write_config(tmp_path, config)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cli_argv("search", path, "--trials", "5"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        cli_argv("search", path, "--trials", "5"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+    )
     folder = tmp_path / "runs" / "tiny-search"
     deadline = time.time() + 120
     while time.time() < deadline:  # kill -9 while the second trial trains
@@ -165,9 +180,11 @@ def test_a_killed_search_continues_the_same_study(tiny_config, tmp_path):
 
 # -- few-shot sampling -------------------------------------------------------------------------------------
 
+
 def _labelled(counts: dict[str, int]) -> list[Example]:
-    return [Example(f"f:{lab}{i}", f"{lab}{i}", text=f"{lab} {i}", label=lab)
-            for lab, n in counts.items() for i in range(n)]
+    return [
+        Example(f"f:{lab}{i}", f"{lab}{i}", text=f"{lab} {i}", label=lab) for lab, n in counts.items() for i in range(n)
+    ]
 
 
 def test_k_shot_sampling_is_stratified_deterministic_and_covers_every_label():
@@ -194,14 +211,21 @@ def test_train_limit_keeps_validation_unchanged_and_is_reported(tiny_config):
 
 # -- learning curve ------------------------------------------------------------------------------------------
 
+
 def test_curve_trains_each_size_and_seed_and_writes_table_and_plot(tiny_config, tmp_path):
     from tunesmith.search.curve import curve, parse_sizes
 
     tiny_config["train"].update(max_steps=3)
     tiny_config["eval"].update(samples=0, max_rows=4, generate_rows=2, max_new_tokens=2)
     result = curve(config_from_dict(tiny_config), parse_sizes("4,16,all"), [0, 1], metric="loss")
-    assert [(p["size"], p["seed"]) for p in result["points"]] == [(4, 0), (4, 1), (16, 0), (16, 1), ("all", 0),
-                                                                  ("all", 1)]
+    assert [(p["size"], p["seed"]) for p in result["points"]] == [
+        (4, 0),
+        (4, 1),
+        (16, 0),
+        (16, 1),
+        ("all", 0),
+        ("all", 1),
+    ]
     assert [s["rows"] for s in result["summary"]] == [4, 16, 48]
     first = result["summary"][0]
     values = [p["loss"] for p in result["points"][:2]]
@@ -236,11 +260,14 @@ def test_curve_cli_writes_its_table_plot_and_runs(tiny_config, tmp_path):
     assert sorted(p.name for p in (folder / "runs").iterdir()) == ["tiny-k8-s0", "tiny-kall-s0"]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--sizes", "8,0"], "--sizes takes positive integers"),
-    (["--seeds", "0"], "--seeds must be at least 1"),
-    (["--sizes", "8", "--metric", "nosuch"], "'nosuch' is not a validation metric"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--sizes", "8,0"], "--sizes takes positive integers"),
+        (["--seeds", "0"], "--seeds must be at least 1"),
+        (["--sizes", "8", "--metric", "nosuch"], "'nosuch' is not a validation metric"),
+    ],
+)
 def test_curve_cli_refuses_bad_arguments(tiny_config, tmp_path, args, message):
     tiny_config["train"].update(max_steps=1)
     tiny_config["eval"].update(samples=0, max_rows=2, generate_rows=1, max_new_tokens=1, before_after=False)

@@ -8,8 +8,8 @@ import json
 import optuna
 import pytest
 import yaml
-from conftest import write_config
 from _cli import main_in_process
+from conftest import write_config
 
 from tunesmith.errors import UserError
 from tunesmith.search.budget import Clock, parse_budget
@@ -41,14 +41,25 @@ def quick_probe(monkeypatch, estimate_s: float = 1.0) -> None:
     real probe's seconds vary, and only its own test needs them."""
     from tunesmith.search import budget
 
-    monkeypatch.setattr(budget, "probe", lambda cfg, folder: {
-        "steps": 3, "seconds": estimate_s, "step_s": 0.0, "planned_steps": 4, "estimate_s": estimate_s})
+    monkeypatch.setattr(
+        budget,
+        "probe",
+        lambda cfg, folder: {
+            "steps": 3,
+            "seconds": estimate_s,
+            "step_s": 0.0,
+            "planned_steps": 4,
+            "estimate_s": estimate_s,
+        },
+    )
 
 
 # -- parsing and the rule for the next trial -------------------------------------------------------------
 
-@pytest.mark.parametrize("text, seconds", [("90s", 90), ("45m", 2700), ("1.5h", 5400), ("2h30m", 9000),
-                                           ("1h2m3s", 3723), (" 10M ", 600)])
+
+@pytest.mark.parametrize(
+    "text, seconds", [("90s", 90), ("45m", 2700), ("1.5h", 5400), ("2h30m", 9000), ("1h2m3s", 3723), (" 10M ", 600)]
+)
 def test_budget_durations_parse(text, seconds):
     assert parse_budget(text) == seconds
 
@@ -87,8 +98,11 @@ def test_the_next_trial_starts_only_when_the_mean_complete_trial_fits_the_time_l
 
 # -- the command ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("budget, message", [("soon", "--budget 'soon' is not a duration"),
-                                             ("0s", "leaves no time for a trial"), ("45", "is not a duration")])
+
+@pytest.mark.parametrize(
+    "budget, message",
+    [("soon", "--budget 'soon' is not a duration"), ("0s", "leaves no time for a trial"), ("45", "is not a duration")],
+)
 def test_an_unparsable_budget_exits_2_before_anything_runs(tiny_config, tmp_path, capsys, budget, message):
     path = write_config(tmp_path, budget_config(tiny_config))
     assert main_in_process("search", path, "--budget", budget) == 2

@@ -15,14 +15,24 @@ from tunesmith.errors import UserError
 
 def staged(tiny_config, tmp_path) -> dict:
     # Stage 1 teaches a different mapping (copy instead of reverse) on its own rows.
-    copy_rows = [{**r, "instruction": "copy the words", "output": r["input"].split(" #")[0]}
-                 for r in instruction_rows(48, seed=7)]
+    copy_rows = [
+        {**r, "instruction": "copy the words", "output": r["input"].split(" #")[0]}
+        for r in instruction_rows(48, seed=7)
+    ]
     tiny_config["train"].update(max_steps=6, lr=3e-2)
     tiny_config["eval"].update(samples=0, max_rows=6, generate_rows=2, max_new_tokens=4)
-    tiny_config["stages"] = [{"name": "copy", "data": {"train": str(write_jsonl(tmp_path / "s1.jsonl", copy_rows)),
-                                                        "format": "instruction", "max_length": 128,
-                                                        "overlength": "drop"},
-                              "train": {"max_steps": 8}}]
+    tiny_config["stages"] = [
+        {
+            "name": "copy",
+            "data": {
+                "train": str(write_jsonl(tmp_path / "s1.jsonl", copy_rows)),
+                "format": "instruction",
+                "max_length": 128,
+                "overlength": "drop",
+            },
+            "train": {"max_steps": 8},
+        }
+    ]
     return tiny_config
 
 
@@ -49,7 +59,7 @@ def test_each_stage_starts_from_the_previous_stages_weights(tiny_config, tmp_pat
     assert "<th>tiny-stage1-copy</th><th>tiny</th>" in (final / "stages.html").read_text()
     html = (final / "report.html").read_text()  # the report's stages table: the final task after each stage
     loss = report["stages"][0]["final_task"]["loss"]
-    assert "<th>final-task loss</th>" in html and f"<tr><td>copy</td><td>instruction</td>" in html
+    assert "<th>final-task loss</th>" in html and "<tr><td>copy</td><td>instruction</td>" in html
     assert f"{loss:.4f}" in html
 
 
@@ -88,16 +98,21 @@ def test_stack_mode_trains_a_new_adapter_on_top_of_the_previous_one(tiny_config,
 
     # The run loads as base, stage-1 adapter folded in, final adapter on top, and nothing else.
     model, tok, _ = load_finetuned(RunDir(final))
-    plain = models.load_causal_lm(str(tiny_config["model"]["name"]), final_cfg.model.model_copy(
-        update={"adapters": []}))
-    by_hand = PeftModel.from_pretrained(PeftModel.from_pretrained(plain, str(stage1 / "adapter")).merge_and_unload(),
-                                        str(final / "adapter")).eval()
+    plain = models.load_causal_lm(
+        str(tiny_config["model"]["name"]), final_cfg.model.model_copy(update={"adapters": []})
+    )
+    by_hand = PeftModel.from_pretrained(
+        PeftModel.from_pretrained(plain, str(stage1 / "adapter")).merge_and_unload(), str(final / "adapter")
+    ).eval()
     ids = tok("copy the words", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, by_hand(ids).logits, atol=1e-5)
         without_stage1 = PeftModel.from_pretrained(
-            models.load_causal_lm(str(tiny_config["model"]["name"]), final_cfg.model.model_copy(
-                update={"adapters": []})), str(final / "adapter")).eval()
+            models.load_causal_lm(
+                str(tiny_config["model"]["name"]), final_cfg.model.model_copy(update={"adapters": []})
+            ),
+            str(final / "adapter"),
+        ).eval()
         assert not torch.allclose(model(ids).logits, without_stage1(ids).logits, atol=1e-4)
 
 

@@ -18,8 +18,9 @@ def home(tmp_path, monkeypatch):
 
 def _cfg(tmp_path, rows, **data):
     train = write_jsonl(tmp_path / "train.jsonl", rows)
-    return config_from_dict({"data": {"train": str(train), "format": "instruction", "max_length": 64,
-                                      "overlength": "truncate", **data}})
+    return config_from_dict(
+        {"data": {"train": str(train), "format": "instruction", "max_length": 64, "overlength": "truncate", **data}}
+    )
 
 
 def test_second_tokenization_reads_the_cache_and_gives_the_same_rows(tmp_path, home, tiny_tokenizer, monkeypatch):
@@ -36,7 +37,8 @@ def test_second_tokenization_reads_the_cache_and_gives_the_same_rows(tmp_path, h
     second = tokenize_splits(cfg, load_examples(cfg), tiny_tokenizer)
     assert {k: v.rows for k, v in second.items()} == {k: v.rows for k, v in first.items()}
     assert {k: (v.counts, v.lengths, v.overlength) for k, v in second.items()} == {
-        k: (v.counts, v.lengths, v.overlength) for k, v in first.items()}
+        k: (v.counts, v.lengths, v.overlength) for k, v in first.items()
+    }
 
 
 def test_changed_data_tokenizer_or_settings_miss_the_cache(tmp_path, home, tiny_tokenizer):

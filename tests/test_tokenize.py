@@ -3,17 +3,14 @@ error with file:line) of RELIABILITY.md D5."""
 
 from __future__ import annotations
 
-
 import pytest
-
 from conftest import write_jsonl
+from test_data import make_cfg
+
 from tunesmith.data.formats import Example
 from tunesmith.data.prepare import load_examples, tokenize_splits
 from tunesmith.data.tokenize import IGNORE, render_prompt, tokenize_examples
 from tunesmith.errors import DataError
-
-from test_data import make_cfg
-
 
 # --- tokenization -----------------------------------------------------------------------------------------
 
@@ -42,8 +39,9 @@ def prompt_of_length(tok, n: int) -> str:
 
 def test_completion_only_labels_mask_the_prompt(tiny_tokenizer, tmp_path):
     tok = tiny_tokenizer
-    ex = Example("f.jsonl:1", "a", prompt=[{"role": "user", "content": "reverse the words one two"}],
-                 completion="two one")
+    ex = Example(
+        "f.jsonl:1", "a", prompt=[{"role": "user", "content": "reverse the words one two"}], completion="two one"
+    )
     cfg = make_cfg(tmp_path / "unused.jsonl", max_length=256)
     prompt_ids = tok(render_prompt(tok, ex.prompt), add_special_tokens=False)["input_ids"]
     out = tokenize_examples([ex], tok, cfg.data)

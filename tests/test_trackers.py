@@ -50,8 +50,10 @@ def test_overfitting_warning_on_a_deliberately_overfitting_run(tiny_config, tmp_
     from conftest import instruction_rows, write_jsonl
 
     # 4 rows with arbitrary answers, learned by heart at a high rate: nothing carries over to validation.
-    rows = [{**r, "output": f"{'seven three one' if i % 2 else 'two eight'} #{i}"}
-            for i, r in enumerate(instruction_rows(4))]
+    rows = [
+        {**r, "output": f"{'seven three one' if i % 2 else 'two eight'} #{i}"}
+        for i, r in enumerate(instruction_rows(4))
+    ]
     write_jsonl(tmp_path / "data" / "train.jsonl", rows)
     tiny_config["train"].update(max_steps=60, lr=5e-2, batch_size=4, schedule="constant")
     tiny_config["peft"]["r"] = 8

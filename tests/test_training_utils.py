@@ -24,6 +24,7 @@ def run_watch(watch: Watch, steps, loss) -> list[tuple[int, str]]:
 
 # ------------------------------------------------------------------------------------ flat-loss warning
 
+
 def test_a_flat_loss_warns_once_a_fifth_of_the_way_in():
     said = run_watch(Watch(500), range(1, 501), lambda s: 2.0 + 0.001 * (s % 3))
     assert [s for s, _ in said] == [100]  # a fifth of 500 updates; said once
@@ -97,6 +98,7 @@ def test_a_resumed_run_warns_that_its_loss_is_flat(tmp_path, tiny_config):
 
 # ------------------------------------------------------------------------------------ weight decay
 
+
 class Small(torch.nn.Module):
     """A matrix with a bias, an embedding, a norm and a frozen matrix: the kinds of parameters a model has."""
 
@@ -138,8 +140,14 @@ def test_a_step_without_gradient_shrinks_only_the_matrices(optimizer):
 EXPECTED_LR = {
     "constant": [0.1 / 3, 0.2 / 3, 0.1, 0.1, 0.1, 0.1],
     "linear": [0.1 / 3, 0.2 / 3, 0.1, 0.075, 0.05, 0.025],
-    "cosine": [0.1 / 3, 0.2 / 3, 0.1, 0.1 * (0.5 + 0.5 * math.cos(math.pi / 4)), 0.05,
-               0.1 * (0.5 + 0.5 * math.cos(3 * math.pi / 4))],
+    "cosine": [
+        0.1 / 3,
+        0.2 / 3,
+        0.1,
+        0.1 * (0.5 + 0.5 * math.cos(math.pi / 4)),
+        0.05,
+        0.1 * (0.5 + 0.5 * math.cos(3 * math.pi / 4)),
+    ],
 }
 
 

@@ -13,18 +13,30 @@ from rich.table import Table
 
 from tunesmith.errors import TrainingHalted, UserError
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
-                  help="Fine-tune pretrained language models from one YAML file, and prove the fine-tune helped.")
+app = typer.Typer(
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    help="Fine-tune pretrained language models from one YAML file, and prove the fine-tune helped.",
+)
 data_app = typer.Typer(no_args_is_help=True, help="Inspect data without training.")
 app.add_typer(data_app, name="data")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the configuration schema or a resolved config.")
 app.add_typer(config_app, name="config")
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. train.lr=1e-4 peft.r=8")]
-NumCandidates = Annotated[Optional[int], typer.Option(help="Candidates per prompt, one kept (overrides the run's "
-                                                      "eval.decoding.num_candidates; 1: one output).")]
-DecodingOverrides = Annotated[Optional[list[str]], typer.Option(
-    "--decoding", help="KEY=VALUE override of the run's eval.decoding (repeatable), e.g. --decoding do_sample=true")]
+NumCandidates = Annotated[
+    Optional[int],
+    typer.Option(
+        help="Candidates per prompt, one kept (overrides the run's eval.decoding.num_candidates; 1: one output)."
+    ),
+]
+DecodingOverrides = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--decoding", help="KEY=VALUE override of the run's eval.decoding (repeatable), e.g. --decoding do_sample=true"
+    ),
+]
 
 
 def _console():
@@ -37,10 +49,18 @@ def _console():
 def train(
     config: Annotated[Path, typer.Argument(help="YAML config file.")],
     overrides: Overrides = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run of this name from its newest checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory of this name.")] = False,
-    allow_drift: Annotated[bool, typer.Option("--allow-drift", help="Resume even if the config or data changed (recorded).")] = False,
-    fallback: Annotated[bool, typer.Option("--fallback", help="If the newest checkpoint fails verification, use an older one.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run of this name from its newest checkpoint.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing run directory of this name.")
+    ] = False,
+    allow_drift: Annotated[
+        bool, typer.Option("--allow-drift", help="Resume even if the config or data changed (recorded).")
+    ] = False,
+    fallback: Annotated[
+        bool, typer.Option("--fallback", help="If the newest checkpoint fails verification, use an older one.")
+    ] = False,
 ) -> None:
     """Fine-tune: data -> split -> load weights -> train -> evaluate before/after.
 
@@ -56,8 +76,10 @@ def train(
         from tunesmith.recipes.stages import train_staged
 
         if resume or allow_drift or fallback:
-            raise UserError("--resume, --allow-drift and --fallback are not supported with stages: yet",
-                            hint="Resume a stage's own run directory with its resolved config.yaml.")
+            raise UserError(
+                "--resume, --allow-drift and --fallback are not supported with stages: yet",
+                hint="Resume a stage's own run directory with its resolved config.yaml.",
+            )
         run = train_staged(cfg, overwrite=overwrite)
     else:
         run = recipe_for(cfg).train(cfg, resume=resume, overwrite=overwrite, allow_drift=allow_drift, fallback=fallback)
@@ -88,14 +110,22 @@ def eval_cmd(
 def search(
     config: Annotated[Path, typer.Argument(help="YAML config with a search: block.")],
     overrides: Overrides = None,
-    trials: Annotated[Optional[int], typer.Option(
-        help="Trials the study should have in all (a re-run continues it). Default: 12 without --budget, "
-        "no limit with it.")] = None,
-    budget: Annotated[Optional[str], typer.Option(
-        help="Wall-clock time for the whole study, e.g. 90s, 45m, 1.5h, 2h30m (a re-run counts the time already "
-        "spent). No trial starts that cannot finish in the time left; a trial training at the deadline is "
-        "stopped (SIGTERM, checkpoint) and recorded pruned. A budget shorter than one trial (estimated by a "
-        "3-step timed probe, or the study's shortest complete trial) is refused before any trial.")] = None,
+    trials: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Trials the study should have in all (a re-run continues it). Default: 12 without --budget, "
+            "no limit with it."
+        ),
+    ] = None,
+    budget: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Wall-clock time for the whole study, e.g. 90s, 45m, 1.5h, 2h30m (a re-run counts the time already "
+            "spent). No trial starts that cannot finish in the time left; a trial training at the deadline is "
+            "stopped (SIGTERM, checkpoint) and recorded pruned. A budget shorter than one trial (estimated by a "
+            "3-step timed probe, or the study's shortest complete trial) is refused before any trial."
+        ),
+    ] = None,
 ) -> None:
     """Hyperparameter search (Optuna, TPE + median pruning) over the config's search.space, up to --trials
     trials or --budget time, whichever ends first.
@@ -116,7 +146,9 @@ def search(
 def curve(
     config: Annotated[Path, typer.Argument(help="YAML config file.")],
     overrides: Overrides = None,
-    sizes: Annotated[str, typer.Option(help="Training-set sizes, comma-separated; 'all' for every row.")] = "16,64,256,all",
+    sizes: Annotated[
+        str, typer.Option(help="Training-set sizes, comma-separated; 'all' for every row.")
+    ] = "16,64,256,all",
     seeds: Annotated[int, typer.Option(help="Seeds per size (different rows and initialisation).")] = 1,
     metric: Annotated[Optional[str], typer.Option(help="Validation metric (default: the early-stopping one).")] = None,
 ) -> None:
@@ -126,7 +158,8 @@ def curve(
     Example: tunesmith curve examples/sentiment-rotten-tomatoes.yaml --sizes 16,64,256,1024,all --seeds 3
     """
     from tunesmith.config import load_config
-    from tunesmith.search.curve import curve as run_curve, parse_sizes
+    from tunesmith.search.curve import curve as run_curve
+    from tunesmith.search.curve import parse_sizes
 
     if seeds < 1:
         raise UserError("--seeds must be at least 1")
@@ -155,7 +188,8 @@ def compare(
 
     Example: tunesmith compare runs/a runs/b --out compare.html
     """
-    from tunesmith.report.compare import check_out, compare as write_compare
+    from tunesmith.report.compare import check_out
+    from tunesmith.report.compare import compare as write_compare
 
     if len(runs) < 2:
         raise UserError("compare needs at least two run directories")
@@ -169,19 +203,25 @@ def runs(folder: Annotated[Path, typer.Argument(help="Directory holding run dire
     from tunesmith.report.console import runs_table
 
     if not folder.is_dir():
-        raise UserError(f"{folder}: " + ("not a directory" if folder.exists() else "no such directory"),
-                        hint="Pass the directory that holds run directories (a config's output_dir).")
+        raise UserError(
+            f"{folder}: " + ("not a directory" if folder.exists() else "no such directory"),
+            hint="Pass the directory that holds run directories (a config's output_dir).",
+        )
     _console().print(runs_table(folder))
 
 
 @app.command()
 def audit(
     run: Annotated[Path, typer.Argument(help="Run directory (runs/<name>) whose config is audited.")],
-    canaries: Annotated[bool, typer.Option("--canaries", help="Insert random secrets and measure their exposure.")] = False,
+    canaries: Annotated[
+        bool, typer.Option("--canaries", help="Insert random secrets and measure their exposure.")
+    ] = False,
     repetitions: Annotated[str, typer.Option(help="Comma-separated insertion counts.")] = "1,4,16",
     secrets: Annotated[int, typer.Option(help="Secrets per insertion count.")] = 10,
     references: Annotated[int, typer.Option(help="Never-inserted reference secrets to rank against.")] = 10_000,
-    epsilon: Annotated[float, typer.Option(help="Target epsilon of the DP variant when the run has no privacy block.")] = 8.0,
+    epsilon: Annotated[
+        float, typer.Option(help="Target epsilon of the DP variant when the run has no privacy block.")
+    ] = 8.0,
 ) -> None:
     """Memorisation audit: retrain the run's config on its data plus canaries, without and with DP, and
     report each canary's exposure (The Secret Sharer) in RUN/audit.json.
@@ -256,10 +296,19 @@ def list_models() -> None:
 def generate_cmd(
     run: Annotated[Path, typer.Argument(help="Run directory (runs/<name>).")],
     prompt: Annotated[Optional[str], typer.Option(help="One prompt.")] = None,
-    input: Annotated[Optional[Path], typer.Option(help="JSONL with prompt/instruction/messages per line; a "
-                                                  "constrained-generation run also takes a concepts list.")] = None,
-    concepts: Annotated[Optional[str], typer.Option(help="Constrained-generation runs: the concepts, comma-"
-                                                    "separated; the prompt is built as in training.")] = None,
+    input: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="JSONL with prompt/instruction/messages per line; a "
+            "constrained-generation run also takes a concepts list."
+        ),
+    ] = None,
+    concepts: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Constrained-generation runs: the concepts, comma-separated; the prompt is built as in training."
+        ),
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 128,
     batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 8,
     num_candidates: NumCandidates = None,
@@ -288,8 +337,9 @@ def generate_cmd(
     model, tokenizer, cfg = load_finetuned(rundir)
     if cfg.data.system_prompt:
         prompts = [[{"role": "system", "content": cfg.data.system_prompt}] + p for p in prompts]
-    outputs, _ = generate(model, tokenizer, prompts, max_new_tokens, batch_size, decoding=how, concepts=known,
-                          seed=cfg.seed)
+    outputs, _ = generate(
+        model, tokenizer, prompts, max_new_tokens, batch_size, decoding=how, concepts=known, seed=cfg.seed
+    )
     if input is None:
         print(outputs[0])
     else:
@@ -306,8 +356,10 @@ def export_cmd(
     from tunesmith.inference import export_merged, open_run, require_task, weights_dir
 
     if merge.exists() and (not merge.is_dir() or any(merge.iterdir())):
-        raise UserError(f"--merge {merge}: " + ("exists and is not empty" if merge.is_dir() else "a file is there"),
-                        hint="Name a new or empty directory.")
+        raise UserError(
+            f"--merge {merge}: " + ("exists and is not empty" if merge.is_dir() else "a file is there"),
+            hint="Name a new or empty directory.",
+        )
     rundir, cfg = open_run(run)
     require_task(rundir, cfg, classification=False)
     weights_dir(rundir)
@@ -319,8 +371,9 @@ def export_cmd(
 def predict_cmd(
     run: Annotated[Path, typer.Argument(help="Classification run directory (runs/<name>).")],
     input: Annotated[Path, typer.Option(help="JSONL/CSV/Parquet with a text column (or the run's data.columns).")],
-    batch_size: Annotated[Optional[int], typer.Option(help="Rows per batch (default: the run's eval.batch_size).")
-                          ] = None,
+    batch_size: Annotated[
+        Optional[int], typer.Option(help="Rows per batch (default: the run's eval.batch_size).")
+    ] = None,
 ) -> None:
     """Label every row of a file with a classifier run: one JSON line per row, in order, with the label and
     every label's probability.

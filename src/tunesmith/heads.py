@@ -44,9 +44,11 @@ def _head(model) -> tuple[str, nn.Linear]:
         if isinstance(head, nn.Linear):
             return name, head
     found = type(getattr(model, "classifier", getattr(model, "score", None))).__name__
-    raise UserError(f"model.pooling works with a classifier whose head is one linear layer (BERT-, Llama- and "
-                    f"Qwen-family models); {type(model).__name__} has a {found} head",
-                    hint="Leave model.pooling at auto for this model.")
+    raise UserError(
+        f"model.pooling works with a classifier whose head is one linear layer (BERT-, Llama- and "
+        f"Qwen-family models); {type(model).__name__} has a {found} head",
+        hint="Leave model.pooling at auto for this model.",
+    )
 
 
 def _pooled_forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
@@ -67,8 +69,11 @@ def set_pooling(model, how: str):
     name, _ = _head(model)
     backbone = model.base_model
     if how in ("mean", "last") and "attention_mask" not in inspect.signature(backbone.forward).parameters:
-        raise UserError(f"model.pooling: {how} needs the padding mask, and {type(backbone).__name__}.forward takes "
-                        "no attention_mask", hint="Use model.pooling: cls, or auto.")
+        raise UserError(
+            f"model.pooling: {how} needs the padding mask, and {type(backbone).__name__}.forward takes "
+            "no attention_mask",
+            hint="Use model.pooling: cls, or auto.",
+        )
     if getattr(backbone, "pooler", None) is not None:
         backbone.pooler = None  # BERT's [CLS] pooler would sit unused (and untrained) beside the new pooling
     model.config.tunesmith_pooling = how  # saved in config.json, so the model directory says how it pools

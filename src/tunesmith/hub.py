@@ -28,8 +28,10 @@ def _unknown(name: str, why: str) -> UserError:
     from tunesmith.models import EMBEDDED
 
     close = difflib.get_close_matches(name, list(EMBEDDED), n=1)
-    return UserError(f"Model not found: {name} ({why})",
-                     hint=f"Did you mean the embedded '{close[0]}'? " + NAMES_HINT if close else NAMES_HINT)
+    return UserError(
+        f"Model not found: {name} ({why})",
+        hint=f"Did you mean the embedded '{close[0]}'? " + NAMES_HINT if close else NAMES_HINT,
+    )
 
 
 def _no_answer(err: Exception) -> bool:
@@ -50,8 +52,9 @@ def hub_model(mcfg) -> str:
     snapshot = cached_snapshot(name, revision)
     if constants.HF_HUB_OFFLINE:
         if snapshot is None:
-            raise _unknown(where, "not a local path or embedded name, and not in the local hub cache; "
-                           "HF_HUB_OFFLINE is set")
+            raise _unknown(
+                where, "not a local path or embedded name, and not in the local hub cache; HF_HUB_OFFLINE is set"
+            )
         return snapshot
     try:
         model_info(name, revision=revision, timeout=10)
@@ -66,6 +69,7 @@ def hub_model(mcfg) -> str:
             raise
         if snapshot is not None:
             return snapshot
-        raise _unknown(where, f"the hub did not answer ({type(err).__name__}) and it is not in the local "
-                       "hub cache") from None
+        raise _unknown(
+            where, f"the hub did not answer ({type(err).__name__}) and it is not in the local hub cache"
+        ) from None
     return name

@@ -32,11 +32,15 @@ def open_run(path) -> tuple[RunDir, Config]:
 
 def require_task(run: RunDir, cfg: Config, classification: bool) -> None:
     if classification and cfg.task_name != "classification":
-        raise UserError(f"{run.path} is a {cfg.task_name} run: `tunesmith predict` is for classification runs",
-                        hint="Generate text with: tunesmith generate RUN --prompt TEXT (or --input FILE)")
+        raise UserError(
+            f"{run.path} is a {cfg.task_name} run: `tunesmith predict` is for classification runs",
+            hint="Generate text with: tunesmith generate RUN --prompt TEXT (or --input FILE)",
+        )
     if not classification and cfg.task_name == "classification":
-        raise UserError(f"{run.path} is a classification run: generate and export need a generative (causal LM) run",
-                        hint="Predict labels with: tunesmith predict RUN --input FILE")
+        raise UserError(
+            f"{run.path} is a classification run: generate and export need a generative (causal LM) run",
+            hint="Predict labels with: tunesmith predict RUN --input FILE",
+        )
 
 
 def _only_safetensors(folder) -> None:
@@ -52,9 +56,10 @@ def _readable(path: Path) -> None:
         with safe_open(str(path), "pt"):  # parses the header and checks the file covers every tensor
             pass
     except (SafetensorError, OSError) as err:
-        raise UserError(f"{path}: not a readable safetensors file ({err})",
-                        hint="The file is damaged or incomplete (an interrupted copy?): restore it or retrain."
-                        ) from None
+        raise UserError(
+            f"{path}: not a readable safetensors file ({err})",
+            hint="The file is damaged or incomplete (an interrupted copy?): restore it or retrain.",
+        ) from None
 
 
 def weights_dir(run: RunDir) -> Path:
@@ -72,14 +77,16 @@ def weights_dir(run: RunDir) -> Path:
     try:
         json.loads((folder / config).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"{folder}: {config} is missing", hint="The run's weights are incomplete: restore them or "
-                        "retrain.") from None
+        raise UserError(
+            f"{folder}: {config} is missing", hint="The run's weights are incomplete: restore them or retrain."
+        ) from None
     except (ValueError, OSError) as err:
         raise UserError(f"{folder / config}: not valid JSON ({type(err).__name__})") from None
     for f in files:
         if not f.is_file():
-            raise UserError(f"{folder}: {f.name} is missing", hint="The run's weights are incomplete: restore them "
-                            "or retrain.")
+            raise UserError(
+                f"{folder}: {f.name} is missing", hint="The run's weights are incomplete: restore them or retrain."
+            )
         _readable(f)
     return folder
 
@@ -92,14 +99,23 @@ def check_fit(expected: dict, saved: dict, source, excused: set | frozenset = fr
     shapes = sorted(k for k in set(expected) & set(saved) if expected[k] != saved[k])
     if not (missing or unexpected or shapes):
         return
-    counts = [f"{n} {what}" for n, what in ((len(missing), "missing"), (len(unexpected), "unexpected"),
-                                            (len(shapes), "of another shape")) if n]
-    problems = ([f"missing: {k}" for k in missing[:SHOWN_KEYS]] + [f"unexpected: {k}" for k in unexpected[:SHOWN_KEYS]]
-                + [f"shape: {k} is {saved[k]} saved, {expected[k]} in the model" for k in shapes[:SHOWN_KEYS]])
-    raise UserError(f"{source}: the saved weights do not match the model the run's config.yaml builds "
-                    f"({', '.join(counts)} of {len(expected)} tensors)", problems,
-                    hint="Were the weights replaced, or config.yaml edited (peft.r, peft.target_modules, model.name) "
-                    "after training?")
+    counts = [
+        f"{n} {what}"
+        for n, what in ((len(missing), "missing"), (len(unexpected), "unexpected"), (len(shapes), "of another shape"))
+        if n
+    ]
+    problems = (
+        [f"missing: {k}" for k in missing[:SHOWN_KEYS]]
+        + [f"unexpected: {k}" for k in unexpected[:SHOWN_KEYS]]
+        + [f"shape: {k} is {saved[k]} saved, {expected[k]} in the model" for k in shapes[:SHOWN_KEYS]]
+    )
+    raise UserError(
+        f"{source}: the saved weights do not match the model the run's config.yaml builds "
+        f"({', '.join(counts)} of {len(expected)} tensors)",
+        problems,
+        hint="Were the weights replaced, or config.yaml edited (peft.r, peft.target_modules, model.name) "
+        "after training?",
+    )
 
 
 def _shapes(files: list[Path]) -> dict[str, tuple]:
@@ -123,8 +139,9 @@ def check_saved_weights(model, run: RunDir) -> Path:
         from peft import PeftModel, get_peft_model_state_dict
 
         if not isinstance(model, PeftModel):
-            raise UserError(f"{folder}: a LoRA adapter, but the run's config.yaml has peft.method "
-                            f"{run_config(run).peft.method!r}")
+            raise UserError(
+                f"{folder}: a LoRA adapter, but the run's config.yaml has peft.method {run_config(run).peft.method!r}"
+            )
         expected = {k: tuple(t.shape) for k, t in get_peft_model_state_dict(model).items()}
         check_fit(expected, _shapes(_files(folder)), folder / "adapter_model.safetensors")
         return folder

@@ -55,8 +55,11 @@ def _request(row: dict, cfg: Config, decoding: Decoding) -> tuple[list[dict], li
         concepts = string_list(row[column], column)
         return [{"role": "user", "content": concept_prompt(cfg.data, concepts)}], concepts
     if decoding.by_concepts:
-        raise RowError("missing_concepts", f"expected a '{column}' list: this run keeps the candidate that covers "
-                       "the most concepts (eval.decoding.rerank: coverage)")
+        raise RowError(
+            "missing_concepts",
+            f"expected a '{column}' list: this run keeps the candidate that covers "
+            "the most concepts (eval.decoding.rerank: coverage)",
+        )
     return _prompt(row), None
 
 
@@ -81,16 +84,20 @@ def read_prompts(path: Path, cfg: Config) -> list[list[dict]]:
 def concept_request(text: str, cfg: Config) -> tuple[list[dict], list[str]]:
     """`generate --concepts a,b,c` on a concepts run: the prompt built as in training, and its concepts."""
     if cfg.data.format != "concepts":
-        raise UserError(f"--concepts is for constrained-generation runs (data.format: concepts); this run's "
-                        f"format is {cfg.data.format}", hint="Give the whole prompt with --prompt.")
+        raise UserError(
+            f"--concepts is for constrained-generation runs (data.format: concepts); this run's "
+            f"format is {cfg.data.format}",
+            hint="Give the whole prompt with --prompt.",
+        )
     concepts = [c.strip() for c in text.split(",") if c.strip()]
     if not concepts:
         raise UserError("--concepts is empty", hint="Give the concepts comma-separated: --concepts dog,frisbee,catch")
     return [{"role": "user", "content": concept_prompt(cfg.data, concepts)}], concepts
 
 
-def generation_requests(cfg: Config, decoding: Decoding, prompt: str | None, path: Path | None,
-                        concepts: str | None) -> tuple[list[list[dict]], list[list[str] | None]]:
+def generation_requests(
+    cfg: Config, decoding: Decoding, prompt: str | None, path: Path | None, concepts: str | None
+) -> tuple[list[list[dict]], list[list[str] | None]]:
     """What `tunesmith generate` was asked, from exactly one of --prompt, --input and --concepts: the prompts
     and, where known, each one's concepts."""
     if (prompt, path, concepts).count(None) != 2:
@@ -103,9 +110,11 @@ def generation_requests(cfg: Config, decoding: Decoding, prompt: str | None, pat
     if not prompt.strip():
         raise UserError("--prompt is empty")
     if decoding.by_concepts:
-        raise UserError("this run keeps the candidate that covers the most concepts (eval.decoding.rerank: "
-                        "coverage), so it needs the concepts, not a prompt",
-                        hint="Use --concepts dog,frisbee,catch (or --num-candidates 1 for one output).")
+        raise UserError(
+            "this run keeps the candidate that covers the most concepts (eval.decoding.rerank: "
+            "coverage), so it needs the concepts, not a prompt",
+            hint="Use --concepts dog,frisbee,catch (or --num-candidates 1 for one output).",
+        )
     return [[{"role": "user", "content": prompt}]], [None]
 
 

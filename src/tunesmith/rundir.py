@@ -64,8 +64,10 @@ class RunDir:
             if resume and not exists:
                 raise UserError(f"--resume: no run at {run.path}")
             if exists and not resume and not overwrite:
-                raise UserError(f"Run directory {run.path} already exists",
-                                hint="Use --resume to continue it, --overwrite to replace it, or set name=...")
+                raise UserError(
+                    f"Run directory {run.path} already exists",
+                    hint="Use --resume to continue it, --overwrite to replace it, or set name=...",
+                )
             if exists:
                 run.lock()  # refused while another process trains it, also under --overwrite
             if exists and overwrite:
@@ -80,8 +82,10 @@ class RunDir:
                 run.lock()
         except OSError as err:
             run.abandon(None)
-            raise UserError(f"Cannot use {run.path} as the run directory: {err.strerror or err}",
-                            hint="output_dir must be a directory you can write to.") from None
+            raise UserError(
+                f"Cannot use {run.path} as the run directory: {err.strerror or err}",
+                hint="output_dir must be a directory you can write to.",
+            ) from None
         except BaseException:
             run.abandon(None)
             raise
@@ -104,8 +108,10 @@ class RunDir:
                 if attempt == 4:
                     os.close(fd)
                     who = f"pid {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 else "") if holder else "?"
-                    raise UserError(f"{self.path} is in use by another tunesmith process ({who})",
-                                    hint="Wait for it to finish, or stop it, before training this run again.") from None
+                    raise UserError(
+                        f"{self.path} is in use by another tunesmith process ({who})",
+                        hint="Wait for it to finish, or stop it, before training this run again.",
+                    ) from None
                 time.sleep(0.1)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
@@ -219,6 +225,7 @@ class RunDir:
         Skipped-step records carry the data step: they can follow the checkpoint at the same update count."""
         p = self / "metrics.jsonl"
         if p.exists():
+
             def before(rec: dict) -> bool:
                 return rec["data_step"] <= data_step if "data_step" in rec else rec.get("step", 0) <= step
 

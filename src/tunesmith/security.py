@@ -14,8 +14,20 @@ import re
 from pathlib import Path
 
 SYSTEM_DIRS = ("/proc", "/sys", "/dev", "/etc", "/boot", "/run", "/var/run")
-CREDENTIAL_PARTS = {".ssh", ".aws", ".gnupg", ".docker", ".kube", ".netrc", ".git-credentials", ".env", ".pypirc",
-                    "id_rsa", "id_ed25519", "credentials"}
+CREDENTIAL_PARTS = {
+    ".ssh",
+    ".aws",
+    ".gnupg",
+    ".docker",
+    ".kube",
+    ".netrc",
+    ".git-credentials",
+    ".env",
+    ".pypirc",
+    "id_rsa",
+    "id_ed25519",
+    "credentials",
+}
 SECRET_PATTERNS = [
     re.compile(r"hf_[A-Za-z0-9]{8,}"),  # Hugging Face tokens
     re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_-]{16,}"),  # OpenAI-style keys

@@ -23,8 +23,9 @@ from tunesmith.errors import UserError
 torch.set_num_threads(1)
 
 EXAMPLES = 400  # per property: 2,800 inputs in all, about 30 s on one thread
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-                suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=EXAMPLES, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+)
 
 STATS: dict[str, Counter] = {}  # property -> outcomes; a report only (see the module docstring)
 MARK = "ZQX"  # put into row text: problem messages must never contain it

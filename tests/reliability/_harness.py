@@ -34,6 +34,7 @@ fixtures = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fixtures)
 write_config, write_jsonl, instruction_rows = fixtures.write_config, fixtures.write_jsonl, fixtures.instruction_rows
 
+
 class _Env(Mapping):
     """The environment for CLI subprocesses: os.environ as it is when a child starts (so the test's own
     TUNESMITH_HOME, set by tests/conftest.py after this module was imported), plus quiet, one-thread settings."""
@@ -156,8 +157,11 @@ def _state(s) -> dict:
     opt_tensors = [v for st in opt["state"].values() for v in st.values() if torch.is_tensor(v)]
     return {
         "params": {n: _digest(p) for n, p in params.items()},
-        "optimizer": {f"{pid}.{k}": _digest(v) if torch.is_tensor(v) else v
-                      for pid, st in opt["state"].items() for k, v in st.items()},
+        "optimizer": {
+            f"{pid}.{k}": _digest(v) if torch.is_tensor(v) else v
+            for pid, st in opt["state"].items()
+            for k, v in st.items()
+        },
         "lr": [g["lr"] for g in s.optim.optimizer.param_groups],
         "scheduler": s.optim.scheduler.last_epoch,
         "finite": all(bool(torch.isfinite(t).all()) for t in list(params.values()) + opt_tensors),
@@ -199,15 +203,19 @@ class Probe:
             s = real_build(*args, **fns)
             norm = s.accelerator.unwrap_model(s.model).get_base_model().model.norm
             norm.register_forward_hook(
-                lambda mod, i, out: out * float("nan") if mod.training and probe.data_step in probe.nan_at else None)
+                lambda mod, i, out: out * float("nan") if mod.training and probe.data_step in probe.nan_at else None
+            )
             probe.s = s
             return s
 
         monkeypatch.setattr(ShuffledPlan, "micro_batches", micro_batches)
         monkeypatch.setattr(building, "build", build)
         if sgd:
-            monkeypatch.setattr(building, "build_optimizer", lambda model, t: torch.optim.SGD(
-                [p for p in model.parameters() if p.requires_grad], lr=t.lr))
+            monkeypatch.setattr(
+                building,
+                "build_optimizer",
+                lambda model, t: torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=t.lr),
+            )
 
 
 @pytest.fixture(autouse=True)
@@ -231,13 +239,31 @@ def rel_config(tmp_path: Path, model: Path, n_rows: int = 64, **train) -> dict:
         "seed": 0,
         "model": {"name": str(model)},
         "peft": {"method": "lora", "r": 4, "dropout": 0.1},
-        "data": {"train": str(train_file), "validation": str(val_file), "format": "instruction",
-                 "max_length": 128, "overlength": "drop"},
-        "train": {"lr": 1e-2, "batch_size": 4, "grad_accum": 2, "warmup_steps": 3, "schedule": "cosine",
-                  "max_steps": 24, **train},
+        "data": {
+            "train": str(train_file),
+            "validation": str(val_file),
+            "format": "instruction",
+            "max_length": 128,
+            "overlength": "drop",
+        },
+        "train": {
+            "lr": 1e-2,
+            "batch_size": 4,
+            "grad_accum": 2,
+            "warmup_steps": 3,
+            "schedule": "cosine",
+            "max_steps": 24,
+            **train,
+        },
         # Keep the final evaluation cheap: these tests are about training state, not metrics.
-        "eval": {"batch_size": 8, "max_new_tokens": 2, "samples": 0, "before_after": False, "generate_rows": 2,
-                 "max_rows": 4},
+        "eval": {
+            "batch_size": 8,
+            "max_new_tokens": 2,
+            "samples": 0,
+            "before_after": False,
+            "generate_rows": 2,
+            "max_rows": 4,
+        },
     }
 
 

@@ -60,8 +60,13 @@ def base_config(model: Path, **train) -> dict:
         "seed": 0,
         "model": {"name": str(model)},
         "peft": {"method": "lora", "r": 4, "dropout": 0.0},
-        "data": {"train": "data/train.jsonl", "validation": "data/val.jsonl", "format": "instruction",
-                 "max_length": 128, "overlength": "drop"},
+        "data": {
+            "train": "data/train.jsonl",
+            "validation": "data/val.jsonl",
+            "format": "instruction",
+            "max_length": 128,
+            "overlength": "drop",
+        },
         "train": {"max_steps": 4, "lr": 1e-2, "batch_size": 4, "warmup_ratio": 0.0, **train},
         "eval": {"batch_size": 8, "max_new_tokens": 4, "samples": 0, "before_after": False, "generate_rows": 1},
     }

@@ -63,8 +63,7 @@ def torchrun(tmp_path: Path, *args, fault: dict | None = None) -> subprocess.Com
 def two(tmp_path_factory, tiny_llama):
     """The uninterrupted runs: two processes of batch 4, and one process of batch 8."""
     tmp = tmp_path_factory.mktemp("ddp")
-    cfg_dict = rel_config(tmp, tiny_llama, n_rows=N_ROWS, max_steps=STEPS, save_every=4, grad_accum=1,
-                          batch_size=4)
+    cfg_dict = rel_config(tmp, tiny_llama, n_rows=N_ROWS, max_steps=STEPS, save_every=4, grad_accum=1, batch_size=4)
     cfg_dict["peft"]["dropout"] = 0.0
     cfg = write_config(tmp, cfg_dict)
     res = torchrun(tmp, "train", cfg, "name=two", fault={"record_rows": str(tmp / "rows-two.jsonl")})
@@ -94,11 +93,19 @@ def test_the_shipped_accelerate_config_trains_like_torchrun(two):
     torchrun: here, without a GPU, two gloo ranks."""
     tmp, cfg, _ = two
     config = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "ddp.yaml"
-    launch = ("-m", "accelerate.commands.launch", "--config_file", config, "--main_process_port", _free_port(),
-              *TUNESMITH)
+    launch = (
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        config,
+        "--main_process_port",
+        _free_port(),
+        *TUNESMITH,
+    )
     # output_dir apart: another test counts tmp/runs
-    res = run_cli("train", cfg, "name=acc", f"output_dir={tmp / 'accelerate-runs'}", program=launch, timeout=300,
-                  env=ENV)
+    res = run_cli(
+        "train", cfg, "name=acc", f"output_dir={tmp / 'accelerate-runs'}", program=launch, timeout=300, env=ENV
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     assert json.loads((tmp / "accelerate-runs" / "acc" / "run.json").read_text())["processes"] == 2
     got, want = adapter(tmp / "accelerate-runs" / "acc"), adapter(tmp / "runs" / "two")
@@ -124,13 +131,15 @@ def test_megatron_is_refused_with_a_clear_message_and_the_other_engines_run(monk
 
 # -- DeepSpeed ZeRO-2 (accelerate launch with the shipped configs/accelerate/zero2.yaml) --------------------
 
+
 def apart(tmp: Path) -> str:
     """ZeRO runs of the shared fixture go to their own folder: another test counts tmp/runs."""
     return f"output_dir={tmp / 'zero-runs'}"
 
 
-def zero2(tmp_path: Path, *args, fault: dict | None = None, launch: tuple = (),
-          config: str | Path = "zero2.yaml") -> subprocess.CompletedProcess:
+def zero2(
+    tmp_path: Path, *args, fault: dict | None = None, launch: tuple = (), config: str | Path = "zero2.yaml"
+) -> subprocess.CompletedProcess:
     """accelerate launch with a DeepSpeed config: a shipped one (by name) or a path."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make install installs it)")
     if not (shutil.which("c++") or shutil.which("g++")):
@@ -138,8 +147,16 @@ def zero2(tmp_path: Path, *args, fault: dict | None = None, launch: tuple = (),
     runner = tmp_path / "runner.py"
     runner.write_text(RUNNER)
     accelerate_config = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / config  # or the path
-    program = ("-m", "accelerate.commands.launch", "--config_file", accelerate_config, *launch,
-               "--main_process_port", _free_port(), runner)
+    program = (
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        accelerate_config,
+        *launch,
+        "--main_process_port",
+        _free_port(),
+        runner,
+    )
     return run_cli(*args, program=program, timeout=300, env={**ENV, "TS_FAULT": json.dumps(fault or {})})
 
 
@@ -163,8 +180,10 @@ def test_zero2_trains_like_ddp_and_saves_each_ranks_optimizer_partition(two):
     files = sorted(p.name for p in (run / "checkpoints" / "step-12").iterdir())
     assert files == sorted([*REQUIRED, "manifest.json", "rng-rank1.safetensors", "optimizer-rank1.safetensors"])
     # Each rank's file holds its half of the flat Adam moments, not a copy of the whole.
-    parts = [load_file(str(run / "checkpoints" / "step-12" / f)) for f in ("optimizer.safetensors",
-                                                                          "optimizer-rank1.safetensors")]
+    parts = [
+        load_file(str(run / "checkpoints" / "step-12" / f))
+        for f in ("optimizer.safetensors", "optimizer-rank1.safetensors")
+    ]
     total = sum(p.numel() for name, p in adapter(ddp).items())
     assert [sum(t.numel() for k, t in part.items() if k.endswith("exp_avg")) for part in parts] == [total // 2] * 2
 
@@ -173,14 +192,31 @@ def zero3_config(tmp: Path) -> Path:
     """A DeepSpeed JSON of the user's own, through accelerate's deepspeed_config_file. Persistence threshold 0:
     every parameter is partitioned (by default ones this small stay whole, and nothing would be gathered)."""
     ds_json = tmp / "zero3.json"
-    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-                                   "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
-                                   "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}))
+    ds_json.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                "train_micro_batch_size_per_gpu": "auto",
+                "train_batch_size": "auto",
+                "gradient_accumulation_steps": "auto",
+                "gradient_clipping": "auto",
+            }
+        )
+    )
     launch_config = tmp / "zero3-accelerate.yaml"
-    launch_config.write_text(yaml.safe_dump({
-        "compute_environment": "LOCAL_MACHINE", "distributed_type": "DEEPSPEED", "num_machines": 1, "machine_rank": 0,
-        "num_processes": 2, "use_cpu": False,
-        "deepspeed_config": {"deepspeed_config_file": str(ds_json), "zero3_init_flag": False}}))
+    launch_config.write_text(
+        yaml.safe_dump(
+            {
+                "compute_environment": "LOCAL_MACHINE",
+                "distributed_type": "DEEPSPEED",
+                "num_machines": 1,
+                "machine_rank": 0,
+                "num_processes": 2,
+                "use_cpu": False,
+                "deepspeed_config": {"deepspeed_config_file": str(ds_json), "zero3_init_flag": False},
+            }
+        )
+    )
     return launch_config
 
 
@@ -204,8 +240,9 @@ def test_sharded_parameters_train_evaluate_and_save_like_one_process(two, engine
     of 5 rows in batches of 2 (rank 0: two batches, rank 1: one) and generation of 3 answers (2 and 1) run
     padded and in lock-step; the checkpoints' trainables and the saved adapter are gathered whole. FSDP
     runs through the shipped configs/accelerate/fsdp.yaml (on CPU ranks tunesmith engages it itself)."""
-    run, ref = sharded_and_one(two, engine, engine, "one3", "eval.max_rows=5", "eval.generate_rows=3",
-                               "eval.batch_size=2")
+    run, ref = sharded_and_one(
+        two, engine, engine, "one3", "eval.max_rows=5", "eval.generate_rows=3", "eval.batch_size=2"
+    )
     assert json.loads((run / "run.json").read_text())["distributed"] == ("FSDP" if engine == "fsdp" else "DEEPSPEED")
     for ra, rb in zip(step_lines(run), step_lines(ref), strict=True):
         assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
@@ -213,8 +250,10 @@ def test_sharded_parameters_train_evaluate_and_save_like_one_process(two, engine
     assert sorted(got) == sorted(want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
-    shapes = [{k: tuple(v.shape) for k, v in load_file(str(r / "checkpoints" / "step-12" / "trainable.safetensors"))
-               .items()} for r in (run, ref)]
+    shapes = [
+        {k: tuple(v.shape) for k, v in load_file(str(r / "checkpoints" / "step-12" / "trainable.safetensors")).items()}
+        for r in (run, ref)
+    ]
     assert shapes[0] == shapes[1]
     evals = [json.loads((r / "eval.json").read_text())["finetuned"]["validation"] for r in (run, ref)]
     assert evals[0]["rows"] == 5 and evals[0].keys() == evals[1].keys()
@@ -247,8 +286,9 @@ def test_zero2_skips_a_non_finite_step_whole(two):
     ends where one process with the same fault ends (not one more step behind, not NaN)."""
     tmp, cfg, _ = two
     fault = {"nan_data_steps": [3]}
-    res = zero2(tmp, "train", cfg, "name=zero2-nan", "train.batch_size=2", "train.grad_accum=2", apart(tmp),
-                fault=fault)
+    res = zero2(
+        tmp, "train", cfg, "name=zero2-nan", "train.batch_size=2", "train.grad_accum=2", apart(tmp), fault=fault
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     one = cli("train", cfg, "name=one-nan", "train.batch_size=8", apart(tmp), fault=fault)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -256,7 +296,8 @@ def test_zero2_skips_a_non_finite_step_whole(two):
     skipped = [r for r in records(runs / "zero2-nan") if r.get("skipped")]
     assert [r["data_step"] for r in skipped] == [3]
     assert [r["loss"] for r in step_lines(runs / "zero2-nan")] == pytest.approx(
-        [r["loss"] for r in step_lines(runs / "one-nan")], abs=1e-5)
+        [r["loss"] for r in step_lines(runs / "one-nan")], abs=1e-5
+    )
     got, want = adapter(runs / "zero2-nan"), adapter(runs / "one-nan")
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
@@ -304,8 +345,9 @@ def test_k5_a_rank_killed_before_its_optimizer_shard_leaves_the_checkpoint_uncom
 
 def test_deepspeed_refuses_what_it_would_silently_change(two):
     tmp, cfg, _ = two
-    res = zero2(tmp, "train", cfg, "name=zero2-dp", apart(tmp), "privacy.noise_multiplier=1.0",
-                config="zero3.yaml")  # the shipped ZeRO-3 file
+    res = zero2(
+        tmp, "train", cfg, "name=zero2-dp", apart(tmp), "privacy.noise_multiplier=1.0", config="zero3.yaml"
+    )  # the shipped ZeRO-3 file
     assert res.returncode != 0  # each rank exits 2; the launcher reports a failed child
     assert "cannot run under DEEPSPEED" in res.stderr and "privacy (DP-SGD)" in res.stderr
     assert not (tmp / "zero-runs" / "zero2-dp").exists()  # no half-made run left behind
@@ -315,8 +357,9 @@ def test_evaluation_and_generation_are_sharded_and_gathered_in_order(two):
     """Each rank scores every second validation row and generates every second answer; the summed loss,
     the token count and the gathered answers' metrics equal the one-process run's."""
     tmp, _, _ = two
-    two_eval, one_eval = (json.loads((tmp / "runs" / n / "eval.json").read_text())["finetuned"]["validation"]
-                          for n in ("two", "one"))
+    two_eval, one_eval = (
+        json.loads((tmp / "runs" / n / "eval.json").read_text())["finetuned"]["validation"] for n in ("two", "one")
+    )
     assert two_eval["tokens"] == one_eval["tokens"] and two_eval["rows"] == one_eval["rows"] == 4
     generated = [k for k in one_eval if k not in ("loss", "perplexity", "tokens", "rows")]
     assert generated  # rougeL and the output statistics come from generation
@@ -331,8 +374,12 @@ def test_each_row_once_per_epoch_and_one_run_directory(two):
     steps_per_epoch = -(-N_ROWS // 8)
     last = [[i for r in log if r["data_step"] == steps_per_epoch and r["rank"] == k for i in r["ids"]] for k in (0, 1)]
     assert len(last[0]) == 1 and last[1] == last[0]  # rank 1's zero-weight pass reuses rank 0's one row
-    learned = [i for r in log if r["data_step"] <= steps_per_epoch
-               and not (r["rank"] == 1 and r["data_step"] == steps_per_epoch) for i in r["ids"]]
+    learned = [
+        i
+        for r in log
+        if r["data_step"] <= steps_per_epoch and not (r["rank"] == 1 and r["data_step"] == steps_per_epoch)
+        for i in r["ids"]
+    ]
     assert sorted(learned) == sorted(f"r{i}" for i in range(N_ROWS))  # every row, none twice
     for step in range(1, STEPS + 1):  # within a step the ranks never share a row (but for that pass)
         if step % steps_per_epoch == 0:
@@ -342,7 +389,8 @@ def test_each_row_once_per_epoch_and_one_run_directory(two):
     assert sorted(p.name for p in (tmp / "runs").iterdir()) == ["one", "two"]
     run = tmp / "runs" / "two"
     assert sorted(p.name for p in (run / "checkpoints" / "step-12").iterdir()) == sorted(
-        [*REQUIRED, "manifest.json", "rng-rank1.safetensors"])
+        [*REQUIRED, "manifest.json", "rng-rank1.safetensors"]
+    )
     assert res.stdout.count("Run directory:") + res.stderr.count("Run directory:") == 1  # one process talks
 
 
@@ -396,8 +444,9 @@ def test_dp_sgd_on_two_processes_matches_one_process_on_the_same_sample(two):
     for k in one_w:
         assert torch.allclose(two_w[k], one_w[k], atol=1e-5, rtol=1e-5), k
     # The noise is in those weights: without it the same run ends elsewhere.
-    quiet = cli("train", cfg, "name=dp0", "train.batch_size=8", "privacy.noise_multiplier=0.0",
-                "peft.target_modules=[q_proj]")
+    quiet = cli(
+        "train", cfg, "name=dp0", "train.batch_size=8", "privacy.noise_multiplier=0.0", "peft.target_modules=[q_proj]"
+    )
     assert quiet.returncode == 0, quiet.stderr[-3000:]
     quiet_w = adapter(runs / "dp0")
     assert any(not torch.allclose(quiet_w[k], one_w[k], atol=1e-3) for k in one_w)
@@ -413,8 +462,9 @@ def test_generate_sharded_takes_every_world_th_prompt_and_restores_the_order(mon
     from tunesmith.evaluation import generate as gen
 
     prompts = [[{"role": "user", "content": f"p{i}"}] for i in range(5)]
-    monkeypatch.setattr(gen, "generate", lambda model, tok, ps, *a, **k: ([p[0]["content"].upper() for p in ps],
-                                                                          [True] * len(ps)))
+    monkeypatch.setattr(
+        gen, "generate", lambda model, tok, ps, *a, **k: ([p[0]["content"].upper() for p in ps], [True] * len(ps))
+    )
     parts = {}
 
     class Rank:
@@ -461,8 +511,9 @@ def test_sharded_full_fine_tuning_saves_the_whole_model_of_one_process(two, engi
     what one process trains."""
     from transformers import AutoModelForCausalLM
 
-    run, ref = sharded_and_one(two, engine, f"full-{engine}", "full-one", "peft.method=full", "train.lr=1e-3",
-                               "train.max_steps=4")
+    run, ref = sharded_and_one(
+        two, engine, f"full-{engine}", "full-one", "peft.method=full", "train.lr=1e-3", "train.max_steps=4"
+    )
     got, want = (AutoModelForCausalLM.from_pretrained(r / "model").state_dict() for r in (run, ref))
     assert sorted(got) == sorted(want)
     for name in want:

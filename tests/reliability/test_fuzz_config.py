@@ -43,29 +43,136 @@ def dotted_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 DOTTED = dotted_fields(Config)
 SECTIONS = sorted({d.split(".")[0] for d in DOTTED})
-WORDS = sorted(set(FORMATS) | set(TASKS) | {"lora", "full", "freeze", "auto", "never", "cosine", "linear", "error",
-                                             "skip", "drop", "truncate", "fp32", "bf16", "float16", "sdpa", "min"})
-PREFIXES = ["", "./", "../", "/", "~", "~/", "/etc/", "/proc/self/", "../../", "data/", "~root/", "~nosuchuser/",
-            "org/", "https://user:pw@host/", "\x00", "/tmp/\x00"]
+WORDS = sorted(
+    set(FORMATS)
+    | set(TASKS)
+    | {
+        "lora",
+        "full",
+        "freeze",
+        "auto",
+        "never",
+        "cosine",
+        "linear",
+        "error",
+        "skip",
+        "drop",
+        "truncate",
+        "fp32",
+        "bf16",
+        "float16",
+        "sdpa",
+        "min",
+    }
+)
+PREFIXES = [
+    "",
+    "./",
+    "../",
+    "/",
+    "~",
+    "~/",
+    "/etc/",
+    "/proc/self/",
+    "../../",
+    "data/",
+    "~root/",
+    "~nosuchuser/",
+    "org/",
+    "https://user:pw@host/",
+    "\x00",
+    "/tmp/\x00",
+]
 
 path_like = st.builds(lambda pre, body: pre + body, st.sampled_from(PREFIXES), st.text(max_size=12))
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-5, 5000), st.integers(), st.floats(), st.text(max_size=24), path_like,
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 5000),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=24),
+    path_like,
     st.sampled_from(WORDS),
 )
 json_like = st.recursive(
-    scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8) | st.sampled_from(
-        DOTTED + SECTIONS), inner, max_size=3), max_leaves=12)
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(max_size=8) | st.sampled_from(DOTTED + SECTIONS), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
 
 YAML_TOKENS = [
-    "data:", "train:", "format:", "name:", "model:", "peft:", "output_dir:", "allowed_roots:", "retention:", "seed:",
-    " ", "  ", "\n", "\n  ", "- ", ": ", "{", "}", "[", "]", ",", "&a ", "*a", "!!binary ", "!!set ", "!!float ",
-    "!!python/object/apply:os.system ", "!!str ", "'", '"', "~", "null", ".inf", ".nan", "-1", "1e5", "0x1F", "0o17",
-    "2020-01-01", "yes", "x", "chat", "instruction", "/etc/passwd", "../", "\t", "#", "%YAML 1.1\n", "---\n",
-    "...\n", "? ", "|\n", ">\n", "\\", "\x00", "\ufeff", "<<: ", "= ", "%",
+    "data:",
+    "train:",
+    "format:",
+    "name:",
+    "model:",
+    "peft:",
+    "output_dir:",
+    "allowed_roots:",
+    "retention:",
+    "seed:",
+    " ",
+    "  ",
+    "\n",
+    "\n  ",
+    "- ",
+    ": ",
+    "{",
+    "}",
+    "[",
+    "]",
+    ",",
+    "&a ",
+    "*a",
+    "!!binary ",
+    "!!set ",
+    "!!float ",
+    "!!python/object/apply:os.system ",
+    "!!str ",
+    "'",
+    '"',
+    "~",
+    "null",
+    ".inf",
+    ".nan",
+    "-1",
+    "1e5",
+    "0x1F",
+    "0o17",
+    "2020-01-01",
+    "yes",
+    "x",
+    "chat",
+    "instruction",
+    "/etc/passwd",
+    "../",
+    "\t",
+    "#",
+    "%YAML 1.1\n",
+    "---\n",
+    "...\n",
+    "? ",
+    "|\n",
+    ">\n",
+    "\\",
+    "\x00",
+    "\ufeff",
+    "<<: ",
+    "= ",
+    "%",
 ]
-plausible = st.one_of(st.integers(1, 64), st.floats(0.001, 0.4), st.booleans(), st.sampled_from(WORDS), st.none(),
-                      st.sampled_from(["org/dataset", "runs", "run-2", "smollm2-135m-instruct"]))
+plausible = st.one_of(
+    st.integers(1, 64),
+    st.floats(0.001, 0.4),
+    st.booleans(),
+    st.sampled_from(WORDS),
+    st.none(),
+    st.sampled_from(["org/dataset", "runs", "run-2", "smollm2-135m-instruct"]),
+)
 value = st.one_of(plausible, plausible, json_like)
 
 
@@ -74,15 +181,20 @@ def _schema_tree():
     sections = {}
     for section in SECTIONS:
         keys = [d.split(".", 1)[1] for d in DOTTED if d.startswith(section + ".")]
-        sections[section] = (st.dictionaries(st.sampled_from(keys) | st.text(max_size=6), value, max_size=4)
-                             if keys else value)
+        sections[section] = (
+            st.dictionaries(st.sampled_from(keys) | st.text(max_size=6), value, max_size=4) if keys else value
+        )
     return st.fixed_dictionaries({}, optional=sections)
 
 
 yaml_text = st.one_of(st.text(max_size=200), st.lists(st.sampled_from(YAML_TOKENS), max_size=40).map("".join))
 
-VALID = {"name": "run", "output_dir": "runs", "data": {"train": "org/dataset", "format": "instruction"},
-         "train": {"max_steps": 2}}
+VALID = {
+    "name": "run",
+    "output_dir": "runs",
+    "data": {"train": "org/dataset", "format": "instruction"},
+    "train": {"max_steps": 2},
+}
 
 
 def check_config(cfg) -> None:
@@ -107,13 +219,15 @@ def _write(scratch: Path, text: str | bytes) -> Path:
 @given(text=st.one_of(yaml_text, st.binary(max_size=120)))
 def test_load_config_on_random_yaml_text(scratch, text):
     path = _write(scratch, text)
-    check_config(outcome(STATS.setdefault("load_config: random YAML text/bytes", Counter()),
-                         lambda: load_config(path)))
+    check_config(outcome(STATS.setdefault("load_config: random YAML text/bytes", Counter()), lambda: load_config(path)))
 
 
 @FUZZ
-@given(tree=st.one_of(st.dictionaries(st.sampled_from(SECTIONS) | st.text(max_size=8), json_like, max_size=6),
-                      _schema_tree()))
+@given(
+    tree=st.one_of(
+        st.dictionaries(st.sampled_from(SECTIONS) | st.text(max_size=8), json_like, max_size=6), _schema_tree()
+    )
+)
 def test_load_config_on_random_nested_dicts(scratch, tree):
     path = _write(scratch, yaml.safe_dump(tree, allow_unicode=True))
     check_config(outcome(STATS.setdefault("load_config: random nested dicts", Counter()), lambda: load_config(path)))
@@ -138,20 +252,32 @@ def test_load_config_on_mutations_of_a_valid_config(scratch, changes):
 
 
 override_key = st.one_of(
-    st.sampled_from(DOTTED), st.from_regex(r"[A-Za-z_]\w{0,5}(\.[A-Za-z_]\w{0,5}){0,3}", fullmatch=True),
-    st.text(max_size=12))
-override_value = st.one_of(st.text(max_size=24), path_like, st.sampled_from(WORDS + YAML_TOKENS),
-                           st.floats().map(str), st.integers().map(str), yaml_text)
-override = st.one_of(st.builds(lambda k, v: f"{k}={v}", st.sampled_from(DOTTED), plausible.map(json.dumps)),
-                     st.builds(lambda k, v: f"{k}={v}", override_key, override_value), st.text(max_size=16))
+    st.sampled_from(DOTTED),
+    st.from_regex(r"[A-Za-z_]\w{0,5}(\.[A-Za-z_]\w{0,5}){0,3}", fullmatch=True),
+    st.text(max_size=12),
+)
+override_value = st.one_of(
+    st.text(max_size=24),
+    path_like,
+    st.sampled_from(WORDS + YAML_TOKENS),
+    st.floats().map(str),
+    st.integers().map(str),
+    yaml_text,
+)
+override = st.one_of(
+    st.builds(lambda k, v: f"{k}={v}", st.sampled_from(DOTTED), plausible.map(json.dumps)),
+    st.builds(lambda k, v: f"{k}={v}", override_key, override_value),
+    st.text(max_size=16),
+)
 
 
 @FUZZ
 @given(overrides=st.lists(override, max_size=5), base=st.booleans())
 def test_load_config_on_random_dotted_overrides(scratch, overrides, base):
     path = _write(scratch, yaml.safe_dump(VALID)) if base else None
-    check_config(outcome(STATS.setdefault("load_config: random overrides", Counter()),
-                         lambda: load_config(path, overrides)))
+    check_config(
+        outcome(STATS.setdefault("load_config: random overrides", Counter()), lambda: load_config(path, overrides))
+    )
 
 
 def test_control_a_valid_config_and_an_invalid_one(scratch):
@@ -167,6 +293,7 @@ def test_control_a_valid_config_and_an_invalid_one(scratch):
 
 def test_control_an_exception_from_inside_pyyaml_fails_the_property(scratch, monkeypatch):
     """Once tallied as a known bug (a non-YAMLError out of yaml via config.py): now it fails the property."""
+
     def crash(loader, node):
         raise TypeError("a constructor crashed")
 
@@ -229,4 +356,3 @@ def test_inf_epochs_is_refused_by_the_config():
     with pytest.raises(ConfigError) as caught:
         load_config(None, ["data.train=x", "train.epochs=.inf"])
     assert caught.value.problems == ["train.epochs: Input should be a finite number"]
-

@@ -30,20 +30,32 @@ from tunesmith.errors import DataError
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fuzz import FUZZ, MARK, STATS, outcome, scratch  # noqa: E402,F401  (scratch: a fixture pytest must see here)
 
-
 DATA_FORMATS = ("instruction", "chat", "classification", "concepts")
 LABELS = ["pos", "neg", "7"]
 
 text_value = st.one_of(st.text(max_size=16), st.just(""), st.just(" \n\t"), st.text(max_size=8).map(MARK.__add__))
 lone_surrogate = st.characters(categories=["Cs"])
-text_or_surrogate = st.one_of(text_value, text_value, text_value,
-                              st.builds(lambda a, s: a + s, text_value, lone_surrogate))
-json_scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), text_or_surrogate,
-                        st.sampled_from(LABELS))
-json_value = st.recursive(json_scalar, lambda inner: st.lists(inner, max_size=3)
-                          | st.dictionaries(text_value, inner, max_size=3), max_leaves=8)
-message = st.one_of(st.fixed_dictionaries({}, optional={"role": st.sampled_from(ROLES + ("tool", "")) | json_scalar,
-                                                        "content": text_or_surrogate | json_scalar}), json_value)
+text_or_surrogate = st.one_of(
+    text_value, text_value, text_value, st.builds(lambda a, s: a + s, text_value, lone_surrogate)
+)
+json_scalar = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(), text_or_surrogate, st.sampled_from(LABELS)
+)
+json_value = st.recursive(
+    json_scalar,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text_value, inner, max_size=3),
+    max_leaves=8,
+)
+message = st.one_of(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "role": st.sampled_from(ROLES + ("tool", "")) | json_scalar,
+            "content": text_or_surrogate | json_scalar,
+        },
+    ),
+    json_value,
+)
 COLUMN_VALUES = {
     "messages": st.lists(message, max_size=4) | json_value,
     "concepts": st.lists(text_or_surrogate, max_size=4) | json_value,
@@ -56,25 +68,43 @@ COLUMN_VALUES = {
 good_text = st.one_of(st.sampled_from(["one two", "reverse the words", "a dog runs", "x"]), text_value)
 good_message = st.fixed_dictionaries({"role": st.sampled_from(ROLES[:2]), "content": good_text | text_or_surrogate})
 WELL_FORMED = {
-    "instruction": st.fixed_dictionaries({"instruction": good_text, "output": good_text},
-                                         optional={"input": good_text, "id": json_scalar}),
-    "chat": st.fixed_dictionaries({"messages": st.builds(
-        lambda head, last: head + [{"role": "assistant", "content": last}], st.lists(good_message, max_size=3),
-        good_text | text_or_surrogate)}, optional={"id": json_scalar}),
-    "classification": st.fixed_dictionaries({"text": good_text, "label": st.sampled_from(LABELS) | st.integers(0, 9)
-                                             | text_or_surrogate}, optional={"id": json_scalar}),
-    "concepts": st.fixed_dictionaries({"concepts": st.lists(good_text | text_or_surrogate, min_size=1, max_size=3),
-                                       "target": good_text},
-                                      optional={"references": st.lists(good_text | text_or_surrogate, max_size=3)}),
+    "instruction": st.fixed_dictionaries(
+        {"instruction": good_text, "output": good_text}, optional={"input": good_text, "id": json_scalar}
+    ),
+    "chat": st.fixed_dictionaries(
+        {
+            "messages": st.builds(
+                lambda head, last: head + [{"role": "assistant", "content": last}],
+                st.lists(good_message, max_size=3),
+                good_text | text_or_surrogate,
+            )
+        },
+        optional={"id": json_scalar},
+    ),
+    "classification": st.fixed_dictionaries(
+        {"text": good_text, "label": st.sampled_from(LABELS) | st.integers(0, 9) | text_or_surrogate},
+        optional={"id": json_scalar},
+    ),
+    "concepts": st.fixed_dictionaries(
+        {"concepts": st.lists(good_text | text_or_surrogate, min_size=1, max_size=3), "target": good_text},
+        optional={"references": st.lists(good_text | text_or_surrogate, max_size=3)},
+    ),
 }
 
 
 def row_for(fmt: str):
     cols = {c: COLUMN_VALUES.get(c, text_or_surrogate | json_scalar) for c in CANONICAL_COLUMNS[fmt] + ("id",)}
     junk_one = st.tuples(WELL_FORMED[fmt], st.sampled_from(CANONICAL_COLUMNS[fmt]), json_value).map(
-        lambda t: {**t[0], t[1]: t[2]})
-    return st.one_of(WELL_FORMED[fmt], WELL_FORMED[fmt], junk_one, st.fixed_dictionaries({}, optional=cols),
-                     st.fixed_dictionaries(cols), json_value)
+        lambda t: {**t[0], t[1]: t[2]}
+    )
+    return st.one_of(
+        WELL_FORMED[fmt],
+        WELL_FORMED[fmt],
+        junk_one,
+        st.fixed_dictionaries({}, optional=cols),
+        st.fixed_dictionaries(cols),
+        json_value,
+    )
 
 
 @st.composite
@@ -87,8 +117,11 @@ def jsonl_lines(draw, fmt: str) -> bytes:
     return draw(st.sampled_from([b"", b"\xef\xbb\xbf"])) + sep.join(lines)
 
 
-csv_field = st.one_of(text_value, st.sampled_from(LABELS + ["", '"', '""', ",", "\n", "\r", "a,b", '"q"', "\x00"]),
-                      st.text(alphabet=',"\n\r\t ;|ab', max_size=8))
+csv_field = st.one_of(
+    text_value,
+    st.sampled_from(LABELS + ["", '"', '""', ",", "\n", "\r", "a,b", '"q"', "\x00"]),
+    st.text(alphabet=',"\n\r\t ;|ab', max_size=8),
+)
 
 
 @st.composite
@@ -110,8 +143,9 @@ def csv_text(draw, fmt: str) -> str:
 
     sep = draw(st.sampled_from(["\n", "\r\n"]))
     body = sep.join(",".join(cell(v) for v in r) for r in [header] + rows)
-    return draw(st.one_of(st.just(body), st.just(body), st.just(body),
-                          st.text(alphabet=',"\n\r \tabc;\x00', max_size=60)))
+    return draw(
+        st.one_of(st.just(body), st.just(body), st.just(body), st.text(alphabet=',"\n\r \tabc;\x00', max_size=60))
+    )
 
 
 def data_config(fmt: str, with_labels: bool) -> DataConfig:
@@ -145,9 +179,15 @@ def check_example(ex: Example, cfg: DataConfig) -> None:
         assert _nonempty(ex.text) and _nonempty(ex.label), ex
         assert cfg.labels is None or ex.label in cfg.labels
     assert isinstance(ex.id, str)  # optional column: "" and "None" are possible ids
-    strings = {"id": [ex.id], "text": [ex.text or ""], "label": [ex.label or ""], "completion": [ex.completion or ""],
-               "prompt": [m["content"] for m in ex.prompt or []], "concepts": ex.concepts or [],
-               "references": ex.references or []}
+    strings = {
+        "id": [ex.id],
+        "text": [ex.text or ""],
+        "label": [ex.label or ""],
+        "completion": [ex.completion or ""],
+        "prompt": [m["content"] for m in ex.prompt or []],
+        "concepts": ex.concepts or [],
+        "references": ex.references or [],
+    }
     for field, values in strings.items():  # a lone surrogate must be a bad row: test_lone_surrogate_is_a_bad_row
         assert all(_encodable(v) for v in values), (field, ex.where)
 
@@ -188,8 +228,9 @@ def test_parse_random_json_values_one_per_line(scratch, data):
     fmt = data.draw(st.sampled_from(DATA_FORMATS))
     path = scratch / "rows.jsonl"
     path.write_bytes(data.draw(jsonl_lines(fmt)))
-    run_data(STATS.setdefault("data: random JSON rows (.jsonl)", Counter()), path,
-             data_config(fmt, data.draw(st.booleans())))
+    run_data(
+        STATS.setdefault("data: random JSON rows (.jsonl)", Counter()), path, data_config(fmt, data.draw(st.booleans()))
+    )
 
 
 @FUZZ
@@ -198,8 +239,9 @@ def test_parse_random_csv_text(scratch, data):
     fmt = data.draw(st.sampled_from(DATA_FORMATS))
     path = scratch / "rows.csv"
     path.write_text(data.draw(csv_text(fmt)), encoding="utf-8", newline="")
-    run_data(STATS.setdefault("data: random CSV text (.csv)", Counter()), path,
-             data_config(fmt, data.draw(st.booleans())))
+    run_data(
+        STATS.setdefault("data: random CSV text (.csv)", Counter()), path, data_config(fmt, data.draw(st.booleans()))
+    )
 
 
 def test_control_parse_checks_can_fail(scratch):
@@ -234,8 +276,12 @@ def test_control_a_crash_in_the_reader_fails_the_property(scratch, monkeypatch):
 # Bugs found by the properties above, one deterministic case each
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("line", ["[" * 100_000, '{"instruction": "a", "output": ' + "1" * 5000 + "}"],
-                         ids=["deep-nesting", "int-over-4300-digits"])
+
+@pytest.mark.parametrize(
+    "line",
+    ["[" * 100_000, '{"instruction": "a", "output": ' + "1" * 5000 + "}"],
+    ids=["deep-nesting", "int-over-4300-digits"],
+)
 def test_jsonl_line_that_breaks_the_json_parser_is_a_bad_row(scratch, line):
     path = scratch / "bad.jsonl"
     path.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + line + "\n")
@@ -243,12 +289,16 @@ def test_jsonl_line_that_breaks_the_json_parser_is_a_bad_row(scratch, line):
     assert len(raw.rows) == 1 and len(raw.problems) == 1 and raw.problems[0].where.endswith(":2")
 
 
-@pytest.mark.parametrize("fmt,row", [
-    ("chat", {"messages": [{"role": "user", "content": "hi \ud800"}, {"role": "assistant", "content": "ok"}]}),
-    ("chat", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok \udfff"}]}),
-    ("concepts", {"concepts": ["dog \ud800"], "target": "a dog"}),
-    ("classification", {"text": "fine", "label": "pos\ud800"}),
-], ids=["chat-user", "chat-assistant", "concepts", "label"])
+@pytest.mark.parametrize(
+    "fmt,row",
+    [
+        ("chat", {"messages": [{"role": "user", "content": "hi \ud800"}, {"role": "assistant", "content": "ok"}]}),
+        ("chat", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok \udfff"}]}),
+        ("concepts", {"concepts": ["dog \ud800"], "target": "a dog"}),
+        ("classification", {"text": "fine", "label": "pos\ud800"}),
+    ],
+    ids=["chat-user", "chat-assistant", "concepts", "label"],
+)
 def test_lone_surrogate_is_a_bad_row(scratch, fmt, row):
     path = scratch / "sur.jsonl"
     path.write_text(json.dumps(row) + "\n")  # ensure_ascii: the file is valid UTF-8 holding a \\ud800 escape
@@ -261,8 +311,10 @@ def test_lone_surrogate_in_chat_is_a_clean_row_error(scratch):
     from tunesmith.data.prepare import load_examples
 
     path = scratch / "chat.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
-            for i in range(20)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(20)
+    ]
     rows[3]["messages"][0]["content"] = "q \ud800"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = config_from_dict({"data": {"train": str(path), "format": "chat"}})
@@ -276,4 +328,3 @@ def test_problems_never_quote_row_text(scratch):
     path.write_text(json.dumps({"text": "fine", "label": f"{MARK}private"}) + "\n")
     _, problems = parse_rows(read_source(str(path)), data_config("classification", True))
     assert problems and all(MARK not in p.message for p in problems)
-

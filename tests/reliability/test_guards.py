@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cli import invoke_cli  # noqa: E402
 from _harness import (  # noqa: E402
     Probe,
-    fresh_accelerator_state,  # noqa: F401  (autouse fixture)
     adapter,
     assert_tensors_equal,
     checkpoint_steps,
+    fresh_accelerator_state,  # noqa: F401  (autouse fixture)
     records,
     rel_config,
     step_lines,
@@ -141,8 +141,9 @@ def test_n5_warn_policy_applies_the_step(tmp_path, tiny_llama, monkeypatch):
 
 
 def test_n5_rollback_after_three_spikes_restores_and_never_feeds_those_rows(tmp_path, tiny_llama, monkeypatch):
-    cfg = config_from_dict(rel_config(tmp_path, tiny_llama, max_steps=20, save_every=4, on_spike="rollback",
-                                      spike_window=10))
+    cfg = config_from_dict(
+        rel_config(tmp_path, tiny_llama, max_steps=20, save_every=4, on_spike="rollback", spike_window=10)
+    )
     probe = Probe(monkeypatch, scale_loss_at={14, 15, 16}, factor=50.0)
     fed: list[tuple[int, list[str]]] = []  # (data step, row ids) of every training micro-batch
     probed_build = building.build
@@ -216,8 +217,9 @@ def test_k4_oom_halves_the_micro_batch_and_keeps_the_effective_batch(tmp_path, t
     assert [(r["data_step"], r["oom_backoff"]) for r in records(run.path) if "oom_backoff" in r] == [(3, 2)]
     assert_tensors_equal(adapter(run.path), finished)
     monkeypatch.undo()
-    reference = causal_lm.train(config_from_dict({**base, "name": "small", "train": {
-        **base["train"], "batch_size": 2, "grad_accum": 4}}))
+    reference = causal_lm.train(
+        config_from_dict({**base, "name": "small", "train": {**base["train"], "batch_size": 2, "grad_accum": 4}})
+    )
     got, want = adapter(run.path), adapter(reference.path)
     assert sorted(got) == sorted(want)
     for name in got:
@@ -238,8 +240,12 @@ def test_k4_oom_at_one_row_halts_with_the_checkpoint_intact(tmp_path, tiny_llama
 
 def test_k4_other_runtime_errors_are_not_mistaken_for_oom():
     assert is_oom(RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"))
-    assert is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes. "
-                               "Error code 12 (Cannot allocate memory)"))
+    assert is_oom(
+        RuntimeError(
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes. "
+            "Error code 12 (Cannot allocate memory)"
+        )
+    )
     assert not is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
 
@@ -251,11 +257,15 @@ def test_k4_backoff_off_reraises(tmp_path, tiny_llama, monkeypatch):
 
 def test_n5_spikes_that_rollback_cannot_fix_halt_the_run(tmp_path, tiny_llama, monkeypatch):
     """Spikes tied to the step, not its rows, come back after every rollback: halt instead of looping."""
-    cfg = config_from_dict(rel_config(tmp_path, tiny_llama, max_steps=20, save_every=4, on_spike="rollback",
-                                      spike_window=10, max_rollbacks=2))
+    cfg = config_from_dict(
+        rel_config(
+            tmp_path, tiny_llama, max_steps=20, save_every=4, on_spike="rollback", spike_window=10, max_rollbacks=2
+        )
+    )
     Probe(monkeypatch, scale_loss_at={14, 15, 16}, factor=50.0)
     real_rollback = fitting.rollback
-    monkeypatch.setattr(fitting, "rollback",
-                        lambda s, rows, updates, data_step: real_rollback(s, [], updates, data_step))
+    monkeypatch.setattr(
+        fitting, "rollback", lambda s, rows, updates, data_step: real_rollback(s, [], updates, data_step)
+    )
     with pytest.raises(TrainingHalted, match="persist after 2 rollbacks"):
         causal_lm.train(cfg)

@@ -21,12 +21,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (  # noqa: E402
     Probe,
-    fresh_accelerator_state,  # noqa: F401  (autouse fixture)
     _state,
     adapter,
     assert_tensors_equal,
     checkpoint_steps,
     cli,
+    fresh_accelerator_state,  # noqa: F401  (autouse fixture)
     records,
     rel_config,
     step_lines,
@@ -113,18 +113,28 @@ def test_n2_persistent_nan_halts_and_keeps_the_last_good_checkpoint(tmp_path, ti
     assert "Resumed from" in res.stderr and "Traceback" not in res.stderr
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
     assert [r["step"] for r in step_lines(run)] == list(range(1, 13))
-    clean = causal_lm.train(config_from_dict({**rel_config(tmp_path, tiny_llama, max_steps=12, save_every=2),
-                                              "name": "clean"}))
+    clean = causal_lm.train(
+        config_from_dict({**rel_config(tmp_path, tiny_llama, max_steps=12, save_every=2), "name": "clean"})
+    )
     assert_tensors_equal(adapter(run), adapter(clean.path))
 
 
 def test_n2_a_nan_evaluation_is_never_the_best(tmp_path, tiny_llama, monkeypatch):
     """Early stopping watches eval_loss every 2 updates; the first evaluation (update 2) is poisoned, the
     case where a naive `best is None or value < best` would keep NaN as the best for good."""
-    cfg = config_from_dict({**rel_config(tmp_path, tiny_llama, max_steps=8, lr=5e-2, warmup_steps=0,
-                                         early_stopping={"patience": 10}),
-                            "eval": {"every": 2, "batch_size": 8, "samples": 0, "before_after": False,
-                                     "generate_rows": 2, "max_new_tokens": 2}})
+    cfg = config_from_dict(
+        {
+            **rel_config(tmp_path, tiny_llama, max_steps=8, lr=5e-2, warmup_steps=0, early_stopping={"patience": 10}),
+            "eval": {
+                "every": 2,
+                "batch_size": 8,
+                "samples": 0,
+                "before_after": False,
+                "generate_rows": 2,
+                "max_new_tokens": 2,
+            },
+        }
+    )
     probe = Probe(monkeypatch)
     real_eval, poison = fitting.evaluate_during_training, {"on": False}
 
@@ -175,8 +185,11 @@ def test_n4_clipping_bounds_the_sgd_update(tmp_path, tiny_llama, monkeypatch, ma
     Without clipping (the control) the same step moves them by orders of magnitude more, and the
     run then halts on non-finite steps."""
     lr = 1e-2
-    cfg = config_from_dict(rel_config(tmp_path, tiny_llama, max_steps=4, lr=lr, warmup_steps=0, schedule="constant",
-                                      max_grad_norm=max_grad_norm))
+    cfg = config_from_dict(
+        rel_config(
+            tmp_path, tiny_llama, max_steps=4, lr=lr, warmup_steps=0, schedule="constant", max_grad_norm=max_grad_norm
+        )
+    )
     probe = Probe(monkeypatch, scale_loss_at=3, sgd=True)
     if max_grad_norm:
         causal_lm.train(cfg)

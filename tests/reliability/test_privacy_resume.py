@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from _harness import adapter, cli, rel_config, write_config
-
 from opacus.accountants import create_accountant
 
 from tunesmith.config import Privacy
@@ -21,12 +20,20 @@ STEPS = int(90 // 0.04)
 def engine(q: float = 0.04, **privacy) -> DPSGD:
     model = torch.nn.Linear(2, 2)
     pcfg = Privacy(**{"delta": 1e-5, **privacy})
-    return DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), pcfg, n_units=10_000, sample_rate=q,
-                 planned_steps=STEPS, seed=0)
+    return DPSGD(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        pcfg,
+        n_units=10_000,
+        sample_rate=q,
+        planned_steps=STEPS,
+        seed=0,
+    )
 
 
-@pytest.mark.parametrize("accountant, steps, golden", [("rdp", int(90 / 0.04), 7.32911117143),
-                                                       ("prv", int(90 // 0.04), 6.777395712150674)])
+@pytest.mark.parametrize(
+    "accountant, steps, golden", [("rdp", int(90 / 0.04), 7.32911117143), ("prv", int(90 // 0.04), 6.777395712150674)]
+)
 def test_accountant_golden_values_through_the_training_path(accountant, steps, golden):
     dp = engine(noise_multiplier=1.5, accountant=accountant)
     for step in range(steps):  # the same calls a training step makes

@@ -60,9 +60,11 @@ def _by_data_step(rows: list[dict]) -> dict[int, list[list[str]]]:
 def _checkpoint_snapshot(run: Path, step: int) -> dict:
     d = run / "checkpoints" / f"step-{step}"
     names = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
-    return {"manifest": json.loads((d / "manifest.json").read_text()),
-            "state": json.loads((d / "state.json").read_text()),
-            "tensors": {f: load_file(str(d / f)) for f in names}}
+    return {
+        "manifest": json.loads((d / "manifest.json").read_text()),
+        "state": json.loads((d / "state.json").read_text()),
+        "tensors": {f: load_file(str(d / f)) for f in names},
+    }
 
 
 # --------------------------------------------------------------------------------------------- R1 / R2
@@ -78,14 +80,26 @@ def r1(tmp_path_factory, tiny_llama):
     ns = SimpleNamespace(tmp=tmp, cfg=cfg, a=runs / "A", b=runs / "B")
     ns.res_a = cli("train", cfg, "name=A", fault={"record_rows": str(tmp / "rows-A.jsonl")})
     ns.res_b1 = cli("train", cfg, "name=B", fault={"record_rows": str(tmp / "rows-B1.jsonl"), "kill_after_step": 13})
-    ns.after_kill = SimpleNamespace(ckpts=checkpoint_steps(ns.b), lines=step_lines(ns.b), leftovers=leftovers(ns.b),
-                                    step10=json.loads((ns.b / "checkpoints/step-10/state.json").read_text())
-                                    if (ns.b / "checkpoints/step-10/state.json").exists() else None)
+    ns.after_kill = SimpleNamespace(
+        ckpts=checkpoint_steps(ns.b),
+        lines=step_lines(ns.b),
+        leftovers=leftovers(ns.b),
+        step10=json.loads((ns.b / "checkpoints/step-10/state.json").read_text())
+        if (ns.b / "checkpoints/step-10/state.json").exists()
+        else None,
+    )
     control_root = tmp / "control-runs"
     shutil.copytree(runs / "B", control_root / "B")
     ns.res_b2 = cli("train", cfg, "name=B", "--resume", fault={"record_rows": str(tmp / "rows-B2.jsonl")})
-    ns.res_c = cli("train", cfg, "name=B", f"output_dir={control_root}", "--resume", "--allow-drift",
-                   fault={"skip_rng_restore": True})
+    ns.res_c = cli(
+        "train",
+        cfg,
+        "name=B",
+        f"output_dir={control_root}",
+        "--resume",
+        "--allow-drift",
+        fault={"skip_rng_restore": True},
+    )
     ns.c = control_root / "B"
     return ns
 
@@ -259,8 +273,9 @@ def _restore(fx) -> None:
     shutil.copytree(fx.pristine, fx.run)
 
 
-@pytest.mark.parametrize("piece", ["trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json",
-                                   "manifest.json"])
+@pytest.mark.parametrize(
+    "piece", ["trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json", "manifest.json"]
+)
 def test_r4_resume_refuses_a_checkpoint_missing_a_piece(one_checkpoint, piece):
     fx = one_checkpoint
     _restore(fx)
@@ -327,9 +342,13 @@ def test_r4_rotation_never_deletes_the_checkpoint_just_committed(tmp_path, tiny_
 
 # ------------------------------------------------------------------------------------------------ R5
 
-DRIFTS = [("train.batch_size=2", "train.batch_size"), ("train.grad_accum=4", "train.grad_accum"),
-          ("train.lr=0.05", "train.lr"), ("peft.r=8", "peft.r"),
-          ("peft.target_modules=[q_proj,v_proj]", "peft.target_modules")]
+DRIFTS = [
+    ("train.batch_size=2", "train.batch_size"),
+    ("train.grad_accum=4", "train.grad_accum"),
+    ("train.lr=0.05", "train.lr"),
+    ("peft.r=8", "peft.r"),
+    ("peft.target_modules=[q_proj,v_proj]", "peft.target_modules"),
+]
 
 
 @pytest.mark.parametrize("override,key", DRIFTS)
@@ -407,8 +426,9 @@ def test_r5_allow_drift_proceeds_and_records_the_drift(tmp_path, tiny_llama):
     assert [r["step"] for r in step_lines(run)] == [1, 2, 3, 4, 5, 6]
 
 
-@pytest.mark.parametrize("override,problem", [("peft.r=8", "(8, 32) in the model"),
-                                              ("peft.target_modules=[q_proj,v_proj]", "unexpected ")])
+@pytest.mark.parametrize(
+    "override,problem", [("peft.r=8", "(8, 32) in the model"), ("peft.target_modules=[q_proj,v_proj]", "unexpected ")]
+)
 def test_r5_allow_drift_with_a_changed_adapter_shape_fails_cleanly(tmp_path, tiny_llama, override, problem):
     """At 516e0f2 these crashed in state.load_trainable with a RuntimeError (shape) or KeyError (extra
     tensor): a traceback and exit 1 instead of a UserError."""
@@ -426,8 +446,9 @@ def test_r5_allow_drift_with_a_changed_adapter_shape_fails_cleanly(tmp_path, tin
 
 
 def test_r5_allow_drift_lr_applies_from_the_first_resumed_update(tmp_path, tiny_llama):
-    cfg = write_config(tmp_path, rel_config(tmp_path, tiny_llama, max_steps=3, save_every=3, warmup_steps=0,
-                                            schedule="constant"))
+    cfg = write_config(
+        tmp_path, rel_config(tmp_path, tiny_llama, max_steps=3, save_every=3, warmup_steps=0, schedule="constant")
+    )
     assert invoke_cli("train", cfg).returncode == 0
     assert invoke_cli("train", cfg, "--resume", "--allow-drift", "train.max_steps=6", "train.lr=0.05").returncode == 0
     lrs = {r["step"]: r["lr"] for r in step_lines(tmp_path / "runs" / "rel")}

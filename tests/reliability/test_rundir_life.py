@@ -53,8 +53,10 @@ def finished(tmp_path, tiny_config):
     path = write_config(tmp_path, _quick(tiny_config))
     assert invoke_cli("train", path).returncode == 0
     run = tmp_path / "runs" / "tiny"
-    kept = {p.relative_to(run): p.read_bytes()
-            for p in [run / "eval.json", run / "run.json", *sorted((run / "adapter").iterdir())]}
+    kept = {
+        p.relative_to(run): p.read_bytes()
+        for p in [run / "eval.json", run / "run.json", *sorted((run / "adapter").iterdir())]
+    }
     return path, run, kept
 
 
@@ -76,13 +78,16 @@ def _status_of(folder: Path, name: str) -> str:
 
 # -- --overwrite keeps the old run until the new one has started training --------------------------------
 
+
 @pytest.mark.parametrize("broken", ["missing data", "bad rows", "bad model"])
 def test_failed_overwrite_keeps_the_finished_run(finished, tmp_path, broken):
     path, run, kept = finished
     bad_rows = write_jsonl(tmp_path / "data" / "bad.jsonl", ["{not json"] * 10)
-    override = {"missing data": f"data.train={tmp_path / 'data' / 'trian.jsonl'}",
-                "bad rows": f"data.train={bad_rows}",
-                "bad model": f"model.name={tmp_path / 'no-such-model'}"}[broken]
+    override = {
+        "missing data": f"data.train={tmp_path / 'data' / 'trian.jsonl'}",
+        "bad rows": f"data.train={bad_rows}",
+        "bad model": f"model.name={tmp_path / 'no-such-model'}",
+    }[broken]
     res = invoke_cli("train", path, override, "--overwrite")
     assert res.returncode == 2
     assert "error:" in res.stderr
@@ -114,6 +119,7 @@ def test_any_exception_in_setup_restores_the_old_run(finished, monkeypatch):
 
 # -- a failed setup leaves no half-made run ----------------------------------------------------------------
 
+
 def test_any_exception_in_setup_of_a_new_run_leaves_no_run_directory(tmp_path, tiny_config, monkeypatch):
     path = write_config(tmp_path, _quick(tiny_config))
     monkeypatch.setattr(models, "apply_peft", lambda *a, **k: (_ for _ in ()).throw(ValueError("boom")))
@@ -143,6 +149,7 @@ def test_absurd_lora_rank_is_an_error_message_and_leaves_no_run(tmp_path, tiny_c
 
 # -- one process owns a run --------------------------------------------------------------------------------
 
+
 def test_a_second_process_on_a_locked_run_is_refused_naming_the_pid(finished):
     path, run, kept = finished
     holder = RunDir(run)
@@ -159,10 +166,11 @@ def test_a_second_process_on_a_locked_run_is_refused_naming_the_pid(finished):
 
 def test_the_lock_of_a_killed_process_is_taken_over_and_the_run_shows_as_killed(finished, tmp_path):
     path, run, kept = finished
-    holder = ("import os, signal, sys; from tunesmith.rundir import RunDir; r = RunDir(sys.argv[1]); r.lock(); "
-              "r.update_run(status='running'); print('locked', flush=True); os.kill(os.getpid(), signal.SIGKILL)")
-    res = subprocess.run([sys.executable, "-c", holder, str(run)], capture_output=True, text=True, env=ENV,
-                         timeout=120)
+    holder = (
+        "import os, signal, sys; from tunesmith.rundir import RunDir; r = RunDir(sys.argv[1]); r.lock(); "
+        "r.update_run(status='running'); print('locked', flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    res = subprocess.run([sys.executable, "-c", holder, str(run)], capture_output=True, text=True, env=ENV, timeout=120)
     assert res.returncode == -signal.SIGKILL and "locked" in res.stdout, res.stderr[-2000:]
     assert json.loads((run / "run.json").read_text())["status"] == "running"
     assert _status_of(tmp_path / "runs", "tiny") == "killed"
@@ -183,6 +191,7 @@ def test_runs_shows_a_running_run_whose_pid_is_dead_as_killed(tmp_path):
 
 
 # -- refusals that must be messages --------------------------------------------------------------------------
+
 
 def test_resume_and_overwrite_together_are_refused(finished):
     path, run, kept = finished

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _security import PKG, cli, fix_manifest, flat, newest, refused, trained, work
 
 from tunesmith.errors import UserError
-
-from _security import cli, flat, refused, trained, work, newest, fix_manifest, PKG
 
 # --------------------------------------------------------------------------------------------------
 # S1 A malicious pickle is never executed
@@ -65,18 +64,21 @@ def test_s1_source_has_no_unsafe_load():
     assert unsafe_load_sites(files) == []
 
 
-@pytest.mark.parametrize("planted", [
-    "state = pickle.load(open(p, 'rb'))",
-    "x = torch.load(path)",
-    "x = torch.load(path, weights_only=False)",
-    "PrivacyEngine.load_checkpoint(path=p, module=m)",
-    "dcp.load(state, checkpoint_id=p)",
-    "DCP.load(state, checkpoint_id=p)",
-    "import pickle",
-    "from torch import load as tl",
-    "kw = dict(weights_only = False)",
-    "accelerator.load_state(p)",
-])
+@pytest.mark.parametrize(
+    "planted",
+    [
+        "state = pickle.load(open(p, 'rb'))",
+        "x = torch.load(path)",
+        "x = torch.load(path, weights_only=False)",
+        "PrivacyEngine.load_checkpoint(path=p, module=m)",
+        "dcp.load(state, checkpoint_id=p)",
+        "DCP.load(state, checkpoint_id=p)",
+        "import pickle",
+        "from torch import load as tl",
+        "kw = dict(weights_only = False)",
+        "accelerator.load_state(p)",
+    ],
+)
 def test_s1_control_grep_finds_a_planted_occurrence(tmp_path, planted):
     clean = tmp_path / "clean.py"
     clean.write_text("import json\nstate = json.loads(text)\n")
@@ -133,8 +135,7 @@ def test_s1_resume_refuses_planted_pickles(work, force_unsafe):
 def test_s1_fallback_skips_the_poisoned_checkpoint_without_loading_it(work):
     sentinel = work.parent / "SENTINEL"
     plant_pickles(newest(work), sentinel)
-    res = cli("train", "config.yaml", "--resume", "--fallback", cwd=work,
-              env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
+    res = cli("train", "config.yaml", "--resume", "--fallback", cwd=work, env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
     out = flat(res.stdout + res.stderr)
     assert res.returncode == 0, out[-3000:]
     assert "skipping step-4" in out and "unexpected files" in out and "step-2" in out, out[-3000:]
@@ -182,11 +183,17 @@ def test_s1_generate_refuses_a_pickle_adapter_with_our_error(work):
 # S2 Tensor and state format, and tamper detection
 # --------------------------------------------------------------------------------------------------
 
+
 def test_s2_checkpoints_hold_only_safetensors_and_json(trained):
     for ckpt in (trained / "runs/tiny/checkpoints").iterdir():
         names = sorted(p.name for p in ckpt.iterdir())
-        assert names == ["manifest.json", "optimizer.safetensors", "rng.safetensors", "state.json",
-                         "trainable.safetensors"], names
+        assert names == [
+            "manifest.json",
+            "optimizer.safetensors",
+            "rng.safetensors",
+            "state.json",
+            "trainable.safetensors",
+        ], names
         manifest = json.loads((ckpt / "manifest.json").read_text())
         assert set(manifest["files"]) == set(names) - {"manifest.json"}
         for name, digest in manifest["files"].items():
@@ -244,13 +251,13 @@ def _bloated_header(f: Path, entries: int, name_len: int) -> int:
     """Keep the real tensors and add `entries` empty ones with long names; returns the header size."""
     data = f.read_bytes()
     n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8: 8 + n])
+    header = json.loads(data[8 : 8 + n])
     end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
     for i in range(entries):
         header[f"x{i:06d}".ljust(name_len, "x")] = {"dtype": "F32", "shape": [0], "data_offsets": [end, end]}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    f.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + n:])
+    f.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + n :])
     return len(blob)
 
 
@@ -289,5 +296,3 @@ def test_s2_fallback_uses_the_previous_checkpoint_and_finishes(work):
     from tunesmith.training.checkpoint import verify
 
     verify(newest(work))
-
-

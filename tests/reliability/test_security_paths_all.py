@@ -7,10 +7,10 @@ so a missing check shows up as a run that goes ahead, not as some other error.""
 from __future__ import annotations
 
 import shutil
-import pytest
-from conftest import instruction_rows, write_config, write_jsonl
 
+import pytest
 from _security import base_config, cli, refused, write_data
+from conftest import instruction_rows, write_config, write_jsonl
 
 
 @pytest.fixture
@@ -41,15 +41,21 @@ def _classifier(cfg: dict) -> dict:
 CASES = {
     "stage-train": lambda cfg, p: cfg.update(stages=[{"name": "s1", "data": {"train": p["data"]}}]),
     "stage-validation": lambda cfg, p: cfg.update(
-        stages=[{"name": "s1", "data": {"train": "data/train.jsonl", "validation": p["data"]}}]),
+        stages=[{"name": "s1", "data": {"train": "data/train.jsonl", "validation": p["data"]}}]
+    ),
     "stage-test": lambda cfg, p: cfg.update(
-        stages=[{"name": "s1", "data": {"train": "data/train.jsonl", "test": p["data"]}}]),
+        stages=[{"name": "s1", "data": {"train": "data/train.jsonl", "test": p["data"]}}]
+    ),
     "model-adapters": lambda cfg, p: cfg["model"].update(adapters=[p["adapter"]]),
     "eval-baseline_model": lambda cfg, p: _classifier(cfg)["eval"].update(baseline_model=p["adapter"]),
 }
-FIELDS = {"stage-train": "stages.0.data.train", "stage-validation": "stages.0.data.validation",
-          "stage-test": "stages.0.data.test", "model-adapters": "model.adapters.0",
-          "eval-baseline_model": "eval.baseline_model"}
+FIELDS = {
+    "stage-train": "stages.0.data.train",
+    "stage-validation": "stages.0.data.validation",
+    "stage-test": "stages.0.data.test",
+    "model-adapters": "model.adapters.0",
+    "eval-baseline_model": "eval.baseline_model",
+}
 
 
 @pytest.mark.parametrize("where", ["credentials", "outside"])
@@ -75,8 +81,10 @@ def test_control_the_same_stage_config_inside_the_roots_trains(env, tiny_llama):
     are the path check, not a malformed stage)."""
     shutil.copy(env["outside"] / "data.jsonl", env["work"] / "data" / "stage.jsonl")
     cfg = base_config(tiny_llama, max_steps=1)
-    cfg.update(allowed_roots=[str(env["work"]), str(tiny_llama)],
-               stages=[{"name": "s1", "data": {"train": "data/stage.jsonl"}, "train": {"max_steps": 1}}])
+    cfg.update(
+        allowed_roots=[str(env["work"]), str(tiny_llama)],
+        stages=[{"name": "s1", "data": {"train": "data/stage.jsonl"}, "train": {"max_steps": 1}}],
+    )
     res = _run(env, cfg)
     assert res.returncode == 0, res.stderr[-3000:]
 
@@ -100,8 +108,11 @@ def test_eval_data_is_checked(finished, tmp_path, where):
     write_jsonl(home / ".ssh" / "data.jsonl", instruction_rows(12, seed=3))
     write_jsonl(tmp_path / "outside.jsonl", instruction_rows(12, seed=3))
     write_jsonl(finished / "data" / "more.jsonl", instruction_rows(12, seed=3))
-    data = {"credentials": "~/.ssh/data.jsonl", "outside": str(tmp_path / "outside.jsonl"),
-            "inside": "data/more.jsonl"}[where]
+    data = {
+        "credentials": "~/.ssh/data.jsonl",
+        "outside": str(tmp_path / "outside.jsonl"),
+        "inside": "data/more.jsonl",
+    }[where]
     res = cli("eval", "runs/tiny", "--data", data, cwd=finished, env={"HOME": str(home)})
     if where == "inside":  # the control: the same command on a file inside the root scores it
         assert res.returncode == 0, res.stderr[-3000:]

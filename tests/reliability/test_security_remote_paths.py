@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 from _cli import run_cli
+from _security import _env, base_config, cli, refused, write_data
 from conftest import instruction_rows, write_config, write_jsonl
 
 from tunesmith.security import model_dir_problems
-
-from _security import _env, cli, refused, base_config, write_data
 
 # --------------------------------------------------------------------------------------------------
 # S3 Remote code
@@ -34,10 +33,12 @@ def remote_code_repo(tiny_llama: Path, dest: Path, sentinel: Path, model_type: s
         "import pathlib\n"
         f"pathlib.Path({str(sentinel)!r}).write_text('executed')\n"
         "from transformers import LlamaConfig\n\n\n"
-        "class XConfig(LlamaConfig):\n    model_type = 'x-custom'\n")
+        "class XConfig(LlamaConfig):\n    model_type = 'x-custom'\n"
+    )
     (dest / "modeling_x.py").write_text(
         "from transformers import LlamaForCausalLM\n\nfrom .configuration_x import XConfig\n\n\n"
-        "class XForCausalLM(LlamaForCausalLM):\n    config_class = XConfig\n")
+        "class XForCausalLM(LlamaForCausalLM):\n    config_class = XConfig\n"
+    )
     config = json.loads((dest / "config.json").read_text())
     config["model_type"] = model_type
     config["auto_map"] = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}
@@ -196,7 +197,11 @@ def paths_env(tmp_path, tiny_llama):
     tok_cfg["vocab_file"] = "../.env"
     (model / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
     return {
-        "root": tmp_path, "cwd": cwd, "home": home, "tiny": tiny_llama, "model": model,
+        "root": tmp_path,
+        "cwd": cwd,
+        "home": home,
+        "tiny": tiny_llama,
+        "model": model,
         "watch": [Path("/etc/passwd"), decoy, outside, tmp_path / "models" / ".env"],
         "roots": [str(cwd), str(tiny_llama)],
     }
@@ -227,8 +232,14 @@ def _case(env: dict, case: str) -> tuple[dict, list[str]]:
     raise AssertionError(case)
 
 
-CASES = ["dotdot-to-/etc/passwd", "../../etc/passwd-outside-roots", "absolute-/etc/passwd", "symlink-escaping-root",
-         "output_dir-home", "tokenizer-vocab_file-../.env"]
+CASES = [
+    "dotdot-to-/etc/passwd",
+    "../../etc/passwd-outside-roots",
+    "absolute-/etc/passwd",
+    "symlink-escaping-root",
+    "output_dir-home",
+    "tokenizer-vocab_file-../.env",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -253,8 +264,14 @@ def test_s4_one_config_with_every_bad_path_lists_each(paths_env):
     write_config(paths_env["cwd"], cfg)
     before = snapshot(paths_env["root"])
     res, opened = audited_cli(["train", "config.yaml"], paths_env["cwd"], paths_env["watch"], paths_env["home"])
-    refused(res, "Refused paths", "output_dir: ~", "data.train: /etc/passwd", "data.validation: ../../etc/passwd",
-            "data.test: data/link.jsonl")
+    refused(
+        res,
+        "Refused paths",
+        "output_dir: ~",
+        "data.train: /etc/passwd",
+        "data.validation: ../../etc/passwd",
+        "data.test: data/link.jsonl",
+    )
     assert len(re.findall(r"^\s+- ", res.stderr, re.M)) == 4, res.stderr
     assert opened == []
     assert changed_outside(before, snapshot(paths_env["root"]), []) == []
@@ -266,8 +283,7 @@ def test_s4_control_the_audit_hook_sees_a_read_through_the_symlink(paths_env):
     cfg = base_config(paths_env["tiny"], max_steps=1)
     cfg["data"]["train"] = "data/link.jsonl"
     write_config(paths_env["cwd"], cfg)
-    res, opened = audited_cli(["data", "check", "config.yaml"], paths_env["cwd"], paths_env["watch"],
-                              paths_env["home"])
+    res, opened = audited_cli(["data", "check", "config.yaml"], paths_env["cwd"], paths_env["watch"], paths_env["home"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert os.path.realpath(paths_env["watch"][2]) in opened
 
@@ -294,5 +310,3 @@ def test_s4_control_tokenizer_check_accepts_the_clean_model_and_flags_dot_env(tm
     for value in ("../.env", ".env", "../../../etc/passwd"):
         cfg_path.write_text(json.dumps({**clean, "vocab_file": value}))
         assert model_dir_problems(str(model)), value
-
-

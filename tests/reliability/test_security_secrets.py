@@ -9,13 +9,13 @@ import string
 from pathlib import Path
 
 import yaml
+from _security import base_config, cli, refused, write_data
 from conftest import instruction_rows, write_config, write_jsonl
-from _security import cli, refused, base_config, write_data
-
 
 # --------------------------------------------------------------------------------------------------
 # S5 Secrets never persist
 # --------------------------------------------------------------------------------------------------
+
 
 def canary(prefix: str = "hf_CANARY") -> str:
     rng = random.SystemRandom()
@@ -44,19 +44,23 @@ def test_s5_canaries_never_reach_output_logs_or_the_run_directory(tmp_path, tiny
     cfg["data"].update(prompt=f"Answer briefly. {c_field}", on_error="skip", max_bad_fraction=0.2)
     cfg["eval"].update(samples=1, before_after=True)
     # A credential inside a URL field: a shared Optuna database (train keeps it in the resolved config).
-    cfg["search"] = {"space": {"train.lr": {"log_uniform": [1e-4, 1e-2]}},
-                     "storage": f"postgresql://optuna:{c_url}@db.example.org/studies"}
+    cfg["search"] = {
+        "space": {"train.lr": {"log_uniform": [1e-4, 1e-2]}},
+        "storage": f"postgresql://optuna:{c_url}@db.example.org/studies",
+    }
     write_config(tmp_path, cfg)
     env = {"HF_TOKEN": c_env}
 
     results = {
         "train": cli("train", "config.yaml", f"data.system_prompt=Be terse. {c_flag}", cwd=tmp_path, env=env),
-        "data check": cli("data", "check", "config.yaml", f"data.system_prompt=Be terse. {c_flag}", cwd=tmp_path,
-                          env=env),
+        "data check": cli(
+            "data", "check", "config.yaml", f"data.system_prompt=Be terse. {c_flag}", cwd=tmp_path, env=env
+        ),
         "bad override key": cli("train", "config.yaml", f"data.{c_err}=1", cwd=tmp_path, env=env),
         "bad override": cli("train", "config.yaml", c_err, cwd=tmp_path, env=env),
-        "drift": cli("train", "config.yaml", f"data.system_prompt=Be terse. {c_drift}", "--resume", cwd=tmp_path,
-                     env=env),
+        "drift": cli(
+            "train", "config.yaml", f"data.system_prompt=Be terse. {c_drift}", "--resume", cwd=tmp_path, env=env
+        ),
     }
     assert results["train"].returncode == 0, results["train"].stderr[-3000:]
     assert results["data check"].returncode == 0, results["data check"].stderr[-3000:]
@@ -65,13 +69,16 @@ def test_s5_canaries_never_reach_output_logs_or_the_run_directory(tmp_path, tiny
     refused(results["drift"], "configuration changed", "data.system_prompt")
 
     run = tmp_path / "runs" / "tiny"
-    blobs = {f"{name} {stream}": getattr(res, stream).encode() for name, res in results.items()
-             for stream in ("stdout", "stderr")}
+    blobs = {
+        f"{name} {stream}": getattr(res, stream).encode()
+        for name, res in results.items()
+        for stream in ("stdout", "stderr")
+    }
     blobs.update(files_under(run))
     assert any("checkpoints/step-2/" in k for k in blobs) and any(k.endswith("metrics.jsonl") for k in blobs)
     secrets_ = [c_env, c_flag, c_field, c_url, c_err, c_drift]
-    needles = [c.encode() for c in secrets_ + [c_row]] + [c[len("hf_CANARY"):].encode() for c in secrets_]
-    needles += [c_row[len("ROWCANARY"):].encode(), b"CANARY"]
+    needles = [c.encode() for c in secrets_ + [c_row]] + [c[len("hf_CANARY") :].encode() for c in secrets_]
+    needles += [c_row[len("ROWCANARY") :].encode(), b"CANARY"]
     assert grep_bytes(needles, blobs) == []
 
     # the values did reach tunesmith: redacted in place, not silently dropped

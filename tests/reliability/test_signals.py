@@ -57,8 +57,9 @@ def k2(tmp_path_factory, tiny_llama):
 
 def _start(cfg: Path, name: str, *extra) -> tuple[subprocess.Popen, Path]:
     log = cfg.parent / f"{name}.log"
-    proc = subprocess.Popen(cli_argv("train", cfg, f"name={name}", *extra), stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, env=ENV)
+    proc = subprocess.Popen(
+        cli_argv("train", cfg, f"name={name}", *extra), stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ENV
+    )
     return proc, log
 
 
@@ -150,8 +151,10 @@ def test_k3_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, tiny
                 f.truncate(os.path.getsize(filename) // 2)
             if error == "oserror":
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
-            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
-                                  'message: "No space left on device" })')
+            raise SafetensorError(
+                "Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                'message: "No space left on device" })'
+            )
         return real_save_file(tensors, filename, *args, **kwargs)
 
     monkeypatch.setattr(ckpt, "save_file", save_file)
@@ -164,8 +167,13 @@ def test_k3_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, tiny
     stated = int(message.split("needs about ")[1].split(" bytes")[0].replace(",", ""))
     assert 0.7 * on_disk <= stated <= on_disk  # tiny tensors: the headers are ~15% here
     assert message.split("MB), ")[1].split(" bytes")[0].replace(",", "").isdigit()  # bytes free
-    assert [p.name for p in calls] == ["trainable.safetensors", "optimizer.safetensors", "rng.safetensors",
-                                       "trainable.safetensors", "optimizer.safetensors"]
+    assert [p.name for p in calls] == [
+        "trainable.safetensors",
+        "optimizer.safetensors",
+        "rng.safetensors",
+        "trainable.safetensors",
+        "optimizer.safetensors",
+    ]
     # Staged on the destination filesystem (next to the checkpoints), never in $TMPDIR.
     assert all(p.parent.parent == cfg.run_dir / "checkpoints" for p in calls)
     run = cfg.run_dir

@@ -16,26 +16,37 @@ from tunesmith.errors import ConfigError
 
 class Decoding(Strict):
     num_candidates: int = Field(
-        1, ge=1, le=64, description="Candidates generated per prompt, one kept (see rerank); memory grows with "
-        "eval.batch_size x num_candidates. 1: one output (greedy unless do_sample).")
+        1,
+        ge=1,
+        le=64,
+        description="Candidates generated per prompt, one kept (see rerank); memory grows with "
+        "eval.batch_size x num_candidates. 1: one output (greedy unless do_sample).",
+    )
     do_sample: bool = Field(False, description="Sample the candidates (temperature, top_p) instead of greedy/beam.")
     temperature: float = Field(1.0, gt=0, le=10, description="With do_sample: softmax temperature.")
-    top_p: float = Field(1.0, gt=0, le=1, description="With do_sample: nucleus sampling mass (1: the whole vocabulary).")
-    num_beams: int = Field(1, ge=1, le=64, description="Beam search width (1: none); its best num_candidates "
-                           "beams are the candidates.")
+    top_p: float = Field(
+        1.0, gt=0, le=1, description="With do_sample: nucleus sampling mass (1: the whole vocabulary)."
+    )
+    num_beams: int = Field(
+        1, ge=1, le=64, description="Beam search width (1: none); its best num_candidates beams are the candidates."
+    )
     rerank: Literal["score", "coverage"] = Field(
-        "score", description="Which candidate is kept. score: the highest mean log-probability per generated "
+        "score",
+        description="Which candidate is kept. score: the highest mean log-probability per generated "
         "token (EOS included, before temperature/top_p; beam search: its own ranking, length_penalty 1). "
         "coverage (constrained_generation): the one using most of the row's concepts, by the coverage metric's "
-        "rule (inflections count); ties by score.")
+        "rule (inflections count); ties by score.",
+    )
 
     @model_validator(mode="after")
     def _candidates_can_differ(self) -> Decoding:
         if self.do_sample and self.num_beams > 1:
             raise ValueError("choose do_sample or num_beams > 1, not both")
         if self.num_candidates > 1 and not self.do_sample and self.num_beams == 1:
-            raise ValueError(f"num_candidates {self.num_candidates} needs do_sample: true or num_beams >= "
-                             f"{self.num_candidates} (greedy decoding gives one output per prompt)")
+            raise ValueError(
+                f"num_candidates {self.num_candidates} needs do_sample: true or num_beams >= "
+                f"{self.num_candidates} (greedy decoding gives one output per prompt)"
+            )
         if self.num_beams > 1 and self.num_candidates > self.num_beams:
             raise ValueError(f"num_candidates {self.num_candidates} is more than num_beams {self.num_beams}")
         return self
@@ -56,8 +67,10 @@ def task_problem(task: str, decoding: Decoding) -> str | None:
     if task == "classification" and not decoding.plain:
         return "eval.decoding is for generative tasks: a classifier's label comes from its head, not generation"
     if decoding.rerank == "coverage" and task != "constrained_generation":
-        return (f"eval.decoding.rerank: coverage needs each row's concepts (task constrained_generation, "
-                f"data.format: concepts); task {task} has none: use rerank: score")
+        return (
+            f"eval.decoding.rerank: coverage needs each row's concepts (task constrained_generation, "
+            f"data.format: concepts); task {task} has none: use rerank: score"
+        )
     return None
 
 
@@ -76,9 +89,13 @@ def with_overrides(decoding: Decoding, task: str, items: list[str], source: str 
     try:
         changed = Decoding.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(f"Bad {source}", ["eval.decoding" + ("." + p if not p.startswith("(top level)") else
-                                            p.removeprefix("(top level)")) for p in format_validation_error(err)]
-                          ) from None
+        raise ConfigError(
+            f"Bad {source}",
+            [
+                "eval.decoding" + ("." + p if not p.startswith("(top level)") else p.removeprefix("(top level)"))
+                for p in format_validation_error(err)
+            ],
+        ) from None
     problem = task_problem(task, changed)
     if problem:
         raise ConfigError(f"Bad {source}", [problem])

@@ -28,16 +28,21 @@ class Replay(Strict):
 class Retention(Strict):
     """Catastrophic-forgetting guard. A plain list in YAML is taken as `sets`."""
 
-    sets: list[RetentionSet] = Field(default_factory=list, description="General-text sets measured before, "
-                                     "at every evaluation, and after.")
+    sets: list[RetentionSet] = Field(
+        default_factory=list, description="General-text sets measured before, at every evaluation, and after."
+    )
     max_increase: float | None = Field(
-        None, gt=0, description="Largest allowed rise of retention perplexity (0.05: +5%). The best checkpoint is "
+        None,
+        gt=0,
+        description="Largest allowed rise of retention perplexity (0.05: +5%). The best checkpoint is "
         "chosen among evaluations under it; with stop_when_exceeded, training stops at the first one over it.",
     )
     stop_when_exceeded: bool = Field(False, description="Stop training when forgetting exceeds max_increase.")
     replay: Replay | None = Field(None, description="Mix general text into every training step (mitigation).")
     l2sp: float = Field(
-        0.0, ge=0, description="L2-SP: pull trainable weights toward their pretrained values with this strength "
+        0.0,
+        ge=0,
+        description="L2-SP: pull trainable weights toward their pretrained values with this strength "
         "(adds l2sp * (w - w0) to each gradient). Meant for full fine-tuning.",
     )
 
@@ -54,24 +59,32 @@ class Privacy(Strict):
     """DP-SGD through Opacus: Poisson sampling, per-example clipping, Gaussian noise, an accountant."""
 
     target_epsilon: float | None = Field(
-        None, description="Privacy budget: the noise is set so training ends at or under this epsilon, and training "
+        None,
+        description="Privacy budget: the noise is set so training ends at or under this epsilon, and training "
         "stops before a step would exceed it.",
     )
-    delta: float | None = Field(None, description="delta of (epsilon, delta)-DP; must be below 1/N (N: privacy "
-                                "units). Default 1/(10 N).")
+    delta: float | None = Field(
+        None, description="delta of (epsilon, delta)-DP; must be below 1/N (N: privacy units). Default 1/(10 N)."
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="Per-example clipping norm C.")
     noise_multiplier: float | None = Field(
-        None, ge=0, description="Noise std as a multiple of C, instead of deriving it from target_epsilon (with both, "
+        None,
+        ge=0,
+        description="Noise std as a multiple of C, instead of deriving it from target_epsilon (with both, "
         "target_epsilon is the budget training stops at).",
     )
     accountant: Literal["prv", "rdp"] = Field("prv", description="Privacy accountant (prv is tighter).")
     unit: Literal["sample", "user"] = Field(
-        "sample", description="Privacy unit. user: one row per sampled user per step, so the guarantee covers "
+        "sample",
+        description="Privacy unit. user: one row per sampled user per step, so the guarantee covers "
         "everything a user contributed (needs user_column).",
     )
     user_column: str | None = Field(None, description="Column holding the user id (unit: user).")
-    secure_mode: bool = Field(False, description="Noise from a cryptographically secure RNG (needs torchcsprng; "
-                              "refused, not downgraded, without it). Off: noise is reproducible from the seed.")
+    secure_mode: bool = Field(
+        False,
+        description="Noise from a cryptographically secure RNG (needs torchcsprng; "
+        "refused, not downgraded, without it). Off: noise is reproducible from the seed.",
+    )
 
     @model_validator(mode="after")
     def _coherent(self) -> Privacy:

@@ -36,8 +36,13 @@ def keys(model: type[BaseModel], prefix: str = "", seen: dict | None = None) -> 
         path = prefix + (field.alias or name)  # the YAML spelling (search's `int:` is the field `integer`)
         inner, suffix, kind = _section(field.annotation)
         if inner is None:
-            yield Key(path, _type(field.annotation) + _bounds(field), _default(field), field.description or "",
-                      field.is_required())
+            yield Key(
+                path,
+                _type(field.annotation) + _bounds(field),
+                _default(field),
+                field.description or "",
+                field.is_required(),
+            )
             continue
         text = field.description or (inner.__doc__ or "").strip()
         if inner in seen:
@@ -53,8 +58,9 @@ def render(entries: typing.Iterable[Key]) -> str:
         default = "; required" if k.required else f"; default {k.default}" if k.default is not None else ""
         out.append(f"{k.path}  ({k.kind}{default})")
         if k.description:
-            out.extend(textwrap.wrap(" ".join(k.description.split()), 100, initial_indent="    ",
-                                     subsequent_indent="    "))
+            out.extend(
+                textwrap.wrap(" ".join(k.description.split()), 100, initial_indent="    ", subsequent_indent="    ")
+            )
     return "\n".join(out) + "\n"
 
 

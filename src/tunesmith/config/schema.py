@@ -29,7 +29,8 @@ class Stage(Strict):
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,40}$", description="Stage name (in run names).")
     task: Literal["instruction", "summarization", "constrained_generation", "language_modeling"] | None = Field(
-        None, description="The stage's task family (generative only); default follows its data.format.")
+        None, description="The stage's task family (generative only); default follows its data.format."
+    )
     data: DataConfig
     train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the top-level train section.")
     eval: dict[str, Any] = Field(default_factory=dict, description="Overrides of the top-level eval section.")
@@ -43,9 +44,9 @@ class Stage(Strict):
 
 class Config(Strict):
     name: str = Field("run", description="Run name: the run directory is <output_dir>/<name>/.")
-    task: Literal["instruction", "summarization", "constrained_generation", "language_modeling", "classification"] | None = Field(
-        None, description="Task family, which picks the metrics; default follows data.format."
-    )
+    task: (
+        Literal["instruction", "summarization", "constrained_generation", "language_modeling", "classification"] | None
+    ) = Field(None, description="Task family, which picks the metrics; default follows data.format.")
     output_dir: str = Field("runs", description="Directory holding run directories.")
     seed: int = Field(0, description="Seed for splits, shuffling, initialisation and dropout.")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -64,12 +65,16 @@ class Config(Strict):
     privacy: Privacy | None = Field(None, description="Differential privacy (DP-SGD); absent: off.")
     search: SearchConfig | None = Field(None, description="Hyperparameter search space (tunesmith search).")
     log: LogConfig = Field(default_factory=LogConfig, description="Experiment trackers.")
-    stages: list[Stage] = Field(default_factory=list, description="Intermediate tasks trained first, in order; "
-                                "the config's own data/task is the final stage.")
+    stages: list[Stage] = Field(
+        default_factory=list,
+        description="Intermediate tasks trained first, in order; the config's own data/task is the final stage.",
+    )
     stage_mode: Literal["merge", "stack"] = Field(
-        "merge", description="merge: each stage's LoRA is merged and saved as a model directory the next stage "
+        "merge",
+        description="merge: each stage's LoRA is merged and saved as a model directory the next stage "
         "loads; stack: each stage's adapter is kept and the next stage trains a new adapter on top of it "
-        "(the final run needs only the base and the small adapters).")
+        "(the final run needs only the base and the small adapters).",
+    )
 
     @field_validator("retention", mode="before")
     @classmethod
@@ -96,8 +101,10 @@ class Config(Strict):
         if self.data.packing and self.data.format == "classification":
             raise ValueError("data.packing is for causal LM training; classification rows are not packed")
         if self.data.packing and self.model.attn_implementation != "sdpa":
-            raise ValueError("data.packing needs model.attn_implementation: sdpa (eager misreads the packed "
-                             "rows' boolean block mask and would let them attend to each other)")
+            raise ValueError(
+                "data.packing needs model.attn_implementation: sdpa (eager misreads the packed "
+                "rows' boolean block mask and would let them attend to each other)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -107,11 +114,15 @@ class Config(Strict):
         if self.task_name != "classification" and self.train.head_lr is not None:
             raise ValueError(f"train.head_lr is for classifiers; task {self.task_name} has no classification head")
         if self.task_name != "classification" and self.model.pooling != "auto":
-            raise ValueError(f"model.pooling ({self.model.pooling}) is for classifiers; task {self.task_name} "
-                             "uses the language-model head")
+            raise ValueError(
+                f"model.pooling ({self.model.pooling}) is for classifiers; task {self.task_name} "
+                "uses the language-model head"
+            )
         if self.task_name != "classification" and self.eval.baseline_model:
-            raise ValueError("eval.baseline_model is for classification: a generative task's base row is its own "
-                             "base model (eval.baselines: [few_shot] prompts that model with solved examples)")
+            raise ValueError(
+                "eval.baseline_model is for classification: a generative task's base row is its own "
+                "base model (eval.baselines: [few_shot] prompts that model with solved examples)"
+            )
         if task_problem(self.task_name, self.eval.decoding):
             raise ValueError(task_problem(self.task_name, self.eval.decoding))
         return self
@@ -137,10 +148,14 @@ class Config(Strict):
             return self
         # Each of these would break what the guarantee rests on: one example per clipped gradient, sampling
         # that does not look at the data, and per-example activations captured once per forward.
-        clashes = {"data.packing": self.data.packing, "retention.replay": self.retention.replay is not None,
-                   "train.on_spike: rollback": self.train.on_spike == "rollback",
-                   "train.gradient_checkpointing": self.train.gradient_checkpointing,
-                   "train.precision: fp16": self.train.precision == "fp16", "retention.l2sp": self.retention.l2sp > 0}
+        clashes = {
+            "data.packing": self.data.packing,
+            "retention.replay": self.retention.replay is not None,
+            "train.on_spike: rollback": self.train.on_spike == "rollback",
+            "train.gradient_checkpointing": self.train.gradient_checkpointing,
+            "train.precision: fp16": self.train.precision == "fp16",
+            "retention.l2sp": self.retention.l2sp > 0,
+        }
         bad = [name for name, on in clashes.items() if on]
         if bad:
             raise ValueError(f"privacy (DP-SGD) does not work with {', '.join(bad)}")
@@ -168,8 +183,9 @@ def stage_config(cfg: Config, index: int, start: dict | None = None) -> Config:
     tree = cfg.model_dump(mode="json", exclude={"stages", "stage_mode"})
     if index < len(cfg.stages):
         stage = cfg.stages[index]
-        tree.update(name=f"{cfg.name}-stage{index + 1}-{stage.name}", task=stage.task,
-                    data=stage.data.model_dump(mode="json"))
+        tree.update(
+            name=f"{cfg.name}-stage{index + 1}-{stage.name}", task=stage.task, data=stage.data.model_dump(mode="json")
+        )
         tree["train"].update(stage.train)
         # the final task's baselines and decoding, not a stage's
         tree["eval"].update(baseline_model=None, baselines=[], decoding={})

@@ -33,8 +33,9 @@ class Dist(Strict):
     def _one_kind_with_sane_bounds(self) -> Dist:
         given = [k for k in KINDS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of log_uniform, uniform, int, choice, e.g. "
-                             "{log_uniform: [1.0e-5, 1.0e-3]}")
+            raise ValueError(
+                "give exactly one of log_uniform, uniform, int, choice, e.g. {log_uniform: [1.0e-5, 1.0e-3]}"
+            )
         kind = given[0]
         values = getattr(self, kind)
         if kind == "choice":
@@ -62,18 +63,28 @@ class Dist(Strict):
 
 class SearchConfig(Strict):
     space: dict[str, Dist] = Field(..., description="Dotted config key -> distribution.")
-    metric: str | None = Field(None, description="Validation metric to optimise (default: the early-stopping "
-                               "metric, e.g. accuracy or loss).")
+    metric: str | None = Field(
+        None, description="Validation metric to optimise (default: the early-stopping metric, e.g. accuracy or loss)."
+    )
     direction: Literal["minimize", "maximize"] | None = Field(
-        None, description="Default: minimize for loss/perplexity, maximize otherwise.")
+        None, description="Default: minimize for loss/perplexity, maximize otherwise."
+    )
     sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler.")
-    pruner: Literal["median", "none"] = Field("median", description="Stop trials whose intermediate "
-                                              "evaluations fall below the median of earlier trials.")
+    pruner: Literal["median", "none"] = Field(
+        "median", description="Stop trials whose intermediate evaluations fall below the median of earlier trials."
+    )
     startup_trials: int = Field(2, ge=0, description="Trials that are never pruned (the pruner's reference).")
-    storage: str | None = Field(None, description="Optuna storage URL; default sqlite in the search directory. "
-                                "A shared database (e.g. postgresql://...) lets several machines run one study.")
-    heartbeat_s: int = Field(20, ge=1, description="A trial whose process stops beating this long x3 is "
-                             "marked failed (a killed run), never left running or counted as best.")
+    storage: str | None = Field(
+        None,
+        description="Optuna storage URL; default sqlite in the search directory. "
+        "A shared database (e.g. postgresql://...) lets several machines run one study.",
+    )
+    heartbeat_s: int = Field(
+        20,
+        ge=1,
+        description="A trial whose process stops beating this long x3 is "
+        "marked failed (a killed run), never left running or counted as best.",
+    )
 
     @model_validator(mode="after")
     def _non_empty(self) -> SearchConfig:

@@ -16,8 +16,12 @@ class ModelConfig(Strict):
         "smollm2-135m-instruct",
         description="Embedded short name (see `tunesmith models`), local model directory or .gguf file, or hub id.",
     )
-    gguf_file: str | None = Field(None, pattern=r"(?i)\.gguf$", description="With a local model directory "
-                                  "holding GGUF files: the one to load (converted to safetensors once, then cached).")
+    gguf_file: str | None = Field(
+        None,
+        pattern=r"(?i)\.gguf$",
+        description="With a local model directory "
+        "holding GGUF files: the one to load (converted to safetensors once, then cached).",
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
     trust_remote_code: bool = Field(
         False, description="Run model code shipped with a hub repo. Off by default: it executes that code."
@@ -30,13 +34,17 @@ class ModelConfig(Strict):
     )
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
     pooling: Literal["auto", "mean", "cls", "last"] = Field(
-        "auto", description="Classifiers: how token states become one vector for the head. mean: masked mean "
+        "auto",
+        description="Classifiers: how token states become one vector for the head. mean: masked mean "
         "(what sentence encoders such as all-MiniLM-L6-v2 were trained for); cls: the first token's state, no "
         "pooler; last: the last real token (decoders); auto: the architecture's own head (BERT: a fresh pooler "
-        "on [CLS]; decoders: the last token).")
+        "on [CLS]; decoders: the last token).",
+    )
     adapters: list[str] = Field(
-        default_factory=list, description="PEFT LoRA adapter directories folded into the weights, in order, "
-        "before training (stacked stages, or continuing from someone's adapter).")
+        default_factory=list,
+        description="PEFT LoRA adapter directories folded into the weights, in order, "
+        "before training (stacked stages, or continuing from someone's adapter).",
+    )
 
     @model_validator(mode="after")
     def _remote_code_pinned(self) -> ModelConfig:
@@ -82,9 +90,15 @@ CANONICAL_COLUMNS = {
     "classification": ("text", "label"),
 }
 TASKS = ("instruction", "summarization", "constrained_generation", "language_modeling", "classification")
-DEFAULT_TASK = {"instruction": "instruction", "chat": "instruction", "prompt_completion": "instruction",
-                "summarization": "summarization", "concepts": "constrained_generation", "text": "language_modeling",
-                "classification": "classification"}
+DEFAULT_TASK = {
+    "instruction": "instruction",
+    "chat": "instruction",
+    "prompt_completion": "instruction",
+    "summarization": "summarization",
+    "concepts": "constrained_generation",
+    "text": "language_modeling",
+    "classification": "classification",
+}
 DEFAULT_PROMPTS = {
     "summarization": "Summarize the following document in plain English.",
     "concepts": "Write one short sentence that uses all of these words:",
@@ -97,11 +111,13 @@ class DataConfig(Strict):
     test: str | None = Field(None, description="Optional test data, evaluated before/after like validation.")
     hub_split: str = Field("train", description="Split to read when `train` is a hub dataset id or saved DatasetDict.")
     hub_splits: dict[Literal["train", "validation", "test"], str] = Field(
-        default_factory=dict, description="Split read for each source that is a hub id or saved DatasetDict "
-        "(default: train from hub_split, validation from 'validation', test from 'test').")
-    format: Literal["instruction", "chat", "prompt_completion", "summarization", "concepts", "text", "classification"] = Field(
-        "instruction", description="Row format: " + ", ".join(FORMATS) + "."
+        default_factory=dict,
+        description="Split read for each source that is a hub id or saved DatasetDict "
+        "(default: train from hub_split, validation from 'validation', test from 'test').",
     )
+    format: Literal[
+        "instruction", "chat", "prompt_completion", "summarization", "concepts", "text", "classification"
+    ] = Field("instruction", description="Row format: " + ", ".join(FORMATS) + ".")
     prompt: str | None = Field(
         None, description="Instruction put before each document (summarization) or concept list (concepts)."
     )
@@ -111,8 +127,12 @@ class DataConfig(Strict):
     )
     labels: list[str] | None = Field(None, description="Label set for classification (default: labels in train).")
     system_prompt: str | None = Field(None, description="System message prepended to every chat prompt.")
-    max_length: int = Field(1024, ge=8, le=MAX_LENGTH_CAP, description="Maximum tokens per row (prompt + "
-                            f"completion); at most {MAX_LENGTH_CAP:,}.")
+    max_length: int = Field(
+        1024,
+        ge=8,
+        le=MAX_LENGTH_CAP,
+        description=f"Maximum tokens per row (prompt + completion); at most {MAX_LENGTH_CAP:,}.",
+    )
     overlength: Literal["error", "truncate", "drop"] = Field(
         "error",
         description="Rows longer than max_length: error (stop and report), truncate (keep the start), or drop. "
@@ -122,7 +142,8 @@ class DataConfig(Strict):
         False, description="Batch training rows of similar length together (less padding), shuffled per epoch."
     )
     packing: bool = Field(
-        False, description="Pack several training rows into each max_length sequence (no padding; each row "
+        False,
+        description="Pack several training rows into each max_length sequence (no padding; each row "
         "attends only to itself). Causal LMs with sdpa attention only.",
     )
     completion_only_loss: bool = Field(True, description="Train only on completion tokens (instruction/chat).")
@@ -133,11 +154,18 @@ class DataConfig(Strict):
         "error", description="Bad rows: error (stop, listing file:line) or skip (drop and count)."
     )
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="With on_error=skip, abort above this share.")
-    train_limit: int | None = Field(None, gt=0, description="Few-shot: train on only this many rows (stratified "
-                                    "by label for classification), drawn with sample_seed.")
+    train_limit: int | None = Field(
+        None,
+        gt=0,
+        description="Few-shot: train on only this many rows (stratified "
+        "by label for classification), drawn with sample_seed.",
+    )
     sample_seed: int | None = Field(None, description="Seed of the train_limit draw (default: the run's seed).")
-    split_seed: int | None = Field(None, description="Seed of the train/validation/test split when there is no "
-                                   "validation file (default: the run's seed; `tunesmith curve` keeps it fixed).")
+    split_seed: int | None = Field(
+        None,
+        description="Seed of the train/validation/test split when there is no "
+        "validation file (default: the run's seed; `tunesmith curve` keeps it fixed).",
+    )
 
     @model_validator(mode="after")
     def _columns_known(self) -> DataConfig:
@@ -188,7 +216,8 @@ class TrainConfig(Strict):
         True, description="On out-of-memory, halve the micro-batch and double accumulation (same effective batch)."
     )
     on_spike: Literal["warn", "skip", "rollback"] = Field(
-        "warn", description="A loss spike (over spike_factor x the recent median) is logged (warn), not applied "
+        "warn",
+        description="A loss spike (over spike_factor x the recent median) is logged (warn), not applied "
         "(skip), or, after spike_rollback_after spikes within spike_window steps, rolled back to the last "
         "checkpoint with the spiking rows excluded from then on (rollback; needs save_every).",
     )
@@ -202,12 +231,18 @@ class TrainConfig(Strict):
         if self.on_spike == "rollback" and not self.save_every:
             raise ValueError("on_spike: rollback needs save_every (a checkpoint to roll back to)")
         return self
+
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward instead of keeping them: less memory, ~30% slower."
     )
     head_lr: float | None = Field(None, gt=0, lt=1, description="Classifiers: the new head's peak rate (None: lr).")
-    layer_decay: float | None = Field(None, gt=0, le=1, description="Layer-wise lr decay: of L layers, layer i "
-                                      "trains at lr x layer_decay^(L-i), embeddings at lr x layer_decay^(L+1).")
+    layer_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Layer-wise lr decay: of L layers, layer i "
+        "trains at lr x layer_decay^(L-i), embeddings at lr x layer_decay^(L+1).",
+    )
     chunked_loss: bool = Field(
         True, description="Project only target positions to the vocabulary, in chunks (same loss, far less memory)."
     )
@@ -224,23 +259,30 @@ class EvalConfig(Strict):
         64, gt=0, description="Rows scored with generation metrics (ROUGE, BLEU, coverage) per split; None: all."
     )
     baseline_model: str | None = Field(
-        None, description="Classification: an instruction model prompted zero-shot as the 'before' row "
+        None,
+        description="Classification: an instruction model prompted zero-shot as the 'before' row "
         "(e.g. smollm2-135m-instruct); without it the 'before' is the majority-class baseline. Generative "
         "tasks prompt the base model itself.",
     )
     baselines: list[Literal["zero_shot", "few_shot"]] = Field(
-        default_factory=list, description="Prompting baselines shown next to the fine-tuned model: few_shot puts "
+        default_factory=list,
+        description="Prompting baselines shown next to the fine-tuned model: few_shot puts "
         "few_shot_k solved training rows in the prompt as earlier chat turns. Classification prompts "
         "eval.baseline_model; generative tasks prompt the base model (whose plain row is the zero-shot one).",
     )
     few_shot_k: int = Field(4, ge=1, le=64, description="Solved examples in the few-shot prompt.")
-    decoding: Decoding = Field(default_factory=Decoding, description="How generated outputs are decoded "
-                               "(evaluation, baselines, tunesmith generate): default greedy, one output.")
+    decoding: Decoding = Field(
+        default_factory=Decoding,
+        description="How generated outputs are decoded "
+        "(evaluation, baselines, tunesmith generate): default greedy, one output.",
+    )
 
 
 class LogConfig(Strict):
     trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
-        default_factory=list, description="Experiment trackers that also receive every metric (the run "
-        "directory is always written). Each needs its package installed.")
+        default_factory=list,
+        description="Experiment trackers that also receive every metric (the run "
+        "directory is always written). Each needs its package installed.",
+    )
     project: str | None = Field(None, description="Tracker project / experiment name (default: the run name).")
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite under <run>/trackers/).")

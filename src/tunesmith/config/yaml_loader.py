@@ -25,8 +25,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 try:
                     if key in first:
                         shown = repr(key) if len(repr(key)) <= 40 else repr(key)[:37] + "..."
-                        raise DuplicateKey(None, None, f"duplicate key {shown} (first at line {first[key] + 1})",
-                                           key_node.start_mark)
+                        raise DuplicateKey(
+                            None, None, f"duplicate key {shown} (first at line {first[key] + 1})", key_node.start_mark
+                        )
                     first[key] = key_node.start_mark.line
                 except TypeError:
                     continue  # an unhashable key: SafeLoader refuses it with its own message

@@ -22,9 +22,12 @@ def unseen_labels(parsed: dict[str, list[Example]], known: set[str]) -> None:
     rows = [ex for name in ("validation", "test") for ex in parsed.get(name, []) if ex.label not in known]
     if rows:
         more = f" (first {MAX_LISTED} shown)" if len(rows) > MAX_LISTED else ""
-        raise DataError(f"{len(rows)} row(s) in validation/test carry {len({ex.label for ex in rows})} label(s) "
-                        f"never seen in train{more}", [ex.where for ex in rows[:MAX_LISTED]],
-                        hint="List the label set in data.labels, or fix the rows.")
+        raise DataError(
+            f"{len(rows)} row(s) in validation/test carry {len({ex.label for ex in rows})} label(s) "
+            f"never seen in train{more}",
+            [ex.where for ex in rows[:MAX_LISTED]],
+            hint="List the label set in data.labels, or fix the rows.",
+        )
 
 
 def train_labels(train: list[Example], warnings: list[str]) -> None:
@@ -32,8 +35,10 @@ def train_labels(train: list[Example], warnings: list[str]) -> None:
     A strong majority is allowed (some tasks are like that) but said loudly."""
     counts = Counter(ex.label for ex in train)
     if len(counts) < 2:
-        raise DataError(f"train has only one label ({len(train)} rows): a classifier cannot learn from it",
-                        hint="Add training rows of the other label(s); listing them in data.labels is not enough.")
+        raise DataError(
+            f"train has only one label ({len(train)} rows): a classifier cannot learn from it",
+            hint="Add training rows of the other label(s); listing them in data.labels is not enough.",
+        )
     top = max(counts.values())
     if top / len(train) > IMBALANCE:
         warnings.append(f"imbalanced labels: one label is {top / len(train):.1%} of train ({top} of {len(train)} rows)")
@@ -46,8 +51,11 @@ def conflicts(report: dict, name: str, where: list[str], removed: bool, warnings
         return
     report.setdefault("label_conflicts", {})[name] = {"rows": len(where), "where": where[:MAX_LISTED]}
     shown = ", ".join(where[:SHOWN_IN_WARNING]) + (", ..." if len(where) > SHOWN_IN_WARNING else "")
-    what = ("train row(s) share their text with a train row of another label" if name == "train" else
-            f"{name} row(s) repeat a train text with another label" + (" (removed as leakage)" if removed else ""))
+    what = (
+        "train row(s) share their text with a train row of another label"
+        if name == "train"
+        else f"{name} row(s) repeat a train text with another label" + (" (removed as leakage)" if removed else "")
+    )
     warnings.append(f"label conflict: {len(where)} {what}: {shown}")
 
 
@@ -58,10 +66,12 @@ def step_fits(cfg: Config, n_rows: int) -> None:
     world = int(world) if world.isdigit() and int(world) > 0 else 1
     step = t.batch_size * t.grad_accum * world
     if step > n_rows:
-        raise DataError(f"An optimizer step of {step:,} rows (train.batch_size {t.batch_size} x train.grad_accum "
-                        f"{t.grad_accum} x {world} process(es)) is larger than the {n_rows} training rows",
-                        hint=f"Lower train.batch_size or train.grad_accum: their product times the processes must "
-                        f"be at most {n_rows}.")
+        raise DataError(
+            f"An optimizer step of {step:,} rows (train.batch_size {t.batch_size} x train.grad_accum "
+            f"{t.grad_accum} x {world} process(es)) is larger than the {n_rows} training rows",
+            hint=f"Lower train.batch_size or train.grad_accum: their product times the processes must "
+            f"be at most {n_rows}.",
+        )
 
 
 def show(warnings: list[str]) -> None:

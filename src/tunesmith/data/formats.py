@@ -116,7 +116,11 @@ def _label(value: Any, labels: list[str] | None) -> str:
 def to_example(where: str, row: dict, cfg: DataConfig, system: str | None, user_column: str | None = None) -> Example:
     ex = _to_example(where, row, cfg, system)
     if user_column is not None:
-        if row.get(user_column) is None or isinstance(row[user_column], (dict, list)) or not str(row[user_column]).strip():
+        if (
+            row.get(user_column) is None
+            or isinstance(row[user_column], (dict, list))
+            or not str(row[user_column]).strip()
+        ):
             raise RowError("missing_user", f"no user id in column '{user_column}' (privacy.unit: user)")
         ex.user = str(row[user_column])
     return ex
@@ -136,10 +140,17 @@ def _to_example(where: str, row: dict, cfg: DataConfig, system: str | None) -> E
         instr = checked_string(row, cols["instruction"], "instruction")
         extra = checked_string(row, cols["input"], "input", allow_empty=True) if cols["input"] in row else ""
         user = f"{instr}\n\n{extra}" if extra.strip() else instr
-        return Example(where, ex_id, head + [{"role": "user", "content": user}], checked_string(row, cols["output"], "output"))
+        return Example(
+            where, ex_id, head + [{"role": "user", "content": user}], checked_string(row, cols["output"], "output")
+        )
     if fmt == "prompt_completion":
         prompt = checked_string(row, cols["prompt"], "prompt")
-        return Example(where, ex_id, head + [{"role": "user", "content": prompt}], checked_string(row, cols["completion"], "completion"))
+        return Example(
+            where,
+            ex_id,
+            head + [{"role": "user", "content": prompt}],
+            checked_string(row, cols["completion"], "completion"),
+        )
     if fmt == "summarization":
         doc = checked_string(row, cols["document"], "document")
         prompt = f"{cfg.prompt or DEFAULT_PROMPTS['summarization']}\n\n{doc}"
@@ -150,8 +161,9 @@ def _to_example(where: str, row: dict, cfg: DataConfig, system: str | None) -> E
         target = checked_string(row, cols["target"], "target")
         refs = string_list(row[cols["references"]], "references") if cols["references"] in row else [target]
         prompt = concept_prompt(cfg, concepts)
-        return Example(where, ex_id, head + [{"role": "user", "content": prompt}], target, references=refs,
-                       concepts=concepts)
+        return Example(
+            where, ex_id, head + [{"role": "user", "content": prompt}], target, references=refs, concepts=concepts
+        )
     if fmt == "chat":
         msgs = checked_messages(row[cols["messages"]])
         if system and msgs[0]["role"] != "system":
@@ -159,7 +171,9 @@ def _to_example(where: str, row: dict, cfg: DataConfig, system: str | None) -> E
         return Example(where, ex_id, msgs[:-1], msgs[-1]["content"])
     if fmt == "text":
         return Example(where, ex_id, text=checked_string(row, cols["text"], "text"))
-    return Example(where, ex_id, text=checked_string(row, cols["text"], "text"), label=_label(row[cols["label"]], cfg.labels))
+    return Example(
+        where, ex_id, text=checked_string(row, cols["text"], "text"), label=_label(row[cols["label"]], cfg.labels)
+    )
 
 
 def parse_rows(raw: RawRows, cfg: DataConfig, user_column: str | None = None) -> tuple[list[Example], list[Problem]]:
@@ -177,8 +191,9 @@ def parse_rows(raw: RawRows, cfg: DataConfig, user_column: str | None = None) ->
         if user_column is not None and user_column not in raw.header:
             from tunesmith.errors import DataError
 
-            raise DataError(f"{raw.source}:1: no user id column '{user_column}' (privacy.unit: user); "
-                            f"found {raw.header}")
+            raise DataError(
+                f"{raw.source}:1: no user id column '{user_column}' (privacy.unit: user); found {raw.header}"
+            )
     examples = []
     for where, row in raw.rows:
         try:

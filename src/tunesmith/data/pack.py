@@ -83,5 +83,10 @@ def collate_packed(packs: list[Packed], pad_id: int) -> dict[str, torch.Tensor]:
     # Padding positions attend to themselves only: a query row with nothing to attend to would give
     # NaN under sdpa, and NaN values poison real queries through the masked-out products.
     mask |= torch.eye(width, dtype=torch.bool) & ~real[:, :, None]
-    return {"input_ids": ids, "attention_mask": mask[:, None], "position_ids": positions, "labels": labels,
-            "n_tokens": real.sum()}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask[:, None],
+        "position_ids": positions,
+        "labels": labels,
+        "n_tokens": real.sum(),
+    }

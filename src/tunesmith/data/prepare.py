@@ -44,7 +44,8 @@ def apply_error_policy(cfg: DataConfig, problems: list[Problem], total: int) -> 
         listed = [str(p) for p in problems[:MAX_LISTED]]
         more = len(problems) - len(listed)
         raise DataError(
-            f"{len(problems)} bad row(s) in the data; nothing was trained" + (f" (first {MAX_LISTED} shown)" if more else ""),
+            f"{len(problems)} bad row(s) in the data; nothing was trained"
+            + (f" (first {MAX_LISTED} shown)" if more else ""),
             listed,
             hint="Fix the rows, or set data.on_error=skip to drop them (counted in the data report).",
         )
@@ -72,8 +73,12 @@ def load_examples(cfg: Config) -> Examples:
     if d.train_limit is not None:  # few-shot: after split and overlap removal, so validation is the same for every k
         seed = cfg.seed if d.sample_seed is None else d.sample_seed
         parsed["train"] = splitting.sample_k(train, d.train_limit, seed, stratify)
-        report["train_limit"] = {"k": d.train_limit, "from": len(train), "kept": len(parsed["train"]),
-                                 "sample_seed": seed}
+        report["train_limit"] = {
+            "k": d.train_limit,
+            "from": len(train),
+            "kept": len(parsed["train"]),
+            "sample_seed": seed,
+        }
     refuse_empty(parsed, report)
     if stratify:
         checks.train_labels(parsed["train"], warnings)
@@ -100,7 +105,9 @@ def read_splits(cfg: Config) -> tuple[dict[str, list[Example]], dict]:
         if source is None:
             continue
         raw = read_source(source, d.hub_split_of(name))
-        user_column = cfg.privacy.user_column if cfg.privacy and cfg.privacy.unit == "user" and name == "train" else None
+        user_column = (
+            cfg.privacy.user_column if cfg.privacy and cfg.privacy.unit == "user" and name == "train" else None
+        )
         examples, bad = parse_rows(raw, d, user_column)
         parsed[name] = examples
         problems += bad
@@ -108,8 +115,9 @@ def read_splits(cfg: Config) -> tuple[dict[str, list[Example]], dict]:
     return parsed, {"bad_rows": apply_error_policy(cfg.data, problems, total)}
 
 
-def hold_out(cfg: Config, parsed: dict[str, list[Example]], report: dict, warnings: list[str],
-             split_seed: int) -> list[Example]:
+def hold_out(
+    cfg: Config, parsed: dict[str, list[Example]], report: dict, warnings: list[str], split_seed: int
+) -> list[Example]:
     """Dedup train, split validation (and test) off it where not given, and take out of the held-out splits
     what train holds too. Returns train, also left in parsed["train"]."""
     d = cfg.data
@@ -139,10 +147,16 @@ def refuse_empty(parsed: dict[str, list[Example]], report: dict) -> None:
     empty = [n for n, rows in parsed.items() if not rows]
     if empty:
         overlap = {n: report.get(f"{n}_overlap_removed") for n in empty}
-        raise DataError("No usable rows left in: " + ", ".join(
-            n + (f" (all {overlap[n]} rows also appear in train, removed as leakage)" if overlap[n] else "")
-            for n in empty), hint="Give held-out rows that are not in train, or leave data.validation unset to "
-                                  "split them off train." if any(overlap.values()) else None)
+        raise DataError(
+            "No usable rows left in: "
+            + ", ".join(
+                n + (f" (all {overlap[n]} rows also appear in train, removed as leakage)" if overlap[n] else "")
+                for n in empty
+            ),
+            hint="Give held-out rows that are not in train, or leave data.validation unset to split them off train."
+            if any(overlap.values())
+            else None,
+        )
 
 
 def _percentiles(lengths: list[int]) -> dict[str, int]:
@@ -160,8 +174,10 @@ def tokenize_splits(cfg: Config, examples: Examples, tokenizer) -> dict[str, Tok
     out = token_cache.load(key)
     if out is None:
         if cfg.data.format == "classification":
-            out = {name: tokenize_classification(rows, tokenizer, cfg.data, examples.labels)
-                   for name, rows in examples.splits.items()}
+            out = {
+                name: tokenize_classification(rows, tokenizer, cfg.data, examples.labels)
+                for name, rows in examples.splits.items()
+            }
         else:
             out = {name: tokenize_examples(rows, tokenizer, cfg.data) for name, rows in examples.splits.items()}
         token_cache.save(key, out)
@@ -169,13 +185,16 @@ def tokenize_splits(cfg: Config, examples: Examples, tokenizer) -> dict[str, Tok
     if over and cfg.data.overlength == "error":
         listed = [f"{w}: longer than data.max_length={cfg.data.max_length} tokens" for w in over[:MAX_LISTED]]
         raise DataError(
-            f"{len(over)} row(s) exceed data.max_length", listed,
+            f"{len(over)} row(s) exceed data.max_length",
+            listed,
             hint="Raise data.max_length, or choose data.overlength=truncate or drop (both counted).",
         )
     tok_report = {}
     for name, t in out.items():
         tok_report[name] = {"rows": len(t.rows), "token_lengths": _percentiles(t.lengths), **t.counts}
         if not t.rows:
-            raise DataError(f"Split '{name}' has no rows left after tokenization", [f"{k}: {v}" for k, v in t.counts.items()])
+            raise DataError(
+                f"Split '{name}' has no rows left after tokenization", [f"{k}: {v}" for k, v in t.counts.items()]
+            )
     examples.report["tokens"] = tok_report
     return out

@@ -69,22 +69,29 @@ def _read_bytes(path: Path) -> bytes:
         try:
             return decompress(data)
         except (OSError, EOFError, ValueError, lzma.LZMAError, zlib.error) as err:
-            raise DataError(f"{path}: a {kind} file that could not be decompressed ({type(err).__name__})",
-                            hint="Is the file complete? Check it with `gzip -t`, `bzip2 -t` or `xz -t`.") from None
+            raise DataError(
+                f"{path}: a {kind} file that could not be decompressed ({type(err).__name__})",
+                hint="Is the file complete? Check it with `gzip -t`, `bzip2 -t` or `xz -t`.",
+            ) from None
     kind = next((kind for magic, kind in MAGIC if data.startswith(magic)), None)
     if data[:3] == b"BZh" and data[4:10] == b"1AY&SY":  # "BZh" alone could start a CSV header
         kind = "bzip2"
     if kind is not None:
         readable = {"gzip": ".gz", "bzip2": ".bz2", "xz": ".xz"}.get(kind)
-        hint = (f"Name it {path.name}{readable} (read directly), or decompress it." if readable
-                else "Decompress it first (.gz, .bz2 and .xz files are read directly).")
+        hint = (
+            f"Name it {path.name}{readable} (read directly), or decompress it."
+            if readable
+            else "Decompress it first (.gz, .bz2 and .xz files are read directly)."
+        )
         raise DataError(f"{path}: file is {kind}-compressed, though named '{path.suffix}'", hint=hint)
     return data
 
 
 def _check_encoding(data: bytes, name: str) -> bytes:
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise DataError(f"{name}: file is UTF-16 encoded", hint="Convert it to UTF-8 (e.g. `iconv -f UTF-16 -t UTF-8`).")
+        raise DataError(
+            f"{name}: file is UTF-16 encoded", hint="Convert it to UTF-8 (e.g. `iconv -f UTF-16 -t UTF-8`)."
+        )
     return data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM is harmless
 
 
@@ -190,13 +197,17 @@ def read_source(source: str, hub_split: str = "train") -> RawRows:
             return read_csv(path, "\t" if suffix == ".tsv" else ",")
         if suffix == ".parquet" and not compressed:
             return read_parquet(path)
-        raise DataError(f"{source}: unknown file type '{suffix}{compressed}' (use .jsonl, .csv or .parquet; "
-                        ".jsonl and .csv may end in .gz, .bz2 or .xz)")
+        raise DataError(
+            f"{source}: unknown file type '{suffix}{compressed}' (use .jsonl, .csv or .parquet; "
+            ".jsonl and .csv may end in .gz, .bz2 or .xz)"
+        )
     if path.exists():  # a FIFO, device or socket: reading one could block, and a re-run could not read it again
         mode = path.stat().st_mode
         kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
-        raise DataError(f"{source}: not a regular file but {kind}",
-                        hint="Write the data to a file and name that file (a pipe can be read only once).")
+        raise DataError(
+            f"{source}: not a regular file but {kind}",
+            hint="Write the data to a file and name that file (a pipe can be read only once).",
+        )
     if HUB_ID.match(source) and not source.startswith((".", "/")):
         return read_hf(source, hub_split, on_disk=False)
     raise DataError(f"Data file not found: {source}")

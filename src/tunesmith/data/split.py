@@ -70,9 +70,7 @@ def remove_overlap(train: list[Example], other: list[Example]) -> tuple[list[Exa
     return kept, len(other) - len(kept), relabelled
 
 
-def split_off(
-    examples: list[Example], fractions: list[float], seed: int, stratify: bool
-) -> list[list[Example]]:
+def split_off(examples: list[Example], fractions: list[float], seed: int, stratify: bool) -> list[list[Example]]:
     """Split into [rest, part1, part2...] deterministically; per label when `stratify`."""
     groups: dict[str | None, list[Example]] = defaultdict(list)
     for ex in examples:
@@ -123,8 +121,9 @@ def sample_k(examples: list[Example], k: int, seed: int, stratify: bool) -> list
     return [ex for ex in examples if id(ex) in chosen]
 
 
-def demonstrations(examples: list[Example], k: int, seed: int, stratify: bool,
-                   turns: Callable[[Example], list[dict]]) -> list[dict]:
+def demonstrations(
+    examples: list[Example], k: int, seed: int, stratify: bool, turns: Callable[[Example], list[dict]]
+) -> list[dict]:
     """k solved examples (sample_k) as earlier chat turns, for few-shot prompting: `turns` gives one
     example's question and answer messages. The same k for every question of a split."""
     return [m for ex in (sample_k(examples, k, seed, stratify) if k else []) for m in turns(ex)]

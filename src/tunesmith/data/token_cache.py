@@ -18,8 +18,16 @@ from pathlib import Path
 from tunesmith.data.tokenize import LabeledRow, Tokenized, TokenizedSplit
 
 VERSION = 1
-SETTINGS = ("format", "columns", "prompt", "system_prompt", "max_length", "overlength", "completion_only_loss",
-            "labels")
+SETTINGS = (
+    "format",
+    "columns",
+    "prompt",
+    "system_prompt",
+    "max_length",
+    "overlength",
+    "completion_only_loss",
+    "labels",
+)
 
 
 def cache_key(splits: dict, tokenizer, data_cfg) -> str:
@@ -28,9 +36,18 @@ def cache_key(splits: dict, tokenizer, data_cfg) -> str:
         h.update(f"{name}\n{splits[name]!r}\n".encode("utf-8", "surrogatepass"))
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
-    h.update(json.dumps({"special": tokenizer.special_tokens_map, "template": getattr(tokenizer, "chat_template", None),
-                         "pad": tokenizer.pad_token_id, "class": type(tokenizer).__name__}, sort_keys=True,
-                        default=str).encode())
+    h.update(
+        json.dumps(
+            {
+                "special": tokenizer.special_tokens_map,
+                "template": getattr(tokenizer, "chat_template", None),
+                "pad": tokenizer.pad_token_id,
+                "class": type(tokenizer).__name__,
+            },
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     h.update(json.dumps({k: getattr(data_cfg, k) for k in SETTINGS}, sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
 
@@ -59,8 +76,13 @@ def save(key: str, splits: dict[str, TokenizedSplit]) -> None:
     for name, s in splits.items():
         labeled = bool(s.rows) and isinstance(s.rows[0], LabeledRow)
         rows = [[r.id, r.where, r.input_ids, r.label if labeled else r.labels] for r in s.rows]
-        data[name] = {"kind": "labeled" if labeled else "lm", "rows": rows, "counts": s.counts,
-                      "overlength": s.overlength, "lengths": s.lengths}
+        data[name] = {
+            "kind": "labeled" if labeled else "lm",
+            "rows": rows,
+            "counts": s.counts,
+            "overlength": s.overlength,
+            "lengths": s.lengths,
+        }
     folder = cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)

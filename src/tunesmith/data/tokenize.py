@@ -43,7 +43,9 @@ class LabeledRow:
 @dataclass
 class TokenizedSplit:
     rows: list[Tokenized] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=lambda: {"truncated": 0, "dropped_overlength": 0, "dropped_no_trainable": 0})
+    counts: dict[str, int] = field(
+        default_factory=lambda: {"truncated": 0, "dropped_overlength": 0, "dropped_no_trainable": 0}
+    )
     overlength: list[str] = field(default_factory=list)  # where, for overlength rows
     lengths: list[int] = field(default_factory=list)  # before any cut
 
@@ -61,9 +63,7 @@ def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
 
 def _prompt_and_completion_text(tokenizer, ex: Example) -> tuple[str, str]:
     prompt = render_prompt(tokenizer, ex.prompt)
-    full = tokenizer.apply_chat_template(
-        ex.prompt + [{"role": "assistant", "content": ex.completion}], tokenize=False
-    )
+    full = tokenizer.apply_chat_template(ex.prompt + [{"role": "assistant", "content": ex.completion}], tokenize=False)
     if full.startswith(prompt):
         return prompt, full[len(prompt) :]
     # Templates that rewrite earlier turns (some reasoning models) break the prefix property;

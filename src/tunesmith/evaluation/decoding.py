@@ -55,8 +55,9 @@ class MeanLogProb(LogitsProcessor):
         return (self.total / self.count.clamp(min=1)).tolist()
 
 
-def candidates(model, tokenizer, batch: dict, max_new_tokens: int, decoding: Decoding,
-               synced: bool = False) -> tuple[list[list[str]], list[list[float]], list[list[bool]]]:
+def candidates(
+    model, tokenizer, batch: dict, max_new_tokens: int, decoding: Decoding, synced: bool = False
+) -> tuple[list[list[str]], list[list[float]], list[list[bool]]]:
     """For each prompt of the left-padded `batch`: its candidates' texts, scores, and whether each ended
     with EOS before the length limit (one list per prompt, num_candidates long)."""
     n, eos = decoding.num_candidates, tokenizer.eos_token_id
@@ -68,9 +69,15 @@ def candidates(model, tokenizer, batch: dict, max_new_tokens: int, decoding: Dec
     scorer = MeanLogProb(eos) if decoding.do_sample and n > 1 else None
     if scorer is not None:
         options["logits_processor"] = LogitsProcessorList([scorer])
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=eos, synced_gpus=synced, **options)
-    new = out[:, batch["input_ids"].shape[1]:]  # num_return_sequences keeps each prompt's candidates together
+    out = model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos,
+        synced_gpus=synced,
+        **options,
+    )
+    new = out[:, batch["input_ids"].shape[1] :]  # num_return_sequences keeps each prompt's candidates together
     texts = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     stopped = (new == eos).any(dim=1).tolist()
     scores = scorer.finish(out) if scorer is not None else [-float(j % n) for j in range(len(texts))]
@@ -79,6 +86,7 @@ def candidates(model, tokenizer, batch: dict, max_new_tokens: int, decoding: Dec
 
 def pick(texts: list[str], scores: list[float], concepts: list[str] | None = None) -> int:
     """The index of the kept candidate: most of `concepts` used (when given), then highest score, then first."""
+
     def rank(j: int) -> tuple:
         return sum(concept_hits(texts[j], concepts)) if concepts is not None else 0, scores[j], -j
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 
 def forgetting(base: dict[str, float], now: dict[str, float]) -> dict[str, dict[str, float]]:
-    return {name: {"before": b, "after": now[name], "ratio": now[name] / b, "change": now[name] - b}
-            for name, b in base.items() if name in now and b > 0}
+    return {
+        name: {"before": b, "after": now[name], "ratio": now[name] / b, "change": now[name] - b}
+        for name, b in base.items()
+        if name in now and b > 0
+    }
 
 
 def worst_ratio(report: dict[str, dict[str, float]]) -> float | None:

@@ -13,10 +13,19 @@ from tunesmith.evaluation import decoding as dec
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[dict[str, str]]], max_new_tokens: int = 128,
-             batch_size: int = 8, device=None, label: str = "generate", synced: bool = False,
-             decoding: Decoding | None = None, concepts: list[list[str]] | None = None,
-             seed: int = 0) -> tuple[list[str], list[bool]]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[dict[str, str]]],
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    device=None,
+    label: str = "generate",
+    synced: bool = False,
+    decoding: Decoding | None = None,
+    concepts: list[list[str]] | None = None,
+    seed: int = 0,
+) -> tuple[list[str], list[bool]]:
     """Return the decoded answers and, for each, whether it ended with EOS before the length limit.
     `decoding` (default: greedy, one output): the candidates per prompt and which is kept (decoding.py);
     `concepts`: each prompt's concepts, for rerank: coverage; `seed`: sampling's seed.
@@ -34,8 +43,10 @@ def generate(model, tokenizer, prompts: list[list[dict[str, str]]], max_new_toke
     # Similar lengths in one batch: less left padding to compute through.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     outputs, stopped = [""] * len(prompts), [False] * len(prompts)
-    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar, \
-            dec.seeded(decoding, seed, device):
+    with (
+        Progress(console=console, transient=True, disable=not console.is_terminal) as bar,
+        dec.seeded(decoding, seed, device),
+    ):
         task = bar.add_task(label, total=len(order))
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]

@@ -8,13 +8,21 @@ import torch
 
 from tunesmith.data.collate import collate
 from tunesmith.data.tokenize import Tokenized
-from tunesmith.training.processes import collective_forward
 from tunesmith.training.loss import causal_lm_loss_sum
+from tunesmith.training.processes import collective_forward
 
 
 @torch.no_grad()
-def evaluate_loss(model, rows: list[Tokenized], batch_size: int, pad_id: int, device, max_rows: int | None = None,
-                  loss_fn=causal_lm_loss_sum, acc=None) -> dict:
+def evaluate_loss(
+    model,
+    rows: list[Tokenized],
+    batch_size: int,
+    pad_id: int,
+    device,
+    max_rows: int | None = None,
+    loss_fn=causal_lm_loss_sum,
+    acc=None,
+) -> dict:
     """Token-weighted loss over `rows`. With an accelerator of several processes each rank scores every
     world-th row (of the length-sorted list, so shards cost about the same) and the sums are added up."""
     was_training = model.training

@@ -96,8 +96,15 @@ def classification_metrics(y_true: list[str], y_pred: list[str], labels: list[st
     return {
         "accuracy": 100 * accuracy_score(y_true, y_pred),
         "macro_f1": 100 * f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0),
-        "per_class": {lab: {"precision": 100 * float(p[i]), "recall": 100 * float(r[i]), "f1": 100 * float(f[i]),
-                            "support": int(support[i])} for i, lab in enumerate(labels)},
+        "per_class": {
+            lab: {
+                "precision": 100 * float(p[i]),
+                "recall": 100 * float(r[i]),
+                "f1": 100 * float(f[i]),
+                "support": int(support[i]),
+            }
+            for i, lab in enumerate(labels)
+        },
         "confusion_matrix": {"labels": labels, "matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist()},
     }
 

@@ -4,7 +4,8 @@ The run's own config is trained three times on a copy of its training data with 
 without privacy; with the run's privacy block (or target_epsilon 8 when the run had none); and with the
 same budget at user level, where all copies of one secret belong to one user. Sample-level DP bounds
 what one *row* can reveal: a secret written 16 times is 16 rows, covered only by group privacy (16 x
-epsilon), which is why the user-level variant is there. Each model's exposure per repetition count goes to RUN/audit.json and to the `audit` key of RUN/eval.json.
+epsilon), which is why the user-level variant is there. Each model's exposure per repetition count goes to
+RUN/audit.json and to the `audit` key of RUN/eval.json.
 The run's own weights are not touched; the two audit runs live under RUN/audit/.
 """
 
@@ -42,8 +43,12 @@ def audit_data(run: RunDir, cfg, inserted: dict[int, list[str]], seed: int) -> t
         random.Random(seed).shuffle(train)
         k = min(200, max(1, int(len(train) * cfg.data.validation_fraction)))
         validation, train = train[:k], train[k:]
-    rows = [{**cn.canary_row(cfg.data, cn.secret_text(s), i * 1000 + j), USER: f"secret-{s}"}
-            for i, (r, secrets) in enumerate(inserted.items()) for s in secrets for j in range(r)]
+    rows = [
+        {**cn.canary_row(cfg.data, cn.secret_text(s), i * 1000 + j), USER: f"secret-{s}"}
+        for i, (r, secrets) in enumerate(inserted.items())
+        for s in secrets
+        for j in range(r)
+    ]
     train = [{**row, USER: f"row-{k}"} for k, row in enumerate(train)]  # every other row is its own user
     mixed = train + rows
     random.Random(seed + 1).shuffle(mixed)
@@ -52,16 +57,36 @@ def audit_data(run: RunDir, cfg, inserted: dict[int, list[str]], seed: int) -> t
 
 
 def variant_config(cfg, out: str, name: str, train: str, validation: str, privacy: dict | None):
-    return derive(cfg, {"name": name, "output_dir": out, "retention": {}, "privacy": privacy,
-                        "data.train": train, "data.validation": validation, "data.test": None,
-                        "data.dedup": False,  # repeated secrets are the point
-                        "eval.before_after": False, "eval.samples": 0, "eval.every": None,
-                        "train.save_every": None, "train.resume": "never", "train.early_stopping.patience": None},
-                  f"audit variant {name}")
+    return derive(
+        cfg,
+        {
+            "name": name,
+            "output_dir": out,
+            "retention": {},
+            "privacy": privacy,
+            "data.train": train,
+            "data.validation": validation,
+            "data.test": None,
+            "data.dedup": False,  # repeated secrets are the point
+            "eval.before_after": False,
+            "eval.samples": 0,
+            "eval.every": None,
+            "train.save_every": None,
+            "train.resume": "never",
+            "train.early_stopping.patience": None,
+        },
+        f"audit variant {name}",
+    )
 
 
-def audit(run_path: str, repetitions: list[int], per_repetition: int = 10, n_references: int = 10_000,
-          epsilon: float = 8.0, seed: int = 0) -> dict:
+def audit(
+    run_path: str,
+    repetitions: list[int],
+    per_repetition: int = 10,
+    n_references: int = 10_000,
+    epsilon: float = 8.0,
+    seed: int = 0,
+) -> dict:
     from tunesmith.inference import load_finetuned
     from tunesmith.recipes import recipe_for
 
@@ -72,8 +97,13 @@ def audit(run_path: str, repetitions: list[int], per_repetition: int = 10, n_ref
     inserted, references = cn.draw(repetitions, per_repetition, n_references, seed)
     train, validation = audit_data(run, cfg, inserted, seed)
     private = cfg.privacy.model_dump(mode="json") if cfg.privacy else {"target_epsilon": epsilon}
-    result: dict = {"repetitions": repetitions, "secrets_per_repetition": per_repetition,
-                    "references": n_references, "max_exposure": round(float(np.log2(n_references)), 3), "variants": {}}
+    result: dict = {
+        "repetitions": repetitions,
+        "secrets_per_repetition": per_repetition,
+        "references": n_references,
+        "max_exposure": round(float(np.log2(n_references)), 3),
+        "variants": {},
+    }
     user_level = {**private, "unit": "user", "user_column": USER}
     for name, privacy in (("no_dp", None), ("dp", private), ("dp_user", user_level)):
         console.print(f"[bold]audit[/]: training '{name}' with {sum(repetitions) * per_repetition} canary rows")
@@ -85,14 +115,24 @@ def audit(run_path: str, repetitions: list[int], per_repetition: int = 10, n_ref
         exp = cn.exposures(scores, ref)
         report = trained.read_json("eval.json", {})
         result["variants"][name] = {
-            "epsilon": report.get("epsilon"), "delta": report.get("delta"),
+            "epsilon": report.get("epsilon"),
+            "delta": report.get("delta"),
             "unit": (report.get("privacy") or {}).get("unit"),
-            "exposure": {str(r): {"mean": round(float(e.mean()), 3), "max": round(float(e.max()), 3),
-                                  "values": [round(float(x), 3) for x in e]} for r, e in exp.items()}}
+            "exposure": {
+                str(r): {
+                    "mean": round(float(e.mean()), 3),
+                    "max": round(float(e.max()), 3),
+                    "values": [round(float(x), 3) for x in e],
+                }
+                for r, e in exp.items()
+            },
+        }
     run.write_json("audit.json", result)
     report = run.read_json("eval.json", {})
-    report["audit"] = {k: {"epsilon": v["epsilon"], "mean_exposure": {r: x["mean"] for r, x in v["exposure"].items()}}
-                       for k, v in result["variants"].items()}
+    report["audit"] = {
+        k: {"epsilon": v["epsilon"], "mean_exposure": {r: x["mean"] for r, x in v["exposure"].items()}}
+        for k, v in result["variants"].items()
+    }
     run.write_json("eval.json", report)
     print_audit(result)
     return result
@@ -101,8 +141,7 @@ def audit(run_path: str, repetitions: list[int], per_repetition: int = 10, n_ref
 def print_audit(result: dict) -> None:
     from rich.table import Table
 
-    table = Table(title=f"Canary exposure (bits; max {result['max_exposure']}, "
-                        f"{result['references']} references)")
+    table = Table(title=f"Canary exposure (bits; max {result['max_exposure']}, {result['references']} references)")
     table.add_column("variant")
     table.add_column("epsilon", justify="right")
     table.add_column("unit")
@@ -110,5 +149,7 @@ def print_audit(result: dict) -> None:
         table.add_column(f"r={r} mean", justify="right")
     for name, v in result["variants"].items():
         eps = "inf" if v["epsilon"] is None else f"{v['epsilon']:.2f}"
-        table.add_row(name, eps, v.get("unit") or "-", *(f"{v['exposure'][str(r)]['mean']:.2f}" for r in result["repetitions"]))
+        table.add_row(
+            name, eps, v.get("unit") or "-", *(f"{v['exposure'][str(r)]['mean']:.2f}" for r in result["repetitions"])
+        )
     console.print(table)

@@ -49,8 +49,22 @@ def draw(repetitions: list[int], per_repetition: int, n_references: int, seed: i
 
 def canary_row(dcfg: DataConfig, text: str, index: int) -> dict:
     """A row in the run's own data format whose learned part (completion, or whole text) is the canary."""
-    col = {c: dcfg.columns.get(c, c) for c in ("text", "instruction", "output", "prompt", "completion", "messages",
-                                                "document", "summary", "concepts", "target", "id")}
+    col = {
+        c: dcfg.columns.get(c, c)
+        for c in (
+            "text",
+            "instruction",
+            "output",
+            "prompt",
+            "completion",
+            "messages",
+            "document",
+            "summary",
+            "concepts",
+            "target",
+            "id",
+        )
+    }
     fmt = dcfg.format
     row: dict = {col["id"]: f"canary-{index}"}
     if fmt == "text":
@@ -74,8 +88,10 @@ def canary_row(dcfg: DataConfig, text: str, index: int) -> dict:
 def log_perplexities(model, tokenizer, dcfg: DataConfig, secrets: list[str], batch_size: int = 64) -> np.ndarray:
     """Summed negative log-likelihood (nats) of each secret's learned tokens, under the run's template.
     The shared prefix scores the same for every secret, so ranking by the total ranks the secrets."""
-    rows = [to_example(f"canary:{i}", canary_row(dcfg, secret_text(s), i), dcfg, dcfg.system_prompt)
-            for i, s in enumerate(secrets)]
+    rows = [
+        to_example(f"canary:{i}", canary_row(dcfg, secret_text(s), i), dcfg, dcfg.system_prompt)
+        for i, s in enumerate(secrets)
+    ]
     tokenized = tokenize_examples(rows, tokenizer, dcfg.model_copy(update={"overlength": "truncate"})).rows
     if len(tokenized) != len(secrets):
         raise UserError("Some canaries did not survive tokenization; raise data.max_length")

@@ -41,20 +41,33 @@ def check_model(model: torch.nn.Module) -> None:
     if not any(p.requires_grad for p in model.parameters()):
         problems.append("no trainable parameters")
     if problems:
-        raise UserError("This model cannot be trained with differential privacy", problems[:10],
-                        hint="BatchNorm has no per-example gradient: use a model with LayerNorm/RMSNorm, or "
-                        "freeze or unfreeze whole layers.")
+        raise UserError(
+            "This model cannot be trained with differential privacy",
+            problems[:10],
+            hint="BatchNorm has no per-example gradient: use a model with LayerNorm/RMSNorm, or "
+            "freeze or unfreeze whole layers.",
+        )
 
 
 class DPSGD:
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, pcfg: Privacy, n_units: int,
-                 sample_rate: float, planned_steps: int, seed: int):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        pcfg: Privacy,
+        n_units: int,
+        sample_rate: float,
+        planned_steps: int,
+        seed: int,
+    ):
         self.cfg, self.n_units, self.sample_rate, self.seed = pcfg, n_units, sample_rate, seed
         self.delta = pcfg.delta if pcfg.delta is not None else 1 / (10 * n_units)
         if self.delta >= 1 / n_units:
-            raise UserError(f"privacy.delta={pcfg.delta} is not below 1/N = {1 / n_units:.3g} (N = {n_units} "
-                            f"privacy units)", hint="A delta of 1/N allows leaking one unit outright; "
-                            f"use at most 1/(10 N) = {1 / (10 * n_units):.3g}, or leave it unset.")
+            raise UserError(
+                f"privacy.delta={pcfg.delta} is not below 1/N = {1 / n_units:.3g} (N = {n_units} privacy units)",
+                hint="A delta of 1/N allows leaking one unit outright; "
+                f"use at most 1/(10 N) = {1 / (10 * n_units):.3g}, or leave it unset.",
+            )
         check_model(model)
         self.generator = self._generator(model)  # before any hook: a refused secure_mode leaves the model as it was
         # A PEFT model loads in eval mode, and Opacus's hooks capture nothing there ("No activations
@@ -62,16 +75,31 @@ class DPSGD:
         model.train()
         # The hooks go on the model's own layers, so the loop keeps calling the plain model.
         self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-        self.sigma = pcfg.noise_multiplier if pcfg.noise_multiplier is not None else get_noise_multiplier(
-            target_epsilon=pcfg.target_epsilon, target_delta=self.delta, sample_rate=sample_rate,
-            steps=planned_steps, accountant=pcfg.accountant)
+        self.sigma = (
+            pcfg.noise_multiplier
+            if pcfg.noise_multiplier is not None
+            else get_noise_multiplier(
+                target_epsilon=pcfg.target_epsilon,
+                target_delta=self.delta,
+                sample_rate=sample_rate,
+                steps=planned_steps,
+                accountant=pcfg.accountant,
+            )
+        )
         self.accountant = create_accountant(pcfg.accountant)
-        self.optimizer = DPOptimizer(optimizer, noise_multiplier=self.sigma, max_grad_norm=pcfg.max_grad_norm,
-                                     expected_batch_size=1, loss_reduction="sum", generator=self.generator,
-                                     secure_mode=pcfg.secure_mode)
+        self.optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=self.sigma,
+            max_grad_norm=pcfg.max_grad_norm,
+            expected_batch_size=1,
+            loss_reduction="sum",
+            generator=self.generator,
+            secure_mode=pcfg.secure_mode,
+        )
         self._eps_cache: tuple[int, float] = (0, 0.0)
-        self.budget_steps = self._steps_within(pcfg.target_epsilon, 2 * planned_steps + 10) \
-            if pcfg.target_epsilon is not None else None
+        self.budget_steps = (
+            self._steps_within(pcfg.target_epsilon, 2 * planned_steps + 10) if pcfg.target_epsilon is not None else None
+        )
 
     def _generator(self, model) -> torch.Generator:
         device = next(p for p in model.parameters()).device
@@ -80,8 +108,10 @@ class DPSGD:
         try:
             import torchcsprng as csprng  # noqa: PLC0415
         except ImportError:
-            raise UserError("privacy.secure_mode needs a cryptographically secure RNG (the torchcsprng package), "
-                            "which is not installed; refusing rather than using the ordinary generator") from None
+            raise UserError(
+                "privacy.secure_mode needs a cryptographically secure RNG (the torchcsprng package), "
+                "which is not installed; refusing rather than using the ordinary generator"
+            ) from None
         return csprng.create_random_device_generator("/dev/urandom")
 
     def share(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -175,30 +205,57 @@ class DPSGD:
 
     def summary(self) -> dict:
         eps = self.epsilon()
-        return {"epsilon": round(eps, 6) if math.isfinite(eps) else None, "delta": self.delta, "noise_multiplier": self.sigma,
-                "sample_rate": self.sample_rate, "steps": self.steps_taken, "max_grad_norm": self.cfg.max_grad_norm,
-                "accountant": self.cfg.accountant, "unit": self.cfg.unit, "units": self.n_units,
-                "target_epsilon": self.cfg.target_epsilon,
-                "guarantee": f"{self.cfg.unit}-level ({eps:.3g}, {self.delta:.3g})-DP" if math.isfinite(eps)
-                else "none: noise_multiplier is 0 (clipping only)"}
+        return {
+            "epsilon": round(eps, 6) if math.isfinite(eps) else None,
+            "delta": self.delta,
+            "noise_multiplier": self.sigma,
+            "sample_rate": self.sample_rate,
+            "steps": self.steps_taken,
+            "max_grad_norm": self.cfg.max_grad_norm,
+            "accountant": self.cfg.accountant,
+            "unit": self.cfg.unit,
+            "units": self.n_units,
+            "target_epsilon": self.cfg.target_epsilon,
+            "guarantee": f"{self.cfg.unit}-level ({eps:.3g}, {self.delta:.3g})-DP"
+            if math.isfinite(eps)
+            else "none: noise_multiplier is 0 (clipping only)",
+        }
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"history": [list(h) for h in self.accountant.history], "noise_multiplier": self.sigma,
-                "sample_rate": self.sample_rate, "delta": self.delta, "accountant": self.cfg.accountant,
-                "unit": self.cfg.unit, "max_grad_norm": self.cfg.max_grad_norm}
+        return {
+            "history": [list(h) for h in self.accountant.history],
+            "noise_multiplier": self.sigma,
+            "sample_rate": self.sample_rate,
+            "delta": self.delta,
+            "accountant": self.cfg.accountant,
+            "unit": self.cfg.unit,
+            "max_grad_norm": self.cfg.max_grad_norm,
+        }
 
     def load_state_dict(self, state: dict | None, source: str) -> None:
         """Continue the accountant. A checkpoint without one, or made with other noise, sampling rate,
         delta, accountant, unit or clipping norm would make the reported epsilon wrong: refuse it."""
         if state is None:
-            raise UserError(f"Refusing to resume from {source}: it has no privacy accountant state",
-                            hint="The checkpoint was made without privacy; epsilon cannot be continued from it.")
+            raise UserError(
+                f"Refusing to resume from {source}: it has no privacy accountant state",
+                hint="The checkpoint was made without privacy; epsilon cannot be continued from it.",
+            )
         mine = self.state_dict()
-        differ = [f"{k}: {state.get(k)!r} in the checkpoint, {mine[k]!r} now" for k in mine if k != "history"
-                  and (state.get(k) != mine[k] if not isinstance(mine[k], float)
-                       else state.get(k) is None or abs(state[k] - mine[k]) > 1e-12 * max(1.0, abs(mine[k])))]
+        differ = [
+            f"{k}: {state.get(k)!r} in the checkpoint, {mine[k]!r} now"
+            for k in mine
+            if k != "history"
+            and (
+                state.get(k) != mine[k]
+                if not isinstance(mine[k], float)
+                else state.get(k) is None or abs(state[k] - mine[k]) > 1e-12 * max(1.0, abs(mine[k]))
+            )
+        ]
         if differ:
-            raise UserError(f"Refusing to resume from {source}: the privacy settings changed", differ,
-                            hint="Epsilon composes only over identical steps; start a new run for new settings.")
+            raise UserError(
+                f"Refusing to resume from {source}: the privacy settings changed",
+                differ,
+                hint="Epsilon composes only over identical steps; start a new run for new settings.",
+            )
         self.accountant.history = [tuple(h) for h in state["history"]]

@@ -22,8 +22,15 @@ class PoissonPlan:
     """Rows of step k: each unit (row, or user) independently with probability `sample_rate`. Under
     several processes each rank trains on its share of the same sample."""
 
-    def __init__(self, units: list[list[int]], expected_batch: int, micro_size: int, seed: int,
-                 world_size: int = 1, rank: int = 0):
+    def __init__(
+        self,
+        units: list[list[int]],
+        expected_batch: int,
+        micro_size: int,
+        seed: int,
+        world_size: int = 1,
+        rank: int = 0,
+    ):
         self.units = units  # unit -> its train row indices ([[0], [1], ...] for sample-level privacy)
         self.n_units = len(units)
         self.sample_rate = min(1.0, expected_batch / self.n_units)

@@ -98,14 +98,27 @@ class Setup:
     engine: torch.nn.Module | None = None  # the DeepSpeed engine (the prepared model) under accelerate's DeepSpeed
 
 
-def build(cfg: Config, run: RunDir, examples: Examples, rows: dict, tokenizer: PreTrainedTokenizerBase,
-          model: torch.nn.Module, model_path: str, *, collate: Callable[[list], dict[str, torch.Tensor]],
-          loss_sum: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]], count: Callable[[list], int],
-          quick_eval: Callable[[Setup, str], dict]) -> Setup:
+def build(
+    cfg: Config,
+    run: RunDir,
+    examples: Examples,
+    rows: dict,
+    tokenizer: PreTrainedTokenizerBase,
+    model: torch.nn.Module,
+    model_path: str,
+    *,
+    collate: Callable[[list], dict[str, torch.Tensor]],
+    loss_sum: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]],
+    count: Callable[[list], int],
+    quick_eval: Callable[[Setup, str], dict],
+) -> Setup:
     """Wrap a freshly loaded model with the optimizer, schedule, batch plan and accelerator."""
     # fp16 is handled by Precision (its own GradScaler): accelerate has none on CPU.
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
-                              cpu=device_kwargs()["cpu"], **trackers.accelerator_kwargs(cfg, run.path))
+    accelerator = Accelerator(
+        mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
+        cpu=device_kwargs()["cpu"],
+        **trackers.accelerator_kwargs(cfg, run.path),
+    )
     processes.engage(cfg, accelerator)  # DeepSpeed or FSDP settled (and refusals) before the model is wrapped
     if collective_forward(accelerator) and loss_sum is chunked_loss_sum:
         # The chunked loss recomputes lm_head in the backward, after ZeRO-3/FSDP has freed the gathered weight.
@@ -124,13 +137,34 @@ def build(cfg: Config, run: RunDir, examples: Examples, rows: dict, tokenizer: P
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
     precision = Precision(t.precision, accelerator)
-    optim = Optimisation(plan, total, loss_sum, count, optimizer, build_scheduler(optimizer, t, total),
-                         steppers.choose(accelerator, model, optimizer, precision, cfg, dp), precision, dp)
+    optim = Optimisation(
+        plan,
+        total,
+        loss_sum,
+        count,
+        optimizer,
+        build_scheduler(optimizer, t, total),
+        steppers.choose(accelerator, model, optimizer, precision, cfg, dp),
+        precision,
+        dp,
+    )
     books = Bookkeeping(EarlyStopper(t.early_stopping), SpikeDetector(t.spike_factor, t.spike_window), Watch(total))
-    s = Setup(cfg, run, accelerator, model, tokenizer, model_path, Data(examples, rows, collate), optim, books,
-              Evaluation(quick_eval), engine=model if zero.engaged(accelerator) else None)
-    run.update_run(processes=accelerator.num_processes, distributed=engine_name(accelerator),
-                   device=str(accelerator.device))
+    s = Setup(
+        cfg,
+        run,
+        accelerator,
+        model,
+        tokenizer,
+        model_path,
+        Data(examples, rows, collate),
+        optim,
+        books,
+        Evaluation(quick_eval),
+        engine=model if zero.engaged(accelerator) else None,
+    )
+    run.update_run(
+        processes=accelerator.num_processes, distributed=engine_name(accelerator), device=str(accelerator.device)
+    )
     trackers.start(accelerator, cfg, run.path)
     print_setup(s)
     return s
@@ -155,8 +189,14 @@ def batch_plan(cfg: Config, examples: Examples, data: dict, accelerator) -> Shuf
             raise UserError("privacy.secure_mode runs on one process: each rank's CSPRNG would draw other noise")
         where_user = {ex.where: ex.user for ex in examples.splits["train"]}
         users = [where_user[r.where] for r in data["train"]] if cfg.privacy.unit == "user" else None
-        return PoissonPlan(units_of(users, len(data["train"])), t.batch_size * t.grad_accum * accelerator.num_processes,
-                           t.batch_size, cfg.seed, accelerator.num_processes, accelerator.process_index)
+        return PoissonPlan(
+            units_of(users, len(data["train"])),
+            t.batch_size * t.grad_accum * accelerator.num_processes,
+            t.batch_size,
+            cfg.seed,
+            accelerator.num_processes,
+            accelerator.process_index,
+        )
     if replay:  # replayed general text rides after the task rows; the plan mixes it into every step
         n_task = len(data["train"])
         data["train"] = data["train"] + replay

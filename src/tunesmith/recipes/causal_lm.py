@@ -36,8 +36,15 @@ from tunesmith.training.loss import causal_lm_loss_sum, choose_loss, per_example
 def general_text(cfg: Config, source: str, column: str, max_rows: int | None, tokenizer) -> tuple[list, int, dict]:
     """General text (retention sets, replay) tokenized like training text, loss on every token. Its bad
     rows follow data.on_error like the training data's; its cuts are counted."""
-    dcfg = DataConfig(train=source, format="text", columns={"text": column}, max_length=cfg.data.max_length,
-                      overlength="truncate", on_error=cfg.data.on_error, max_bad_fraction=cfg.data.max_bad_fraction)
+    dcfg = DataConfig(
+        train=source,
+        format="text",
+        columns={"text": column},
+        max_length=cfg.data.max_length,
+        overlength="truncate",
+        on_error=cfg.data.on_error,
+        max_bad_fraction=cfg.data.max_bad_fraction,
+    )
     raw = read_source(source)
     examples, problems = parse_rows(raw, dcfg)
     bad = apply_error_policy(cfg.data, problems, raw.total)
@@ -84,13 +91,25 @@ def setup(cfg: Config, run: RunDir) -> building.Setup:
     if cfg.data.packing:  # training rows only: evaluation and generation see rows one by one
         n_rows = len(data["train"])
         data["train"], batch_fn = pack(data["train"], cfg.data.max_length), collate_packed
-        examples.report["packing"] = {"rows": n_rows, "packs": len(data["train"]),
-                                      "fill": round(sum(len(p.input_ids) for p in data["train"])
-                                                    / (len(data["train"]) * cfg.data.max_length), 4)}
+        examples.report["packing"] = {
+            "rows": n_rows,
+            "packs": len(data["train"]),
+            "fill": round(sum(len(p.input_ids) for p in data["train"]) / (len(data["train"]) * cfg.data.max_length), 4),
+        }
         run.write_json("data_report.json", examples.report)
-    s = building.build(cfg, run, examples, data, tokenizer, model, model_path,
-                       collate=lambda rows: batch_fn(rows, pad), loss_sum=loss_fn, count=count,
-                       quick_eval=train_eval)
+    s = building.build(
+        cfg,
+        run,
+        examples,
+        data,
+        tokenizer,
+        model,
+        model_path,
+        collate=lambda rows: batch_fn(rows, pad),
+        loss_sum=loss_fn,
+        count=count,
+        quick_eval=train_eval,
+    )
     # The base model's retention perplexity, before any update (also after a resume: the checkpoint is
     # restored later), so every evaluation can say how much was forgotten.
     # Kept whole: the base model's evaluation reuses it instead of measuring the same rows again.
@@ -114,10 +133,17 @@ def train_eval(s: building.Setup, split: str) -> dict:
 
 
 def loss_eval(s: building.Setup, split: str) -> dict:
-    return evaluate_loss(s.accelerator.unwrap_model(s.model), s.data.rows[split], s.cfg.eval.batch_size,
-                         s.tokenizer.pad_token_id, s.accelerator.device, s.cfg.eval.max_rows,
-                         # DP trains on per-example means; evaluation stays token-weighted, as without DP
-                         s.optim.loss_sum if s.optim.dp is None else causal_lm_loss_sum, acc=s.accelerator)
+    return evaluate_loss(
+        s.accelerator.unwrap_model(s.model),
+        s.data.rows[split],
+        s.cfg.eval.batch_size,
+        s.tokenizer.pad_token_id,
+        s.accelerator.device,
+        s.cfg.eval.max_rows,
+        # DP trains on per-example means; evaluation stays token-weighted, as without DP
+        s.optim.loss_sum if s.optim.dp is None else causal_lm_loss_sum,
+        acc=s.accelerator,
+    )
 
 
 def evaluate(s: building.Setup, which: Which) -> dict:
@@ -134,28 +160,42 @@ def evaluate(s: building.Setup, which: Which) -> dict:
             rows = [ex for ex in s.data.examples.splits[split] if ex.prompt is not None][: cfg.samples]
         if not rows:
             continue
-        outputs, stopped = generate_sharded(s.accelerator, model, s.tokenizer, [ex.prompt for ex in rows],
-                                            cfg.max_new_tokens, cfg.batch_size, s.accelerator.device,
-                                            label=f"{which} {split}", fn=generate,
-                                            **decoding.options(s.cfg, rows))
+        outputs, stopped = generate_sharded(
+            s.accelerator,
+            model,
+            s.tokenizer,
+            [ex.prompt for ex in rows],
+            cfg.max_new_tokens,
+            cfg.batch_size,
+            s.accelerator.device,
+            label=f"{which} {split}",
+            fn=generate,
+            **decoding.options(s.cfg, rows),
+        )
         results.setdefault("decoding", {})[split] = decoding.record(s.cfg)
         if task.generate:
             results[split].update(task.score(outputs, stopped, rows))
             if which == "base" and "few_shot" in cfg.baselines:
                 k = cfg.few_shot_k
-                results.setdefault("baselines", {}).setdefault(f"{k}-shot prompt", {})[split] = \
-                    few_shot_scores(s, task, rows, k)
+                results.setdefault("baselines", {}).setdefault(f"{k}-shot prompt", {})[split] = few_shot_scores(
+                    s, task, rows, k
+                )
         if split == "validation":
-            results["samples"] = [{"id": ex.id, "prompt": ex.prompt[-1]["content"], "output": out,
-                                   "reference": ex.completion} for ex, out in zip(rows[: cfg.samples], outputs)]
+            results["samples"] = [
+                {"id": ex.id, "prompt": ex.prompt[-1]["content"], "output": out, "reference": ex.completion}
+                for ex, out in zip(rows[: cfg.samples], outputs)
+            ]
     at_start, s.evaluation.retention_at_start = s.evaluation.retention_at_start, None  # measured once, used once
     retention = at_start if which == "base" and at_start is not None else retention_eval(s)
     if retention:
         results["retention"] = retention
         if which != "base" and s.evaluation.retention_base:
             report = forgetting(s.evaluation.retention_base, {k: v["perplexity"] for k, v in retention.items()})
-            results["forgetting"] = {"sets": report, "ratio": worst_ratio(report),
-                                     "max_increase": s.cfg.retention.max_increase}
+            results["forgetting"] = {
+                "sets": report,
+                "ratio": worst_ratio(report),
+                "max_increase": s.cfg.retention.max_increase,
+            }
     s.model.train()
     return results
 
@@ -164,8 +204,13 @@ def few_shot_turns(s: building.Setup, k: int) -> list[dict]:
     """k solved training rows as earlier chat turns (their system message, if any, left to the query)."""
     from tunesmith.data.split import demonstrations
 
-    return demonstrations(s.data.examples.splits["train"], k, s.cfg.seed, False, lambda ex: [
-        *(m for m in ex.prompt if m["role"] != "system"), {"role": "assistant", "content": ex.completion}])
+    return demonstrations(
+        s.data.examples.splits["train"],
+        k,
+        s.cfg.seed,
+        False,
+        lambda ex: [*(m for m in ex.prompt if m["role"] != "system"), {"role": "assistant", "content": ex.completion}],
+    )
 
 
 def few_shot_scores(s: building.Setup, task, rows: list, k: int) -> dict:
@@ -175,10 +220,18 @@ def few_shot_scores(s: building.Setup, task, rows: list, k: int) -> dict:
     for ex in rows:
         system = [m for m in ex.prompt if m["role"] == "system"]
         prompts.append(system + turns + [m for m in ex.prompt if m["role"] != "system"])
-    outputs, stopped = generate_sharded(s.accelerator, s.accelerator.unwrap_model(s.model), s.tokenizer, prompts,
-                                        s.cfg.eval.max_new_tokens, s.cfg.eval.batch_size, s.accelerator.device,
-                                        label=f"{k}-shot prompt", fn=generate,
-                                        **decoding.options(s.cfg, rows))
+    outputs, stopped = generate_sharded(
+        s.accelerator,
+        s.accelerator.unwrap_model(s.model),
+        s.tokenizer,
+        prompts,
+        s.cfg.eval.max_new_tokens,
+        s.cfg.eval.batch_size,
+        s.accelerator.device,
+        label=f"{k}-shot prompt",
+        fn=generate,
+        **decoding.options(s.cfg, rows),
+    )
     return task.score(outputs, stopped, rows)
 
 

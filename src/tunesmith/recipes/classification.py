@@ -57,9 +57,19 @@ def setup(cfg: Config, run: RunDir) -> building.Setup:
     model = models.load_classifier(model_path, cfg.model, examples.labels, tokenizer.pad_token_id)
     model = models.apply_peft(model, cfg.peft, task_type="SEQ_CLS")
     pad = tokenizer.pad_token_id
-    return building.build(cfg, run, examples, data, tokenizer, model, model_path,
-                          collate=lambda rows: collate_labeled(rows, pad), loss_sum=loss_sum, count=len,
-                          quick_eval=quick_eval)
+    return building.build(
+        cfg,
+        run,
+        examples,
+        data,
+        tokenizer,
+        model,
+        model_path,
+        collate=lambda rows: collate_labeled(rows, pad),
+        loss_sum=loss_sum,
+        count=len,
+        quick_eval=quick_eval,
+    )
 
 
 @torch.no_grad()
@@ -93,8 +103,11 @@ def evaluate(s: building.Setup, which: Which) -> dict:
     results: dict = {}
     prompter = Prompter(s) if which == "base" and s.cfg.eval.baseline_model else None
     if which == "base":
-        results["note"] = (f"zero-shot prompting of {s.cfg.eval.baseline_model}" if prompter
-                           else "majority-class baseline (always the most frequent training label), not a model")
+        results["note"] = (
+            f"zero-shot prompting of {s.cfg.eval.baseline_model}"
+            if prompter
+            else "majority-class baseline (always the most frequent training label), not a model"
+        )
     for split in ("validation", "test"):
         if split not in s.data.rows:
             continue
@@ -113,8 +126,10 @@ def evaluate(s: building.Setup, which: Which) -> dict:
             results[split] = {"loss": loss, **classification_metrics(truth, pred, labels)}
         if split == "validation":
             texts = {ex.where: ex.text for ex in s.data.examples.splits[split]}
-            results["samples"] = [{"id": r.id, "prompt": texts.get(r.where), "output": p, "reference": t}
-                                  for r, p, t in list(zip(rows, pred, truth))[: s.cfg.eval.samples]]
+            results["samples"] = [
+                {"id": r.id, "prompt": texts.get(r.where), "output": p, "reference": t}
+                for r, p, t in list(zip(rows, pred, truth))[: s.cfg.eval.samples]
+            ]
     return results
 
 
@@ -142,13 +157,19 @@ class Prompter:
         from tunesmith.evaluation.generate import generate
 
         s = self.s
-        turns = demonstrations(s.data.examples.splits["train"], k, s.cfg.seed, True, lambda ex: [
-            {"role": "user", "content": self.ask(ex.text)}, {"role": "assistant", "content": ex.label}])
+        turns = demonstrations(
+            s.data.examples.splits["train"],
+            k,
+            s.cfg.seed,
+            True,
+            lambda ex: [{"role": "user", "content": self.ask(ex.text)}, {"role": "assistant", "content": ex.label}],
+        )
         # Rows may have been dropped: align by origin.
         texts = {ex.where: ex.text for ex in s.data.examples.splits[split]}
         prompts = [turns + [{"role": "user", "content": self.ask(texts[r.where])}] for r in rows]
-        outputs, _ = generate(self.lm, self.tok, prompts, max_new_tokens=8, batch_size=s.cfg.eval.batch_size,
-                              label=f"{k}-shot prompt")
+        outputs, _ = generate(
+            self.lm, self.tok, prompts, max_new_tokens=8, batch_size=s.cfg.eval.batch_size, label=f"{k}-shot prompt"
+        )
         found = []
         for out in outputs:
             hits = [lab for lab in self.labels if lab.lower() in out.lower()]

@@ -132,13 +132,17 @@ def back_off(s: Setup, step: int) -> None:
     plan = s.optim.plan
     if plan.micro_size == 1:
         s.run.update_run(status="halted")
-        raise TrainingHalted("Out of memory with a micro-batch of 1 row; halted. The last committed "
-                             "checkpoint is intact; lower data.max_length or use a smaller model.") from None
+        raise TrainingHalted(
+            "Out of memory with a micro-batch of 1 row; halted. The last committed "
+            "checkpoint is intact; lower data.max_length or use a smaller model."
+        ) from None
     plan.micro_size //= 2
     per_step = math.ceil(plan.rows_per_step / s.accelerator.num_processes / plan.micro_size)
-    message = (f"out of memory at data step {step + 1}: micro-batch {plan.micro_size * 2} -> "
-               f"{plan.micro_size}, {per_step} micro-batches per step (effective batch unchanged, "
-               f"{plan.rows_per_step} rows)")
+    message = (
+        f"out of memory at data step {step + 1}: micro-batch {plan.micro_size * 2} -> "
+        f"{plan.micro_size}, {per_step} micro-batches per step (effective batch unchanged, "
+        f"{plan.rows_per_step} rows)"
+    )
     console.print(f"[yellow]{message}[/]")
     s.run.log({"data_step": step + 1, "oom_backoff": plan.micro_size, "warning": message})
 
@@ -174,8 +178,9 @@ def after_update(s: Setup, done: Update, progress: TrainProgress, stop: Graceful
     if (cfg.train.save_every and updates % cfg.train.save_every == 0) or stop.requested:
         save_checkpoint(s, updates, done.data_step)
     if stop.requested:
-        console.print(f"Stopped by signal {stop.received} at step {updates}; checkpoint committed. "
-                      "Continue with --resume.")
+        console.print(
+            f"Stopped by signal {stop.received} at step {updates}; checkpoint committed. Continue with --resume."
+        )
         s.run.update_run(status="interrupted", step=updates)
         raise SystemExit(stop.exit_code)
     if stop_reason:
@@ -195,8 +200,15 @@ def log_update(s: Setup, done: Update) -> tuple[float, float | None]:
     logged = updates % cfg.train.log_every == 0
     eps = s.optim.stepper.epsilon() if logged else None
     if logged and acc.is_main_process:
-        record = {"step": updates, "epoch": s.optim.plan.epoch_of(done.data_step - 1), "loss": done.loss, "lr": done.lr,
-                  "grad_norm": done.grad_norm, "tokens_per_s": round(tps, 1), "tokens": s.books.counters["tokens"]}
+        record = {
+            "step": updates,
+            "epoch": s.optim.plan.epoch_of(done.data_step - 1),
+            "loss": done.loss,
+            "lr": done.lr,
+            "grad_norm": done.grad_norm,
+            "tokens_per_s": round(tps, 1),
+            "tokens": s.books.counters["tokens"],
+        }
         if eps is not None:
             record.update(epsilon=round(eps, 4) if math.isfinite(eps) else None, rows=done.targets)
         s.run.log(record)
@@ -209,8 +221,10 @@ def finish(s: Setup, updates: int, data_step: int, stopped_early: bool) -> dict:
     cfg = s.cfg
     if s.books.stopper.best_step is not None and s.books.best_weights is not None and selects_best(cfg):
         load_trainable(s, s.books.best_weights)  # restore the best evaluation's weights, not the last
-        console.print(f"Restored the best weights (step {s.books.stopper.best_step}, "
-                      f"{cfg.train.early_stopping.metric} {s.books.stopper.best:.4f})")
+        console.print(
+            f"Restored the best weights (step {s.books.stopper.best_step}, "
+            f"{cfg.train.early_stopping.metric} {s.books.stopper.best:.4f})"
+        )
     elif cfg.retention.max_increase is not None and s.books.stopper.best_step is None:
         console.print("[yellow]No evaluation stayed within retention.max_increase: the last weights are kept[/]")
     summary = {"steps": updates, "data_steps": data_step, "stopped_early": stopped_early, **s.books.counters}
@@ -225,28 +239,36 @@ def spiked(s: Setup, updates: int, data_step: int, micro: list, indices: list[in
     s.books.counters["spikes"] = s.books.counters.get("spikes", 0) + 1
     ids = [r.id for m in micro for r in m]
     s.books.spike_rows[data_step] = indices
-    s.run.log({"step": updates, "data_step": data_step, "spike": round(loss, 6), "rows": ids,
-               "applied": t.on_spike == "warn"})
-    console.print(f"[yellow]loss spike at data step {data_step}: {loss:.4f} "
-                  f"({'applied' if t.on_spike == 'warn' else 'not applied'})[/]")
+    s.run.log(
+        {"step": updates, "data_step": data_step, "spike": round(loss, 6), "rows": ids, "applied": t.on_spike == "warn"}
+    )
+    console.print(
+        f"[yellow]loss spike at data step {data_step}: {loss:.4f} "
+        f"({'applied' if t.on_spike == 'warn' else 'not applied'})[/]"
+    )
     if t.on_spike != "rollback" or len(s.books.spikes.flagged) < t.spike_rollback_after:
         return updates, data_step
     if s.books.counters.get("rollbacks", 0) >= t.max_rollbacks:
         s.run.update_run(status="halted", step=updates)
-        raise TrainingHalted(f"Loss spikes persist after {t.max_rollbacks} rollbacks (train.max_rollbacks); halted. "
-                             "Excluding rows did not help: lower train.lr or raise train.spike_factor.")
+        raise TrainingHalted(
+            f"Loss spikes persist after {t.max_rollbacks} rollbacks (train.max_rollbacks); halted. "
+            "Excluding rows did not help: lower train.lr or raise train.spike_factor."
+        )
     return rollback(s, [i for d in s.books.spikes.flagged for i in s.books.spike_rows.get(d, [])], updates, data_step)
 
 
 def skipped(s: Setup, updates: int, data_step: int, micro: list, consecutive: int) -> None:
     s.books.counters["skipped_nonfinite"] += 1
-    s.run.log({"step": updates, "data_step": data_step, "skipped": "nonfinite",
-               "rows": [r.id for m in micro for r in m]})
+    s.run.log(
+        {"step": updates, "data_step": data_step, "skipped": "nonfinite", "rows": [r.id for m in micro for r in m]}
+    )
     console.print(f"[yellow]non-finite loss or gradient at data step {data_step}: step skipped[/]")
     if consecutive >= s.cfg.train.max_consecutive_skips:
         s.run.update_run(status="halted", step=updates)
-        raise TrainingHalted(f"{consecutive} consecutive non-finite steps (train.max_consecutive_skips); halted. "
-                             "The last committed checkpoint is intact; lower train.lr or check the data.")
+        raise TrainingHalted(
+            f"{consecutive} consecutive non-finite steps (train.max_consecutive_skips); halted. "
+            "The last committed checkpoint is intact; lower train.lr or check the data."
+        )
 
 
 def evaluate_during_training(s: Setup, step: int, progress: TrainProgress) -> str | None:
@@ -257,8 +279,10 @@ def evaluate_during_training(s: Setup, step: int, progress: TrainProgress) -> st
     over = over_limit(metrics.get("forgetting_ratio"), limit)
     if over:
         metrics["over_forgetting_limit"] = True
-        console.print(f"[yellow]step {step}: forgetting {metrics['forgetting_ratio']:.3f}x is over "
-                      f"retention.max_increase ({1 + limit:.3f}x): not a candidate for best[/]")
+        console.print(
+            f"[yellow]step {step}: forgetting {metrics['forgetting_ratio']:.3f}x is over "
+            f"retention.max_increase ({1 + limit:.3f}x): not a candidate for best[/]"
+        )
     s.run.log({"step": step, "eval": metrics})
     trackers.log(s.accelerator, s.cfg, {"eval": metrics}, step)
     progress.eval(step, metrics)

@@ -19,12 +19,12 @@ from accelerate.utils import broadcast_object_list
 
 from tunesmith import inference
 from tunesmith.config import Config
+from tunesmith.config.decoding import for_command
 from tunesmith.errors import UserError
 from tunesmith.recipes import recipe_for
 from tunesmith.recipes.building import Setup
 from tunesmith.recipes.fitting import fit
 from tunesmith.recipes.opening import open_run, set_up
-from tunesmith.config.decoding import for_command
 from tunesmith.recipes.recipe import Recipe
 from tunesmith.report.console import print_before_after
 from tunesmith.rundir import RunDir
@@ -34,9 +34,16 @@ from tunesmith.training.processes import process_state
 from tunesmith.training.progress import console
 
 
-def train(cfg: Config, recipe: Recipe, resume: bool = False, overwrite: bool = False, allow_drift: bool = False,
-          fallback: bool = False, on_eval: Callable[[int, dict], None] | None = None,
-          report_html: bool = True) -> RunDir:
+def train(
+    cfg: Config,
+    recipe: Recipe,
+    resume: bool = False,
+    overwrite: bool = False,
+    allow_drift: bool = False,
+    fallback: bool = False,
+    on_eval: Callable[[int, dict], None] | None = None,
+    report_html: bool = True,
+) -> RunDir:
     """setup -> evaluate the base model -> fit -> save -> evaluate the fine-tuned model -> report.
     `report_html=False` leaves report.html to the caller (a staged run writes it once its stages are known)."""
     if not process_state().is_main_process:
@@ -66,8 +73,15 @@ def open_on_main(cfg: Config, resume: bool, overwrite: bool, allow_drift: bool, 
     return run, opened
 
 
-def run_locked(cfg: Config, recipe: Recipe, run: RunDir, opened: list, allow_drift: bool,
-               on_eval: Callable[[int, dict], None] | None, report_html: bool) -> RunDir:
+def run_locked(
+    cfg: Config,
+    recipe: Recipe,
+    run: RunDir,
+    opened: list,
+    allow_drift: bool,
+    on_eval: Callable[[int, dict], None] | None,
+    report_html: bool,
+) -> RunDir:
     """train() once the main process holds the run directory's lock; `opened` says what open_run() found."""
     resume, latest, before = agree_on_opening(opened)
     s, updates, data_step = set_up(cfg, recipe, run, latest, before, allow_drift)
@@ -121,8 +135,10 @@ def finish(s: Setup, report: dict, summary: dict, report_html: bool) -> None:
         dp = s.optim.dp
         report["privacy"] = dp.summary()
         report["epsilon"], report["delta"] = report["privacy"]["epsilon"], report["privacy"]["delta"]
-        console.print(f"Privacy guarantee: {report['privacy']['guarantee']} after {dp.steps_taken} steps "
-                      f"(noise multiplier {dp.sigma:.3f}, sample rate {dp.sample_rate:.4g}, {cfg.privacy.accountant})")
+        console.print(
+            f"Privacy guarantee: {report['privacy']['guarantee']} after {dp.steps_taken} steps "
+            f"(noise multiplier {dp.sigma:.3f}, sample rate {dp.sample_rate:.4g}, {cfg.privacy.accountant})"
+        )
     run.write_json("eval.json", report)
     run.update_run(status="finished", finished=time.time(), model_path=s.model_path, steps=summary["steps"])
     print_before_after(report)
@@ -139,8 +155,9 @@ def write_run_report(run: RunDir) -> None:
     try:
         console.print(f"Report: {write_report(run.path)}")
     except Exception as err:  # noqa: BLE001 (any plotting failure must not lose a finished run)
-        console.print(f"[yellow]report.html was not written: {type(err).__name__}: {err}; "
-                      f"try `tunesmith report {run.path}`[/]")
+        console.print(
+            f"[yellow]report.html was not written: {type(err).__name__}: {err}; try `tunesmith report {run.path}`[/]"
+        )
 
 
 def merge_samples(report: dict) -> list[dict]:
@@ -153,8 +170,13 @@ def merge_samples(report: dict) -> list[dict]:
     return merged
 
 
-def evaluate_run(run_path: str, split: str = "validation", data: str | None = None,
-                 num_candidates: int | None = None, decoding: list[str] | None = None) -> dict:
+def evaluate_run(
+    run_path: str,
+    split: str = "validation",
+    data: str | None = None,
+    num_candidates: int | None = None,
+    decoding: list[str] | None = None,
+) -> dict:
     """`tunesmith eval RUN`: score a finished run's base and fine-tuned model again, on any split or a file.
     It rebuilds the run's recipe setup (same data pipeline, same metrics), scores the base model, loads the
     run's saved weights into the same model and scores again, so both rows come from one code path.
@@ -184,8 +206,11 @@ def evaluate_run(run_path: str, split: str = "validation", data: str | None = No
         if source in fresh[which].get("decoding", {}):
             report[which].setdefault("decoding", {})[key] = fresh[which]["decoding"][source]
     run.write_json("eval.json", report)
-    shown = {"task": cfg.task_name, "base": {key: fresh["base"][source]},
-             "finetuned": {key: fresh["finetuned"][source]},
-             "samples": fresh["samples"] if source == "validation" else []}
+    shown = {
+        "task": cfg.task_name,
+        "base": {key: fresh["base"][source]},
+        "finetuned": {key: fresh["finetuned"][source]},
+        "samples": fresh["samples"] if source == "validation" else [],
+    }
     print_before_after(shown)
     return shown

@@ -31,19 +31,29 @@ def open_run(cfg: Config, resume: bool, overwrite: bool, allow_drift: bool, fall
         # Verify the checkpoint before loading data or weights: a refused resume should take seconds.
         latest = pick_checkpoint(run / "checkpoints", fallback) if resume else None
         config = run / "config.yaml"
-        before = {"run": run.read_json("run.json"), "config": config.read_text() if config.exists() else None} \
-            if resume else None
+        before = (
+            {"run": run.read_json("run.json"), "config": config.read_text() if config.exists() else None}
+            if resume
+            else None
+        )
         run.write_config(cfg)
-        run.update_run(status="running", started=time.time(), task=cfg.task_name, secret_hashes=secret_hashes(cfg),
-                       pid=os.getpid(), host=socket.gethostname())
+        run.update_run(
+            status="running",
+            started=time.time(),
+            task=cfg.task_name,
+            secret_hashes=secret_hashes(cfg),
+            pid=os.getpid(),
+            host=socket.gethostname(),
+        )
     except BaseException:
         run.abandon(before)
         raise
     return run, resume, str(latest) if latest else None, before
 
 
-def set_up(cfg: Config, recipe: Recipe, run: RunDir, latest: Path | None, before: dict | None,
-           allow_drift: bool) -> tuple[Setup, int, int]:
+def set_up(
+    cfg: Config, recipe: Recipe, run: RunDir, latest: Path | None, before: dict | None, allow_drift: bool
+) -> tuple[Setup, int, int]:
     """recipe.setup() and the checkpoint's state: (Setup, updates, data step). Any failure (bad data or
     model, or anything else) leaves no half-made run to block the corrected one, brings a replaced run
     back and leaves a refused resume's record as it was."""
@@ -53,8 +63,10 @@ def set_up(cfg: Config, recipe: Recipe, run: RunDir, latest: Path | None, before
         except (MemoryError, RuntimeError) as err:
             if not isinstance(err, MemoryError) and not is_oom(err):
                 raise
-            raise UserError(f"Could not build the model: {str(err).splitlines()[0][:300]}",
-                            hint="Lower peft.r, data.max_length or the model size for this machine.") from None
+            raise UserError(
+                f"Could not build the model: {str(err).splitlines()[0][:300]}",
+                hint="Lower peft.r, data.max_length or the model size for this machine.",
+            ) from None
         updates, data_step = restore(s, latest, allow_drift) if latest else (0, 0)
     except BaseException:
         run.abandon(before)

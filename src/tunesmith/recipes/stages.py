@@ -55,20 +55,37 @@ def train_staged(cfg: Config, overwrite: bool = False) -> RunDir:
     model, rows = None, []
     for i, stage in enumerate(cfg.stages):
         scfg = stage_config(cfg, i, model)
-        console.print(f"[bold]stage {i + 1}/{len(cfg.stages) + 1}[/]: {stage.name} ({scfg.task_name}) "
-                      f"from {_origin(scfg)}")
+        console.print(
+            f"[bold]stage {i + 1}/{len(cfg.stages) + 1}[/]: {stage.name} ({scfg.task_name}) from {_origin(scfg)}"
+        )
         run = recipe_for(scfg).train(scfg, overwrite=overwrite)
         model = weights_of(run, scfg, cfg.stage_mode)
         own = run.read_json("eval.json")["finetuned"]["validation"]
-        rows.append({"stage": stage.name, "task": scfg.task_name, "run": str(run.path), "own": own,
-                     "final_task": final_task_metrics(cfg, model)})
+        rows.append(
+            {
+                "stage": stage.name,
+                "task": scfg.task_name,
+                "run": str(run.path),
+                "own": own,
+                "final_task": final_task_metrics(cfg, model),
+            }
+        )
     final = stage_config(cfg, len(cfg.stages), model)
-    console.print(f"[bold]stage {len(cfg.stages) + 1}/{len(cfg.stages) + 1}[/]: final task ({final.task_name}) "
-                  f"from {_origin(final)}")
+    console.print(
+        f"[bold]stage {len(cfg.stages) + 1}/{len(cfg.stages) + 1}[/]: final task ({final.task_name}) "
+        f"from {_origin(final)}"
+    )
     run = recipe_for(final).train(final, overwrite=overwrite, report_html=False)
     report = run.read_json("eval.json")
-    rows.append({"stage": "final", "task": final.task_name, "run": str(run.path),
-                 "own": report["finetuned"]["validation"], "final_task": report["finetuned"]["validation"]})
+    rows.append(
+        {
+            "stage": "final",
+            "task": final.task_name,
+            "run": str(run.path),
+            "own": report["finetuned"]["validation"],
+            "final_task": report["finetuned"]["validation"],
+        }
+    )
     report["stages"] = rows
     run.write_json("eval.json", report)
     print_stages(rows)

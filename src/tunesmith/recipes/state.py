@@ -37,8 +37,11 @@ def load_trainable(s: Setup, tensors: dict[str, torch.Tensor], source: str = "ch
     with zero.gathered(engine, [p for n, p in params.items() if n in tensors], modify=True):
         missing = sorted(set(n for n, p in params.items() if p.requires_grad) - set(tensors))
         unexpected = sorted(set(tensors) - set(params))
-        shapes = [f"{n}: {tuple(t.shape)} in the checkpoint, {tuple(params[n].shape)} in the model"
-                  for n, t in tensors.items() if n in params and t.shape != params[n].shape]
+        shapes = [
+            f"{n}: {tuple(t.shape)} in the checkpoint, {tuple(params[n].shape)} in the model"
+            for n, t in tensors.items()
+            if n in params and t.shape != params[n].shape
+        ]
         problems = [f"missing {n}" for n in missing] + [f"unexpected {n}" for n in unexpected] + shapes
         if problems:
             raise UserError(f"{source} do not match the model", problems[:10])
@@ -88,18 +91,30 @@ def save_checkpoint(s: Setup, updates: int, data_step: int) -> None:
     with optimizer_of(s) as opt:
         opt_meta, opt_tensors = ckpt.optimizer_to_tensors(opt)
     rng_meta, rng_tensors = ckpt.rng_state()
-    tensors = {"trainable.safetensors": trainable_state(s), "optimizer.safetensors": opt_tensors,
-               "rng.safetensors": rng_tensors}
+    tensors = {
+        "trainable.safetensors": trainable_state(s),
+        "optimizer.safetensors": opt_tensors,
+        "rng.safetensors": rng_tensors,
+    }
     if s.books.best_weights is not None:
         tensors["best.safetensors"] = s.books.best_weights
-    state = {"step": updates, "data_step": data_step, "epoch": s.optim.plan.epoch_of(max(data_step - 1, 0)),
-             "optimizer": opt_meta, "rng": rng_meta, "scheduler": {"last_epoch": s.optim.scheduler.last_epoch},
-             "early_stopping": s.books.stopper.state_dict(), "counters": s.books.counters,
-             "fingerprint": s.data.examples.fingerprint, "world_size": s.accelerator.num_processes,
-             "grad_scaler": s.optim.precision.state_dict(), "spikes": s.books.spikes.state_dict(),
-             "watch": s.books.watch.state_dict(),
-             "micro_batch_size": s.optim.plan.micro_size,
-             "privacy": s.optim.dp.state_dict() if s.optim.dp is not None else None}
+    state = {
+        "step": updates,
+        "data_step": data_step,
+        "epoch": s.optim.plan.epoch_of(max(data_step - 1, 0)),
+        "optimizer": opt_meta,
+        "rng": rng_meta,
+        "scheduler": {"last_epoch": s.optim.scheduler.last_epoch},
+        "early_stopping": s.books.stopper.state_dict(),
+        "counters": s.books.counters,
+        "fingerprint": s.data.examples.fingerprint,
+        "world_size": s.accelerator.num_processes,
+        "grad_scaler": s.optim.precision.state_dict(),
+        "spikes": s.books.spikes.state_dict(),
+        "watch": s.books.watch.state_dict(),
+        "micro_batch_size": s.optim.plan.micro_size,
+        "privacy": s.optim.dp.state_dict() if s.optim.dp is not None else None,
+    }
     acc, root = s.accelerator, s.run / "checkpoints"
     parts = None
     if acc.num_processes > 1:
@@ -138,14 +153,17 @@ def pick_checkpoint(root: Path, fallback: bool) -> Path | None:
     """The newest checkpoint that verifies; an older one only with --fallback, never silently."""
     candidates = list(reversed(ckpt.list_checkpoints(root)))
     ckpt.latest_checkpoint(root)  # removes staging leftovers of killed saves
-    for i, path in enumerate(candidates):
+    for path in candidates:
         try:
             ckpt.verify(path, REQUIRED)
             return path
         except UserError as err:
             if not fallback:
-                raise UserError(f"Refusing to resume: {err.title}", err.problems,
-                                hint="Resume with --fallback to use the previous checkpoint instead.") from None
+                raise UserError(
+                    f"Refusing to resume: {err.title}",
+                    err.problems,
+                    hint="Resume with --fallback to use the previous checkpoint instead.",
+                ) from None
             from tunesmith.training.progress import console
 
             console.print(f"[yellow]skipping {path.name}: {err.title}[/]")
@@ -157,18 +175,25 @@ def restore(s: Setup, path: Path, allow_drift: bool = False) -> tuple[int, int]:
     if state["fingerprint"] != s.data.examples.fingerprint:
         problem = f"dataset fingerprint {state['fingerprint'][:12]} -> {s.data.examples.fingerprint[:12]}"
         if not allow_drift:
-            raise UserError(f"Refusing to resume from {path}: the training/validation data changed", [problem],
-                            hint="Use --allow-drift to resume anyway (recorded in run.json).")
+            raise UserError(
+                f"Refusing to resume from {path}: the training/validation data changed",
+                [problem],
+                hint="Use --allow-drift to resume anyway (recorded in run.json).",
+            )
         s.run.update_run(drift=s.run.read_json("run.json", {}).get("drift", []) + [problem])
     if state.get("world_size", 1) != s.accelerator.num_processes:
-        raise UserError(f"Refusing to resume from {path}: saved with {state.get('world_size', 1)} processes, "
-                        f"now {s.accelerator.num_processes}", hint="Resume with the same number of processes.")
+        raise UserError(
+            f"Refusing to resume from {path}: saved with {state.get('world_size', 1)} processes, "
+            f"now {s.accelerator.num_processes}",
+            hint="Resume with the same number of processes.",
+        )
     if s.optim.dp is not None:  # epsilon continues from the checkpoint's accountant, or the resume is refused
         s.optim.dp.load_state_dict(state.get("privacy"), str(path))
     elif state.get("privacy"):
-        raise UserError(f"Refusing to resume from {path}: it was trained with privacy (DP-SGD), this config has none",
-                        hint="Resume with the original privacy block; a mix of private and non-private steps has "
-                        "no guarantee.")
+        raise UserError(
+            f"Refusing to resume from {path}: it was trained with privacy (DP-SGD), this config has none",
+            hint="Resume with the original privacy block; a mix of private and non-private steps has no guarantee.",
+        )
     load_trainable(s, tensors["trainable.safetensors"], f"{path}/trainable.safetensors")
     rank = s.accelerator.process_index
     with optimizer_of(s) as opt:
@@ -218,6 +243,8 @@ def rollback(s: Setup, rows: list[int], updates: int, data_step: int) -> tuple[i
     s.run.truncate_log(back_to, back_data)
     ids = [s.data.rows["train"][i].id for i in sorted(rows)]
     s.run.log({"step": back_to, "data_step": back_data, "rollback": latest.name, "excluded": ids})
-    console.print(f"[yellow]{spikes} spikes within "
-                  f"{s.cfg.train.spike_window} steps: rolled back to {latest.name}; {len(ids)} rows excluded[/]")
+    console.print(
+        f"[yellow]{spikes} spikes within "
+        f"{s.cfg.train.spike_window} steps: rolled back to {latest.name}; {len(ids)} rows excluded[/]"
+    )
     return back_to, back_data

@@ -15,8 +15,17 @@ from tunesmith.report.html import STYLE, png, read_records, series, table
 from tunesmith.report.numbers import SHOWN, fmt
 from tunesmith.rundir import RunDir
 
-PANELS = ("train loss", "validation loss", "epsilon", "forgetting ratio", "validation accuracy", "validation rougeL",
-          "validation bleu4", "validation coverage", "validation perplexity")
+PANELS = (
+    "train loss",
+    "validation loss",
+    "epsilon",
+    "forgetting ratio",
+    "validation accuracy",
+    "validation rougeL",
+    "validation bleu4",
+    "validation coverage",
+    "validation perplexity",
+)
 
 
 def overlay(curves: dict[str, dict]) -> str:
@@ -39,7 +48,7 @@ def overlay(curves: dict[str, dict]) -> str:
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.tight_layout()
     return png(fig)
@@ -54,14 +63,23 @@ def numbers(runs: list[RunDir]) -> list[list[str]]:
     for m in SHOWN:
         if any(isinstance(ft.get(m), (int, float)) for _, ft in val):
             rows.append([escape(m), *(f"{fmt(b.get(m))} → {fmt(ft.get(m))}" for b, ft in val)])
-    extra = {"epsilon": [r.get("epsilon") for r in reports],
-             "worst forgetting ratio": [r.get("finetuned", {}).get("forgetting", {}).get("ratio") for r in reports]}
+    extra = {
+        "epsilon": [r.get("epsilon") for r in reports],
+        "worst forgetting ratio": [r.get("finetuned", {}).get("forgetting", {}).get("ratio") for r in reports],
+    }
     for name, values in extra.items():
         if any(v is not None for v in values):
             rows.append([name, *map(fmt, values)])
     rows.append(["status", *(escape(run.status()) for run in runs)])  # "killed" when its process is gone
-    rows.append(["seconds", *(fmt(round(i["finished"] - i["started"], 1)) if i.get("finished") and i.get("started")
-                              else "-" for i in infos)])
+    rows.append(
+        [
+            "seconds",
+            *(
+                fmt(round(i["finished"] - i["started"], 1)) if i.get("finished") and i.get("started") else "-"
+                for i in infos
+            ),
+        ]
+    )
     return rows
 
 
@@ -85,11 +103,15 @@ def check_out(out: Path, overwrite: bool) -> None:
 def compare(run_paths: list, out, title: str | None = None) -> str:
     runs = [RunDir.open(p) for p in run_paths]
     names = [run.path.name for run in runs]
-    html = "\n".join([
-        f"<!doctype html><html><head><meta charset='utf-8'><title>tunesmith: compare</title><style>{STYLE}</style>"
-        f"</head><body><h1>{escape(title or f'Compare {len(runs)} runs')}</h1>",
-        overlay({run.path.name: series(read_records(run)) for run in runs}),
-        "<h2>Validation metrics (base → fine-tuned)</h2>", table(["", *map(escape, names)], numbers(runs)),
-        "</body></html>"])
+    html = "\n".join(
+        [
+            f"<!doctype html><html><head><meta charset='utf-8'><title>tunesmith: compare</title><style>{STYLE}</style>"
+            f"</head><body><h1>{escape(title or f'Compare {len(runs)} runs')}</h1>",
+            overlay({run.path.name: series(read_records(run)) for run in runs}),
+            "<h2>Validation metrics (base → fine-tuned)</h2>",
+            table(["", *map(escape, names)], numbers(runs)),
+            "</body></html>",
+        ]
+    )
     Path(out).write_text(html, encoding="utf-8")
     return str(out)

@@ -18,7 +18,9 @@ def print_setup(s) -> None:
     lines = [
         f"task       {cfg.task_name}; model {cfg.model.name} on {s.accelerator.device}, {cfg.peft.method}",
         f"params     {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)",
-        "data       " + ", ".join(f"{k} {v}" for k, v in rep["rows"].items()) + f"; fingerprint {rep['fingerprint'][:12]}",
+        "data       "
+        + ", ".join(f"{k} {v}" for k, v in rep["rows"].items())
+        + f"; fingerprint {rep['fingerprint'][:12]}",
         f"batch      {t.batch_size} x {t.grad_accum} accum x {s.accelerator.num_processes} proc = {eff} rows/step",
         f"steps      {s.optim.plan.steps_per_epoch}/epoch, {s.optim.total_steps} total, lr {t.lr:g} {t.schedule}"
         + (f", head {t.head_lr:g}" if t.head_lr else "")
@@ -27,16 +29,23 @@ def print_setup(s) -> None:
     if s.optim.dp is not None:
         d, p = s.optim.dp, cfg.privacy
         budget = f"target epsilon {p.target_epsilon:g}" if p.target_epsilon is not None else "no epsilon target"
-        lines.append(f"privacy    DP-SGD, {p.unit}-level: Poisson rate q={d.sample_rate:.4g} of {d.n_units} units, "
-                     f"clip C={p.max_grad_norm:g}, noise multiplier {d.sigma:.3f}, delta {d.delta:.3g}, {budget} "
-                     f"({p.accountant})")
+        lines.append(
+            f"privacy    DP-SGD, {p.unit}-level: Poisson rate q={d.sample_rate:.4g} of {d.n_units} units, "
+            f"clip C={p.max_grad_norm:g}, noise multiplier {d.sigma:.3f}, delta {d.delta:.3g}, {budget} "
+            f"({p.accountant})"
+        )
     for name, info in rep.get("tokens", {}).items():
         cut = {k: v for k, v in info.items() if k not in ("rows", "token_lengths") and v}
         lens = info["token_lengths"]
-        lines.append(f"tokens     {name}: p50 {lens.get('p50')} p95 {lens.get('p95')} max {lens.get('max')}"
-                     + (f"; {cut}" if cut else ""))
-    removed = {k: v for k, v in rep.items() if ("duplicates" in k or "overlap" in k) and v and any(
-        (v.values() if isinstance(v, dict) else [v]))}
+        lines.append(
+            f"tokens     {name}: p50 {lens.get('p50')} p95 {lens.get('p95')} max {lens.get('max')}"
+            + (f"; {cut}" if cut else "")
+        )
+    removed = {
+        k: v
+        for k, v in rep.items()
+        if ("duplicates" in k or "overlap" in k) and v and any((v.values() if isinstance(v, dict) else [v]))
+    }
     if removed or rep.get("bad_rows"):
         lines.append(f"removed    {removed} bad rows {rep.get('bad_rows') or {}}")
     console.print("\n".join(lines), soft_wrap=True)
@@ -85,11 +94,25 @@ def runs_table(folder) -> Table:
     for path in sorted(p for p in Path(folder).iterdir() if (p / "config.yaml").is_file()):
         info = json.loads((path / "run.json").read_text()) if (path / "run.json").exists() else {}
         report = json.loads((path / "eval.json").read_text()) if (path / "eval.json").exists() else {}
-        model = next((line.split(":", 1)[1].strip() for line in (path / "config.yaml").read_text().splitlines()
-                      if line.startswith("  name:")), "-")
+        model = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in (path / "config.yaml").read_text().splitlines()
+                if line.startswith("  name:")
+            ),
+            "-",
+        )
         ft, base = report.get("finetuned", {}).get("validation", {}), report.get("base", {}).get("validation", {})
         metric = next((m for m in SHOWN if m != "loss" and isinstance(ft.get(m), (int, float))), "loss")
         took = info["finished"] - info["started"] if info.get("finished") and info.get("started") else None
-        table.add_row(path.name, str(info.get("task", "-")), model[-40:], metric, fmt(base.get(metric)),
-                      fmt(ft.get(metric)), f"{took:.0f}" if took else "-", RunDir(path).status())
+        table.add_row(
+            path.name,
+            str(info.get("task", "-")),
+            model[-40:],
+            metric,
+            fmt(base.get(metric)),
+            fmt(ft.get(metric)),
+            f"{took:.0f}" if took else "-",
+            RunDir(path).status(),
+        )
     return table

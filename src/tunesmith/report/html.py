@@ -48,9 +48,13 @@ def series(records: list[dict]) -> dict[str, list[tuple[float, float]]]:
     def of(rows, get):
         return [(r["step"], get(r)) for r in rows if isinstance(get(r), (int, float))]
 
-    out = {"train loss": of(steps, lambda r: r["loss"]), "validation loss": of(evals, lambda r: r["eval"].get("loss")),
-           "learning rate": of(steps, lambda r: r.get("lr")), "epsilon": of(steps, lambda r: r.get("epsilon")),
-           "forgetting ratio": of(evals, lambda r: r["eval"].get("forgetting_ratio"))}
+    out = {
+        "train loss": of(steps, lambda r: r["loss"]),
+        "validation loss": of(evals, lambda r: r["eval"].get("loss")),
+        "learning rate": of(steps, lambda r: r.get("lr")),
+        "epsilon": of(steps, lambda r: r.get("epsilon")),
+        "forgetting ratio": of(evals, lambda r: r["eval"].get("forgetting_ratio")),
+    }
     for metric in ("accuracy", "rougeL", "bleu4", "coverage", "perplexity"):
         out[f"validation {metric}"] = of(evals, lambda r, m=metric: r["eval"].get(m))
     return {name: points for name, points in out.items() if points}
@@ -105,9 +109,10 @@ def verdict(report: dict) -> str:
 
 
 def samples(report: dict) -> str:
-    rows = [[f'<span class="l">{escape(str(s.get(k))[:600])}</span>' for k in ("prompt", "base", "finetuned",
-                                                                              "reference")]
-            for s in report.get("samples", [])]
+    rows = [
+        [f'<span class="l">{escape(str(s.get(k))[:600])}</span>' for k in ("prompt", "base", "finetuned", "reference")]
+        for s in report.get("samples", [])
+    ]
     return table(["prompt", "base", "fine-tuned", "reference"], rows) if rows else "<p>No samples.</p>"
 
 
@@ -125,29 +130,63 @@ def build(run: RunDir) -> str:
     title = escape(run.path.name)
     started, finished = info.get("started"), info.get("finished")
     took = f"{finished - started:.0f} s" if started and finished else "-"
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>tunesmith: {title}</title>",
-             f"<style>{STYLE}</style></head><body><h1>Run {title}</h1>",
-             table(["task", "status", "steps", "wall time", "device", "machine"],
-                   [[escape(str(report.get("task", info.get("task")))), escape(str(info.get("status"))),
-                     escape(str(info.get("steps"))), took, escape(str(info.get("device"))),
-                     escape(f"{platform.machine()}, {platform.python_version()}")]]),
-             "<h2>Before / after (held-out data)</h2>", verdict(report)]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>tunesmith: {title}</title>",
+        f"<style>{STYLE}</style></head><body><h1>Run {title}</h1>",
+        table(
+            ["task", "status", "steps", "wall time", "device", "machine"],
+            [
+                [
+                    escape(str(report.get("task", info.get("task")))),
+                    escape(str(info.get("status"))),
+                    escape(str(info.get("steps"))),
+                    took,
+                    escape(str(info.get("device"))),
+                    escape(f"{platform.machine()}, {platform.python_version()}"),
+                ]
+            ],
+        ),
+        "<h2>Before / after (held-out data)</h2>",
+        verdict(report),
+    ]
     privacy = report.get("privacy")
     if privacy:
-        parts += ["<h2>Privacy</h2>", table(["guarantee", "epsilon", "delta", "noise", "sample rate", "steps"],
-                  [[escape(str(privacy.get("guarantee"))), fmt(privacy.get("epsilon")), f"{privacy.get('delta'):.3g}",
-                    fmt(privacy.get("noise_multiplier")), fmt(privacy.get("sample_rate")), privacy.get("steps")]])]
+        parts += [
+            "<h2>Privacy</h2>",
+            table(
+                ["guarantee", "epsilon", "delta", "noise", "sample rate", "steps"],
+                [
+                    [
+                        escape(str(privacy.get("guarantee"))),
+                        fmt(privacy.get("epsilon")),
+                        f"{privacy.get('delta'):.3g}",
+                        fmt(privacy.get("noise_multiplier")),
+                        fmt(privacy.get("sample_rate")),
+                        privacy.get("steps"),
+                    ]
+                ],
+            ),
+        ]
     if report.get("audit"):
         parts += ["<h2>Canary exposure (bits)</h2>", f"<pre>{escape(json.dumps(report['audit'], indent=2))}</pre>"]
     if report.get("stages"):
         header, body = stage_rows(report["stages"])
-        parts += ["<h2>Stages: the final task's metrics after each stage</h2>",
-                  table(header, [[escape(stage), escape(task), *map(fmt, numbers)] for stage, task, *numbers in body])]
-    parts += ["<h2>Curves</h2>", *curves(records), confusion(report), "<h2>Sample outputs</h2>", samples(report),
-              "<h2>Data report</h2>", f"<pre>{escape(json.dumps(run.read_json('data_report.json', {}), indent=2))}</pre>",
-              "<h2>Resolved config</h2>",
-              f"<pre>{escape((run / 'config.yaml').read_text() if (run / 'config.yaml').exists() else '')}</pre>",
-              f"<p>Written {time.strftime('%Y-%m-%d %H:%M:%S')} by tunesmith report.</p></body></html>"]
+        parts += [
+            "<h2>Stages: the final task's metrics after each stage</h2>",
+            table(header, [[escape(stage), escape(task), *map(fmt, numbers)] for stage, task, *numbers in body]),
+        ]
+    parts += [
+        "<h2>Curves</h2>",
+        *curves(records),
+        confusion(report),
+        "<h2>Sample outputs</h2>",
+        samples(report),
+        "<h2>Data report</h2>",
+        f"<pre>{escape(json.dumps(run.read_json('data_report.json', {}), indent=2))}</pre>",
+        "<h2>Resolved config</h2>",
+        f"<pre>{escape((run / 'config.yaml').read_text() if (run / 'config.yaml').exists() else '')}</pre>",
+        f"<p>Written {time.strftime('%Y-%m-%d %H:%M:%S')} by tunesmith report.</p></body></html>",
+    ]
     return "\n".join(parts)
 
 

@@ -3,14 +3,33 @@
 from __future__ import annotations
 
 # Metrics shown in the before/after table, in this order, with whether higher is better.
-SHOWN = {"loss": False, "perplexity": False, "accuracy": True, "macro_f1": True, "rouge1": True, "rouge2": True,
-         "rougeL": True, "bleu4": True, "coverage": True, "all_concepts": True, "mean_output_words": None,
-         "stopped_on_own": True}
+SHOWN = {
+    "loss": False,
+    "perplexity": False,
+    "accuracy": True,
+    "macro_f1": True,
+    "rouge1": True,
+    "rouge2": True,
+    "rougeL": True,
+    "bleu4": True,
+    "coverage": True,
+    "all_concepts": True,
+    "mean_output_words": None,
+    "stopped_on_own": True,
+}
 
 
 def fmt(v) -> str:
     """A number as the tables show it: 4 decimals under 10, 2 above, "-" for none."""
-    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) and abs(v) < 10 else f"{v:.2f}" if isinstance(v, float) else str(v)
+    return (
+        "-"
+        if v is None
+        else f"{v:.4f}"
+        if isinstance(v, float) and abs(v) < 10
+        else f"{v:.2f}"
+        if isinstance(v, float)
+        else str(v)
+    )
 
 
 def change(b, f, higher_better) -> str:
@@ -47,5 +66,7 @@ def stage_rows(rows: list[dict]) -> tuple[list[str], list[list]]:
     """Header and rows of the stages table: each stage's own validation loss, then the final task's
     metrics after that stage (up to four, those every stage has)."""
     keys = [k for k in SHOWN if all(isinstance(r["final_task"].get(k), (int, float)) for r in rows)][:4]
-    return (["stage", "task", "own loss", *(f"final-task {k}" for k in keys)],
-            [[r["stage"], r["task"], r["own"].get("loss"), *(r["final_task"][k] for k in keys)] for r in rows])
+    return (
+        ["stage", "task", "own loss", *(f"final-task {k}" for k in keys)],
+        [[r["stage"], r["task"], r["own"].get("loss"), *(r["final_task"][k] for k in keys)] for r in rows],
+    )

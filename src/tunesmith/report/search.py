@@ -14,17 +14,24 @@ def _cell(v) -> str:  # 4 significant digits: a study table compares many trials
 def trials_table(study: optuna.Study, metric: str) -> str:
     trials = study.get_trials(deepcopy=False)
     keys = sorted({k for t in trials for k in t.params})
-    lines = [f"| trial | state | {metric} | " + " | ".join(keys) + " | last step | seconds |",
-             "|---|---|---|" + "---|" * len(keys) + "---|---|"]
+    lines = [
+        f"| trial | state | {metric} | " + " | ".join(keys) + " | last step | seconds |",
+        "|---|---|---|" + "---|" * len(keys) + "---|---|",
+    ]
     for t in trials:
-        value = t.value if t.value is not None else (t.intermediate_values[max(t.intermediate_values)]
-                                                     if t.intermediate_values else None)
+        value = (
+            t.value
+            if t.value is not None
+            else (t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)
+        )
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
         last = max(t.intermediate_values) if t.intermediate_values else "-"
         state = t.state.name.lower() + (f" ({t.user_attrs['stopped']})" if "stopped" in t.user_attrs else "")
-        lines.append(f"| {t.number} | {state} | {_cell(value) if value is not None else '-'} | "
-                     + " | ".join(_cell(t.params.get(k, "-")) for k in keys)
-                     + f" | {last} | {_cell(round(seconds, 1)) if seconds is not None else '-'} |")
+        lines.append(
+            f"| {t.number} | {state} | {_cell(value) if value is not None else '-'} | "
+            + " | ".join(_cell(t.params.get(k, "-")) for k in keys)
+            + f" | {last} | {_cell(round(seconds, 1)) if seconds is not None else '-'} |"
+        )
     return "\n".join(lines)
 
 
@@ -40,8 +47,11 @@ def plots(study: optuna.Study, folder: Path, metric: str) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4))
     colours = {"COMPLETE": "tab:blue", "PRUNED": "tab:orange", "FAIL": "tab:red", "RUNNING": "tab:gray"}
     for t in study.get_trials(deepcopy=False):
-        value = t.value if t.value is not None else (
-            t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)
+        value = (
+            t.value
+            if t.value is not None
+            else (t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)
+        )
         if value is not None:
             ax.scatter(t.number, value, color=colours.get(t.state.name, "black"), label=t.state.name.lower())
     handles, labels = ax.get_legend_handles_labels()

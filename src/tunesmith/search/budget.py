@@ -102,8 +102,11 @@ class Clock:
         estimate, left = self.next_estimate(), self.left()
         if left >= estimate and left > 0:
             return True
-        self.ended = f"the budget is spent ({hms(self.used())} used)" if left <= 0 else \
-            f"the next trial (~{hms(estimate)}, {self.estimate_from}) would not fit in the {hms(left)} left"
+        self.ended = (
+            f"the budget is spent ({hms(self.used())} used)"
+            if left <= 0
+            else f"the next trial (~{hms(estimate)}, {self.estimate_from}) would not fit in the {hms(left)} left"
+        )
         return False
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -117,18 +120,29 @@ class Clock:
         for t in self.study.get_trials(deepcopy=False):
             state = t.state.name.lower() + (" at the deadline" if "stopped" in t.user_attrs else "")
             states[state] = states.get(state, 0) + 1
-        return {"budget": hms(self.budget), "budget_s": self.budget, "used_s": round(self.used(), 1),
-                "earlier_runs_s": round(self.carried, 1), "restarts": self.shared,
-                "trial_estimate_s": round(self.estimate, 1) if self.estimate else None,
-                "estimate_from": self.estimate_from, "probe": self.probe, "trials": states, "ended": self.ended}
+        return {
+            "budget": hms(self.budget),
+            "budget_s": self.budget,
+            "used_s": round(self.used(), 1),
+            "earlier_runs_s": round(self.carried, 1),
+            "restarts": self.shared,
+            "trial_estimate_s": round(self.estimate, 1) if self.estimate else None,
+            "estimate_from": self.estimate_from,
+            "probe": self.probe,
+            "trials": states,
+            "ended": self.ended,
+        }
 
 
 def markdown(summary: dict) -> str:
     trials = ", ".join(f"{n} {state}" for state, n in summary["trials"].items()) or "none"
-    lines = [f"Budget {summary['budget']}: used {hms(summary['used_s'])} "
-             f"({hms(summary['earlier_runs_s'])} by earlier runs of the study"
-             + ("; this worker's budget restarts with each run" if summary["restarts"] else "") + f"). "
-             f"Trials within it: {trials}."]
+    lines = [
+        f"Budget {summary['budget']}: used {hms(summary['used_s'])} "
+        f"({hms(summary['earlier_runs_s'])} by earlier runs of the study"
+        + ("; this worker's budget restarts with each run" if summary["restarts"] else "")
+        + f"). "
+        f"Trials within it: {trials}."
+    ]
     if summary["ended"]:
         lines.append(f"No further trial started: {summary['ended']}.")
     return "\n".join(lines)
@@ -141,9 +155,11 @@ def check_fits(clock: Clock, cfg: Config, folder: Path) -> None:
         shortest = min(done)
         clock.estimate, clock.estimate_from = shortest, "shortest complete trial of the study"
         if clock.budget < shortest:
-            raise UserError(f"--budget {hms(clock.budget)} cannot fit one trial: the shortest complete trial of "
-                            f"study '{cfg.name}' took {hms(shortest)}",
-                            hint="Give a budget longer than one trial, or leave --budget out.")
+            raise UserError(
+                f"--budget {hms(clock.budget)} cannot fit one trial: the shortest complete trial of "
+                f"study '{cfg.name}' took {hms(shortest)}",
+                hint="Give a budget longer than one trial, or leave --budget out.",
+            )
         return
     if clock.left() <= 0:
         return  # spent by earlier runs of the study: no trial starts, and nothing to probe for
@@ -154,11 +170,16 @@ def check_fits(clock: Clock, cfg: Config, folder: Path) -> None:
         raise UserError(
             f"--budget {hms(clock.budget)} cannot fit one trial: {hms(clock.left())} left, and one trial takes "
             f"at least {hms(clock.estimate)}",
-            [(f"timed probe: {p['steps']} steps in {p['seconds']:.1f}s (model load included), "
-              f"{p['step_s']:.3g} s/step x {p['planned_steps']} planned steps; evaluations not counted"),
-             *([f"{hms(clock.carried)} spent by earlier runs of this study"] if clock.carried else [])],
+            [
+                (
+                    f"timed probe: {p['steps']} steps in {p['seconds']:.1f}s (model load included), "
+                    f"{p['step_s']:.3g} s/step x {p['planned_steps']} planned steps; evaluations not counted"
+                ),
+                *([f"{hms(clock.carried)} spent by earlier runs of this study"] if clock.carried else []),
+            ],
             hint="The rule: budget left >= probe seconds + (planned steps - probe steps) x seconds per step. "
-                 "Give a longer --budget, fewer steps (train.max_steps, train.epochs), or leave --budget out.")
+            "Give a longer --budget, fewer steps (train.max_steps, train.epochs), or leave --budget out.",
+        )
 
 
 def probe(cfg: Config, folder: Path) -> dict:
@@ -167,11 +188,27 @@ def probe(cfg: Config, folder: Path) -> dict:
     from tunesmith.training.progress import console
 
     t = cfg.train
-    pcfg = derive(cfg, {"train.max_steps": PROBE_STEPS, "train.log_every": 1, "train.save_every": None,
-                        "train.on_spike": "warn", "train.resume": "never", "eval.every": None,
-                        "eval.before_after": False, "eval.samples": 0, "eval.max_rows": 2, "eval.generate_rows": 1,
-                        "eval.baselines": [], "log.trackers": [], "name": f"{cfg.name}-probe",
-                        "output_dir": str(folder / "probe")}, "budget probe", drop=("search",))
+    pcfg = derive(
+        cfg,
+        {
+            "train.max_steps": PROBE_STEPS,
+            "train.log_every": 1,
+            "train.save_every": None,
+            "train.on_spike": "warn",
+            "train.resume": "never",
+            "eval.every": None,
+            "eval.before_after": False,
+            "eval.samples": 0,
+            "eval.max_rows": 2,
+            "eval.generate_rows": 1,
+            "eval.baselines": [],
+            "log.trackers": [],
+            "name": f"{cfg.name}-probe",
+            "output_dir": str(folder / "probe"),
+        },
+        "budget probe",
+        drop=("search",),
+    )
     console.print(f"[bold]budget probe[/]: {PROBE_STEPS} steps of the config as written, to time one trial")
     started = time.monotonic()
     run = recipe_for(pcfg).train(pcfg, overwrite=True, report_html=False)
@@ -182,8 +219,14 @@ def probe(cfg: Config, folder: Path) -> dict:
     rows = run.read_json("data_report.json")["rows"]["train"]
     planned = t.max_steps or math.ceil(t.epochs * math.ceil(rows / (t.batch_size * t.grad_accum)))
     estimate = seconds + max(planned - len(times), 0) * step_s
-    return {"steps": len(times), "seconds": round(seconds, 2), "step_s": round(step_s, 4), "planned_steps": planned,
-            "estimate_s": round(estimate, 1), "run_dir": str(run.path)}
+    return {
+        "steps": len(times),
+        "seconds": round(seconds, 2),
+        "step_s": round(step_s, 4),
+        "planned_steps": planned,
+        "estimate_s": round(estimate, 1),
+        "run_dir": str(run.path),
+    }
 
 
 class Deadline:

@@ -36,10 +36,22 @@ def run_config(cfg: Config, folder: Path, size: int | None, seed: int, with_base
     # The seed varies the k-row draw and training only: the split keeps the config's seed, so every
     # point is scored on the same validation rows.
     split_seed = cfg.seed if cfg.data.split_seed is None else cfg.data.split_seed
-    return derive(cfg, {"name": f"{cfg.name}-k{size or 'all'}-s{seed}", "output_dir": str(folder / "runs"),
-                        "seed": seed, "data.train_limit": size, "data.sample_seed": seed, "data.split_seed": split_seed,
-                        "eval.before_after": with_base, "eval.samples": 0, "train.resume": "never"},
-                  f"curve run k={size or 'all'} seed={seed}", drop=("search",))
+    return derive(
+        cfg,
+        {
+            "name": f"{cfg.name}-k{size or 'all'}-s{seed}",
+            "output_dir": str(folder / "runs"),
+            "seed": seed,
+            "data.train_limit": size,
+            "data.sample_seed": seed,
+            "data.split_seed": split_seed,
+            "eval.before_after": with_base,
+            "eval.samples": 0,
+            "train.resume": "never",
+        },
+        f"curve run k={size or 'all'} seed={seed}",
+        drop=("search",),
+    )
 
 
 def curve(cfg: Config, sizes: list[int | None], seeds: list[int], metric: str | None = None) -> dict:
@@ -56,8 +68,10 @@ def curve(cfg: Config, sizes: list[int | None], seeds: list[int], metric: str | 
             report = run.read_json("eval.json")
             value = report["finetuned"]["validation"].get(metric)
             if not isinstance(value, (int, float)):
-                raise UserError(f"'{metric}' is not a validation metric of this task",
-                                hint=f"Pick one of {sorted(report['finetuned']['validation'])} with --metric.")
+                raise UserError(
+                    f"'{metric}' is not a validation metric of this task",
+                    hint=f"Pick one of {sorted(report['finetuned']['validation'])} with --metric.",
+                )
             rows = run.read_json("data_report.json")["rows"]["train"]
             points.append({"size": size or "all", "rows": rows, "seed": seed, metric: value})
             if "base" in report:
@@ -81,19 +95,32 @@ def summarise(points: list[dict], metric: str) -> list[dict]:
     for size in dict.fromkeys(p["size"] for p in points):
         values = [p[metric] for p in points if p["size"] == size]
         rows = next(p["rows"] for p in points if p["size"] == size)
-        out.append({"size": size, "rows": rows, "runs": len(values), "mean": statistics.fmean(values),
-                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                    "min": min(values), "max": max(values)})
+        out.append(
+            {
+                "size": size,
+                "rows": rows,
+                "runs": len(values),
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "min": min(values),
+                "max": max(values),
+            }
+        )
     return out
 
 
 def markdown(result: dict) -> str:
     m = result["metric"]
     lines = [f"| k | train rows | runs | {m} mean | std | min | max |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {s['size']} | {s['rows']} | {s['runs']} | {s['mean']:.2f} | {s['std']:.2f} | {s['min']:.2f} | "
-              f"{s['max']:.2f} |" for s in result["summary"]]
-    lines += ["", *(f"- baseline {name}: {m} {v:.2f}" for name, v in result["baselines"].items()
-                    if isinstance(v, (int, float)))]
+    lines += [
+        f"| {s['size']} | {s['rows']} | {s['runs']} | {s['mean']:.2f} | {s['std']:.2f} | {s['min']:.2f} | "
+        f"{s['max']:.2f} |"
+        for s in result["summary"]
+    ]
+    lines += [
+        "",
+        *(f"- baseline {name}: {m} {v:.2f}" for name, v in result["baselines"].items() if isinstance(v, (int, float))),
+    ]
     return "\n".join(lines)
 
 
@@ -105,8 +132,14 @@ def plot(result: dict, path: Path) -> None:
 
     s = result["summary"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.errorbar([x["rows"] for x in s], [x["mean"] for x in s], yerr=[x["std"] for x in s], marker="o",
-                capsize=3, label="fine-tuned")
+    ax.errorbar(
+        [x["rows"] for x in s],
+        [x["mean"] for x in s],
+        yerr=[x["std"] for x in s],
+        marker="o",
+        capsize=3,
+        label="fine-tuned",
+    )
     for (name, value), style in zip(result["baselines"].items(), ("--", ":", "-.", "--")):
         if isinstance(value, (int, float)):
             ax.axhline(value, linestyle=style, color="gray", label=name[:40])

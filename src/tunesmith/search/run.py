@@ -36,11 +36,15 @@ def open_study(cfg: Config) -> optuna.Study:
     folder.mkdir(parents=True, exist_ok=True)
     url = sc.storage or f"sqlite:///{folder.resolve() / 'study.db'}"
     storage = optuna.storages.RDBStorage(url, heartbeat_interval=sc.heartbeat_s, grace_period=3 * sc.heartbeat_s)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=sc.startup_trials) if sc.pruner == "median" else \
-        optuna.pruners.NopPruner()
+    pruner = (
+        optuna.pruners.MedianPruner(n_startup_trials=sc.startup_trials)
+        if sc.pruner == "median"
+        else optuna.pruners.NopPruner()
+    )
     _, direction = sc.objective(cfg.train.early_stopping.metric)
-    study = optuna.create_study(study_name=cfg.name, storage=storage, pruner=pruner, direction=direction,
-                                load_if_exists=True)
+    study = optuna.create_study(
+        study_name=cfg.name, storage=storage, pruner=pruner, direction=direction, load_if_exists=True
+    )
     study.sampler = sampler_for(cfg, len(study.get_trials(deepcopy=False)), shared=sc.storage is not None)
     return study
 
@@ -60,8 +64,12 @@ def with_params(cfg: Config, params: dict, **top) -> Config:
 
 
 def trial_config(cfg: Config, params: dict, number: int) -> Config:
-    return with_params(cfg, {**params, "train.resume": "never"}, name=f"{cfg.name}-t{number:03d}",
-                       output_dir=str(search_dir(cfg) / "trials"))
+    return with_params(
+        cfg,
+        {**params, "train.resume": "never"},
+        name=f"{cfg.name}-t{number:03d}",
+        output_dir=str(search_dir(cfg) / "trials"),
+    )
 
 
 def objective(cfg: Config, metric: str, deadline: Deadline | None = None):
@@ -109,8 +117,10 @@ def search(cfg: Config, trials: int | None, budget: float | None = None) -> optu
     if trials is None and budget is None:
         raise UserError("Give --trials, --budget or both")
     if cfg.search is None:
-        raise UserError("This config has no search: block", hint="Add search.space, e.g. "
-                        "search: {space: {train.lr: {log_uniform: [1.0e-5, 1.0e-3]}}}")
+        raise UserError(
+            "This config has no search: block",
+            hint="Add search.space, e.g. search: {space: {train.lr: {log_uniform: [1.0e-5, 1.0e-3]}}}",
+        )
     metric, direction = cfg.search.objective(cfg.train.early_stopping.metric)
     if cfg.eval.every is None and cfg.search.pruner != "none":
         console.print("[yellow]eval.every is not set: trials have no intermediate evaluations to prune on[/]")
@@ -118,8 +128,9 @@ def search(cfg: Config, trials: int | None, budget: float | None = None) -> optu
     optuna.storages.fail_stale_trials(study)  # trials of a killed search, silent past the grace period
     clock = Clock(study, shared=cfg.search.storage is not None, budget=budget)
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
-    limits = ([f"running up to {trials}"] if trials else []) + \
-        ([f"budget {hms(budget)} ({hms(clock.left())} left)"] if budget else [])
+    limits = ([f"running up to {trials}"] if trials else []) + (
+        [f"budget {hms(budget)} ({hms(clock.left())} left)"] if budget else []
+    )
     console.print(f"Study '{cfg.name}' ({direction} {metric}): {done} trials finished, " + ", ".join(limits))
     more = trials is None or done < trials
     if more and budget is not None:
@@ -128,8 +139,12 @@ def search(cfg: Config, trials: int | None, budget: float | None = None) -> optu
     if more:
         callbacks = [clock, *([optuna.study.MaxTrialsCallback(trials, states=FINISHED)] if trials else [])]
         with Deadline(clock) as deadline:
-            study.optimize(objective(cfg, metric, deadline), callbacks=callbacks,
-                           catch=(UserError, TrainingHalted), gc_after_trial=True)
+            study.optimize(
+                objective(cfg, metric, deadline),
+                callbacks=callbacks,
+                catch=(UserError, TrainingHalted),
+                gc_after_trial=True,
+            )
     clock.save()
     if trials and clock.ended is None:
         clock.ended = f"--trials {trials} reached"
@@ -149,14 +164,18 @@ def write_outputs(cfg: Config, study: optuna.Study, metric: str, budget: dict | 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if complete:
         best = study.best_trial
-        (folder / "best.yaml").write_text(f"# best of study '{cfg.name}': trial {best.number}, {metric} "
-                                          f"{best.value:.4f}\n" + dump_config(with_params(cfg, best.params,
-                                                                                         name=f"{cfg.name}-best")),
-                                          encoding="utf-8")
+        (folder / "best.yaml").write_text(
+            f"# best of study '{cfg.name}': trial {best.number}, {metric} "
+            f"{best.value:.4f}\n" + dump_config(with_params(cfg, best.params, name=f"{cfg.name}-best")),
+            encoding="utf-8",
+        )
         console.print(f"Best: trial {best.number}, {metric} {best.value:.4f} -> {folder / 'best.yaml'}")
     plots(study, folder, metric)
-    trial_runs = [t.user_attrs["run_dir"] for t in study.get_trials(deepcopy=False)
-                  if Path(t.user_attrs.get("run_dir", "/nonexistent"), "run.json").is_file()]
+    trial_runs = [
+        t.user_attrs["run_dir"]
+        for t in study.get_trials(deepcopy=False)
+        if Path(t.user_attrs.get("run_dir", "/nonexistent"), "run.json").is_file()
+    ]
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
         run = RunDir(Path(t.user_attrs.get("run_dir", "/nonexistent")))
         if run.read_json("run.json", {}).get("status") == "running":  # left so by an error or a kill
@@ -165,6 +184,11 @@ def write_outputs(cfg: Config, study: optuna.Study, metric: str, budget: dict | 
         from tunesmith.report.compare import compare
 
         compare(trial_runs, folder / "compare.html", title=f"Search '{cfg.name}': {len(trial_runs)} trials")
-    record = {"study": cfg.name, "metric": metric, "direction": study.direction.name.lower(),
-              "written": time.strftime("%Y-%m-%d %H:%M:%S"), **({"budget": budget} if budget else {})}
+    record = {
+        "study": cfg.name,
+        "metric": metric,
+        "direction": study.direction.name.lower(),
+        "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **({"budget": budget} if budget else {}),
+    }
     (folder / "study.yaml").write_text(yaml.safe_dump(record))

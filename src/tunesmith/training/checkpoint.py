@@ -98,17 +98,21 @@ def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict[str, to
 def optimizer_from_tensors(opt: torch.optim.Optimizer, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
     saved, now = [len(g["params"]) for g in meta["param_groups"]], [len(g["params"]) for g in opt.param_groups]
     if saved != now:  # torch would refuse with a bare ValueError
-        raise UserError("The checkpoint's optimizer state does not fit this config's optimizer",
-                        [f"parameters per group: {saved} saved, {now} now"], hint="train.head_lr and train."
-                        "layer_decay group the parameters by rate: resume with the values the run was saved with.")
+        raise UserError(
+            "The checkpoint's optimizer state does not fit this config's optimizer",
+            [f"parameters per group: {saved} saved, {now} now"],
+            hint="train.head_lr and train."
+            "layer_decay group the parameters by rate: resume with the values the run was saved with.",
+        )
     params = [p for group in opt.param_groups for p in group["params"]]  # the order state ids count in
     state: dict[int, dict] = {}
     for key, v in list(tensors.items()) + list(meta["scalars"].items()):
         pid, name = key.split(".", 1)
         param = params[int(pid)] if int(pid) < len(params) else None
         if isinstance(param, DTensor) and torch.is_tensor(v) and v.dim():  # this rank's shard, back in place
-            v = DTensor.from_local(v.to(param.device), param.device_mesh, param.placements, shape=param.shape,
-                                   stride=param.stride())
+            v = DTensor.from_local(
+                v.to(param.device), param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+            )
         state.setdefault(int(pid), {})[name] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
@@ -164,8 +168,9 @@ def commit(root: Path, step: int, state: dict, keep: int | None = None) -> Path:
     return final
 
 
-def write_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict,
-                     keep: int | None = None, parts=None) -> Path:
+def write_checkpoint(
+    root: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict, keep: int | None = None, parts=None
+) -> Path:
     """Write `tensors` (file name -> tensors) and `state` as checkpoint `root/step-<step>`.
     `parts`, if given, is called between staging and commit: other ranks write their files then."""
     staging = begin(root, step)
@@ -178,10 +183,12 @@ def write_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.T
         shutil.rmtree(staging, ignore_errors=True)
         if _disk_full(exc):
             needed = checkpoint_bytes(tensors)
-            raise DiskFull(f"No space left on device while writing checkpoint step-{step} in {root}: it needs "
-                           f"about {_mb(needed)}, {_mb(shutil.disk_usage(root).free)} are free. "
-                           f"The previous checkpoint is intact and no step-{step} was committed; free space "
-                           "and continue with --resume.") from None
+            raise DiskFull(
+                f"No space left on device while writing checkpoint step-{step} in {root}: it needs "
+                f"about {_mb(needed)}, {_mb(shutil.disk_usage(root).free)} are free. "
+                f"The previous checkpoint is intact and no step-{step} was committed; free space "
+                "and continue with --resume."
+            ) from None
         raise
 
 

@@ -16,7 +16,8 @@ def is_oom(exc: BaseException) -> bool:
     (CPU allocators, older torch, and the fakes accelerate's own tests use)."""
     text = str(exc).lower()
     return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
+        isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+    )
 
 
 class SpikeDetector:

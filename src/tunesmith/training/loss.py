@@ -23,11 +23,17 @@ CHUNK = 256  # target positions per lm_head chunk: ~50 MB of fp32 logits at a 49
 
 
 def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch.get("position_ids"), use_cache=False)
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+    )
     logits = out.logits[:, :-1, :].float()
     targets = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
     return loss, int((targets != IGNORE).sum())
 
 
@@ -38,8 +44,14 @@ def _chunk_loss(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 def chunked_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     # logits_to_keep=1: the model computes one position's logits, not all of them.
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                position_ids=batch.get("position_ids"), output_hidden_states=True, logits_to_keep=1)
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        use_cache=False,
+        position_ids=batch.get("position_ids"),
+        output_hidden_states=True,
+        logits_to_keep=1,
+    )
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     hidden = out.hidden_states[-1][:, :-1][keep]
@@ -48,7 +60,9 @@ def chunked_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     head = getattr(model, "module", model).get_output_embeddings()
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, len(targets), CHUNK):
-        total = total + checkpoint(_chunk_loss, head, hidden[i : i + CHUNK], targets[i : i + CHUNK], use_reentrant=False)
+        total = total + checkpoint(
+            _chunk_loss, head, hidden[i : i + CHUNK], targets[i : i + CHUNK], use_reentrant=False
+        )
     return total, int(len(targets))
 
 
@@ -60,9 +74,15 @@ def choose_loss(model, batch: dict[str, torch.Tensor], chunked: bool):
         return causal_lm_loss_sum
     try:
         head = model.get_output_embeddings()
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                    output_hidden_states=True)
-        same = head is not None and torch.allclose(head(out.hidden_states[-1]).float(), out.logits.float(), atol=1e-4, rtol=1e-4)
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            use_cache=False,
+            output_hidden_states=True,
+        )
+        same = head is not None and torch.allclose(
+            head(out.hidden_states[-1]).float(), out.logits.float(), atol=1e-4, rtol=1e-4
+        )
     except (TypeError, AttributeError, ValueError):
         same = False
     return chunked_loss_sum if same else causal_lm_loss_sum

@@ -24,8 +24,10 @@ def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
             # Biases and norm gains are vectors; decaying them toward 0 only hurts.
             groups.setdefault((lr_of(name, cfg, depth), p.ndim >= 2), []).append(p)
     # highest rate first, matrices before vectors: with one rate, the two groups in the order they always had
-    params = [{"params": groups[key], "lr": key[0], "weight_decay": cfg.weight_decay if key[1] else 0.0}
-              for key in sorted(groups, key=lambda k: (-k[0], not k[1]))]
+    params = [
+        {"params": groups[key], "lr": key[0], "weight_decay": cfg.weight_decay if key[1] else 0.0}
+        for key in sorted(groups, key=lambda k: (-k[0], not k[1]))
+    ]
     return torch.optim.SGD(params, lr=cfg.lr) if cfg.optimizer == "sgd" else torch.optim.AdamW(params, lr=cfg.lr)
 
 
@@ -37,7 +39,7 @@ def lr_of(name: str, cfg: TrainConfig, depth: int) -> float:
         return cfg.lr
     # embeddings sit below layer 0; the head, final norm and pooler above the last layer train at lr
     below = depth + 1 if EMBEDDING.search(name) else depth - int(m.group(1)) if (m := LAYER.search(name)) else 0
-    return cfg.lr * cfg.layer_decay ** below
+    return cfg.lr * cfg.layer_decay**below
 
 
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:

@@ -59,8 +59,9 @@ class LengthGroupedPlan(ShuffledPlan):
 
     WINDOW_STEPS = 64
 
-    def __init__(self, lengths: list[int], batch_size: int, grad_accum: int, seed: int, world_size: int = 1,
-                 rank: int = 0):
+    def __init__(
+        self, lengths: list[int], batch_size: int, grad_accum: int, seed: int, world_size: int = 1, rank: int = 0
+    ):
         super().__init__(len(lengths), batch_size, grad_accum, seed, world_size, rank)
         self.lengths = lengths
 
@@ -86,8 +87,17 @@ class ReplayPlan(ShuffledPlan):
     `fraction`. Replay rows are indices n_task.. n_task + n_replay - 1 of the training list, drawn
     without replacement from a generator seeded by (seed, step): a pure function of the step."""
 
-    def __init__(self, n_task: int, n_replay: int, fraction: float, batch_size: int, grad_accum: int, seed: int,
-                 world_size: int = 1, rank: int = 0):
+    def __init__(
+        self,
+        n_task: int,
+        n_replay: int,
+        fraction: float,
+        batch_size: int,
+        grad_accum: int,
+        seed: int,
+        world_size: int = 1,
+        rank: int = 0,
+    ):
         super().__init__(n_task, batch_size, grad_accum, seed, world_size, rank)
         self.n_replay = n_replay
         self.k = min(n_replay, max(1, round(self.rows_per_step * fraction / (1 - fraction))))

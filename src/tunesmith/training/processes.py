@@ -22,9 +22,10 @@ def process_state() -> PartialState:
     state = PartialState(**device_kwargs())
     engine = engine_name(state)
     if engine == "MEGATRON_LM":
-        raise UserError("accelerate's MEGATRON_LM engine is not supported: tunesmith runs DDP, DeepSpeed ZeRO "
-                        "or FSDP", hint="Launch with configs/accelerate/ddp.yaml, zero2.yaml, zero3.yaml or "
-                        "fsdp.yaml, or with torchrun.")
+        raise UserError(
+            "accelerate's MEGATRON_LM engine is not supported: tunesmith runs DDP, DeepSpeed ZeRO or FSDP",
+            hint="Launch with configs/accelerate/ddp.yaml, zero2.yaml, zero3.yaml or fsdp.yaml, or with torchrun.",
+        )
     return state
 
 
@@ -36,8 +37,10 @@ def engage(cfg, accelerator) -> None:
         return
     problems = []
     if cfg.privacy is not None:
-        problems.append("privacy (DP-SGD): per-example clipping needs each example's whole gradient, which the "
-                        "engine reduces and partitions first")
+        problems.append(
+            "privacy (DP-SGD): per-example clipping needs each example's whole gradient, which the "
+            "engine reduces and partitions first"
+        )
     if cfg.retention.l2sp:
         problems.append("retention.l2sp: its gradient is added after backward, to whole tensors")
     if cfg.train.precision == "fp16":
@@ -45,8 +48,11 @@ def engage(cfg, accelerator) -> None:
     if fsdp(accelerator) and accelerator.state.fsdp_plugin.fsdp_version != 2:
         problems.append("FSDP version 1: tunesmith runs FSDP2 (fsdp_version: 2)")
     if problems:
-        raise UserError(f"This config cannot run under {engine_name(accelerator)}", problems,
-                        hint="Launch with configs/accelerate/ddp.yaml instead, or change the settings above.")
+        raise UserError(
+            f"This config cannot run under {engine_name(accelerator)}",
+            problems,
+            hint="Launch with configs/accelerate/ddp.yaml instead, or change the settings above.",
+        )
     if zero.engaged(accelerator):
         zero.configure(cfg, accelerator)
 
@@ -55,8 +61,11 @@ def cpu_fsdp(accelerator) -> None:
     """An FSDP launch on CPU ranks: accelerate leaves it MULTI_CPU (DDP), so set FSDP on its state, with
     the plugin made from the launch's FSDP_* settings (as accelerate's own tests do). On the process
     state too: every AcceleratorState() copies the engine from it."""
-    if cpu_only() and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" \
-            and engine_name(accelerator) == "MULTI_CPU":
+    if (
+        cpu_only()
+        and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        and engine_name(accelerator) == "MULTI_CPU"
+    ):
         from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()

@@ -15,9 +15,15 @@ class TrainProgress:
     def __init__(self, total: int, start: int):
         self.smooth: float | None = None
         self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            console=console, disable=not sys.stderr.isatty(),
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not sys.stderr.isatty(),
         )
         self.task = self.progress.add_task("train", total=total, completed=start, info="")
         self.started, self.start_step = time.monotonic(), start
@@ -31,14 +37,17 @@ class TrainProgress:
     def __exit__(self, *exc) -> None:
         self.progress.__exit__(*exc)
 
-    def step(self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float,
-             epsilon: float | None = None) -> None:
+    def step(
+        self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float, epsilon: float | None = None
+    ) -> None:
         # An exponential average: single micro-batch losses are too noisy to read.
         self.smooth = loss if self.smooth is None else 0.7 * self.smooth + 0.3 * loss
         if epsilon is not None:
             self.epsilon = f"eps {epsilon:.3g} "
-        info = (f"loss {self.smooth:.4f} lr {lr:.2e} gnorm {grad_norm:.2f} {self.epsilon}{tokens_per_s:,.0f} tok/s "
-                f"{self.last_eval}")
+        info = (
+            f"loss {self.smooth:.4f} lr {lr:.2e} gnorm {grad_norm:.2f} {self.epsilon}{tokens_per_s:,.0f} tok/s "
+            f"{self.last_eval}"
+        )
         self.progress.update(self.task, completed=step, info=info)
         total = self.progress.tasks[0].total or 1
         if self.progress.disable and (step % max(1, int(total) // 10) == 0 or step == total):
@@ -54,9 +63,13 @@ class TrainProgress:
         return f" eta {int(left // 60)}m{int(left % 60):02d}s"
 
     def eval(self, step: int, metrics: dict) -> None:
-        shown = {k: v for k, v in metrics.items()
-                 if k in ("loss", "perplexity", "accuracy", "forgetting_ratio") and isinstance(v, float)}
+        shown = {
+            k: v
+            for k, v in metrics.items()
+            if k in ("loss", "perplexity", "accuracy", "forgetting_ratio") and isinstance(v, float)
+        }
         self.last_eval = "| val " + " ".join(f"{k} {v:.4g}" for k, v in shown.items())
         if self.progress.disable:
-            console.print(f"step {step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()),
-                          soft_wrap=True)
+            console.print(
+                f"step {step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()), soft_wrap=True
+            )

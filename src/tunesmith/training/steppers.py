@@ -43,8 +43,9 @@ class Plain:
 
     takes_empty_steps = False  # a step without targets (its rows excluded after spikes) makes no update
 
-    def __init__(self, accelerator, model, optimizer, precision: Precision, max_grad_norm: float | None,
-                 l2sp: float = 0.0):
+    def __init__(
+        self, accelerator, model, optimizer, precision: Precision, max_grad_norm: float | None, l2sp: float = 0.0
+    ):
         self.acc, self.model, self.optimizer, self.precision = accelerator, model, optimizer, precision
         self.max_grad_norm = max_grad_norm or float("inf")
         self.trainable = [p for p in model.parameters() if p.requires_grad]
@@ -138,8 +139,10 @@ class Private(Plain):
     def budget_spent(self, updates: int) -> str | None:
         if not self.dp.budget_exhausted():
             return None
-        return (f"Privacy budget: one more step would exceed epsilon {self.target_epsilon}; "
-                f"stopping at step {updates} (epsilon {self.dp.epsilon():.3f})")
+        return (
+            f"Privacy budget: one more step would exceed epsilon {self.target_epsilon}; "
+            f"stopping at step {updates} (epsilon {self.dp.epsilon():.3f})"
+        )
 
     def epsilon(self) -> float | None:
         return self.dp.epsilon()

@@ -29,8 +29,9 @@ def start(accelerator, cfg: Config, run_path) -> None:
         mlflow.set_tracking_uri(cfg.log.mlflow_uri or f"sqlite:///{(folder / 'mlflow.db').resolve()}")
     flat = {k: v for k, v in flatten(cfg.model_dump(mode="json")).items() if isinstance(v, (int, float, str, bool))}
     init = {"mlflow": {"run_name": cfg.name}, "tensorboard": {}, "wandb": {"name": cfg.name}}
-    accelerator.init_trackers(cfg.log.project or cfg.name, config=flat,
-                              init_kwargs={k: v for k, v in init.items() if k in cfg.log.trackers})
+    accelerator.init_trackers(
+        cfg.log.project or cfg.name, config=flat, init_kwargs={k: v for k, v in init.items() if k in cfg.log.trackers}
+    )
 
 
 def log(accelerator, cfg: Config, record: dict, step: int) -> None:

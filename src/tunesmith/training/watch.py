@@ -27,8 +27,10 @@ class Watch:
             return None
         self.flat_checked = True
         if abs(self.ema - self.start) < 0.01 * abs(self.start):
-            return self._once("flat", f"training loss is flat ({self.start:.4f} -> {self.ema:.4f} over {step} "
-                              "steps): is train.lr too low?")
+            return self._once(
+                "flat",
+                f"training loss is flat ({self.start:.4f} -> {self.ema:.4f} over {step} steps): is train.lr too low?",
+            )
         return None
 
     def evaluated(self, step: int, val_loss: float | None) -> str | None:
@@ -39,17 +41,25 @@ class Watch:
             return None
         (_, v0, t0), (_, v1, t1), (_, v2, t2) = self.evals[-3:]
         if v2 > v1 > v0 and t2 < t1 < t0:  # two rises of validation loss while training loss kept falling
-            return self._once("overfit", f"validation loss rose {v0:.4f} -> {v2:.4f} while training loss fell "
-                              f"{t0:.4f} -> {t2:.4f}: overfitting (set train.early_stopping.patience to stop "
-                              "at the best evaluation)")
+            return self._once(
+                "overfit",
+                f"validation loss rose {v0:.4f} -> {v2:.4f} while training loss fell "
+                f"{t0:.4f} -> {t2:.4f}: overfitting (set train.early_stopping.patience to stop "
+                "at the best evaluation)",
+            )
         return None
 
     def state_dict(self) -> dict:
         def num(x: float | None) -> float | None:  # state.json is strict JSON
             return x if x is None or math.isfinite(x) else None
 
-        return {"ema": num(self.ema), "start": num(self.start), "evals": [list(e) for e in self.evals[-3:]],
-                "said": sorted(self.said), "flat_checked": self.flat_checked}
+        return {
+            "ema": num(self.ema),
+            "start": num(self.start),
+            "evals": [list(e) for e in self.evals[-3:]],
+            "said": sorted(self.said),
+            "flat_checked": self.flat_checked,
+        }
 
     def load_state_dict(self, state: dict | None) -> None:
         """None: a checkpoint from before the watch was saved. Without a baseline no flat warning is given
