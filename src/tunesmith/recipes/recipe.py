@@ -19,6 +19,8 @@ Which = Literal["base", "finetuned"]  # the model before any update, or after fi
 
 
 class Recipe(Protocol):
+    """A task family's steps; loop.train() calls setup, evaluate("base"), fit, save, evaluate("finetuned")."""
+
     def setup(self, cfg: Config, run: RunDir) -> Setup:
         """Read and check the data (before any weights load), load the model, and build the run around it
         with building.build()."""
