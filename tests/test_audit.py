@@ -79,8 +79,8 @@ def test_canary_exposure_without_dp_with_sample_and_user_level_dp(text_run):
 
 
 def test_audit_refuses_a_classifier_run(tmp_path):
+    from tunesmith.audit import audit
     from tunesmith.errors import UserError
-    from tunesmith.privacy.audit import audit
 
     run = tmp_path / "runs" / "clf"
     run.mkdir(parents=True)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from reliability._harness import ENV
 
-from tunesmith.models import home
+from tunesmith.paths import home
 
-PRINT_HOME = "from tunesmith.models import home; print(home())"
+PRINT_HOME = "from tunesmith.paths import home; print(home())"
 
 
 @pytest.fixture(scope="module")

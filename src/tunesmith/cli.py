@@ -40,7 +40,7 @@ DecodingOverrides = Annotated[
 
 
 def _console():
-    from tunesmith.training.progress import console
+    from tunesmith.console import console
 
     return console
 
@@ -228,7 +228,7 @@ def audit(
 
     Example: tunesmith audit runs/spanish --canaries
     """
-    from tunesmith.privacy.audit import audit as run_audit
+    from tunesmith.audit import audit as run_audit
 
     if not canaries:
         raise UserError("Nothing to audit: pass --canaries")

@@ -19,6 +19,7 @@ from tunesmith.config import ModelConfig, PeftConfig
 from tunesmith.errors import UserError
 from tunesmith.heads import set_pooling
 from tunesmith.hub import NAMES_HINT, hub_model
+from tunesmith.paths import home
 from tunesmith.training import zero  # noqa: F401 (importing it keeps accelerate from importing DeepSpeed)
 
 
@@ -69,11 +70,6 @@ EMBEDDED = {
 }
 
 
-def home() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tunesmith"
-    return Path(os.environ.get("TUNESMITH_HOME", default))
-
-
 def _gguf_target(gguf: Path) -> Path:
     """The cache directory of a user's GGUF file: keyed by where it is, its size and its mtime, so an
     edited or replaced file is converted again."""
@@ -89,7 +85,7 @@ def _cache_gguf(target: Path, gguf: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunesmith.training.progress import console
+    from tunesmith.console import console
 
     console.print(f"model      converting {gguf.name} to safetensors, once (cached in {target})")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ def predict(run_path, input_path: Path, batch_size: int | None = None, out=None)
     # One output per row: a row over max_length keeps its start (and closing token), as training's truncate does.
     split = tokenize_classification(examples, tokenizer, cfg.data.model_copy(update={"overlength": "truncate"}), labels)
     if split.counts["truncated"]:
-        from tunesmith.training.progress import console
+        from tunesmith.console import console
 
         console.print(
             f"[yellow]{split.counts['truncated']} row(s) longer than data.max_length={cfg.data.max_length} "

@@ -77,7 +77,7 @@ def step_fits(cfg: Config, n_rows: int) -> None:
 def show(warnings: list[str]) -> None:
     if os.environ.get("RANK", "0") != "0":  # one warning per launch, not one per process
         return
-    from tunesmith.training.progress import console
+    from tunesmith.console import console
 
     for w in warnings:
         console.print(f"[bold yellow]warning: {escape(w)}[/]", soft_wrap=True)

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from tunesmith.data.tokenize import LabeledRow, Tokenized, TokenizedSplit
+from tunesmith.paths import home
 
 VERSION = 1
 SETTINGS = (
@@ -53,8 +54,6 @@ def cache_key(splits: dict, tokenizer, data_cfg) -> str:
 
 
 def cache_dir() -> Path:
-    from tunesmith.models import home
-
     return home() / "cache" / "tokenized"
 
 

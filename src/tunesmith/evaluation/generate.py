@@ -30,7 +30,7 @@ def generate(
     `decoding` (default: greedy, one output): the candidates per prompt and which is kept (decoding.py);
     `concepts`: each prompt's concepts, for rerank: coverage; `seed`: sampling's seed.
     `synced`: every rank keeps stepping until all have finished (ZeRO-3, whose forward is a collective)."""
-    from tunesmith.training.progress import console
+    from tunesmith.console import console
 
     decoding = decoding or dec.GREEDY
     by_concepts = decoding.by_concepts

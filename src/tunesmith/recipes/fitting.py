@@ -12,13 +12,14 @@ from dataclasses import dataclass
 import torch
 
 from tunesmith.config import Config
+from tunesmith.console import console
 from tunesmith.errors import TrainingHalted
 from tunesmith.evaluation.forgetting import over_limit
 from tunesmith.recipes.building import Setup
 from tunesmith.recipes.state import load_trainable, rollback, save_checkpoint, trainable_state
 from tunesmith.training import trackers
 from tunesmith.training.guards import is_oom
-from tunesmith.training.progress import TrainProgress, console
+from tunesmith.training.progress import TrainProgress
 from tunesmith.training.signals import GracefulStop
 
 

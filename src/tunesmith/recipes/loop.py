@@ -20,6 +20,7 @@ from accelerate.utils import broadcast_object_list
 from tunesmith import inference
 from tunesmith.config import Config
 from tunesmith.config.decoding import for_command
+from tunesmith.console import console
 from tunesmith.errors import UserError
 from tunesmith.recipes import recipe_for
 from tunesmith.recipes.building import Setup
@@ -31,7 +32,6 @@ from tunesmith.rundir import RunDir
 from tunesmith.security import check_path
 from tunesmith.training import trackers
 from tunesmith.training.processes import process_state
-from tunesmith.training.progress import console
 
 
 def train(

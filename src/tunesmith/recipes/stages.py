@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 from tunesmith.config import Config, stage_config
+from tunesmith.console import console
 from tunesmith.rundir import RunDir
-from tunesmith.training.progress import console
 
 
 def weights_of(run: RunDir, cfg: Config, mode: str) -> dict:

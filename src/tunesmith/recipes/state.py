@@ -134,7 +134,7 @@ def save_checkpoint(s: Setup, updates: int, data_step: int) -> None:
     if acc.is_main_process:
         warning = ckpt.low_space_warning(root, tensors)
         if warning:
-            from tunesmith.training.progress import console
+            from tunesmith.console import console
 
             console.print(f"[yellow]warning: {warning}[/]")
             s.run.log({"step": updates, "warning": warning})
@@ -164,7 +164,7 @@ def pick_checkpoint(root: Path, fallback: bool) -> Path | None:
                     err.problems,
                     hint="Resume with --fallback to use the previous checkpoint instead.",
                 ) from None
-            from tunesmith.training.progress import console
+            from tunesmith.console import console
 
             console.print(f"[yellow]skipping {path.name}: {err.title}[/]")
     return None
@@ -227,7 +227,7 @@ def restore(s: Setup, path: Path, allow_drift: bool = False) -> tuple[int, int]:
 
 def rollback(s: Setup, rows: list[int], updates: int, data_step: int) -> tuple[int, int]:
     """Back to the last committed checkpoint, with `rows` (train indices) excluded from then on."""
-    from tunesmith.training.progress import console
+    from tunesmith.console import console
 
     spikes = len(s.books.spikes.flagged)
     s.books.excluded |= set(rows)

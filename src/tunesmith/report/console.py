@@ -5,9 +5,9 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
+from tunesmith.console import console
 from tunesmith.models import count_parameters
 from tunesmith.report.numbers import SHOWN, change, fmt, stage_rows, verdict_rows
-from tunesmith.training.progress import console
 
 
 def print_setup(s) -> None:

@@ -184,8 +184,8 @@ def check_fits(clock: Clock, cfg: Config, folder: Path) -> None:
 
 def probe(cfg: Config, folder: Path) -> dict:
     """Train the config as written (search values unset) for PROBE_STEPS steps and time it."""
+    from tunesmith.console import console
     from tunesmith.recipes import recipe_for
-    from tunesmith.training.progress import console
 
     t = cfg.train
     pcfg = derive(

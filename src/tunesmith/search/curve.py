@@ -13,8 +13,8 @@ import statistics
 from pathlib import Path
 
 from tunesmith.config import Config, derive
+from tunesmith.console import console
 from tunesmith.errors import UserError
-from tunesmith.training.progress import console
 
 
 def parse_sizes(text: str) -> list[int | None]:

@@ -18,10 +18,10 @@ import optuna
 import yaml
 
 from tunesmith.config import Config, derive, dump_config
+from tunesmith.console import console
 from tunesmith.errors import TrainingHalted, UserError
 from tunesmith.rundir import RunDir
 from tunesmith.search.budget import Clock, Deadline, check_fits, hms, markdown
-from tunesmith.training.progress import console
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 

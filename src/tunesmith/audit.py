@@ -17,11 +17,11 @@ import random
 import numpy as np
 
 from tunesmith.config import derive
+from tunesmith.console import console
 from tunesmith.data.sources import read_source
 from tunesmith.errors import UserError
 from tunesmith.privacy import canaries as cn
 from tunesmith.rundir import RunDir
-from tunesmith.training.progress import console
 
 USER = "audit_user"  # the column the user-level variant groups by
 
