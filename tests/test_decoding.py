@@ -152,7 +152,7 @@ def test_a_decoding_that_cannot_work_stops_train_before_anything_runs(
     no_model_loads(monkeypatch)
     tiny_config["data"]["format"] = fmt
     tiny_config["eval"]["decoding"] = decoding
-    err = refused(capsys, "train", write_config(tmp_path, tiny_config))
+    err = refused("train", write_config(tmp_path, tiny_config))
     assert says in err
     assert not (tmp_path / "runs").exists()
 
@@ -298,7 +298,7 @@ def test_generate_refuses_what_it_cannot_decode_before_loading_a_model(
 ):
     no_model_loads(monkeypatch)
     rows = write_jsonl(tmp_path / "rows.jsonl", [{"concepts": ["dog"]}, {"prompt": "hi"}])
-    err = refused(capsys, "generate", concepts_run, *[a.format(rows=rows) for a in args])
+    err = refused("generate", concepts_run, *[a.format(rows=rows) for a in args])
     assert says.format(rows=rows) in err
 
 
@@ -308,11 +308,9 @@ def test_concepts_are_refused_on_a_run_without_them(concepts_run, tmp_path, caps
     tree["data"]["format"], tree["data"]["columns"] = "prompt_completion", {}
     tree["eval"]["decoding"] = {"num_candidates": 3, "do_sample": True}
     (run / "config.yaml").write_text(yaml.safe_dump(tree))
-    assert "--concepts is for constrained-generation runs" in refused(capsys, "generate", run, "--concepts", "dog")
-    assert "rerank: coverage needs" in refused(
-        capsys, "generate", run, "--prompt", "hi", "--decoding", "rerank=coverage"
-    )
-    assert "rerank: coverage needs" in refused(capsys, "eval", run, "--decoding", "rerank=coverage")
+    assert "--concepts is for constrained-generation runs" in refused("generate", run, "--concepts", "dog")
+    assert "rerank: coverage needs" in refused("generate", run, "--prompt", "hi", "--decoding", "rerank=coverage")
+    assert "rerank: coverage needs" in refused("eval", run, "--decoding", "rerank=coverage")
 
 
 def test_eval_records_the_decoding_of_each_scoring(concepts_run, tmp_path):
