@@ -27,11 +27,8 @@ def print_setup(s) -> None:
         f"steps      {s.plan.steps_per_epoch}/epoch, {s.total_steps} total, lr {t.lr:g} {t.schedule}",
     ]
     if s.dp is not None:
-        d, p = s.dp, cfg.privacy
-        budget = f"target epsilon {p.target_epsilon:g}" if p.target_epsilon is not None else "no epsilon target"
-        lines.append(f"privacy    DP-SGD, {p.unit}-level: Poisson rate q={d.sample_rate:.4g} of {d.n_units} units, "
-                     f"clip C={p.max_grad_norm:g}, noise multiplier {d.sigma:.3f}, delta {d.delta:.3g}, {budget} "
-                     f"({p.accountant})")
+        lines[3], *more = privacy_lines(s)
+        lines += more
     for name, info in rep.get("tokens", {}).items():
         cut = {k: v for k, v in info.items() if k not in ("rows", "token_lengths") and v}
         lens = info["token_lengths"]
@@ -42,6 +39,23 @@ def print_setup(s) -> None:
     if removed or rep.get("bad_rows"):
         lines.append(f"removed    {removed} bad rows {rep.get('bad_rows') or {}}")
     console.print("\n".join(lines), soft_wrap=True)
+
+
+def privacy_lines(s) -> list[str]:
+    """The DP-SGD batch line (Poisson sampling), then clipping and noise, and which values came from the DP
+    recipe (privacy: defaults) rather than from the config."""
+    d, p = s.dp, s.cfg.privacy
+    budget = f"target epsilon {p.target_epsilon:g}" if p.target_epsilon is not None else "no epsilon target"
+    lines = [f"batch      Poisson: {s.plan.rows_per_step:,} {p.unit}s per step expected, in micro-batches of "
+             f"{s.plan.micro_size} rows",
+             f"privacy    DP-SGD, {p.unit}-level: Poisson rate q={d.sample_rate:.4g} of {d.n_units} units, "
+             f"clip C={p.max_grad_norm:g}, noise multiplier {d.sigma:.3f}, delta {d.delta:.3g}, {budget} "
+             f"({p.accountant})"]
+    if p.applied:
+        lines.append("DP recipe  " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in p.applied.items())
+                     + " (Li et al. 2021, Yu et al. 2021: privacy defaults for keys the config leaves unset)")
+    return lines
 
 
 def _fmt(v) -> str:
