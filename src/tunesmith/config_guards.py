@@ -79,6 +79,13 @@ class Privacy(Strict):
     )
     max_grad_norm: float = Field(RECIPE_CLIP, gt=0, description=f"Per-example clipping norm C. Default {RECIPE_CLIP} "
                                  "(Li et al. 2021): small enough that every example is clipped.")
+    grad_sample_mode: Literal["hooks", "ghost"] = Field(
+        "hooks", description="How per-example gradient norms are found. hooks: each micro-batch's per-example "
+        "gradients are kept (cheap for LoRA: rank x width per layer); ghost: Opacus's ghost clipping takes the "
+        "norms from activations and output gradients and runs a second backward with the clipping weights, "
+        "never holding per-example gradients (for full fine-tuning, whose per-example gradients are the size "
+        "of the model per row). Same update either way.",
+    )
     recipe_defaults: bool = Field(
         True, description="Train keys you did not set take the DP recipe's values: train.lr "
         f"{RECIPE_TRAIN['lr']:g} (with AdamW), train.epochs {RECIPE_TRAIN['epochs']:g}, train.schedule "

@@ -47,7 +47,7 @@ def privacy_lines(s) -> list[str]:
     d, p = s.dp, s.cfg.privacy
     budget = f"target epsilon {p.target_epsilon:g}" if p.target_epsilon is not None else "no epsilon target"
     lines = [f"batch      Poisson: {s.plan.rows_per_step:,} {p.unit}s per step expected, in micro-batches of "
-             f"{s.plan.micro_size} rows",
+             f"{s.plan.micro_size} rows ({p.grad_sample_mode} per-example norms)",
              f"privacy    DP-SGD, {p.unit}-level: Poisson rate q={d.sample_rate:.4g} of {d.n_units} units, "
              f"clip C={p.max_grad_norm:g}, noise multiplier {d.sigma:.3f}, delta {d.delta:.3g}, {budget} "
              f"({p.accountant})"]
