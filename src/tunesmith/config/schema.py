@@ -159,6 +159,7 @@ class Config(Strict):
         bad = [name for name, on in clashes.items() if on]
         if bad:
             raise ValueError(f"privacy (DP-SGD) does not work with {', '.join(bad)}")
+        self.privacy.apply_recipe(self.train)  # DP's lr, epochs and schedule where train leaves them unset
         return self
 
     @model_validator(mode="after")
@@ -186,6 +187,8 @@ def stage_config(cfg: Config, index: int, start: dict | None = None) -> Config:
         tree.update(
             name=f"{cfg.name}-stage{index + 1}-{stage.name}", task=stage.task, data=stage.data.model_dump(mode="json")
         )
+        if cfg.privacy is not None:  # a stage trains without DP: without the DP recipe's train values too
+            tree["train"] = cfg.privacy.without_recipe(tree["train"])
         tree["train"].update(stage.train)
         # the final task's baselines and decoding, not a stage's
         tree["eval"].update(baseline_model=None, baselines=[], decoding={})

@@ -7,6 +7,11 @@ of std sigma*C is added once (DPOptimizer.add_noise), the sum is divided by the 
 optimizer step itself stays the loop's. Opacus's PrivacyEngine is not used because it owns the data
 loader; tunesmith's Poisson plan is a pure function of the step, which keeps resume exact.
 
+Ghost clipping (privacy.grad_sample_mode: ghost) never holds per-example gradients: a first backward of
+the micro-batch's summed loss leaves each example's gradient *norm* (from each layer's inputs and output
+gradients), and a second backward of sum_i c_i * loss_i, with c_i = min(1, C / norm_i), leaves the
+clipped sum in .grad. The rest of the step (noise, scaling, accounting) is the same.
+
 Several processes: every rank draws the same Poisson sample and clips its share of it; the clipped
 sums are added across ranks (all-reduce) before the noise, which every rank draws from the same
 per-step seed. So each rank holds the same noisy gradient, and the step equals the one-process step
@@ -21,6 +26,7 @@ import torch
 from opacus import GradSampleModule
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 
@@ -30,9 +36,11 @@ from tunesmith.errors import UserError
 NOISE_SALT = 9_176_263
 
 
-def check_model(model: torch.nn.Module) -> None:
+def check_model(model: torch.nn.Module, ghost: bool = False) -> None:
     """Refuse models whose per-example gradients would be wrong or missing, before any step."""
     problems = [str(e) for e in ModuleValidator.validate(model, strict=False) if "training mode" not in str(e)]
+    if ghost:
+        problems += tied_trainables(model)
     for name, module in model.named_modules():
         own = list(module.parameters(recurse=False))
         trainable = [p.requires_grad for p in own]
@@ -45,8 +53,20 @@ def check_model(model: torch.nn.Module) -> None:
             "This model cannot be trained with differential privacy",
             problems[:10],
             hint="BatchNorm has no per-example gradient: use a model with LayerNorm/RMSNorm, or "
-            "freeze or unfreeze whole layers.",
+            "freeze or unfreeze whole layers. Tied weights: grad_sample_mode: hooks, or LoRA.",
         )
+
+
+def tied_trainables(model: torch.nn.Module) -> list[str]:
+    """Trainable weights that two layers share (tied input and output embeddings): Opacus's ghost clipping
+    takes a norm per layer, which is not the norm of the shared weight's gradient, and refuses them."""
+    owner: dict[int, str] = {}
+    tied = []
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            if p.requires_grad and owner.setdefault(id(p), name) != name:
+                tied.append(f"{owner[id(p)]} and {name} share a trainable weight (grad_sample_mode: ghost)")
+    return tied
 
 
 class DPSGD:
@@ -68,13 +88,24 @@ class DPSGD:
                 hint="A delta of 1/N allows leaking one unit outright; "
                 f"use at most 1/(10 N) = {1 / (10 * n_units):.3g}, or leave it unset.",
             )
-        check_model(model)
+        self.ghost = pcfg.grad_sample_mode == "ghost"
+        check_model(model, self.ghost)
         self.generator = self._generator(model)  # before any hook: a refused secure_mode leaves the model as it was
         # A PEFT model loads in eval mode, and Opacus's hooks capture nothing there ("No activations
         # detected"): switch to training mode before wrapping.
         model.train()
         # The hooks go on the model's own layers, so the loop keeps calling the plain model.
-        self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+        self.module = (
+            GradSampleModuleFastGradientClipping(
+                model,
+                batch_first=True,
+                loss_reduction="sum",
+                max_grad_norm=pcfg.max_grad_norm,
+                use_ghost_clipping=True,
+            )
+            if self.ghost
+            else GradSampleModule(model, batch_first=True, loss_reduction="sum")
+        )
         self.sigma = (
             pcfg.noise_multiplier
             if pcfg.noise_multiplier is not None
@@ -129,10 +160,29 @@ class DPSGD:
         self.module._close()
 
     # -- per step ------------------------------------------------------------------------------------
-    def accumulate(self) -> None:
-        """After a micro-batch's backward: clip each example's gradient to C and add it to the step's sum."""
-        self.optimizer.clip_and_accumulate()
+    def ghost_backward(self, losses: torch.Tensor) -> None:
+        """Ghost clipping's two backwards over a micro-batch's per-example losses: the first for the
+        per-example gradient norms, the second for the clipped sum sum_i c_i * grad_i."""
+        if losses.dim() != 1:
+            raise ValueError(f"ghost clipping needs one loss per example, got shape {tuple(losses.shape)}")
+        losses.sum().backward(retain_graph=True)  # the hooks keep each example's norm, not its gradient
+        coef = self.module.get_clipping_coef().detach()
         for p in self.optimizer.params:
+            p.grad = None  # the unclipped sum of this pass is not used
+        self.module.disable_hooks()  # the norms are known: the second pass needs no per-example work
+        try:
+            (coef.to(losses.dtype) * losses).sum().backward()
+        finally:
+            self.module.enable_hooks()
+
+    def accumulate(self) -> None:
+        """After a micro-batch's backward: add its clipped per-example gradients to the step's sum (hooks:
+        clip each to C here; ghost: the second backward left the clipped sum in .grad)."""
+        if not self.ghost:
+            self.optimizer.clip_and_accumulate()
+        for p in self.optimizer.params:
+            if self.ghost and p.grad is not None:
+                p.summed_grad = p.grad if p.summed_grad is None else p.summed_grad + p.grad
             p.grad_sample, p.grad = None, None
 
     def privatize(self, step: int) -> float:
@@ -169,9 +219,18 @@ class DPSGD:
             offset += n
 
     def reset(self) -> None:
-        """Drop a step's partial sums (the step restarts after an out-of-memory back-off)."""
+        """Drop a step's partial sums (the step restarts after an out-of-memory back-off), and what the
+        hooks kept of a forward whose backward never ran: its activations would be taken for the next
+        micro-batch's, and its forward count would read as a tied weight."""
         for p in self.optimizer.params:
-            p.grad_sample, p.summed_grad = None, None
+            p.grad_sample, p.summed_grad, p._forward_counter = None, None, 0
+            if hasattr(p, "_current_grad_sample"):  # Opacus tests for the attribute, not for None
+                del p._current_grad_sample
+        for module in self.module.modules():
+            if hasattr(module, "activations"):
+                module.activations = []
+            if hasattr(module, "max_batch_len"):
+                del module.max_batch_len
 
     # -- budget --------------------------------------------------------------------------------------
     @property

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from tunesmith.errors import UserError
 from tunesmith.training.plan import ShuffledPlan
 
 SALT = 2_654_435_761  # keeps the sampling stream apart from the shuffling and replay streams
@@ -33,6 +34,12 @@ class PoissonPlan:
     ):
         self.units = units  # unit -> its train row indices ([[0], [1], ...] for sample-level privacy)
         self.n_units = len(units)
+        if expected_batch > self.n_units:  # rows were checked before loading; users can be fewer
+            raise UserError(
+                f"A DP-SGD step of {expected_batch:,} expected units is larger than the {self.n_units} "
+                "privacy units (users)",
+                hint="Set privacy.expected_batch_size below the number of users.",
+            )
         self.sample_rate = min(1.0, expected_batch / self.n_units)
         self.seed = seed
         self.rows_per_step = expected_batch  # the expected logical batch: used in messages only
@@ -66,3 +73,9 @@ def units_of(users: list[str] | None, n_rows: int) -> list[list[int]]:
     for i, u in enumerate(users):
         groups.setdefault(u, []).append(i)
     return list(groups.values())
+
+
+def expected_batch(cfg, processes: int) -> int:
+    """Units per step in expectation: privacy.expected_batch_size, or (null) the non-private step size."""
+    t = cfg.train
+    return cfg.privacy.expected_batch_size or t.batch_size * t.grad_accum * processes

@@ -17,7 +17,7 @@ from tunesmith.config import Config
 from tunesmith.data.prepare import Examples
 from tunesmith.errors import UserError
 from tunesmith.privacy.dp import DPSGD
-from tunesmith.privacy.sampling import PoissonPlan, units_of
+from tunesmith.privacy.sampling import PoissonPlan, expected_batch, units_of
 from tunesmith.report.console import print_setup
 from tunesmith.rundir import RunDir
 from tunesmith.training import processes, steppers, trackers, zero
@@ -184,14 +184,14 @@ def batch_plan(cfg: Config, examples: Examples, data: dict, accelerator) -> Shuf
     t = cfg.train
     shape = (t.batch_size, t.grad_accum, cfg.seed, accelerator.num_processes, accelerator.process_index)
     replay = data.pop("replay", None)
-    if cfg.privacy is not None:  # Poisson sampling; expected batch batch_size * grad_accum * processes, as without DP
+    if cfg.privacy is not None:  # Poisson sampling of privacy.expected_batch_size rows, in micro-batches of batch_size
         if accelerator.num_processes > 1 and cfg.privacy.secure_mode:
             raise UserError("privacy.secure_mode runs on one process: each rank's CSPRNG would draw other noise")
         where_user = {ex.where: ex.user for ex in examples.splits["train"]}
         users = [where_user[r.where] for r in data["train"]] if cfg.privacy.unit == "user" else None
         return PoissonPlan(
             units_of(users, len(data["train"])),
-            t.batch_size * t.grad_accum * accelerator.num_processes,
+            expected_batch(cfg, accelerator.num_processes),
             t.batch_size,
             cfg.seed,
             accelerator.num_processes,

@@ -30,7 +30,7 @@ from tunesmith.recipes import building
 from tunesmith.recipes.recipe import Steps, Which
 from tunesmith.recipes.state import save_weights
 from tunesmith.rundir import RunDir
-from tunesmith.training.loss import causal_lm_loss_sum, choose_loss, per_example_loss_sum
+from tunesmith.training.loss import causal_lm_loss_sum, choose_loss, per_example_loss_sum, per_example_losses
 
 
 def general_text(cfg: Config, source: str, column: str, max_rows: int | None, tokenizer) -> tuple[list, int, dict]:
@@ -86,7 +86,7 @@ def setup(cfg: Config, run: RunDir) -> building.Setup:
     loss_fn = choose_loss(model, collate(data["train"][:2], pad), cfg.train.chunked_loss)
     count = count_targets
     if cfg.privacy is not None:  # DP clips each example's gradient: each example's own loss, counted in rows
-        loss_fn, count = per_example_loss_sum, len
+        loss_fn, count = per_example_losses if cfg.privacy.grad_sample_mode == "ghost" else per_example_loss_sum, len
     batch_fn = collate
     if cfg.data.packing:  # training rows only: evaluation and generation see rows one by one
         n_rows = len(data["train"])

@@ -41,9 +41,14 @@ def collate_labeled(rows: list[LabeledRow], pad_id: int) -> dict[str, torch.Tens
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([r.label for r in rows])}
 
 
-def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def loss_sum(model, batch: dict[str, torch.Tensor], reduction: str = "sum") -> tuple[torch.Tensor, int]:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), len(batch["labels"])
+    return F.cross_entropy(logits.float(), batch["labels"], reduction=reduction), len(batch["labels"])
+
+
+def per_example_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """DP-SGD with ghost clipping weights each row's loss in its second backward."""
+    return loss_sum(model, batch, reduction="none")
 
 
 def setup(cfg: Config, run: RunDir) -> building.Setup:
@@ -66,7 +71,7 @@ def setup(cfg: Config, run: RunDir) -> building.Setup:
         model,
         model_path,
         collate=lambda rows: collate_labeled(rows, pad),
-        loss_sum=loss_sum,
+        loss_sum=per_example_losses if cfg.privacy and cfg.privacy.grad_sample_mode == "ghost" else loss_sum,
         count=len,
         quick_eval=quick_eval,
     )

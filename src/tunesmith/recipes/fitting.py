@@ -100,7 +100,7 @@ def accumulate(s: Setup, step: int, step_rows: list[int], n_targets: int) -> tup
                     with s.optim.precision.autocast():
                         loss, _ = s.optim.loss_sum(s.model, batch)
                     s.optim.stepper.backward(loss, weight, n_targets, last)
-                loss_sum += loss.item() * weight
+                loss_sum += loss.detach().sum().item() * weight  # DP ghost clipping's loss is per example
                 if weight:  # padding passes feed no tokens
                     real_tokens += tokens_in(batch)
             return loss_sum, real_tokens, micro

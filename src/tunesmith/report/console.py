@@ -27,13 +27,8 @@ def print_setup(s) -> None:
         + (f", layer decay {t.layer_decay:g}" if t.layer_decay else ""),
     ]
     if s.optim.dp is not None:
-        d, p = s.optim.dp, cfg.privacy
-        budget = f"target epsilon {p.target_epsilon:g}" if p.target_epsilon is not None else "no epsilon target"
-        lines.append(
-            f"privacy    DP-SGD, {p.unit}-level: Poisson rate q={d.sample_rate:.4g} of {d.n_units} units, "
-            f"clip C={p.max_grad_norm:g}, noise multiplier {d.sigma:.3f}, delta {d.delta:.3g}, {budget} "
-            f"({p.accountant})"
-        )
+        lines[3], *more = privacy_lines(s)
+        lines += more
     for name, info in rep.get("tokens", {}).items():
         cut = {k: v for k, v in info.items() if k not in ("rows", "token_lengths") and v}
         lens = info["token_lengths"]
@@ -49,6 +44,27 @@ def print_setup(s) -> None:
     if removed or rep.get("bad_rows"):
         lines.append(f"removed    {removed} bad rows {rep.get('bad_rows') or {}}")
     console.print("\n".join(lines), soft_wrap=True)
+
+
+def privacy_lines(s) -> list[str]:
+    """The DP-SGD batch line (Poisson sampling), then clipping and noise, and which values came from the DP
+    recipe (privacy: defaults) rather than from the config."""
+    d, p = s.optim.dp, s.cfg.privacy
+    budget = f"target epsilon {p.target_epsilon:g}" if p.target_epsilon is not None else "no epsilon target"
+    lines = [
+        f"batch      Poisson: {s.optim.plan.rows_per_step:,} {p.unit}s per step expected, in micro-batches of "
+        f"{s.optim.plan.micro_size} rows ({p.grad_sample_mode} per-example norms)",
+        f"privacy    DP-SGD, {p.unit}-level: Poisson rate q={d.sample_rate:.4g} of {d.n_units} units, "
+        f"clip C={p.max_grad_norm:g}, noise multiplier {d.sigma:.3f}, delta {d.delta:.3g}, {budget} "
+        f"({p.accountant})",
+    ]
+    if p.applied:
+        lines.append(
+            "DP recipe  "
+            + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in p.applied.items())
+            + " (Li et al. 2021, Yu et al. 2021: privacy defaults for keys the config leaves unset)"
+        )
+    return lines
 
 
 def before_after_table(report: dict) -> Table:

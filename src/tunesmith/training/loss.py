@@ -88,13 +88,20 @@ def choose_loss(model, batch: dict[str, torch.Tensor], chunked: bool):
     return chunked_loss_sum if same else causal_lm_loss_sum
 
 
-def per_example_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """For DP-SGD: the sum over rows of each row's *own* mean token loss, with the row count. Each
-    example's gradient then depends on that example alone (no step-wide token count before clipping,
-    RELIABILITY.md S10c), and the plain lm_head keeps the batch dimension Opacus's hooks need."""
+def per_example_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """For DP-SGD: each row's *own* mean token loss (a vector), with the row count. Each example's
+    gradient then depends on that example alone (no step-wide token count before clipping,
+    RELIABILITY.md S10c), and the plain lm_head keeps the batch dimension Opacus's hooks need. Ghost
+    clipping weights these losses in its second backward."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     logits, targets = out.logits[:, :-1, :], batch["labels"][:, 1:]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up to fp32; fp64 stays
     tokens = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
     counts = (targets != IGNORE).sum(1).clamp(min=1)
-    return (tokens.sum(1) / counts).sum(), len(targets)
+    return tokens.sum(1) / counts, len(targets)
+
+
+def per_example_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """For DP-SGD with per-example gradients (hooks): the sum of per_example_losses."""
+    losses, rows = per_example_losses(model, batch)
+    return losses.sum(), rows

@@ -123,7 +123,11 @@ class Private(Plain):
         return 1.0
 
     def backward(self, loss: torch.Tensor, weight: float, n_targets: int, last: bool) -> None:
-        super().backward(loss, weight, n_targets, last)
+        """`loss`: the micro-batch's summed per-example losses; under ghost clipping, the per-example losses."""
+        if self.dp.ghost:
+            self.dp.ghost_backward(loss)  # two passes: per-example norms, then the clipped sum
+        else:
+            super().backward(loss, weight, n_targets, last)
         self.dp.accumulate()  # clip each example's gradient and add it to the step's sum
 
     def prepare_grads(self, step: int) -> torch.Tensor:
