@@ -119,9 +119,11 @@ def test_study_prunes_records_and_writes_the_best_config(tiny_config, tmp_path):
 
 def test_a_failed_trial_is_recorded_failed_and_the_study_goes_on(tiny_config, monkeypatch):
     cfg = config_from_dict(search_config(tiny_config))
-    from tunesmith.recipes import causal_lm
+    from types import SimpleNamespace
 
-    real, calls = causal_lm.train, {"n": 0}
+    from tunesmith import recipes
+
+    real, calls = recipes.recipe_for(cfg).train, {"n": 0}
 
     def train(tcfg, **kw):
         calls["n"] += 1
@@ -129,7 +131,8 @@ def test_a_failed_trial_is_recorded_failed_and_the_study_goes_on(tiny_config, mo
             raise UserError("this trial's settings do not fit")
         return real(tcfg, **kw)
 
-    monkeypatch.setattr(causal_lm, "train", train)
+    # search asks recipe_for for each trial's recipe: the seam where a trial can be made to fail
+    monkeypatch.setattr(recipes, "recipe_for", lambda tcfg: SimpleNamespace(train=train))
     study = search(cfg, trials=3)
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.FAIL) == 1 and len(states) == 3

@@ -176,6 +176,12 @@ class Config(Strict):
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
+    def expected_batch(self, processes: int) -> int:
+        """DP-SGD units per step in expectation: privacy.expected_batch_size, or (null) the non-private
+        step size."""
+        t = self.train
+        return self.privacy.expected_batch_size or t.batch_size * t.grad_accum * processes
+
 
 def stage_config(cfg: Config, index: int, start: dict | None = None) -> Config:
     """Stage `index` (0-based; len(stages) is the final task) as a plain config: the final config with

@@ -12,7 +12,6 @@ from rich.markup import escape
 from tunesmith.config import Config
 from tunesmith.data.formats import Example
 from tunesmith.errors import DataError
-from tunesmith.privacy.sampling import expected_batch
 
 MAX_LISTED = 20
 IMBALANCE = 0.95  # a majority label above this share of train gets a warning
@@ -66,7 +65,7 @@ def step_fits(cfg: Config, n_rows: int) -> None:
     world = os.environ.get("WORLD_SIZE", "1")
     world = int(world) if world.isdigit() and int(world) > 0 else 1
     if cfg.privacy is not None:  # a Poisson step: its expected size, whatever the micro-batch
-        step = expected_batch(cfg, world)
+        step = cfg.expected_batch(world)
         if step > n_rows:
             raise DataError(
                 f"A DP-SGD step of {step:,} expected rows (privacy.expected_batch_size, or train.batch_size "

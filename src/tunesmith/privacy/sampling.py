@@ -73,9 +73,3 @@ def units_of(users: list[str] | None, n_rows: int) -> list[list[int]]:
     for i, u in enumerate(users):
         groups.setdefault(u, []).append(i)
     return list(groups.values())
-
-
-def expected_batch(cfg, processes: int) -> int:
-    """Units per step in expectation: privacy.expected_batch_size, or (null) the non-private step size."""
-    t = cfg.train
-    return cfg.privacy.expected_batch_size or t.batch_size * t.grad_accum * processes

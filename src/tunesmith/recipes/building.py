@@ -17,7 +17,7 @@ from tunesmith.config import Config
 from tunesmith.data.prepare import Examples
 from tunesmith.errors import UserError
 from tunesmith.privacy.dp import DPSGD
-from tunesmith.privacy.sampling import PoissonPlan, expected_batch, units_of
+from tunesmith.privacy.sampling import PoissonPlan, units_of
 from tunesmith.report.console import print_setup
 from tunesmith.rundir import RunDir
 from tunesmith.training import processes, steppers, trackers, zero
@@ -191,7 +191,7 @@ def batch_plan(cfg: Config, examples: Examples, data: dict, accelerator) -> Shuf
         users = [where_user[r.where] for r in data["train"]] if cfg.privacy.unit == "user" else None
         return PoissonPlan(
             units_of(users, len(data["train"])),
-            expected_batch(cfg, accelerator.num_processes),
+            cfg.expected_batch(accelerator.num_processes),
             t.batch_size,
             cfg.seed,
             accelerator.num_processes,
