@@ -16,7 +16,7 @@ import random
 
 import numpy as np
 
-from tunesmith.config import derive
+from tunesmith.config import Config, derive
 from tunesmith.console import console
 from tunesmith.data.sources import read_source
 from tunesmith.errors import UserError
@@ -87,9 +87,6 @@ def audit(
     epsilon: float = 8.0,
     seed: int = 0,
 ) -> dict:
-    from tunesmith.inference import load_finetuned
-    from tunesmith.recipes import recipe_for
-
     run = RunDir.open(run_path)
     cfg = run.config()
     if cfg.data.format == "classification":
@@ -108,34 +105,47 @@ def audit(
     for name, privacy in (("no_dp", None), ("dp", private), ("dp_user", user_level)):
         console.print(f"[bold]audit[/]: training '{name}' with {sum(repetitions) * per_repetition} canary rows")
         vcfg = variant_config(cfg, str(run.path / "audit"), name, train, validation, privacy)
-        trained = recipe_for(vcfg).train(vcfg, overwrite=True)
-        model, tokenizer, _ = load_finetuned(trained)
-        ref = cn.log_perplexities(model, tokenizer, vcfg.data, references)
-        scores = {r: cn.log_perplexities(model, tokenizer, vcfg.data, s) for r, s in inserted.items()}
-        exp = cn.exposures(scores, ref)
-        report = trained.read_json("eval.json", {})
-        result["variants"][name] = {
-            "epsilon": report.get("epsilon"),
-            "delta": report.get("delta"),
-            "unit": (report.get("privacy") or {}).get("unit"),
-            "exposure": {
-                str(r): {
-                    "mean": round(float(e.mean()), 3),
-                    "max": round(float(e.max()), 3),
-                    "values": [round(float(x), 3) for x in e],
-                }
-                for r, e in exp.items()
-            },
-        }
+        result["variants"][name] = audit_variant(vcfg, inserted, references)
     run.write_json("audit.json", result)
+    record_in_eval(run, result)
+    print_audit(result)
+    return result
+
+
+def audit_variant(vcfg: Config, inserted: dict, references: list) -> dict:
+    """Train one variant on the data with canaries, then measure each inserted secret's exposure."""
+    from tunesmith.inference import load_finetuned
+    from tunesmith.recipes import recipe_for
+
+    trained = recipe_for(vcfg).train(vcfg, overwrite=True)
+    model, tokenizer, _ = load_finetuned(trained)
+    ref = cn.log_perplexities(model, tokenizer, vcfg.data, references)
+    scores = {r: cn.log_perplexities(model, tokenizer, vcfg.data, s) for r, s in inserted.items()}
+    exp = cn.exposures(scores, ref)
+    report = trained.read_json("eval.json", {})
+    return {
+        "epsilon": report.get("epsilon"),
+        "delta": report.get("delta"),
+        "unit": (report.get("privacy") or {}).get("unit"),
+        "exposure": {
+            str(r): {
+                "mean": round(float(e.mean()), 3),
+                "max": round(float(e.max()), 3),
+                "values": [round(float(x), 3) for x in e],
+            }
+            for r, e in exp.items()
+        },
+    }
+
+
+def record_in_eval(run: RunDir, result: dict) -> None:
+    """Each variant's epsilon and mean exposure into the run's eval.json, where its report reads them."""
     report = run.read_json("eval.json", {})
     report["audit"] = {
         k: {"epsilon": v["epsilon"], "mean_exposure": {r: x["mean"] for r, x in v["exposure"].items()}}
         for k, v in result["variants"].items()
     }
     run.write_json("eval.json", report)
-    print_audit(result)
-    return result
 
 
 def print_audit(result: dict) -> None:

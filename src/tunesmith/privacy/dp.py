@@ -69,6 +69,44 @@ def tied_trainables(model: torch.nn.Module) -> list[str]:
     return tied
 
 
+def delta_for(pcfg: Privacy, n_units: int) -> float:
+    """privacy.delta, or 1/(10 N) when unset; refused at 1/N or above."""
+    delta = pcfg.delta if pcfg.delta is not None else 1 / (10 * n_units)
+    if delta >= 1 / n_units:
+        raise UserError(
+            f"privacy.delta={pcfg.delta} is not below 1/N = {1 / n_units:.3g} (N = {n_units} privacy units)",
+            hint="A delta of 1/N allows leaking one unit outright; "
+            f"use at most 1/(10 N) = {1 / (10 * n_units):.3g}, or leave it unset.",
+        )
+    return delta
+
+
+def per_sample_hooks(model: torch.nn.Module, pcfg: Privacy) -> torch.nn.Module:
+    # The hooks go on the model's own layers, so the loop keeps calling the plain model.
+    if pcfg.grad_sample_mode == "ghost":
+        return GradSampleModuleFastGradientClipping(
+            model,
+            batch_first=True,
+            loss_reduction="sum",
+            max_grad_norm=pcfg.max_grad_norm,
+            use_ghost_clipping=True,
+        )
+    return GradSampleModule(model, batch_first=True, loss_reduction="sum")
+
+
+def noise_multiplier(pcfg: Privacy, delta: float, sample_rate: float, planned_steps: int) -> float:
+    """privacy.noise_multiplier, or the one that spends target_epsilon in the planned steps."""
+    if pcfg.noise_multiplier is not None:
+        return pcfg.noise_multiplier
+    return get_noise_multiplier(
+        target_epsilon=pcfg.target_epsilon,
+        target_delta=delta,
+        sample_rate=sample_rate,
+        steps=planned_steps,
+        accountant=pcfg.accountant,
+    )
+
+
 class DPSGD:
     def __init__(
         self,
@@ -81,42 +119,15 @@ class DPSGD:
         seed: int,
     ):
         self.cfg, self.n_units, self.sample_rate, self.seed = pcfg, n_units, sample_rate, seed
-        self.delta = pcfg.delta if pcfg.delta is not None else 1 / (10 * n_units)
-        if self.delta >= 1 / n_units:
-            raise UserError(
-                f"privacy.delta={pcfg.delta} is not below 1/N = {1 / n_units:.3g} (N = {n_units} privacy units)",
-                hint="A delta of 1/N allows leaking one unit outright; "
-                f"use at most 1/(10 N) = {1 / (10 * n_units):.3g}, or leave it unset.",
-            )
+        self.delta = delta_for(pcfg, n_units)
         self.ghost = pcfg.grad_sample_mode == "ghost"
         check_model(model, self.ghost)
         self.generator = self._generator(model)  # before any hook: a refused secure_mode leaves the model as it was
         # A PEFT model loads in eval mode, and Opacus's hooks capture nothing there ("No activations
         # detected"): switch to training mode before wrapping.
         model.train()
-        # The hooks go on the model's own layers, so the loop keeps calling the plain model.
-        self.module = (
-            GradSampleModuleFastGradientClipping(
-                model,
-                batch_first=True,
-                loss_reduction="sum",
-                max_grad_norm=pcfg.max_grad_norm,
-                use_ghost_clipping=True,
-            )
-            if self.ghost
-            else GradSampleModule(model, batch_first=True, loss_reduction="sum")
-        )
-        self.sigma = (
-            pcfg.noise_multiplier
-            if pcfg.noise_multiplier is not None
-            else get_noise_multiplier(
-                target_epsilon=pcfg.target_epsilon,
-                target_delta=self.delta,
-                sample_rate=sample_rate,
-                steps=planned_steps,
-                accountant=pcfg.accountant,
-            )
-        )
+        self.module = per_sample_hooks(model, pcfg)
+        self.sigma = noise_multiplier(pcfg, self.delta, sample_rate, planned_steps)
         self.accountant = create_accountant(pcfg.accountant)
         self.optimizer = DPOptimizer(
             optimizer,

@@ -113,42 +113,17 @@ def build(
     quick_eval: Callable[[Setup, str], dict],
 ) -> Setup:
     """Wrap a freshly loaded model with the optimizer, schedule, batch plan and accelerator."""
-    # fp16 is handled by Precision (its own GradScaler): accelerate has none on CPU.
-    accelerator = Accelerator(
-        mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
-        cpu=device_kwargs()["cpu"],
-        **trackers.accelerator_kwargs(cfg, run.path),
-    )
-    processes.engage(cfg, accelerator)  # DeepSpeed or FSDP settled (and refusals) before the model is wrapped
+    accelerator = make_accelerator(cfg, run)
     if collective_forward(accelerator) and loss_sum is chunked_loss_sum:
         # The chunked loss recomputes lm_head in the backward, after ZeRO-3/FSDP has freed the gathered weight.
         loss_sum = causal_lm_loss_sum
     if cfg.train.gradient_checkpointing:
         checkpoint_activations(model, accelerator)
-    optimizer = build_optimizer(model, cfg.train)
+    model, optim = optimisation(cfg, examples, rows, model, accelerator, loss_sum, count)
     t = cfg.train
-    plan = batch_plan(cfg, examples, rows, accelerator)
-    total = t.max_steps or math.ceil(t.epochs * plan.steps_per_epoch)
-    dp = DPSGD(model, optimizer, cfg.privacy, plan.n_units, plan.sample_rate, total, cfg.seed) if cfg.privacy else None
-    if dp is not None and accelerator.num_processes > 1:
-        # No DDP wrapper: its gradient all-reduce and per-forward buffer broadcasts assume every rank runs
-        # the same micro-batches, which Poisson shards do not. DPSGD sums the clipped gradients itself.
-        model, optimizer = dp.share(model.to(accelerator.device)), accelerator.prepare(optimizer)
-    else:
-        model, optimizer = accelerator.prepare(model, optimizer)
-    precision = Precision(t.precision, accelerator)
-    optim = Optimisation(
-        plan,
-        total,
-        loss_sum,
-        count,
-        optimizer,
-        build_scheduler(optimizer, t, total),
-        steppers.choose(accelerator, model, optimizer, precision, cfg, dp),
-        precision,
-        dp,
+    books = Bookkeeping(
+        EarlyStopper(t.early_stopping), SpikeDetector(t.spike_factor, t.spike_window), Watch(optim.total_steps)
     )
-    books = Bookkeeping(EarlyStopper(t.early_stopping), SpikeDetector(t.spike_factor, t.spike_window), Watch(total))
     s = Setup(
         cfg,
         run,
@@ -168,6 +143,38 @@ def build(
     trackers.start(accelerator, cfg, run.path)
     print_setup(s)
     return s
+
+
+def make_accelerator(cfg: Config, run: RunDir) -> Accelerator:
+    # fp16 is handled by Precision (its own GradScaler): accelerate has none on CPU.
+    accelerator = Accelerator(
+        mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
+        cpu=device_kwargs()["cpu"],
+        **trackers.accelerator_kwargs(cfg, run.path),
+    )
+    processes.engage(cfg, accelerator)  # DeepSpeed or FSDP settled (and refusals) before the model is wrapped
+    return accelerator
+
+
+def optimisation(
+    cfg: Config, examples: Examples, rows: dict, model, accelerator: Accelerator, loss_sum, count
+) -> tuple[torch.nn.Module, Optimisation]:
+    """The batch plan, optimizer, schedule and stepper, with the model as accelerate (or DP-SGD) prepared it."""
+    t = cfg.train
+    optimizer = build_optimizer(model, t)
+    plan = batch_plan(cfg, examples, rows, accelerator)
+    total = t.max_steps or math.ceil(t.epochs * plan.steps_per_epoch)
+    dp = DPSGD(model, optimizer, cfg.privacy, plan.n_units, plan.sample_rate, total, cfg.seed) if cfg.privacy else None
+    if dp is not None and accelerator.num_processes > 1:
+        # No DDP wrapper: its gradient all-reduce and per-forward buffer broadcasts assume every rank runs
+        # the same micro-batches, which Poisson shards do not. DPSGD sums the clipped gradients itself.
+        model, optimizer = dp.share(model.to(accelerator.device)), accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    precision = Precision(t.precision, accelerator)
+    scheduler = build_scheduler(optimizer, t, total)
+    stepper = steppers.choose(accelerator, model, optimizer, precision, cfg, dp)
+    return model, Optimisation(plan, total, loss_sum, count, optimizer, scheduler, stepper, precision, dp)
 
 
 def checkpoint_activations(model, accelerator) -> None:

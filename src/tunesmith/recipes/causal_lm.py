@@ -149,7 +149,6 @@ def loss_eval(s: building.Setup, split: str) -> dict:
 def evaluate(s: building.Setup, which: Which) -> dict:
     """Every held-out split: loss and perplexity, then the task's generation metrics."""
     task, cfg = TASKS[s.cfg.task_name], s.cfg.eval
-    model = s.accelerator.unwrap_model(s.model)
     results: dict = {}
     for split in ("validation", "test"):
         if split not in s.data.rows:
@@ -158,33 +157,46 @@ def evaluate(s: building.Setup, which: Which) -> dict:
         rows = generation_rows(task, s.data.examples.splits[split], cfg.generate_rows) if task.generate else []
         if split == "validation" and not rows and cfg.samples:
             rows = [ex for ex in s.data.examples.splits[split] if ex.prompt is not None][: cfg.samples]
-        if not rows:
-            continue
-        outputs, stopped = generate_sharded(
-            s.accelerator,
-            model,
-            s.tokenizer,
-            [ex.prompt for ex in rows],
-            cfg.max_new_tokens,
-            cfg.batch_size,
-            s.accelerator.device,
-            label=f"{which} {split}",
-            fn=generate,
-            **decoding.options(s.cfg, rows),
-        )
-        results.setdefault("decoding", {})[split] = decoding.record(s.cfg)
-        if task.generate:
-            results[split].update(task.score(outputs, stopped, rows))
-            if which == "base" and "few_shot" in cfg.baselines:
-                k = cfg.few_shot_k
-                results.setdefault("baselines", {}).setdefault(f"{k}-shot prompt", {})[split] = few_shot_scores(
-                    s, task, rows, k
-                )
-        if split == "validation":
-            results["samples"] = [
-                {"id": ex.id, "prompt": ex.prompt[-1]["content"], "output": out, "reference": ex.completion}
-                for ex, out in zip(rows[: cfg.samples], outputs)
-            ]
+        if rows:
+            generation_eval(s, which, split, rows, results)
+    add_retention(s, which, results)
+    s.model.train()
+    return results
+
+
+def generation_eval(s: building.Setup, which: Which, split: str, rows: list, results: dict) -> None:
+    """Generate for `rows` as eval.decoding says; the task's scores, a base model's few-shot baseline and the
+    validation samples go into `results`."""
+    task, cfg = TASKS[s.cfg.task_name], s.cfg.eval
+    outputs, stopped = generate_sharded(
+        s.accelerator,
+        s.accelerator.unwrap_model(s.model),
+        s.tokenizer,
+        [ex.prompt for ex in rows],
+        cfg.max_new_tokens,
+        cfg.batch_size,
+        s.accelerator.device,
+        label=f"{which} {split}",
+        fn=generate,
+        **decoding.options(s.cfg, rows),
+    )
+    results.setdefault("decoding", {})[split] = decoding.record(s.cfg)
+    if task.generate:
+        results[split].update(task.score(outputs, stopped, rows))
+        if which == "base" and "few_shot" in cfg.baselines:
+            k = cfg.few_shot_k
+            results.setdefault("baselines", {}).setdefault(f"{k}-shot prompt", {})[split] = few_shot_scores(
+                s, task, rows, k
+            )
+    if split == "validation":
+        results["samples"] = [
+            {"id": ex.id, "prompt": ex.prompt[-1]["content"], "output": out, "reference": ex.completion}
+            for ex, out in zip(rows[: cfg.samples], outputs)
+        ]
+
+
+def add_retention(s: building.Setup, which: Which, results: dict) -> None:
+    """Perplexity on the retention sets, and after fine-tuning how much it rose against the base model's."""
     at_start, s.evaluation.retention_at_start = s.evaluation.retention_at_start, None  # measured once, used once
     retention = at_start if which == "base" and at_start is not None else retention_eval(s)
     if retention:
@@ -196,8 +208,6 @@ def evaluate(s: building.Setup, which: Which) -> dict:
                 "ratio": worst_ratio(report),
                 "max_increase": s.cfg.retention.max_increase,
             }
-    s.model.train()
-    return results
 
 
 def few_shot_turns(s: building.Setup, k: int) -> list[dict]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -98,7 +98,17 @@ def save_checkpoint(s: Setup, updates: int, data_step: int) -> None:
     }
     if s.books.best_weights is not None:
         tensors["best.safetensors"] = s.books.best_weights
-    state = {
+    state = checkpoint_state(s, updates, data_step, opt_meta, rng_meta)
+    root = s.run / "checkpoints"
+    parts = rank_parts(s, root, updates, (rng_meta, rng_tensors), (opt_meta, opt_tensors))
+    if s.accelerator.is_main_process:
+        write_on_main(s, root, updates, tensors, state, parts)
+    s.accelerator.wait_for_everyone()
+
+
+def checkpoint_state(s: Setup, updates: int, data_step: int, opt_meta: dict, rng_meta: dict) -> dict:
+    """state.json: counters, positions and every non-tensor state resume needs."""
+    return {
         "step": updates,
         "data_step": data_step,
         "epoch": s.optim.plan.epoch_of(max(data_step - 1, 0)),
@@ -115,38 +125,47 @@ def save_checkpoint(s: Setup, updates: int, data_step: int) -> None:
         "micro_batch_size": s.optim.plan.micro_size,
         "privacy": s.optim.dp.state_dict() if s.optim.dp is not None else None,
     }
-    acc, root = s.accelerator, s.run / "checkpoints"
-    parts = None
-    if acc.num_processes > 1:
-        # Several ranks: each writes its own random streams into the main process's staging
-        # directory; only when all have (barrier) does the main process write the manifest and rename.
-        def parts(staging: Path) -> None:
-            acc.wait_for_everyone()  # staging exists
-            acc.wait_for_everyone()  # every rank's part is written
 
-        if not acc.is_main_process:
-            acc.wait_for_everyone()
-            staging, rank = ckpt.staging_dir(root, updates), acc.process_index
-            ckpt.write_part(staging, {f"rng-rank{rank}.safetensors": rng_tensors}, rng_meta)
-            if partitioned(s):  # ZeRO and FSDP partition the optimizer state: each rank saves its own
-                ckpt.write_part(staging, {f"optimizer-rank{rank}.safetensors": opt_tensors}, opt_meta)
-            acc.wait_for_everyone()
-    if acc.is_main_process:
-        warning = ckpt.low_space_warning(root, tensors)
-        if warning:
-            from tunesmith.console import console
 
-            console.print(f"[yellow]warning: {warning}[/]")
-            s.run.log({"step": updates, "warning": warning})
+def rank_parts(s: Setup, root: Path, updates: int, rng: tuple, opt: tuple) -> Callable[[Path], None] | None:
+    """Several ranks: each writes its own random streams into the main process's staging directory; only
+    when all have (barrier) does the main process write the manifest and rename. Returns what the main
+    process waits with between the two (None on one process); the other ranks write their parts here."""
+    acc = s.accelerator
+    if acc.num_processes == 1:
+        return None
+
+    def parts(staging: Path) -> None:
+        acc.wait_for_everyone()  # staging exists
+        acc.wait_for_everyone()  # every rank's part is written
+
+    if not acc.is_main_process:
+        (rng_meta, rng_tensors), (opt_meta, opt_tensors) = rng, opt
+        acc.wait_for_everyone()
+        staging, rank = ckpt.staging_dir(root, updates), acc.process_index
+        ckpt.write_part(staging, {f"rng-rank{rank}.safetensors": rng_tensors}, rng_meta)
+        if partitioned(s):  # ZeRO and FSDP partition the optimizer state: each rank saves its own
+            ckpt.write_part(staging, {f"optimizer-rank{rank}.safetensors": opt_tensors}, opt_meta)
+        acc.wait_for_everyone()
+    return parts
+
+
+def write_on_main(s: Setup, root: Path, updates: int, tensors: dict, state: dict, parts) -> None:
+    """The main process writes the checkpoint (warning first when the disk runs low); a full disk halts the run."""
+    warning = ckpt.low_space_warning(root, tensors)
+    if warning:
+        from tunesmith.console import console
+
+        console.print(f"[yellow]warning: {warning}[/]")
+        s.run.log({"step": updates, "warning": warning})
+    try:
+        ckpt.write_checkpoint(root, updates, tensors, state, s.cfg.train.save_total_limit, parts)
+    except ckpt.DiskFull:
         try:
-            ckpt.write_checkpoint(root, updates, tensors, state, s.cfg.train.save_total_limit, parts)
-        except ckpt.DiskFull:
-            try:
-                s.run.update_run(status="halted", step=updates)
-            except OSError:
-                pass  # the disk is full: the error message matters more than the status line
-            raise
-    acc.wait_for_everyone()
+            s.run.update_run(status="halted", step=updates)
+        except OSError:
+            pass  # the disk is full: the error message matters more than the status line
+        raise
 
 
 def pick_checkpoint(root: Path, fallback: bool) -> Path | None:
@@ -172,6 +191,25 @@ def pick_checkpoint(root: Path, fallback: bool) -> Path | None:
 
 def restore(s: Setup, path: Path, allow_drift: bool = False) -> tuple[int, int]:
     state, tensors = ckpt.load_checkpoint(path, REQUIRED)
+    check_resumable(s, path, state, allow_drift)
+    if s.optim.dp is not None:  # epsilon continues from the checkpoint's accountant, or the resume is refused
+        s.optim.dp.load_state_dict(state.get("privacy"), str(path))
+    load_trainable(s, tensors["trainable.safetensors"], f"{path}/trainable.safetensors")
+    restore_optimizer(s, path, state, tensors)
+    restore_schedule(s, state)
+    restore_books(s, state, tensors)
+    rank = s.accelerator.process_index
+    if rank == 0:
+        ckpt.set_rng_state(state["rng"], tensors["rng.safetensors"])
+    else:
+        own = path / f"rng-rank{rank}.safetensors"
+        ckpt.set_rng_state(ckpt.load_part_meta(own), tensors[own.name])
+    return state["step"], state.get("data_step", state["step"])
+
+
+def check_resumable(s: Setup, path: Path, state: dict, allow_drift: bool) -> None:
+    """Refuse a checkpoint made from other data (unless --allow-drift, recorded), on another number of
+    processes, or with privacy when this config has none."""
     if state["fingerprint"] != s.data.examples.fingerprint:
         problem = f"dataset fingerprint {state['fingerprint'][:12]} -> {s.data.examples.fingerprint[:12]}"
         if not allow_drift:
@@ -187,14 +225,14 @@ def restore(s: Setup, path: Path, allow_drift: bool = False) -> tuple[int, int]:
             f"now {s.accelerator.num_processes}",
             hint="Resume with the same number of processes.",
         )
-    if s.optim.dp is not None:  # epsilon continues from the checkpoint's accountant, or the resume is refused
-        s.optim.dp.load_state_dict(state.get("privacy"), str(path))
-    elif state.get("privacy"):
+    if s.optim.dp is None and state.get("privacy"):
         raise UserError(
             f"Refusing to resume from {path}: it was trained with privacy (DP-SGD), this config has none",
             hint="Resume with the original privacy block; a mix of private and non-private steps has no guarantee.",
         )
-    load_trainable(s, tensors["trainable.safetensors"], f"{path}/trainable.safetensors")
+
+
+def restore_optimizer(s: Setup, path: Path, state: dict, tensors: dict) -> None:
     rank = s.accelerator.process_index
     with optimizer_of(s) as opt:
         if partitioned(s) and rank:  # this rank's partition, its metadata in the file's header
@@ -202,6 +240,9 @@ def restore(s: Setup, path: Path, allow_drift: bool = False) -> tuple[int, int]:
             ckpt.optimizer_from_tensors(opt, ckpt.load_part_meta(own), tensors[own.name])
         else:
             ckpt.optimizer_from_tensors(opt, state["optimizer"], tensors["optimizer.safetensors"])
+
+
+def restore_schedule(s: Setup, state: dict) -> None:
     # The rate comes from this config's schedule, not the checkpoint's param_groups: identical without
     # drift, and with --allow-drift a changed train.lr applies from the first resumed update.
     sched = s.optim.scheduler
@@ -209,6 +250,10 @@ def restore(s: Setup, path: Path, allow_drift: bool = False) -> tuple[int, int]:
     for group, base, fn in zip(s.optim.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
         group["initial_lr"], group["lr"] = base, base * fn(sched.last_epoch)
     sched._last_lr = [g["lr"] for g in s.optim.optimizer.param_groups]
+
+
+def restore_books(s: Setup, state: dict, tensors: dict) -> None:
+    """What the loop carries between updates: early stopping, warnings, spikes, counters, the batch size."""
     s.books.stopper.load_state_dict(state["early_stopping"])
     s.books.watch.load_state_dict(state.get("watch"))  # absent in checkpoints written before it was saved
     s.books.best_weights = tensors.get("best.safetensors")
@@ -217,12 +262,6 @@ def restore(s: Setup, path: Path, allow_drift: bool = False) -> tuple[int, int]:
     s.books.spikes.load_state_dict(state.get("spikes", {"history": [], "flagged": []}))
     s.optim.plan.micro_size = state.get("micro_batch_size", s.optim.plan.micro_size)  # keep an out-of-memory back-off
     s.books.excluded = set(s.run.read_json(EXCLUDED, {}).get("rows", []))
-    if rank == 0:
-        ckpt.set_rng_state(state["rng"], tensors["rng.safetensors"])
-    else:
-        own = path / f"rng-rank{rank}.safetensors"
-        ckpt.set_rng_state(ckpt.load_part_meta(own), tensors[own.name])
-    return state["step"], state.get("data_step", state["step"])
 
 
 def rollback(s: Setup, rows: list[int], updates: int, data_step: int) -> tuple[int, int]:

@@ -126,58 +126,18 @@ def confusion(report: dict) -> str:
 
 def build(run: RunDir) -> str:
     report, info = run.read_json("eval.json", {}), run.read_json("run.json", {})
-    records = read_records(run)
     title = escape(run.path.name)
-    started, finished = info.get("started"), info.get("finished")
-    took = f"{finished - started:.0f} s" if started and finished else "-"
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>tunesmith: {title}</title>",
         f"<style>{STYLE}</style></head><body><h1>Run {title}</h1>",
-        table(
-            ["task", "status", "steps", "wall time", "device", "machine"],
-            [
-                [
-                    escape(str(report.get("task", info.get("task")))),
-                    escape(str(info.get("status"))),
-                    escape(str(info.get("steps"))),
-                    took,
-                    escape(str(info.get("device"))),
-                    escape(f"{platform.machine()}, {platform.python_version()}"),
-                ]
-            ],
-        ),
+        run_table(report, info),
         "<h2>Before / after (held-out data)</h2>",
         verdict(report),
-    ]
-    privacy = report.get("privacy")
-    if privacy:
-        parts += [
-            "<h2>Privacy</h2>",
-            table(
-                ["guarantee", "epsilon", "delta", "noise", "sample rate", "steps"],
-                [
-                    [
-                        escape(str(privacy.get("guarantee"))),
-                        fmt(privacy.get("epsilon")),
-                        f"{privacy.get('delta'):.3g}",
-                        fmt(privacy.get("noise_multiplier")),
-                        fmt(privacy.get("sample_rate")),
-                        privacy.get("steps"),
-                    ]
-                ],
-            ),
-        ]
-    if report.get("audit"):
-        parts += ["<h2>Canary exposure (bits)</h2>", f"<pre>{escape(json.dumps(report['audit'], indent=2))}</pre>"]
-    if report.get("stages"):
-        header, body = stage_rows(report["stages"])
-        parts += [
-            "<h2>Stages: the final task's metrics after each stage</h2>",
-            table(header, [[escape(stage), escape(task), *map(fmt, numbers)] for stage, task, *numbers in body]),
-        ]
-    parts += [
+        *privacy_section(report),
+        *audit_section(report),
+        *stages_section(report),
         "<h2>Curves</h2>",
-        *curves(records),
+        *curves(read_records(run)),
         confusion(report),
         "<h2>Sample outputs</h2>",
         samples(report),
@@ -188,6 +148,52 @@ def build(run: RunDir) -> str:
         f"<p>Written {time.strftime('%Y-%m-%d %H:%M:%S')} by tunesmith report.</p></body></html>",
     ]
     return "\n".join(parts)
+
+
+def run_table(report: dict, info: dict) -> str:
+    """The run at a glance: task, status, steps, wall time, device and machine."""
+    started, finished = info.get("started"), info.get("finished")
+    took = f"{finished - started:.0f} s" if started and finished else "-"
+    row = [
+        escape(str(report.get("task", info.get("task")))),
+        escape(str(info.get("status"))),
+        escape(str(info.get("steps"))),
+        took,
+        escape(str(info.get("device"))),
+        escape(f"{platform.machine()}, {platform.python_version()}"),
+    ]
+    return table(["task", "status", "steps", "wall time", "device", "machine"], [row])
+
+
+def privacy_section(report: dict) -> list[str]:
+    privacy = report.get("privacy")
+    if not privacy:
+        return []
+    row = [
+        escape(str(privacy.get("guarantee"))),
+        fmt(privacy.get("epsilon")),
+        f"{privacy.get('delta'):.3g}",
+        fmt(privacy.get("noise_multiplier")),
+        fmt(privacy.get("sample_rate")),
+        privacy.get("steps"),
+    ]
+    return ["<h2>Privacy</h2>", table(["guarantee", "epsilon", "delta", "noise", "sample rate", "steps"], [row])]
+
+
+def audit_section(report: dict) -> list[str]:
+    if not report.get("audit"):
+        return []
+    return ["<h2>Canary exposure (bits)</h2>", f"<pre>{escape(json.dumps(report['audit'], indent=2))}</pre>"]
+
+
+def stages_section(report: dict) -> list[str]:
+    if not report.get("stages"):
+        return []
+    header, body = stage_rows(report["stages"])
+    return [
+        "<h2>Stages: the final task's metrics after each stage</h2>",
+        table(header, [[escape(stage), escape(task), *map(fmt, numbers)] for stage, task, *numbers in body]),
+    ]
 
 
 def write_report(run_path) -> str:
