@@ -9,9 +9,12 @@ A B A B over --rounds. Real (non-padding) tokens/s excludes each run's first ste
 RSS is the child's maximum resident set (wait4). MFU = tokens/s x 4 x parameters (a LoRA step's
 forward and input-gradient backward; frozen weights get no weight gradient) over a matmul peak
 measured here at the start. The last line is the ratio of medians, tunesmith's best mode over the
-peer's best. Writes benchmarks/results/throughput.json and appends nothing else: the .md is written
-by hand from it. The peer needs TRL (`make bench`); without it the script stops before any run, and a run
-(peer or tunesmith) that fails makes it exit 1 after writing what it measured.
+peer's best. With --baseline-src (the src/ folder of another tunesmith checkout, e.g. an older commit's
+worktree), each round also runs that code's modes, labelled "baseline", and the last lines add its ratio
+against the peer and against this code: a slowdown check in one invocation. Writes
+benchmarks/results/throughput.json and appends nothing else: the .md is written by hand from it. The
+peer needs TRL (`make bench`); without it the script stops before any run, and a run (peer or tunesmith)
+that fails makes it exit 1 after writing what it measured.
 """
 
 from __future__ import annotations
@@ -111,9 +114,10 @@ def run_child(cmd: list[str], log: Path, env: dict | None = None) -> tuple[int, 
     return os.waitstatus_to_exitcode(status), time.time() - start, usage.ru_maxrss / 1024**2
 
 
-def tunesmith_run(mode: str, model: str, a, out: Path, k: int) -> dict:
+def tunesmith_run(mode: str, model: str, a, out: Path, k: int, src: Path | None = None) -> dict:
+    tool = "baseline" if src else "tunesmith"
     cfg = {
-        "name": f"{mode}-{k}",
+        "name": f"{tool}-{mode}-{k}",
         "output_dir": str(out / "runs"),
         "seed": 0,
         "model": {"name": model},
@@ -142,16 +146,18 @@ def tunesmith_run(mode: str, model: str, a, out: Path, k: int) -> dict:
         },
     }
     env = {**os.environ, **MODES[mode].get("env", {})}
+    if src:  # ahead of the installed (editable) tunesmith
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))
     for section, values in MODES[mode].items():
         if section != "env":
             cfg.setdefault(section, {}).update(values)
-    path = out / f"{mode}-{k}.yaml"
+    path = out / f"{tool}-{mode}-{k}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    log = out / f"{mode}-{k}.log"
+    log = out / f"{tool}-{mode}-{k}.log"
     code, wall, rss = run_child([sys.executable, "-m", "tunesmith", "train", str(path), "--overwrite"], log, env)
     if code != 0:  # nothing to read: finish() reports it and the benchmark exits 1
         return {
-            "tool": "tunesmith",
+            "tool": tool,
             "mode": mode,
             "exit": code,
             "tokens_per_s": None,
@@ -160,13 +166,13 @@ def tunesmith_run(mode: str, model: str, a, out: Path, k: int) -> dict:
             "wall_s": round(wall, 1),
             "log": str(log),
         }
-    run = out / "runs" / f"{mode}-{k}"
+    run = out / "runs" / f"{tool}-{mode}-{k}"
     steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     first, last = steps[0], steps[-1]  # tokens/s over steps 2..N: the first step is warm-up
     tps = (last["tokens"] - first["tokens"]) / (last["time"] - first["time"])
     report = json.loads((run / "eval.json").read_text())
     return {
-        "tool": "tunesmith",
+        "tool": tool,
         "mode": mode,
         "exit": code,
         "tokens_per_s": round(tps, 1),
@@ -326,6 +332,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--peer", type=Path, default=PEER)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--baseline-src", type=Path, help="src/ of another tunesmith checkout, run alongside")
     a = ap.parse_args()
     problem = peer_problem(a.peer) if a.peer_modes.strip(",") else None
     if problem:
@@ -352,8 +359,9 @@ def main() -> None:
             results.append(peer_run(mode, model, a, work, k))
             print(json.dumps(results[-1]), flush=True)
         for mode in filter(None, a.modes.split(",")):
-            results.append(tunesmith_run(mode, model, a, work, k))
-            print(json.dumps(results[-1]), flush=True)
+            for src in (None, a.baseline_src) if a.baseline_src else (None,):
+                results.append(tunesmith_run(mode, model, a, work, k, src))
+                print(json.dumps(results[-1]), flush=True)
     if a.quality:
         results.append(tunesmith_run("fp32", model, a, work, a.rounds))
         print(json.dumps(results[-1]), flush=True)
@@ -428,6 +436,11 @@ def summarize(results: list[dict], peaks: dict, n_params: int) -> dict:
             f"ratio tunesmith/peer tokens/s: {best['tokens_per_s'] / rival['tokens_per_s']:.2f} "
             f"({mem[1]} ratio: {best[mem[0]] / rival[mem[0]]:.2f})"
         )
+    base = [v for k, v in table.items() if k.startswith("baseline:")]
+    if base and ours and peer:
+        old = max(base, key=lambda v: v["tokens_per_s"])
+        lines.append(f"ratio baseline/peer tokens/s: {old['tokens_per_s'] / rival['tokens_per_s']:.2f}")
+        lines.append(f"ratio tunesmith/baseline tokens/s: {best['tokens_per_s'] / old['tokens_per_s']:.2f}")
     return {"table": table, "lines": lines}
 
 

@@ -76,3 +76,17 @@ def test_the_peer_dependency_is_declared_and_installed_by_make_bench():
     assert any(re.match(r"trl\b", req) for req in extras["bench"])
     target = re.search(r"^bench:.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.M)
     assert target and '".[bench]"' in target.group(1)
+
+
+def test_a_baseline_checkout_gets_its_own_ratios_and_never_counts_as_tunesmith():
+    results = [run("peer", "fp32", tps=100.0), run("tunesmith", "fp32", tps=150.0), run("baseline", "fp32", tps=200.0)]
+    lines = throughput.summarize(results, {"fp32": 1e12, "bf16": 1e12}, 1_000_000)["lines"]
+    # The baseline is faster here: were it taken for tunesmith, the first ratio would read 2.00.
+    assert "ratio tunesmith/peer tokens/s: 1.50 (peak RSS ratio: 1.00)" in lines
+    assert "ratio baseline/peer tokens/s: 2.00" in lines
+    assert "ratio tunesmith/baseline tokens/s: 0.75" in lines
+
+
+def test_without_a_baseline_there_is_no_baseline_ratio():
+    lines = throughput.summarize([run("peer", "fp32"), run("tunesmith", "fp32")], {"fp32": 1e12}, 1)["lines"]
+    assert not [x for x in lines if "baseline" in x]
