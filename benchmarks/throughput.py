@@ -359,7 +359,9 @@ def main() -> None:
             results.append(peer_run(mode, model, a, work, k))
             print(json.dumps(results[-1]), flush=True)
         for mode in filter(None, a.modes.split(",")):
-            for src in (None, a.baseline_src) if a.baseline_src else (None,):
+            # the two checkouts swap places each round, so neither always runs on a warmer machine
+            srcs = ((None, a.baseline_src) if k % 2 == 0 else (a.baseline_src, None)) if a.baseline_src else (None,)
+            for src in srcs:
                 results.append(tunesmith_run(mode, model, a, work, k, src))
                 print(json.dumps(results[-1]), flush=True)
     if a.quality:
