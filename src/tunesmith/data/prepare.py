@@ -166,6 +166,13 @@ def _percentiles(lengths: list[int]) -> dict[str, int]:
     return {k: int(v) for k, v in zip(("min", "p50", "p90", "p95", "p99", "max"), q)}
 
 
+def _histogram(lengths: list[int], bins: int = 20) -> dict[str, list]:
+    if not lengths:
+        return {}
+    counts, edges = np.histogram(lengths, bins=bins)
+    return {"edges": [round(float(e), 1) for e in edges], "counts": [int(c) for c in counts]}
+
+
 def tokenize_splits(cfg: Config, examples: Examples, tokenizer) -> dict[str, TokenizedSplit]:
     """Tokenize every split once; later runs on the same data, tokenizer and settings read the cache."""
     from tunesmith.data import token_cache
@@ -191,7 +198,12 @@ def tokenize_splits(cfg: Config, examples: Examples, tokenizer) -> dict[str, Tok
         )
     tok_report = {}
     for name, t in out.items():
-        tok_report[name] = {"rows": len(t.rows), "token_lengths": _percentiles(t.lengths), **t.counts}
+        tok_report[name] = {
+            "rows": len(t.rows),
+            "token_lengths": _percentiles(t.lengths),
+            "length_histogram": _histogram(t.lengths),
+            **t.counts,
+        }
         if not t.rows:
             raise DataError(
                 f"Split '{name}' has no rows left after tokenization", [f"{k}: {v}" for k, v in t.counts.items()]

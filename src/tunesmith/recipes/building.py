@@ -140,7 +140,10 @@ def build(
         engine=model if zero.engaged(accelerator) else None,
     )
     run.update_run(
-        processes=accelerator.num_processes, distributed=engine_name(accelerator), device=str(accelerator.device)
+        processes=accelerator.num_processes,
+        distributed=engine_name(accelerator),
+        device=str(accelerator.device),
+        total_steps=optim.total_steps,  # what a progress view (tunesmith ui) counts towards
     )
     trackers.start(accelerator, cfg, run.path)
     print_setup(s)

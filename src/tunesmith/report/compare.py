@@ -101,6 +101,11 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 
 def compare(run_paths: list, out, title: str | None = None) -> str:
+    Path(out).write_text(compare_html(run_paths, title), encoding="utf-8")
+    return str(out)
+
+
+def compare_html(run_paths: list, title: str | None = None) -> str:
     runs = [RunDir.open(p) for p in run_paths]
     names = [run.path.name for run in runs]
     html = "\n".join(
@@ -113,5 +118,4 @@ def compare(run_paths: list, out, title: str | None = None) -> str:
             "</body></html>",
         ]
     )
-    Path(out).write_text(html, encoding="utf-8")
-    return str(out)
+    return html

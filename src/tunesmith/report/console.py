@@ -30,7 +30,7 @@ def print_setup(s) -> None:
         lines[3], *more = privacy_lines(s)
         lines += more
     for name, info in rep.get("tokens", {}).items():
-        cut = {k: v for k, v in info.items() if k not in ("rows", "token_lengths") and v}
+        cut = {k: v for k, v in info.items() if k not in ("rows", "token_lengths", "length_histogram") and v}
         lens = info["token_lengths"]
         lines.append(
             f"tokens     {name}: p50 {lens.get('p50')} p95 {lens.get('p95')} max {lens.get('max')}"

@@ -35,8 +35,15 @@ def png(fig) -> str:
 
 
 def read_records(run: RunDir) -> list[dict]:
+    """metrics.jsonl's records; a damaged line (a run killed mid-write) is skipped, so the page still renders."""
     path = run / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    out = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r for r in out if isinstance(r, dict)]
 
 
 def series(records: list[dict]) -> dict[str, list[tuple[float, float]]]:

@@ -1,0 +1,156 @@
+"""`tunesmith ui`: the runs folder in a browser, built on the run directory contract.
+
+The server reads run directories and starts `tunesmith train` processes; it never imports training code,
+so a page never waits on a model and a crash in a run never takes the UI down. Pages are Jinja2 templates
+(autoescaped: sample text shows as text), charts are uPlot, vendored in static/ (the UI works offline),
+and a running run's page follows metrics.jsonl through server-sent events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+
+from tunesmith.errors import UserError
+from tunesmith.report.numbers import fmt
+from tunesmith.rundir import RunDir
+from tunesmith.ui import launch, runs
+from tunesmith.ui.guard import Access, Guard, run_path
+
+HERE = Path(__file__).parent
+POLL_S = 1.0  # how often a live page's stream looks for new metrics lines
+
+
+def create_app(runs_root: Path, access: Access) -> FastAPI:
+    root = Path(runs_root)
+    app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, access=access)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    pages = Jinja2Templates(directory=HERE / "templates")
+    pages.env.filters["fmt"] = fmt
+    pages.env.globals.update(csrf=access.csrf, age=runs.age)
+
+    def open_run(name: str) -> RunDir:
+        path = run_path(root, name)
+        if path is None or not (path / "config.yaml").is_file():
+            raise HTTPException(404, f"no run named {name!r} in {root}")
+        return RunDir(path)
+
+    @app.get("/", response_class=HTMLResponse)
+    def runs_page(request: Request, task: str = "", status: str = ""):
+        rows = runs.list_runs(root)
+        shown = [r for r in rows if (not task or r["task"] == task) and (not status or r["status"] == status)]
+        choices = {"tasks": sorted({r["task"] for r in rows}), "statuses": sorted({r["status"] for r in rows})}
+        return pages.TemplateResponse(
+            request, "runs.html", {"rows": shown, "root": root, "task": task, "status": status, **choices}
+        )
+
+    @app.get("/runs/{name}", response_class=HTMLResponse)
+    def run_page(request: Request, name: str):
+        run = open_run(name)
+        recs, _ = runs.records(run)
+        report, data = runs.read_json(run, "eval.json"), runs.read_json(run, "data_report.json")
+        context = {
+            "run": runs.summary(run),
+            "progress": runs.progress(run, recs),
+            "warnings": runs.warnings(recs),
+            "verdict": runs.verdict(report),
+            "samples": report.get("samples", []),
+            "data": runs.data_sections(data),
+            "histogram": runs.histogram(data),
+            "curves": runs.curves(recs),
+            "config": (run / "config.yaml").read_text(errors="replace"),
+            "has_report": (run / "report.html").is_file(),
+            "log": launch.log_tail(root, name),
+        }
+        return pages.TemplateResponse(request, "run.html", context)
+
+    @app.get("/runs/{name}/events")
+    async def run_events(name: str):
+        run = open_run(name)
+
+        async def stream():
+            offset = 0
+            while True:
+                recs, offset = runs.records(run, offset)
+                progress = runs.progress(run, runs.records(run)[0]) if recs else None
+                if recs:
+                    payload = {"curves": runs.curves(runs.records(run)[0]), "progress": progress}
+                    yield f"data: {json.dumps(payload)}\n\n"
+                status = run.status()
+                if status != "running":
+                    yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
+                    return
+                await asyncio.sleep(POLL_S)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.get("/runs/{name}/report", response_class=HTMLResponse)
+    def run_report(name: str):
+        run = open_run(name)
+        if not (run / "report.html").is_file():
+            raise HTTPException(404, "this run has no report.html yet")
+        return HTMLResponse((run / "report.html").read_text(errors="replace"))
+
+    @app.post("/runs/{name}/stop")
+    def run_stop(name: str):
+        pid = act(lambda: launch.stop(open_run(name)))
+        return {"stopped": pid}
+
+    @app.post("/runs/{name}/resume")
+    def run_resume(name: str):
+        act(lambda: launch.resume(open_run(name), root))
+        return {"resumed": name}
+
+    @app.get("/compare", response_class=HTMLResponse)
+    def compare_page(run: Annotated[list[str], Query()] = []):  # noqa: B006 (FastAPI copies defaults)
+        from tunesmith.report.compare import compare_html
+
+        chosen = [open_run(n).path for n in run]
+        if len(chosen) < 2:
+            raise HTTPException(400, "pick at least two runs (?run=a&run=b)")
+        return HTMLResponse(compare_html(chosen))
+
+    @app.get("/new", response_class=HTMLResponse)
+    def new_page(request: Request, source: str = ""):
+        text = ""
+        if source:
+            text = (open_run(source).path / "config.yaml").read_text(errors="replace")
+        return pages.TemplateResponse(request, "new.html", {"text": text, "root": root})
+
+    @app.post("/api/validate")
+    async def validate(request: Request):
+        text = (await request.json()).get("yaml", "")
+        _, problems = launch.validate(str(text), root)
+        return {"ok": not problems, "problems": problems}
+
+    @app.post("/api/launch")
+    async def launch_run(request: Request):
+        tree, problems = launch.validate(str((await request.json()).get("yaml", "")), root)
+        if problems:
+            return JSONResponse({"ok": False, "problems": problems}, status_code=422)
+        name = act(lambda: launch.launch(tree, root))
+        return {"ok": True, "run": name}
+
+    @app.get("/api/keys")
+    def config_keys():
+        from tunesmith.config.keys import keys
+        from tunesmith.config.schema import Config
+
+        return [{"key": k.path, "kind": k.kind, "default": k.default, "help": k.description} for k in keys(Config)]
+
+    return app
+
+
+def act(what):
+    try:
+        return what()
+    except UserError as err:
+        raise HTTPException(409, err.title) from None

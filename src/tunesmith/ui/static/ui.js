@@ -1,0 +1,91 @@
+// tunesmith ui: charts (uPlot), the live stream of a running run, and the new-run form.
+"use strict";
+const COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"];
+
+function csrf() { return document.querySelector('meta[name="tunesmith-csrf"]').content; }
+
+function post(url, body) {
+  return fetch(url, {method: "POST", headers: {"Content-Type": "application/json", "X-Tunesmith-CSRF": csrf()},
+                     body: JSON.stringify(body || {})});
+}
+
+function drawCharts(box, curves, bars) {
+  box.replaceChildren();
+  for (const [name, data] of Object.entries(curves)) {
+    const div = document.createElement("div");
+    div.className = "chart";
+    div.dataset.name = name;
+    div.dataset.points = data[0].length;
+    const title = document.createElement("h4");
+    title.textContent = name;
+    div.appendChild(title);
+    box.appendChild(div);
+    const series = [{label: bars ? "tokens" : "step"},
+                    {label: name, stroke: COLOURS[0], width: 2, fill: bars ? "#1f77b433" : undefined,
+                     paths: bars ? uPlot.paths.bars({size: [0.9]}) : undefined}];
+    new uPlot({width: 520, height: 220, series: series, legend: {show: false}, scales: {x: {time: false}},
+               axes: [{label: bars ? "tokens" : "step"}, {}]}, data, div);
+  }
+}
+
+function showRun(name, live) {
+  drawCharts(document.getElementById("charts"), JSON.parse(document.getElementById("curves-data").textContent), false);
+  drawCharts(document.getElementById("histograms"), JSON.parse(document.getElementById("histogram-data").textContent), true);
+  if (!live) return;
+  const events = new EventSource("/runs/" + encodeURIComponent(name) + "/events");
+  events.onmessage = (e) => {
+    const msg = JSON.parse(e.data);
+    drawCharts(document.getElementById("charts"), msg.curves, false);
+    const p = msg.progress || {};
+    for (const k of ["step", "status"]) if (p[k] !== undefined) document.getElementById(k).textContent = p[k];
+    if (p.tokens_per_s) document.getElementById("tps").textContent = p.tokens_per_s;
+    if (p.eta_s !== undefined) document.getElementById("eta").textContent = p.eta_s;
+  };
+  events.addEventListener("end", () => { events.close(); location.reload(); });
+}
+
+async function act(what) {
+  const name = location.pathname.split("/")[2];
+  const res = await post("/runs/" + name + "/" + what);
+  if (!res.ok) alert((await res.json()).detail);
+  setTimeout(() => location.reload(), 1500);
+}
+
+function showProblems(problems) {
+  const list = document.getElementById("problems");
+  list.replaceChildren(...problems.map((p) => { const li = document.createElement("li"); li.textContent = p; return li; }));
+}
+
+async function validate() {
+  const res = await post("/api/validate", {yaml: document.getElementById("yaml").value});
+  const out = await res.json();
+  showProblems(out.problems);
+  document.getElementById("launch").disabled = !out.ok;
+}
+
+async function launchRun() {
+  const res = await post("/api/launch", {yaml: document.getElementById("yaml").value});
+  const out = await res.json();
+  if (out.ok) location.href = "/runs/" + encodeURIComponent(out.run);
+  else showProblems(out.problems || [out.detail]);
+}
+
+async function newRun() {
+  let timer = null;
+  const box = document.getElementById("yaml");
+  box.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(validate, 300); });
+  validate();
+  const keys = await (await fetch("/api/keys")).json();
+  const search = document.getElementById("key-search");
+  const show = () => {
+    const q = search.value.trim();
+    const hits = keys.filter((k) => !q || k.key.includes(q)).slice(0, 40);
+    document.getElementById("key-help").replaceChildren(...hits.map((k) => {
+      const p = document.createElement("p");
+      p.textContent = k.key + " (" + k.kind + (k.default !== null ? "; default " + k.default : "") + "): " + k.help;
+      return p;
+    }));
+  };
+  search.addEventListener("input", show);
+  show();
+}
