@@ -7,7 +7,7 @@ from rich.table import Table
 
 from tunesmith.console import console
 from tunesmith.models import count_parameters
-from tunesmith.report.numbers import SHOWN, change, fmt, stage_rows, verdict_rows
+from tunesmith.report.numbers import change, fmt, headline, stage_rows, verdict_rows
 
 
 def print_setup(s) -> None:
@@ -118,16 +118,15 @@ def runs_table(folder) -> Table:
             ),
             "-",
         )
-        ft, base = report.get("finetuned", {}).get("validation", {}), report.get("base", {}).get("validation", {})
-        metric = next((m for m in SHOWN if m != "loss" and isinstance(ft.get(m), (int, float))), "loss")
+        metric, base_value, ft_value = headline(report)
         took = info["finished"] - info["started"] if info.get("finished") and info.get("started") else None
         table.add_row(
             path.name,
             str(info.get("task", "-")),
             model[-40:],
             metric,
-            fmt(base.get(metric)),
-            fmt(ft.get(metric)),
+            fmt(base_value),
+            fmt(ft_value),
             f"{took:.0f}" if took else "-",
             RunDir(path).status(),
         )

@@ -32,6 +32,14 @@ def fmt(v) -> str:
     )
 
 
+def headline(report: dict) -> tuple[str, object, object]:
+    """A run's task metric on validation, the first SHOWN one besides loss: (name, base, fine-tuned)."""
+    base = report.get("base", {}).get("validation", {})
+    ft = report.get("finetuned", {}).get("validation", {})
+    metric = next((m for m in SHOWN if m != "loss" and isinstance(ft.get(m), (int, float))), "loss")
+    return metric, base.get(metric), ft.get(metric)
+
+
 def change(b, f, higher_better) -> str:
     """Fine-tuned minus base, marked ✓ when it moved the good way and ✗ when the bad way."""
     if not isinstance(b, (int, float)) or not isinstance(f, (int, float)):

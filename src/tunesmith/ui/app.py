@@ -43,6 +43,9 @@ def create_app(runs_root: Path, access: Access) -> FastAPI:
             raise HTTPException(404, f"no run named {name!r} in {root}")
         return RunDir(path)
 
+    add_actions(app, root, open_run)
+    add_run_pages(app, root, pages, open_run)
+
     @app.get("/", response_class=HTMLResponse)
     def runs_page(request: Request, task: str = "", status: str = ""):
         rows = runs.list_runs(root)
@@ -51,6 +54,28 @@ def create_app(runs_root: Path, access: Access) -> FastAPI:
         return pages.TemplateResponse(
             request, "runs.html", {"rows": shown, "root": root, "task": task, "status": status, **choices}
         )
+
+    @app.get("/compare", response_class=HTMLResponse)
+    def compare_page(run: Annotated[list[str], Query()] = []):  # noqa: B006 (FastAPI copies defaults)
+        from tunesmith.report.compare import compare_html
+
+        chosen = [open_run(n).path for n in run]
+        if len(chosen) < 2:
+            raise HTTPException(400, "pick at least two runs (?run=a&run=b)")
+        return HTMLResponse(compare_html(chosen))
+
+    @app.get("/new", response_class=HTMLResponse)
+    def new_page(request: Request, source: str = ""):
+        text = ""
+        if source:
+            text = (open_run(source).path / "config.yaml").read_text(errors="replace")
+        return pages.TemplateResponse(request, "new.html", {"text": text, "root": root})
+
+    return app
+
+
+def add_run_pages(app: FastAPI, root: Path, pages: Jinja2Templates, open_run) -> None:
+    """One run: its page, the live stream that keeps the page's curves current, its report.html."""
 
     @app.get("/runs/{name}", response_class=HTMLResponse)
     def run_page(request: Request, name: str):
@@ -77,12 +102,13 @@ def create_app(runs_root: Path, access: Access) -> FastAPI:
         run = open_run(name)
 
         async def stream():
+            seen: list[dict] = []
             offset = 0
             while True:
-                recs, offset = runs.records(run, offset)
-                progress = runs.progress(run, runs.records(run)[0]) if recs else None
-                if recs:
-                    payload = {"curves": runs.curves(runs.records(run)[0]), "progress": progress}
+                new, offset = runs.records(run, offset)  # only what was appended since the last look
+                if new:
+                    seen += new
+                    payload = {"curves": runs.curves(seen), "progress": runs.progress(run, seen)}
                     yield f"data: {json.dumps(payload)}\n\n"
                 status = run.status()
                 if status != "running":
@@ -99,6 +125,10 @@ def create_app(runs_root: Path, access: Access) -> FastAPI:
             raise HTTPException(404, "this run has no report.html yet")
         return HTMLResponse((run / "report.html").read_text(errors="replace"))
 
+
+def add_actions(app: FastAPI, root: Path, open_run) -> None:
+    """What changes state (POST, so the guard's CSRF check covers it): stop, resume, validate, launch."""
+
     @app.post("/runs/{name}/stop")
     def run_stop(name: str):
         pid = act(lambda: launch.stop(open_run(name)))
@@ -108,22 +138,6 @@ def create_app(runs_root: Path, access: Access) -> FastAPI:
     def run_resume(name: str):
         act(lambda: launch.resume(open_run(name), root))
         return {"resumed": name}
-
-    @app.get("/compare", response_class=HTMLResponse)
-    def compare_page(run: Annotated[list[str], Query()] = []):  # noqa: B006 (FastAPI copies defaults)
-        from tunesmith.report.compare import compare_html
-
-        chosen = [open_run(n).path for n in run]
-        if len(chosen) < 2:
-            raise HTTPException(400, "pick at least two runs (?run=a&run=b)")
-        return HTMLResponse(compare_html(chosen))
-
-    @app.get("/new", response_class=HTMLResponse)
-    def new_page(request: Request, source: str = ""):
-        text = ""
-        if source:
-            text = (open_run(source).path / "config.yaml").read_text(errors="replace")
-        return pages.TemplateResponse(request, "new.html", {"text": text, "root": root})
 
     @app.post("/api/validate")
     async def validate(request: Request):
@@ -145,8 +159,6 @@ def create_app(runs_root: Path, access: Access) -> FastAPI:
         from tunesmith.config.schema import Config
 
         return [{"key": k.path, "kind": k.kind, "default": k.default, "help": k.description} for k in keys(Config)]
-
-    return app
 
 
 def act(what):

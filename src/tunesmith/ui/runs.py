@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from tunesmith.report.html import series
-from tunesmith.report.numbers import SHOWN, verdict_rows
+from tunesmith.report.numbers import headline, verdict_rows
 from tunesmith.rundir import RunDir
 
 
@@ -52,14 +52,6 @@ def config_tree(run: RunDir) -> dict:
     except (OSError, yaml.YAMLError):
         return {}
     return tree if isinstance(tree, dict) else {}
-
-
-def headline(report: dict) -> tuple[str, object, object]:
-    """The run's task metric on validation: (name, base, fine-tuned)."""
-    base = report.get("base", {}).get("validation", {})
-    ft = report.get("finetuned", {}).get("validation", {})
-    metric = next((m for m in SHOWN if m != "loss" and isinstance(ft.get(m), (int, float))), "loss")
-    return metric, base.get(metric), ft.get(metric)
 
 
 def summary(run: RunDir) -> dict:
