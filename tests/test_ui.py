@@ -105,6 +105,26 @@ def test_a_finished_run_stream_says_it_ended(runs_root):
     assert "event: end" in body and '"status": "finished"' in body
 
 
+def test_try_it_streams_what_tunesmith_generate_answers_for_both_models(runs_root, tmp_path):
+    c, access = client(runs_root)
+    assert 'id="try-text"' in c.get("/runs/tiny").text and 'id="try-base"' in c.get("/runs/tiny").text
+    prompt = "one two three"
+    for which, extra in (("base", ["--base"]), ("finetuned", [])):
+        res = post(c, access, "/runs/tiny/try", {"text": prompt, "model": which})
+        assert res.status_code == 200 and res.headers["content-type"].startswith("text/plain")
+        cli = run_cli("generate", runs_root / "tiny", "--prompt", prompt, "--max-new-tokens", "128", *extra)
+        assert cli.returncode == 0 and res.text.strip() == cli.stdout.strip(), which
+    for body in ({"text": "  ", "model": "base"}, {"text": "x" * 5000}, {"text": "hi", "model": "other"}):
+        assert post(c, access, "/runs/tiny/try", body).status_code == 400, body
+    # the command's error reaches the page, after the marker the page shows in red
+    root = tmp_path / "runs"
+    shutil.copytree(runs_root / "tiny", root / "tiny")
+    (root / "tiny" / "adapter" / "adapter_model.safetensors").write_bytes(b"not weights")
+    c, access = client(root)
+    res = post(c, access, "/runs/tiny/try", {"text": prompt})
+    assert res.status_code == 200 and "\n\u241eerror:" in res.text and "safetensors" in res.text
+
+
 def test_off_loopback_every_request_needs_the_token(runs_root):
     c, _ = client(runs_root, host="10.1.2.3", token="s3cret")
     assert c.get("/").status_code == 401

@@ -1,28 +1,34 @@
 """`tunesmith ui` in real headless Chromium (Debian's chromium + chromium-driver, driven by Selenium): the pages
-of a tiny finished run render with their charts and no console errors, and the new-run form shows every
-config error with its path. Skipped, with the reason, where Chromium or its driver is not installed."""
+of a tiny finished run render with their charts and no console errors; Try it answers with both models; the
+new-run form shows every config error with its path; a run launched from the form shows its curve growing,
+stops with a checkpoint, resumes and shows its verdict. Skipped, with the reason, where Chromium or its driver
+is not installed."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
 import socket
 import threading
 import time
 
 import pytest
-from test_ui import runs_root  # noqa: F401 (the module's finished runs)
+from test_ui import runs_root, tiny_cfg  # noqa: F401 (the module's finished runs)
 
 pytest.importorskip("fastapi")
 selenium = pytest.importorskip("selenium")
 CHROMIUM = shutil.which("chromium")
 DRIVER = shutil.which("chromedriver")
+STEPS = 400  # the launched run: long enough to be seen growing and stopped midway on 2 CPU cores
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver (.ci/run installs them)"
 )
 
 
-@pytest.fixture(scope="module")
-def server(runs_root):  # noqa: F811
+@contextlib.contextmanager
+def serving(root):
+    """`tunesmith ui --runs root` on a free loopback port, in a thread: its URL."""
     import uvicorn
 
     from tunesmith.ui.app import create_app
@@ -31,14 +37,22 @@ def server(runs_root):  # noqa: F811
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(runs_root, Access("127.0.0.1", port, None)), port=port))
+    srv = uvicorn.Server(uvicorn.Config(create_app(root, Access("127.0.0.1", port, None)), port=port))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     while not srv.started:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(runs_root):  # noqa: F811
+    with serving(runs_root) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +72,17 @@ def browser():
 
 def errors(browser) -> list:
     return [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def until(check, timeout: float, every: float = 0.2):
+    """check()'s first truthy value within timeout seconds (the test fails otherwise)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        with contextlib.suppress(Exception):  # the page may be reloading under the query
+            if value := check():
+                return value
+        time.sleep(every)
+    raise AssertionError(f"not within {timeout} s")
 
 
 def test_runs_and_run_pages_render_with_charts(server, browser, tmp_path):
@@ -96,3 +121,62 @@ def test_the_form_shows_every_error_with_its_path(server, browser):
     assert sorted(shown) == ["peft.r", "train.lr", "train.max_steps"]
     assert not browser.find_element(By.ID, "launch").is_enabled()
     assert errors(browser) == []
+
+
+def test_try_it_answers_with_the_base_and_the_fine_tuned_model(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(server + "/runs/tiny")
+    browser.find_element(By.ID, "try-text").send_keys("one two three")
+    browser.find_element(By.ID, "try-go").click()
+    for which in ("base", "finetuned"):
+        box = browser.find_element(By.ID, "try-" + which)
+        until(lambda box=box: box.get_attribute("data-state") == "done", 120)
+        assert box.text.strip() and "error" not in (box.get_attribute("class") or ""), (which, box.text)
+    assert browser.find_element(By.ID, "try-go").is_enabled()
+    assert errors(browser) == []
+    assert browser.save_screenshot(str(tmp_path / "try.png"))
+
+
+def test_a_run_launched_from_the_form_grows_its_curve_stops_resumes_and_shows_its_verdict(
+    browser, tmp_path, tiny_llama
+):
+    import yaml
+    from selenium.webdriver.common.by import By
+
+    root = tmp_path / "runs"
+    root.mkdir()
+    cfg = tiny_cfg(tmp_path, tiny_llama, "live", steps=STEPS)
+    cfg["train"].update(save_every=10, log_every=1)
+    cfg["eval"].update(every=None, samples=1)
+    run = root / "live"
+    with serving(root) as url:
+        browser.get(url + "/new")
+        box = browser.find_element(By.ID, "yaml")
+        browser.execute_script(
+            "arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input'));",
+            box,
+            yaml.safe_dump(cfg),
+        )
+        until(lambda: browser.find_element(By.ID, "launch").is_enabled(), 15)
+        browser.find_element(By.ID, "launch").click()
+        until(lambda: browser.current_url.endswith("/runs/live"), 15)
+
+        def points() -> int:
+            chart = browser.find_elements(By.CSS_SELECTOR, '#charts .chart[data-name="train loss"]')
+            return int(chart[0].get_attribute("data-points")) if chart else 0
+
+        first = until(points, 120)
+        until(lambda: points() > first, 60)  # the live stream redraws the curve as steps are logged
+        until(lambda: any(run.glob("checkpoints/step-*")), 60)
+        browser.find_element(By.ID, "stop").click()
+        until(lambda: json.loads((run / "run.json").read_text()).get("status") == "interrupted", 60)
+        stopped_at = json.loads((run / "run.json").read_text())["step"]
+        assert 0 < stopped_at < STEPS and any(run.glob("checkpoints/step-*"))
+        until(lambda: browser.find_element(By.ID, "resume").is_enabled(), 30)  # the page reloaded as stopped
+        browser.find_element(By.ID, "resume").click()
+        verdict = until(lambda: browser.find_element(By.ID, "verdict").text, 300)
+        assert "rougeL" in verdict
+        assert json.loads((run / "run.json").read_text())["steps"] == STEPS
+        assert errors(browser) == []
+        assert browser.save_screenshot(str(tmp_path / "live.png"))

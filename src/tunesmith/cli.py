@@ -278,14 +278,19 @@ def generate_cmd(
     batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 8,
     num_candidates: NumCandidates = None,
     decoding: DecodingOverrides = None,
+    base: Annotated[
+        bool, typer.Option("--base", help="Answer with the run's base model (before the fine-tune), same template.")
+    ] = False,
+    stream: Annotated[bool, typer.Option("--stream", help="Print the answer token by token (one prompt).")] = False,
 ) -> None:
     """Answer prompts with the fine-tuned model (batched), decoded as the run's eval.decoding says: greedy
     by default, or the best of several candidates, as its evaluation was scored.
 
     Example: tunesmith generate runs/alpaca-smollm2 --prompt "Give three tips for staying healthy."
     Example: tunesmith generate runs/commongen --concepts dog,frisbee,catch
+    Example: tunesmith generate runs/alpaca-smollm2 --base --prompt "Give three tips for staying healthy."
     """
-    commands.generate(run, prompt, input, concepts, max_new_tokens, batch_size, num_candidates, decoding)
+    commands.generate(run, prompt, input, concepts, max_new_tokens, batch_size, num_candidates, decoding, base, stream)
 
 
 @app.command("export")
@@ -300,7 +305,10 @@ def export_cmd(
 @app.command("predict")
 def predict_cmd(
     run: Annotated[Path, typer.Argument(help="Classification run directory (runs/<name>).")],
-    input: Annotated[Path, typer.Option(help="JSONL/CSV/Parquet with a text column (or the run's data.columns).")],
+    input: Annotated[
+        Optional[Path], typer.Option(help="JSONL/CSV/Parquet with a text column (or the run's data.columns).")
+    ] = None,
+    text: Annotated[Optional[str], typer.Option(help="One text to label (instead of --input).")] = None,
     batch_size: Annotated[
         Optional[int], typer.Option(help="Rows per batch (default: the run's eval.batch_size).")
     ] = None,
@@ -309,12 +317,15 @@ def predict_cmd(
     every label's probability.
 
     Example: tunesmith predict runs/sentiment-rotten-tomatoes --input reviews.jsonl > predictions.jsonl
+    Example: tunesmith predict runs/sentiment-rotten-tomatoes --text "A gripping, funny film."
     """
     from tunesmith.predict import predict
 
     if batch_size is not None and batch_size < 1:
         raise UserError("--batch-size must be at least 1")
-    predict(run, input, batch_size)
+    if (input is None) == (text is None):
+        raise UserError("Give exactly one of --input or --text")
+    predict(run, input, batch_size, text=text)
 
 
 def main() -> None:

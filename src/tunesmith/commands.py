@@ -92,30 +92,50 @@ def generate(
     batch_size: int,
     num_candidates: int | None,
     decoding: list[str] | None,
+    base: bool = False,
+    stream: bool = False,
 ) -> None:
-    """Prompts from one of three sources, decoded as the run's evaluation was (or as overridden)."""
+    """Prompts from one of three sources, decoded as the run's evaluation was (or as overridden).
+    `base`: the run's base model answers instead (same template, same decoding); `stream`: one prompt's
+    answer is printed token by token (with several candidates, the kept one once all are done)."""
     from tunesmith.config.decoding import for_command
     from tunesmith.evaluation.generate import generate as generate_outputs
-    from tunesmith.inference import load_finetuned, open_run, require_task, weights_dir
+    from tunesmith.inference import load_base, load_finetuned, open_run, require_task, weights_dir
     from tunesmith.inputs import generation_requests
 
     if (prompt, input, concepts).count(None) != 2:
         raise UserError("Give exactly one of --prompt, --input or --concepts")
     if max_new_tokens < 1 or batch_size < 1:
         raise UserError("--max-new-tokens and --batch-size must be at least 1")
+    if stream and input is not None:
+        raise UserError("--stream prints one answer as it is generated: use it with --prompt or --concepts")
     rundir, cfg = open_run(run)
     require_task(rundir, cfg, classification=False)
     weights_dir(rundir)
     how = for_command(cfg.eval.decoding, cfg.task_name, num_candidates, decoding)
     prompts, known = generation_requests(cfg, how, prompt, input, concepts)
-    model, tokenizer, cfg = load_finetuned(rundir)
+    model, tokenizer, cfg = (load_base if base else load_finetuned)(rundir)
     if cfg.data.system_prompt:
         prompts = [[{"role": "system", "content": cfg.data.system_prompt}] + p for p in prompts]
+    streamer = None
+    if stream and how.num_candidates == 1:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     outputs, _ = generate_outputs(
-        model, tokenizer, prompts, max_new_tokens, batch_size, decoding=how, concepts=known, seed=cfg.seed
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens,
+        batch_size,
+        decoding=how,
+        concepts=known,
+        seed=cfg.seed,
+        streamer=streamer,
     )
     if input is None:
-        print(outputs[0])
+        if streamer is None:
+            print(outputs[0], flush=True)
     else:
         for out in outputs:
             print(json.dumps({"output": out}, ensure_ascii=False))

@@ -192,6 +192,17 @@ def load_finetuned(run: RunDir):
     return model, tokenizer, cfg
 
 
+def load_base(run: RunDir):
+    """A generative run's base model (its pretrained weights, before the fine-tune) with the run's own
+    tokenizer, so the chat template and special tokens are the ones the fine-tuned model answers with."""
+    cfg = run_config(run)
+    require_task(run, cfg, classification=False)
+    tokenizer = models.load_tokenizer(str(weights_dir(run)), cfg.model)
+    model = models.load_causal_lm(models.resolve(cfg.model), cfg.model)
+    model.eval()
+    return model, tokenizer, cfg
+
+
 def load_classifier_run(run: RunDir):
     """A classification run's model, tokenizer and label list, built as the recipe builds it."""
     cfg = run_config(run)

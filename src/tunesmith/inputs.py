@@ -9,7 +9,7 @@ from tunesmith.config import Config, DataConfig
 from tunesmith.config.decoding import Decoding
 from tunesmith.data.formats import RowError, checked_messages, checked_string, concept_prompt, parse_rows, string_list
 from tunesmith.data.prepare import MAX_LISTED
-from tunesmith.data.sources import Problem, read_source
+from tunesmith.data.sources import Problem, RawRows, read_source
 from tunesmith.errors import DataError, UserError
 
 
@@ -116,6 +116,14 @@ def generation_requests(
             hint="Use --concepts dog,frisbee,catch (or --num-candidates 1 for one output).",
         )
     return [[{"role": "user", "content": prompt}]], [None]
+
+
+def one_text(text: str) -> list:
+    """`--text`: one row, as read_texts would make it from a file holding only that text."""
+    raw = RawRows("--text", rows=[("--text", {"text": text})])
+    examples, problems = parse_rows(raw, DataConfig(train="--text", format="text"))
+    refuse_bad_rows(Path("--text"), problems, len(examples))
+    return examples
 
 
 def read_texts(path: Path, cfg: Config) -> list:

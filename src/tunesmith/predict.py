@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 from tunesmith.inference import load_classifier_run, open_run, require_task, weights_dir
-from tunesmith.inputs import read_texts
+from tunesmith.inputs import one_text, read_texts
 
 
-def predict(run_path, input_path: Path, batch_size: int | None = None, out=None) -> int:
+def predict(run_path, input_path: Path | None, batch_size: int | None = None, out=None, text: str | None = None) -> int:
+    """One JSON line per row of `input_path`, or for the one `text`."""
     import torch
 
     from tunesmith.data.tokenize import tokenize_classification
@@ -21,7 +22,8 @@ def predict(run_path, input_path: Path, batch_size: int | None = None, out=None)
     run, cfg = open_run(run_path)
     require_task(run, cfg, classification=True)
     weights_dir(run)
-    examples = read_texts(input_path, cfg)  # every bad row is listed before any model loads
+    # every bad row is listed before any model loads
+    examples = read_texts(input_path, cfg) if text is None else one_text(text)
     model, tokenizer, cfg, labels = load_classifier_run(run)
     for ex in examples:
         ex.label = labels[0]  # tokenize_classification wants a label; it is not used

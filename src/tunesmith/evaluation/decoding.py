@@ -56,16 +56,19 @@ class MeanLogProb(LogitsProcessor):
 
 
 def candidates(
-    model, tokenizer, batch: dict, max_new_tokens: int, decoding: Decoding, synced: bool = False
+    model, tokenizer, batch: dict, max_new_tokens: int, decoding: Decoding, synced: bool = False, streamer=None
 ) -> tuple[list[list[str]], list[list[float]], list[list[bool]]]:
     """For each prompt of the left-padded `batch`: its candidates' texts, scores, and whether each ended
-    with EOS before the length limit (one list per prompt, num_candidates long)."""
+    with EOS before the length limit (one list per prompt, num_candidates long). `streamer` (one prompt,
+    one candidate): transformers' streamer, fed each token as it is generated."""
     n, eos = decoding.num_candidates, tokenizer.eos_token_id
     options: dict = {"do_sample": decoding.do_sample, "num_beams": decoding.num_beams, "num_return_sequences": n}
     if decoding.do_sample:  # top_k 0: transformers' default top-k cut of 50 would act behind top_p's back
         options.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=0)
     if decoding.num_beams > 1:
         options["length_penalty"] = 1.0
+    if streamer is not None:
+        options["streamer"] = streamer
     scorer = MeanLogProb(eos) if decoding.do_sample and n > 1 else None
     if scorer is not None:
         options["logits_processor"] = LogitsProcessorList([scorer])

@@ -25,10 +25,12 @@ def generate(
     decoding: Decoding | None = None,
     concepts: list[list[str]] | None = None,
     seed: int = 0,
+    streamer=None,
 ) -> tuple[list[str], list[bool]]:
     """Return the decoded answers and, for each, whether it ended with EOS before the length limit.
     `decoding` (default: greedy, one output): the candidates per prompt and which is kept (decoding.py);
-    `concepts`: each prompt's concepts, for rerank: coverage; `seed`: sampling's seed.
+    `concepts`: each prompt's concepts, for rerank: coverage; `seed`: sampling's seed; `streamer`: see
+    decoding.candidates (one prompt, one candidate).
     `synced`: every rank keeps stepping until all have finished (ZeRO-3, whose forward is a collective)."""
     from tunesmith.console import console
 
@@ -51,7 +53,7 @@ def generate(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = {k: v.to(device) for k, v in left_pad([encoded[i] for i in idx], tokenizer.pad_token_id).items()}
-            texts, scores, stops = dec.candidates(model, tokenizer, batch, max_new_tokens, decoding, synced)
+            texts, scores, stops = dec.candidates(model, tokenizer, batch, max_new_tokens, decoding, synced, streamer)
             for k, i in enumerate(idx):
                 j = dec.pick(texts[k], scores[k], concepts[i] if by_concepts else None)
                 outputs[i], stopped[i] = texts[k][j], stops[k][j]

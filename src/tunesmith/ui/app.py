@@ -17,11 +17,12 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
 
 from tunesmith.errors import UserError
 from tunesmith.report.numbers import fmt
 from tunesmith.rundir import RunDir
-from tunesmith.ui import launch, runs
+from tunesmith.ui import launch, runs, try_it
 from tunesmith.ui.guard import Access, Guard, run_path
 
 HERE = Path(__file__).parent
@@ -93,6 +94,7 @@ def add_run_pages(app: FastAPI, root: Path, pages: Jinja2Templates, open_run) ->
             "curves": runs.curves(recs),
             "config": (run / "config.yaml").read_text(errors="replace"),
             "has_report": (run / "report.html").is_file(),
+            "try_mode": try_it.mode(run),
             "log": launch.log_tail(root, name),
         }
         return pages.TemplateResponse(request, "run.html", context)
@@ -127,7 +129,8 @@ def add_run_pages(app: FastAPI, root: Path, pages: Jinja2Templates, open_run) ->
 
 
 def add_actions(app: FastAPI, root: Path, open_run) -> None:
-    """What changes state (POST, so the guard's CSRF check covers it): stop, resume, validate, launch."""
+    """What changes state or starts a process (POST, so the guard's CSRF check covers it): stop, resume,
+    try, validate, launch."""
 
     @app.post("/runs/{name}/stop")
     def run_stop(name: str):
@@ -138,6 +141,15 @@ def add_actions(app: FastAPI, root: Path, open_run) -> None:
     def run_resume(name: str):
         act(lambda: launch.resume(open_run(name), root))
         return {"resumed": name}
+
+    @app.post("/runs/{name}/try")
+    async def run_try(name: str, request: Request):
+        run, asked = open_run(name), await request.json()
+        text, which = str(asked.get("text", "")), str(asked.get("model", "finetuned"))
+        problem = try_it.problem(run, text, which)
+        if problem:
+            raise HTTPException(400, problem)
+        return StreamingResponse(try_it.answer(run, text, which), media_type="text/plain; charset=utf-8")
 
     @app.post("/api/validate")
     async def validate(request: Request):
@@ -150,7 +162,7 @@ def add_actions(app: FastAPI, root: Path, open_run) -> None:
         tree, problems = launch.validate(str((await request.json()).get("yaml", "")), root)
         if problems:
             return JSONResponse({"ok": False, "problems": problems}, status_code=422)
-        name = act(lambda: launch.launch(tree, root))
+        name = await run_in_threadpool(act, lambda: launch.launch(tree, root))  # waits for the run to start
         return {"ok": True, "run": name}
 
     @app.get("/api/keys")

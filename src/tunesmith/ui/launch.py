@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -21,6 +22,9 @@ from tunesmith.config.yaml_loader import YAML_ERRORS, load_yaml
 from tunesmith.errors import ConfigError, UserError
 from tunesmith.rundir import RunDir
 from tunesmith.ui.guard import NAME
+from tunesmith.ui.runs import read_json
+
+STARTUP_S = 60.0  # how long Launch/Resume wait for the run to say it is running
 
 
 def validate(text: str, runs_root: Path) -> tuple[dict | None, list[str]]:
@@ -44,6 +48,8 @@ def validate(text: str, runs_root: Path) -> tuple[dict | None, list[str]]:
 
 
 def _start(args: list[str], runs_root: Path, name: str) -> int:
+    """Start `tunesmith train ARGS` and wait until the run says it is running (so the page the browser is
+    sent to exists and follows it live); a process that exits first failed, and its error is the answer."""
     logs = runs_root / ".ui"
     logs.mkdir(exist_ok=True)
     with open(logs / f"{name}.log", "ab") as log:
@@ -54,6 +60,16 @@ def _start(args: list[str], runs_root: Path, name: str) -> int:
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # not the server's child in any way that dies with it
         )
+    end = time.monotonic() + STARTUP_S
+    while time.monotonic() < end and proc.poll() is None:
+        info = read_json(RunDir(runs_root / name), "run.json")
+        if info.get("status") == "running" and info.get("pid") == proc.pid:
+            break
+        time.sleep(0.2)
+    if proc.poll() is not None and proc.returncode != 0:
+        said = log_tail(runs_root, name).strip().splitlines()
+        error = next((line for line in reversed(said) if line.startswith("error:")), said[-1] if said else "")
+        raise UserError(f"{name} did not start (exit {proc.returncode}): {error}")
     return proc.pid
 
 

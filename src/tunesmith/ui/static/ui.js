@@ -51,6 +51,53 @@ async function act(what) {
   setTimeout(() => location.reload(), 1500);
 }
 
+const ERROR_MARK = "\n\u241e";  // try_it.ERROR_MARK: the command's error message follows
+
+function showAnswer(box, text, label) {
+  const [said, error] = text.split(ERROR_MARK);
+  box.textContent = said;
+  if (label && said.trim()) {
+    const out = JSON.parse(said);
+    const probs = Object.entries(out.probabilities).map(([k, v]) => k + " " + (100 * v).toFixed(1) + "%");
+    box.textContent = out.label + "   (" + probs.join(", ") + ")";
+  }
+  if (error !== undefined) { box.textContent += (said ? "\n" : "") + error; box.classList.add("error"); }
+}
+
+async function streamAnswer(name, text, which, label) {
+  const box = document.getElementById("try-" + which);
+  box.textContent = "";
+  box.classList.remove("error");
+  box.dataset.state = "running";
+  const res = await post("/runs/" + encodeURIComponent(name) + "/try", {text: text, model: which});
+  if (!res.ok) {
+    box.textContent = (await res.json()).detail;
+    box.classList.add("error");
+  } else {
+    const reader = res.body.getReader();
+    const utf8 = new TextDecoder();
+    let all = "";
+    for (;;) {
+      const {done, value} = await reader.read();
+      if (done) break;
+      all += utf8.decode(value, {stream: true});
+      if (!label) showAnswer(box, all, false);  // a label is one JSON line: shown whole
+    }
+    showAnswer(box, all, label);
+  }
+  box.dataset.state = "done";
+}
+
+async function tryIt(mode) {
+  const name = location.pathname.split("/")[2];
+  const text = document.getElementById("try-text").value;
+  const button = document.getElementById("try-go");
+  button.disabled = true;
+  const which = mode === "label" ? ["finetuned"] : ["base", "finetuned"];
+  await Promise.all(which.map((w) => streamAnswer(decodeURIComponent(name), text, w, mode === "label")));
+  button.disabled = false;
+}
+
 function showProblems(problems) {
   const list = document.getElementById("problems");
   list.replaceChildren(...problems.map((p) => { const li = document.createElement("li"); li.textContent = p; return li; }));
