@@ -226,3 +226,32 @@ def test_the_command_refuses_a_missing_folder_and_a_busy_port(tmp_path):
         res = invoke_cli("ui", "--runs", tmp_path, "--port", port)
     assert res.returncode == 2 and "cannot listen" in res.stderr + res.stdout
     assert "Traceback" not in res.stderr + res.stdout
+
+
+def test_search_and_curve_pages_show_what_the_commands_wrote(tmp_path, tiny_llama):
+    """A real two-trial search and a two-point learning curve on the tiny model, then their pages."""
+    from tunesmith.config import config_from_dict
+    from tunesmith.search.curve import curve, parse_sizes
+    from tunesmith.search.run import search
+
+    tree = tiny_cfg(tmp_path, tiny_llama, "study", steps=3)
+    tree["eval"].update(every=None, samples=0, before_after=False, max_rows=4, generate_rows=2, max_new_tokens=2)
+    tree["search"] = {"space": {"train.lr": {"log_uniform": [1e-4, 1e-2]}}, "metric": "loss"}
+    study = search(config_from_dict(tree), trials=2)
+    result = curve(config_from_dict({**tree, "search": None}), parse_sizes("8,all"), [0], metric="loss")
+    c, _ = client(tmp_path / "runs")
+    listing = c.get("/").text
+    assert 'href="/search/study-search"' in listing and 'href="/curve/study-curve"' in listing
+    page = c.get("/search/study-search").text
+    assert page.count('<tr class="trial">') == 2
+    for t in study.trials:  # each trial's value as the table prints it (4 significant digits)
+        assert f"<td>{t.value:.4g}</td>" in page
+    assert '<img src="/search/study-search/history.png"' in page and "best.yaml" in page
+    image = c.get("/search/study-search/history.png")
+    assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+    page = c.get("/curve/study-curve").text
+    assert page.count("<tr><td>") == len(result["summary"]) and '<td class="l">base</td>' in page
+    assert f"<td>{fmt(result['summary'][-1]['mean'])}</td>" in page
+    assert c.get("/curve/study-curve/curve.png").content.startswith(b"\x89PNG")
+    for url in ("/search/study-search/study.db", "/search/study-curve", "/curve/..%2Fx", "/search/nope"):
+        assert c.get(url).status_code == 404, url

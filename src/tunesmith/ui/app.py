@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from tunesmith.errors import UserError
 from tunesmith.report.numbers import fmt
 from tunesmith.rundir import RunDir
-from tunesmith.ui import launch, runs, try_it
+from tunesmith.ui import launch, runs, studies, try_it
 from tunesmith.ui.guard import Access, Guard, run_path
 
 HERE = Path(__file__).parent
@@ -46,15 +46,15 @@ def create_app(runs_root: Path, access: Access) -> FastAPI:
 
     add_actions(app, root, open_run)
     add_run_pages(app, root, pages, open_run)
+    add_study_pages(app, root, pages)
 
     @app.get("/", response_class=HTMLResponse)
     def runs_page(request: Request, task: str = "", status: str = ""):
         rows = runs.list_runs(root)
         shown = [r for r in rows if (not task or r["task"] == task) and (not status or r["status"] == status)]
         choices = {"tasks": sorted({r["task"] for r in rows}), "statuses": sorted({r["status"] for r in rows})}
-        return pages.TemplateResponse(
-            request, "runs.html", {"rows": shown, "root": root, "task": task, "status": status, **choices}
-        )
+        context = {"rows": shown, "root": root, "task": task, "status": status, "studies": studies.list_studies(root)}
+        return pages.TemplateResponse(request, "runs.html", {**context, **choices})
 
     @app.get("/compare", response_class=HTMLResponse)
     def compare_page(run: Annotated[list[str], Query()] = []):  # noqa: B006 (FastAPI copies defaults)
@@ -126,6 +126,33 @@ def add_run_pages(app: FastAPI, root: Path, pages: Jinja2Templates, open_run) ->
         if not (run / "report.html").is_file():
             raise HTTPException(404, "this run has no report.html yet")
         return HTMLResponse((run / "report.html").read_text(errors="replace"))
+
+
+def add_study_pages(app: FastAPI, root: Path, pages: Jinja2Templates) -> None:
+    """A search's trials table and plots, a learning curve's table and plot (what the commands wrote)."""
+
+    def open_study(name: str, kind: str) -> Path:
+        path = run_path(root, name)
+        if path is None or studies.kind(path) != kind:
+            raise HTTPException(404, f"no {kind} named {name!r} in {root}")
+        return path
+
+    def routes(kind: str) -> None:  # explicit prefixes: no pattern that could shadow another page
+        @app.get(f"/{kind}/{{name}}", response_class=HTMLResponse)
+        def page(request: Request, name: str):
+            folder = open_study(name, kind)
+            found = studies.search(folder) if kind == "search" else studies.curve(folder)
+            return pages.TemplateResponse(request, "study.html", {"name": name, "kind": kind, **found})
+
+        @app.get(f"/{kind}/{{name}}/{{file}}")
+        def file_of(name: str, file: str):
+            folder = open_study(name, kind)
+            if file not in studies.FILES[kind] or not (folder / file).is_file():
+                raise HTTPException(404, f"{name} has no {file}")
+            return FileResponse(folder / file)
+
+    routes("search")
+    routes("curve")
 
 
 def add_actions(app: FastAPI, root: Path, open_run) -> None:
