@@ -180,6 +180,25 @@ def test_a_config_with_three_errors_shows_each_with_its_path_and_does_not_launch
     assert refused.status_code == 422 and not (tmp_path / "bad-run").exists()
 
 
+def test_the_data_preview_shows_first_rows_and_the_report_before_anything_runs(tmp_path, tiny_llama):
+    import yaml
+
+    (tmp_path / "runs").mkdir()
+    c, access = client(tmp_path / "runs")
+    cfg = tiny_cfg(tmp_path, tiny_llama, "peek")
+    out = post(c, access, "/api/preview", {"yaml": yaml.safe_dump(cfg)}).json()
+    assert out["ok"], out
+    first = instruction_rows(48)[0]
+    assert out["rows"]["train"][0]["completion"] == first["output"] and len(out["rows"]["train"]) == 5
+    assert first["input"] in out["rows"]["train"][0]["prompt"][-1]["content"]
+    sections = {title: rows for title, _, rows in out["sections"]}
+    assert ["train", 48] in sections["Rows"] and "Token lengths" in sections
+    assert not (tmp_path / "runs" / "peek").exists() and not list((tmp_path / "runs" / ".ui").glob("*.yaml"))
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "x", "output": "y"}, "{oops", {"nothing": 1}])
+    out = post(c, access, "/api/preview", {"yaml": yaml.safe_dump({**cfg, "data": {**cfg["data"], "train": str(bad)}})})
+    assert not out.json()["ok"] and f"{bad}:2" in out.json()["error"] and f"{bad}:3" in out.json()["error"]
+
+
 def test_key_help_comes_from_the_schema(runs_root):
     keys = {k["key"]: k for k in client(runs_root)[0].get("/api/keys").json()}
     assert "train.lr" in keys and keys["train.lr"]["help"]

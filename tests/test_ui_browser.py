@@ -123,6 +123,19 @@ def test_the_form_shows_every_error_with_its_path(server, browser):
     assert errors(browser) == []
 
 
+def test_the_form_previews_the_data_before_launch(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(server + "/new?source=tiny")
+    browser.find_element(By.ID, "preview").click()
+    box = browser.find_element(By.ID, "data-preview")
+    until(lambda: box.get_attribute("data-state") == "done", 120)
+    titles = [h.text for h in box.find_elements(By.TAG_NAME, "h3")]
+    assert "Rows" in titles and "train: first 5 rows as parsed" in titles, titles
+    assert "reverse the words" in box.text and errors(browser) == []
+    assert browser.save_screenshot(str(tmp_path / "preview.png"))
+
+
 def test_try_it_answers_with_the_base_and_the_fine_tuned_model(server, browser, tmp_path):
     from selenium.webdriver.common.by import By
 

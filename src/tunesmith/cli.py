@@ -223,9 +223,16 @@ def audit(
 
 
 @data_app.command("check")
-def data_check(config: Annotated[Path, typer.Argument(help="YAML config file.")], overrides: Overrides = None) -> None:
-    """Print the data report (rows, bad rows, duplicates, leakage, token lengths) without training."""
-    commands.data_check(config, overrides)
+def data_check(
+    config: Annotated[Path, typer.Argument(help="YAML config file.")],
+    overrides: Overrides = None,
+    preview: Annotated[int, typer.Option(help="Also print each split's first N rows as parsed.")] = 0,
+) -> None:
+    """Print the data report (rows, bad rows, duplicates, leakage, token lengths) without training.
+
+    Example: tunesmith data check examples/commongen.yaml --preview 3
+    """
+    commands.data_check(config, overrides, preview)
 
 
 @config_app.command("keys")

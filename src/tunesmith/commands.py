@@ -57,16 +57,27 @@ def audit(run: Path, canaries: bool, repetitions: str, secrets: int, references:
     run_audit(str(run), reps, secrets, references, epsilon)
 
 
-def data_check(config: Path, overrides: list[str] | None) -> None:
+def data_check(config: Path, overrides: list[str] | None, preview: int = 0) -> None:
+    """The data report as JSON; with `preview`, also each split's first rows as parsed (under "preview")."""
+    from dataclasses import asdict
+
     from tunesmith import models
     from tunesmith.config import load_config
     from tunesmith.data.prepare import load_examples, tokenize_splits
 
+    if preview < 0:
+        raise UserError("--preview must be 0 or more")
     cfg = load_config(config, overrides)
     examples = load_examples(cfg)
     tokenizer = models.load_tokenizer(models.resolve(cfg.model), cfg.model)
     tokenize_splits(cfg, examples, tokenizer)
-    print(json.dumps(examples.report, indent=2))
+    report = dict(examples.report)
+    if preview:
+        report["preview"] = {
+            split: [{k: v for k, v in asdict(ex).items() if v is not None} for ex in rows[:preview]]
+            for split, rows in examples.splits.items()
+        }
+    print(json.dumps(report, indent=2, ensure_ascii=False))
 
 
 def list_models() -> None:

@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from tunesmith.errors import UserError
 from tunesmith.report.numbers import fmt
 from tunesmith.rundir import RunDir
-from tunesmith.ui import launch, runs, studies, try_it
+from tunesmith.ui import launch, preview, runs, studies, try_it
 from tunesmith.ui.guard import Access, Guard, run_path
 
 HERE = Path(__file__).parent
@@ -157,7 +157,7 @@ def add_study_pages(app: FastAPI, root: Path, pages: Jinja2Templates) -> None:
 
 def add_actions(app: FastAPI, root: Path, open_run) -> None:
     """What changes state or starts a process (POST, so the guard's CSRF check covers it): stop, resume,
-    try, validate, launch."""
+    try, validate, preview, launch."""
 
     @app.post("/runs/{name}/stop")
     def run_stop(name: str):
@@ -183,6 +183,13 @@ def add_actions(app: FastAPI, root: Path, open_run) -> None:
         text = (await request.json()).get("yaml", "")
         _, problems = launch.validate(str(text), root)
         return {"ok": not problems, "problems": problems}
+
+    @app.post("/api/preview")
+    async def data_preview(request: Request):
+        tree, problems = launch.validate(str((await request.json()).get("yaml", "")), root)
+        if problems:
+            return JSONResponse({"ok": False, "problems": problems}, status_code=422)
+        return await preview.preview(tree, root)
 
     @app.post("/api/launch")
     async def launch_run(request: Request):

@@ -117,6 +117,54 @@ async function launchRun() {
   else showProblems(out.problems || [out.detail]);
 }
 
+function table(header, rows, title) {
+  const box = document.createElement("div");
+  if (title) { const h = document.createElement("h3"); h.textContent = title; box.appendChild(h); }
+  const t = document.createElement("table");
+  for (const [i, cells] of [header, ...rows].entries()) {
+    const tr = t.insertRow();
+    for (const c of cells) {
+      const cell = document.createElement(i ? "td" : "th");
+      cell.className = "l";
+      cell.textContent = c === null || c === undefined ? "-" : c;
+      tr.appendChild(cell);
+    }
+  }
+  box.appendChild(t);
+  return box;
+}
+
+function shownValue(v) {  // a chat prompt is a list of messages: "role: content" lines
+  if (Array.isArray(v)) return v.map((m) => (m && m.role ? m.role + ": " + m.content : String(m))).join("\n");
+  return String(v);
+}
+
+async function previewData() {
+  const box = document.getElementById("data-preview");
+  const button = document.getElementById("preview");
+  button.disabled = true;
+  box.dataset.state = "running";
+  box.replaceChildren(Object.assign(document.createElement("p"), {textContent: "Reading the data..."}));
+  const out = await (await post("/api/preview", {yaml: document.getElementById("yaml").value})).json();
+  box.replaceChildren();
+  if (out.problems) showProblems(out.problems);
+  if (out.error) box.appendChild(Object.assign(document.createElement("pre"), {className: "error", textContent: out.error}));
+  if (out.ok) {
+    const report = document.createElement("div");
+    report.className = "data";
+    for (const [title, header, rows] of out.sections) report.appendChild(table(header, rows, title));
+    box.appendChild(report);
+    for (const w of out.warnings) box.appendChild(Object.assign(document.createElement("p"), {className: "warning", textContent: w}));
+    for (const [split, rows] of Object.entries(out.rows)) {
+      const keys = [...new Set(rows.flatMap((r) => Object.keys(r)))].filter((k) => k !== "id");
+      box.appendChild(table(keys, rows.map((r) => keys.map((k) => (k in r ? shownValue(r[k]) : null))),
+                            split + ": first " + rows.length + " rows as parsed"));
+    }
+  }
+  box.dataset.state = "done";
+  button.disabled = false;
+}
+
 async function newRun() {
   let timer = null;
   const box = document.getElementById("yaml");
