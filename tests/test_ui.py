@@ -61,7 +61,7 @@ def test_runs_page_lists_each_run_with_its_metric(runs_root):
     assert page.status_code == 200
     assert 'href="/runs/tiny"' in page.text and 'href="/runs/tiny-b"' in page.text
     report = json.loads((runs_root / "tiny" / "eval.json").read_text())
-    assert f"<td>{fmt(report['finetuned']['validation']['perplexity'])}</td>" in page.text  # the task metric
+    assert f"<td>{fmt(report['finetuned']['validation']['rougeL'])}</td>" in page.text  # the task metric
     assert "finished" in page.text
     assert "/runs/tiny-b" not in c.get("/?status=running").text  # the filter
 
@@ -114,7 +114,10 @@ def test_try_it_streams_what_tunesmith_generate_answers_for_both_models(runs_roo
         assert res.status_code == 200 and res.headers["content-type"].startswith("text/plain")
         cli = run_cli("generate", runs_root / "tiny", "--prompt", prompt, "--max-new-tokens", "128", *extra)
         assert cli.returncode == 0 and res.text.strip() == cli.stdout.strip(), which
-    for body in ({"text": "  ", "model": "base"}, {"text": "x" * 5000}, {"text": "hi", "model": "other"}):
+    dashed = post(c, access, "/runs/tiny/try", {"text": "--help", "model": "base"})  # a text, not an option
+    cli = run_cli("generate", runs_root / "tiny", "--prompt=--help", "--max-new-tokens", "128", "--base")
+    assert dashed.status_code == 200 and dashed.text.strip() == cli.stdout.strip() and "Usage" not in dashed.text
+    for body in ({"text": "  ", "model": "base"}, {"text": "x" * 5000}, {"text": "hi", "model": "other"}, ["hi"]):
         assert post(c, access, "/runs/tiny/try", body).status_code == 400, body
     # the command's error reaches the page, after the marker the page shows in red
     root = tmp_path / "runs"

@@ -32,11 +32,16 @@ def fmt(v) -> str:
     )
 
 
+# A run's one number, by task: a classifier's accuracy, constrained generation's concept coverage, the
+# generation tasks' ROUGE-L, language modelling's perplexity (the first of these a run has).
+HEADLINE = ("accuracy", "coverage", "rougeL", "perplexity")
+
+
 def headline(report: dict) -> tuple[str, object, object]:
-    """A run's task metric on validation, the first SHOWN one besides loss: (name, base, fine-tuned)."""
+    """A run's task metric on validation, the first of HEADLINE it has, else loss: (name, base, fine-tuned)."""
     base = report.get("base", {}).get("validation", {})
     ft = report.get("finetuned", {}).get("validation", {})
-    metric = next((m for m in SHOWN if m != "loss" and isinstance(ft.get(m), (int, float))), "loss")
+    metric = next((m for m in HEADLINE if isinstance(ft.get(m), (int, float))), "loss")
     return metric, base.get(metric), ft.get(metric)
 
 

@@ -172,6 +172,8 @@ def add_actions(app: FastAPI, root: Path, open_run) -> None:
     @app.post("/runs/{name}/try")
     async def run_try(name: str, request: Request):
         run, asked = open_run(name), await request.json()
+        if not isinstance(asked, dict):
+            raise HTTPException(400, 'send {"text": ..., "model": "base" or "finetuned"}')
         text, which = str(asked.get("text", "")), str(asked.get("model", "finetuned"))
         problem = try_it.problem(run, text, which)
         if problem:

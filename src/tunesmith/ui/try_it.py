@@ -52,9 +52,10 @@ def problem(run: RunDir, text: str, which: str) -> str | None:
 
 def command(run: RunDir, text: str, which: str) -> list[str]:
     how = mode(run)
+    # `--option=TEXT`, one argument: a text that starts with "-" stays the option's value
     if how == "label":
-        return [sys.executable, "-m", "tunesmith", "predict", str(run.path), "--text", text]
-    ask = ["--concepts", text] if how == "concepts" else ["--prompt", text]
+        return [sys.executable, "-m", "tunesmith", "predict", str(run.path), f"--text={text}"]
+    ask = [f"--concepts={text}"] if how == "concepts" else [f"--prompt={text}"]
     extra = ["--base"] if which == "base" else []
     return [
         *[sys.executable, "-m", "tunesmith", "generate", str(run.path), *ask],

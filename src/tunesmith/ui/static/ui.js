@@ -9,6 +9,11 @@ function post(url, body) {
                      body: JSON.stringify(body || {})});
 }
 
+function tick(v) {  // a learning rate of 3e-4 must not read "0"
+  if (v === 0 || v === null) return "0";
+  return Math.abs(v) < 0.01 || Math.abs(v) >= 1e5 ? v.toExponential(1) : String(+v.toPrecision(4));
+}
+
 function drawCharts(box, curves, bars) {
   box.replaceChildren();
   for (const [name, data] of Object.entries(curves)) {
@@ -24,7 +29,7 @@ function drawCharts(box, curves, bars) {
                     {label: name, stroke: COLOURS[0], width: 2, fill: bars ? "#1f77b433" : undefined,
                      paths: bars ? uPlot.paths.bars({size: [0.9]}) : undefined}];
     new uPlot({width: 520, height: 220, series: series, legend: {show: false}, scales: {x: {time: false}},
-               axes: [{label: bars ? "tokens" : "step"}, {}]}, data, div);
+               axes: [{label: bars ? "tokens" : "step"}, {values: (u, ticks) => ticks.map(tick), size: 60}]}, data, div);
   }
 }
 
