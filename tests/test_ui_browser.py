@@ -123,6 +123,20 @@ def test_the_form_shows_every_error_with_its_path(server, browser):
     assert errors(browser) == []
 
 
+def test_the_compare_page_shows_both_runs_checked_on_the_runs_page(server, browser):
+    from selenium.webdriver.common.by import By
+
+    browser.get(server + "/")
+    for box in browser.find_elements(By.CSS_SELECTOR, '#runs input[name="run"]'):
+        box.click()
+    browser.find_element(By.CSS_SELECTOR, "#compare-form button").click()
+    until(lambda: "/compare?" in browser.current_url, 15)
+    headers = [th.text for th in browser.find_elements(By.TAG_NAME, "th")]
+    assert "tiny" in headers and "tiny-b" in headers
+    assert all(img.get_attribute("naturalWidth") != "0" for img in browser.find_elements(By.TAG_NAME, "img"))
+    assert browser.find_elements(By.TAG_NAME, "img") and errors(browser) == []
+
+
 def test_the_form_previews_the_data_before_launch(server, browser, tmp_path):
     from selenium.webdriver.common.by import By
 

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -55,6 +55,10 @@ def create_app(runs_root: Path, access: Access) -> FastAPI:
         choices = {"tasks": sorted({r["task"] for r in rows}), "statuses": sorted({r["status"] for r in rows})}
         context = {"rows": shown, "root": root, "task": task, "status": status, "studies": studies.list_studies(root)}
         return pages.TemplateResponse(request, "runs.html", {**context, **choices})
+
+    @app.get("/favicon.ico")
+    def favicon():  # pages without the base template (compare, report.html) still make browsers ask
+        return Response(status_code=204)
 
     @app.get("/compare", response_class=HTMLResponse)
     def compare_page(run: Annotated[list[str], Query()] = []):  # noqa: B006 (FastAPI copies defaults)
