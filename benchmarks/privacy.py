@@ -1,7 +1,7 @@
-"""Privacy benchmark: Rotten Tomatoes accuracy at epsilon in {1, 3, 8, inf} (MiniLM-L6 + LoRA), and
-canary exposure without and with DP (SmolLM2-135M + LoRA on short CommonGen sentences).
+"""Privacy benchmark: Rotten Tomatoes accuracy of the DP example as shipped (epsilon 8) against the
+same config without privacy, and canary exposure without and with DP (SmolLM2-135M + LoRA on short CommonGen sentences).
 
-Run:  .venv/bin/python benchmarks/privacy.py [--only rt|canary] [--epochs 3]
+Run:  .venv/bin/python benchmarks/privacy.py [--only rt|canary] [--epsilons 8 3 1]
 
 Every run is the real CLI (`tunesmith train`, `tunesmith audit`) in its own process. Writes
 benchmarks/results/privacy.json; privacy.md is written from it by hand.
@@ -27,41 +27,21 @@ def tunesmith(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tunesmith", *args], cwd=ROOT, capture_output=True, text=True)
 
 
-def rotten_tomatoes(epochs: float) -> list[dict]:
-    # One recipe for every epsilon, so the rows differ only by the privacy block. DP wants large
-    # logical batches (here 512 expected rows) and few trainable weights (the noise is added to every
-    # one of them): LoRA r=8 on query/value plus the classifier head.
-    common = [
-        "peft.method=lora",
-        "peft.r=8",
-        "peft.dropout=0.0",
-        "peft.target_modules=[query,value]",
-        "train.batch_size=64",
-        "train.grad_accum=8",
-        f"train.epochs={epochs}",
-        "train.lr=5e-3",
-        "train.warmup_ratio=0.0",
-        "train.schedule=constant",
-        "train.early_stopping.patience=null",
-        "eval.every=null",
-        "eval.samples=0",
-        "train.log_every=5",
-        f"output_dir={RUNS}",
-    ]
+DP_EXAMPLE = "examples/sentiment-rotten-tomatoes-dp.yaml"
+# Issue 17: the private run at most 3 points below the same config without privacy, and at least 84%.
+MAX_GAP, MIN_ACCURACY = 3.0, 84.0
+
+
+def rotten_tomatoes(epsilons: list[str]) -> dict:
+    """The DP example as shipped (its privacy block: the recipe defaults) at each epsilon, and the same
+    config with `privacy=null`: the rows differ by the privacy block only."""
     rows = []
-    for eps in ("8", "inf", "3", "1"):
+    for eps in ["inf", *epsilons]:
         name = f"privacy-rt-eps{eps}"
-        privacy = [] if eps == "inf" else [f"privacy.target_epsilon={eps}"]
+        privacy = ["privacy=null"] if eps == "inf" else [f"privacy.target_epsilon={eps}"]
         start = time.time()
-        res = tunesmith(
-            "train", "examples/sentiment-rotten-tomatoes.yaml", "--overwrite", f"name={name}", *common, *privacy
-        )
-        row = {
-            "epsilon_target": eps,
-            "exit": res.returncode,
-            "wall_s": round(time.time() - start, 1),
-            "overrides": common + privacy,
-        }
+        res = tunesmith("train", DP_EXAMPLE, "--overwrite", f"name={name}", f"output_dir={RUNS}", *privacy)
+        row = {"epsilon_target": eps, "exit": res.returncode, "wall_s": round(time.time() - start, 1)}
         if res.returncode == 0:
             report = json.loads((RUNS / name / "eval.json").read_text())
             val = report["finetuned"]["validation"]
@@ -75,9 +55,14 @@ def rotten_tomatoes(epochs: float) -> list[dict]:
             )
         else:
             row["error"] = res.stderr[-1500:]
-        print(json.dumps({k: v for k, v in row.items() if k != "overrides"}), flush=True)
+        print(json.dumps(row), flush=True)
         rows.append(row)
-    return rows
+    plain = rows[0].get("accuracy")
+    for row in rows[1:]:
+        if plain is not None and row.get("accuracy") is not None:
+            row["gap"] = round(plain - row["accuracy"], 2)
+            row["met"] = row["gap"] <= MAX_GAP and row["accuracy"] >= MIN_ACCURACY
+    return {"config": DP_EXAMPLE, "target": f"gap <= {MAX_GAP} points and accuracy >= {MIN_ACCURACY}", "rows": rows}
 
 
 def canary(epochs: float, references: int) -> dict:
@@ -122,14 +107,16 @@ def canary(epochs: float, references: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=["rt", "canary"])
-    ap.add_argument("--epochs", type=float, default=3)
+    ap.add_argument(
+        "--epsilons", nargs="*", default=["8"], help="epsilon targets (the example ships 8); no privacy runs first"
+    )
     ap.add_argument("--canary-epochs", type=float, default=2)
     ap.add_argument("--references", type=int, default=10_000)
     a = ap.parse_args()
     path = ROOT / "benchmarks" / "results" / "privacy.json"
     fresh = {}
     if a.only in (None, "rt"):
-        fresh["rotten_tomatoes"] = rotten_tomatoes(a.epochs)
+        fresh["rotten_tomatoes"] = rotten_tomatoes(a.epsilons)
     if a.only in (None, "canary"):
         fresh["canary"] = canary(a.canary_epochs, a.references)
     results = json.loads(path.read_text()) if path.exists() else {}  # read late: the parts may run at once
