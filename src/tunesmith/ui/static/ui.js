@@ -44,7 +44,7 @@ function showRun(name, live) {
     const p = msg.progress || {};
     for (const k of ["step", "status"]) if (p[k] !== undefined) document.getElementById(k).textContent = p[k];
     if (p.tokens_per_s) document.getElementById("tps").textContent = p.tokens_per_s;
-    if (p.eta_s !== undefined) document.getElementById("eta").textContent = p.eta_s;
+    if (p.eta_s !== undefined) document.getElementById("eta").textContent = p.eta_s === null ? "-" : p.eta_s + " s";
   };
   events.addEventListener("end", () => { events.close(); location.reload(); });
 }
