@@ -56,6 +56,7 @@ LAYERS = (
             "tunesmith.predict",
             "tunesmith.inputs",
             "tunesmith.ui",
+            "tunesmith.serve",
         ),
     ),
     ("cli", ("tunesmith.cli", "tunesmith.__main__")),

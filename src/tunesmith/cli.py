@@ -201,6 +201,27 @@ def ui(
     serve(runs, host, port, token)
 
 
+@app.command("serve")
+def serve_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory of a finished generative run.")],
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to bind; any but loopback needs the API key.")] = "127.0.0.1",
+    base: Annotated[bool, typer.Option("--base", help="Serve the run's base model instead (to compare).")] = False,
+    api_key: Annotated[
+        Optional[str], typer.Option(help="Require 'Authorization: Bearer KEY' (default: generated off loopback).")
+    ] = None,
+    max_batch: Annotated[int, typer.Option(help="Most concurrent requests answered in one batch.")] = 8,
+) -> None:
+    """An OpenAI-compatible endpoint (/v1/chat/completions, streamed or not; /v1/models) for a finished run,
+    with its chat template; concurrent requests are answered in batches (pip install 'tunesmith[ui]').
+
+    Example: tunesmith serve runs/alpaca-smollm2 --port 8000
+    """
+    from tunesmith.serve import serve
+
+    serve(run, host, port, base, api_key, max_batch)
+
+
 @app.command()
 def audit(
     run: Annotated[Path, typer.Argument(help="Run directory (runs/<name>) whose config is audited.")],

@@ -1,0 +1,227 @@
+"""`tunesmith serve RUN`: a finished generative run behind an OpenAI-compatible endpoint.
+
+GET /v1/models and POST /v1/chat/completions (streamed or not), with the run's chat template. The model is
+loaded once. Requests wait in a queue; one worker thread answers them in batches through the generate() that
+eval and `tunesmith generate` use (left padding, KV cache), a batch holding requests with the same decoding
+settings and length limit. A streamed request is answered on its own, token by token (transformers'
+streamers follow one sequence). Decoding: the run's eval.decoding unless the request sets temperature or
+top_p (temperature 0: greedy).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import queue
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tunesmith.config.decoding import Decoding
+from tunesmith.errors import UserError
+
+WAIT_S = 0.02  # how long the worker waits for more requests to join a batch
+TIMEOUT_S = 600.0
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send more (n, stop, ...): not refused, not used
+    model: str | None = None
+    messages: list[Message] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=8192)
+    max_completion_tokens: int | None = Field(None, ge=1, le=8192)
+    temperature: float | None = Field(None, ge=0, le=10)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stream: bool = False
+
+
+@dataclass
+class Ask:
+    messages: list[dict]
+    max_tokens: int
+    decoding: Decoding
+    streamer: object = None
+    done: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+    def key(self) -> tuple:
+        return self.max_tokens, self.decoding.model_dump_json()
+
+
+class Batcher:
+    """The worker thread: takes a request, lets others with the same key join for WAIT_S (up to max_batch),
+    and answers them with one generate() call."""
+
+    def __init__(self, model, tokenizer, max_batch: int, seed: int = 0):
+        self.model, self.tokenizer, self.max_batch, self.seed = model, tokenizer, max_batch, seed
+        self.asks: queue.Queue[Ask] = queue.Queue()
+        self.batches: list[int] = []  # each batch's size, for the log and the tests
+        threading.Thread(target=self._work, daemon=True, name="tunesmith-serve").start()
+
+    def submit(self, ask: Ask) -> Ask:
+        self.asks.put(ask)
+        return ask
+
+    def _gather(self, first: Ask) -> list[Ask]:
+        group, other = [first], []
+        deadline = time.monotonic() + WAIT_S
+        while first.streamer is None and len(group) < self.max_batch:
+            try:
+                ask = self.asks.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            (group if ask.streamer is None and ask.key() == first.key() else other).append(ask)
+        for ask in other:  # another batch's: back in the queue
+            self.asks.put(ask)
+        return group
+
+    def _work(self) -> None:
+        from tunesmith.evaluation.generate import generate
+
+        while True:
+            group = self._gather(self.asks.get())
+            self.batches.append(len(group))
+            try:
+                outputs, stopped = generate(
+                    self.model,
+                    self.tokenizer,
+                    [a.messages for a in group],
+                    group[0].max_tokens,
+                    batch_size=len(group),
+                    decoding=group[0].decoding,
+                    seed=self.seed,
+                    streamer=group[0].streamer,
+                )
+            except Exception as err:  # the requests fail, the server goes on
+                for ask in group:
+                    ask.done.set_exception(err)
+                    if ask.streamer is not None:
+                        ask.streamer.end()
+                continue
+            for ask, out, stop in zip(group, outputs, stopped):
+                ask.done.set_result((out, stop))
+
+
+def decoding_for(run_decoding: Decoding, req: ChatRequest) -> Decoding:
+    """The run's eval.decoding, or the request's temperature/top_p; one candidate when streamed."""
+    how = Decoding() if run_decoding.by_concepts else run_decoding  # a chat request carries no concepts
+    if req.temperature == 0:
+        how = Decoding()
+    elif req.temperature is not None or req.top_p is not None:
+        how = Decoding(do_sample=True, temperature=req.temperature or 1.0, top_p=req.top_p or 1.0)
+    if req.stream:
+        how = how.model_copy(update={"num_candidates": 1, "num_beams": 1, "rerank": "score"})
+    return how
+
+
+def create_app(model, tokenizer, cfg, name: str, api_key: str | None = None, max_batch: int = 8):
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.concurrency import iterate_in_threadpool
+    from transformers import TextIteratorStreamer
+
+    from tunesmith.data.tokenize import render_prompt
+
+    app = FastAPI(title="tunesmith serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.batcher = batcher = Batcher(model, tokenizer, max_batch, cfg.seed)
+    system = [{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else []
+
+    @app.middleware("http")
+    async def key_check(request: Request, call_next):
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+            return JSONResponse({"error": {"message": "missing or wrong API key", "type": "auth"}}, status_code=401)
+        return await call_next(request)
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "tunesmith"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        if req.model not in (None, name):
+            raise HTTPException(404, f"this server has one model: {name}")
+        messages = system + [m.model_dump() for m in req.messages]
+        limit = req.max_completion_tokens or req.max_tokens or cfg.eval.max_new_tokens
+        how = decoding_for(cfg.eval.decoding, req)
+        head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": name}
+        if req.stream:
+            streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=TIMEOUT_S)
+            ask = batcher.submit(Ask(messages, limit, how, streamer))
+            return StreamingResponse(chunks(head, streamer, ask), media_type="text/event-stream")
+        ask = batcher.submit(Ask(messages, limit, how))
+        text, stopped = await asyncio_wrap(ask.done)
+        prompt_tokens = len(tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"])
+        done = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return {
+            **head,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop" if stopped else "length",
+                }
+            ],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done},
+        }
+
+    async def chunks(head: dict, streamer, ask: Ask):
+        def chunk(delta: dict, finish: str | None) -> str:
+            body = {**head, "object": "chat.completion.chunk"}
+            body["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish}]
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        yield chunk({"role": "assistant"}, None)
+        async for piece in iterate_in_threadpool(streamer):
+            if piece:
+                yield chunk({"content": piece}, None)
+        _, stopped = await asyncio_wrap(ask.done)
+        yield chunk({}, "stop" if stopped else "length")
+        yield "data: [DONE]\n\n"
+
+    return app
+
+
+async def asyncio_wrap(future: concurrent.futures.Future):
+    import asyncio
+
+    return await asyncio.wait_for(asyncio.wrap_future(future), TIMEOUT_S)
+
+
+def serve(run_path, host: str, port: int, base: bool, api_key: str | None, max_batch: int) -> None:
+    """Check the run and the port, load the model once, print the URL, serve until Ctrl-C."""
+    import socket
+
+    try:
+        import uvicorn
+    except ImportError as err:
+        raise UserError(f"serve needs {err.name}", hint="pip install 'tunesmith[ui]'") from None
+    from tunesmith.inference import load_base, load_finetuned, open_run, require_task, weights_dir
+
+    if not 0 < port < 65536 or max_batch < 1:
+        raise UserError("--port must be a port number and --max-batch at least 1")
+    run, cfg = open_run(run_path)
+    require_task(run, cfg, classification=False)
+    weights_dir(run)
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        api_key = secrets.token_urlsafe(18)
+        print(f"Off loopback every request needs the API key: Authorization: Bearer {api_key}", flush=True)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise UserError(f"cannot listen on {host}:{port}: {err.strerror}", hint="Pick another --port.") from None
+    model, tokenizer, cfg = (load_base if base else load_finetuned)(run)
+    name = run.path.name + ("-base" if base else "")
+    shown = f"[{host}]" if ":" in host else host
+    print(f"tunesmith serve: {name} at http://{shown}:{port}/v1 (OpenAI-compatible; Ctrl-C stops)", flush=True)
+    uvicorn.run(create_app(model, tokenizer, cfg, name, api_key, max_batch), host=host, port=port, log_level="warning")

@@ -1,0 +1,111 @@
+"""`tunesmith serve`: a tiny finished run behind the OpenAI-compatible endpoint. Answers equal `tunesmith
+generate`'s, concurrent requests share a batch and each gets its own answer, streaming sends the same text,
+and bad requests and bad runs are refused."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from _cli import invoke_cli
+from test_commands import made  # noqa: F401 (the module's finished runs: a LoRA causal LM, a classifier)
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+PROMPTS = ["one two three", "four five", "six seven eight one", "two"]
+
+
+@pytest.fixture(scope="module")
+def server(made):  # noqa: F811
+    from tunesmith.inference import load_finetuned
+    from tunesmith.rundir import RunDir
+    from tunesmith.serve import create_app
+
+    model, tokenizer, cfg = load_finetuned(RunDir(made["lm"]))
+    return TestClient(create_app(model, tokenizer, cfg, "lm", max_batch=4))
+
+
+def ask(client, prompt: str, **extra) -> dict:
+    body = {"model": "lm", "messages": [{"role": "user", "content": prompt}], "max_tokens": 12, **extra}
+    res = client.post("/v1/chat/completions", json=body)
+    assert res.status_code == 200, res.text
+    return res.json()
+
+
+def test_models_and_a_chat_answer_equal_to_tunesmith_generate(server, made):  # noqa: F811
+    assert [m["id"] for m in server.get("/v1/models").json()["data"]] == ["lm"]
+    out = ask(server, PROMPTS[0])
+    cli = invoke_cli("generate", made["lm"], "--prompt", PROMPTS[0], "--max-new-tokens", "12")
+    assert out["choices"][0]["message"]["content"] == cli.stdout.strip()
+    assert out["object"] == "chat.completion" and out["choices"][0]["finish_reason"] in ("stop", "length")
+    usage = out["usage"]
+    assert usage["prompt_tokens"] > 0 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_concurrent_requests_share_a_batch_and_each_gets_its_own_answer(server):
+    alone = {p: ask(server, p)["choices"][0]["message"]["content"] for p in PROMPTS}
+    batcher = server.app.state.batcher
+    before = len(batcher.batches)
+    answers: dict = {}
+    start = threading.Barrier(len(PROMPTS))
+
+    def one(p):
+        start.wait()
+        answers[p] = ask(server, p)["choices"][0]["message"]["content"]
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in PROMPTS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert answers == alone  # greedy: batching (left padding) changes no answer
+    assert max(batcher.batches[before:]) > 1, batcher.batches[before:]  # at least two answered together
+
+
+def test_a_streamed_answer_is_the_same_text_in_chunks(server):
+    plain = ask(server, PROMPTS[1])["choices"][0]["message"]["content"]
+    body = {"messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 12, "stream": True}
+    with server.stream("POST", "/v1/chat/completions", json=body) as res:
+        lines = [line for line in res.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text.strip() == plain and chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_temperature_samples_and_bad_requests_are_refused(server):
+    greedy = ask(server, PROMPTS[2], max_tokens=8)["choices"][0]["message"]["content"]
+    assert ask(server, PROMPTS[2], temperature=0, max_tokens=8)["choices"][0]["message"]["content"] == greedy
+    sampled = ask(server, PROMPTS[2], temperature=1.5, max_tokens=8)["choices"][0]["message"]["content"]
+    assert sampled != greedy  # 8 tokens drawn at temperature 1.5 from a random model's ~260-token vocabulary
+    for body in (
+        {"messages": []},
+        {"messages": [{"role": "robot", "content": "x"}]},
+        {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+        {"messages": [{"role": "user", "content": "x"}], "temperature": -1},
+    ):
+        assert server.post("/v1/chat/completions", json=body).status_code == 422, body
+    other = {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}
+    assert server.post("/v1/chat/completions", json=other).status_code == 404
+
+
+def test_an_api_key_is_required_when_set(made):  # noqa: F811
+    from tunesmith.inference import load_finetuned
+    from tunesmith.rundir import RunDir
+    from tunesmith.serve import create_app
+
+    model, tokenizer, cfg = load_finetuned(RunDir(made["lm"]))
+    client = TestClient(create_app(model, tokenizer, cfg, "lm", api_key="k3y"))
+    assert client.get("/v1/models").status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": "Bearer k3y"}).status_code == 200
+
+
+def test_the_command_refuses_a_classifier_a_missing_run_and_a_bad_port(made, tmp_path):  # noqa: F811
+    res = invoke_cli("serve", made["cls"])
+    assert res.returncode == 2 and "classification" in res.stderr and "tunesmith predict" in res.stderr
+    res = invoke_cli("serve", tmp_path / "nope")
+    assert res.returncode == 2 and "not a tunesmith run directory" in res.stderr
+    res = invoke_cli("serve", made["lm"], "--port", "0")
+    assert res.returncode == 2 and "--port" in res.stderr
