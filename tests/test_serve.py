@@ -1,6 +1,6 @@
-"""`tunesmith serve`: a tiny finished run behind the OpenAI-compatible endpoint. Answers equal `tunesmith
-generate`'s, concurrent requests share a batch and each gets its own answer, streaming sends the same text,
-and bad requests and bad runs are refused."""
+"""`tunesmith serve`: a tiny finished run behind the OpenAI-compatible endpoint. Chat answers equal `tunesmith
+generate`'s, completions continue the bare prompt, concurrent requests share a batch and each gets its own
+answer, streaming sends the same text, and bad requests and bad runs are refused."""
 
 from __future__ import annotations
 
@@ -73,6 +73,23 @@ def test_a_streamed_answer_is_the_same_text_in_chunks(server):
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert text.strip() == plain and chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_completions_continue_the_prompt_as_it_is_without_the_template(server):
+    from tunesmith.evaluation.generate import generate
+
+    app = server.app.state.batcher
+    res = server.post("/v1/completions", json={"prompt": "one two three", "max_tokens": 10})
+    assert res.status_code == 200 and res.json()["object"] == "text_completion"
+    expected, _ = generate(app.model, app.tokenizer, ["one two three"], 10)  # a plain string: no chat template
+    templated, _ = generate(app.model, app.tokenizer, [[{"role": "user", "content": "one two three"}]], 10)
+    assert res.json()["choices"][0]["text"] == expected[0] and expected[0] != templated[0]
+    body = {"prompt": "one two three", "max_tokens": 10, "stream": True}
+    with server.stream("POST", "/v1/completions", json=body) as streamed:
+        lines = [line[6:] for line in streamed.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    assert "".join(json.loads(x)["choices"][0]["text"] for x in lines[:-1]).strip() == expected[0]
+    assert server.post("/v1/completions", json={"prompt": ""}).status_code == 422
 
 
 def test_temperature_samples_and_bad_requests_are_refused(server):

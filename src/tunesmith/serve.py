@@ -1,6 +1,7 @@
 """`tunesmith serve RUN`: a finished generative run behind an OpenAI-compatible endpoint.
 
-GET /v1/models and POST /v1/chat/completions (streamed or not), with the run's chat template. The model is
+GET /v1/models, POST /v1/chat/completions (the run's chat template) and POST /v1/completions (the prompt
+continued as it is, no template), streamed or not. The model is
 loaded once. Requests wait in a queue; one worker thread answers them in batches through the generate() that
 eval and `tunesmith generate` use (left padding, KV cache), a batch holding requests with the same decoding
 settings and length limit. A streamed request is answered on its own, token by token (transformers'
@@ -34,10 +35,9 @@ class Message(BaseModel):
     content: str
 
 
-class ChatRequest(BaseModel):
+class Body(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send more (n, stop, ...): not refused, not used
     model: str | None = None
-    messages: list[Message] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=8192)
     max_completion_tokens: int | None = Field(None, ge=1, le=8192)
     temperature: float | None = Field(None, ge=0, le=10)
@@ -45,9 +45,17 @@ class ChatRequest(BaseModel):
     stream: bool = False
 
 
+class ChatRequest(Body):
+    messages: list[Message] = Field(..., min_length=1)
+
+
+class CompletionRequest(Body):
+    prompt: str = Field(..., min_length=1)
+
+
 @dataclass
 class Ask:
-    messages: list[dict]
+    messages: list[dict] | str  # a plain string: continued as it is
     max_tokens: int
     decoding: Decoding
     streamer: object = None
@@ -111,7 +119,7 @@ class Batcher:
                 ask.done.set_result((out, stop))
 
 
-def decoding_for(run_decoding: Decoding, req: ChatRequest) -> Decoding:
+def decoding_for(run_decoding: Decoding, req: Body) -> Decoding:
     """The run's eval.decoding, or the request's temperature/top_p; one candidate when streamed."""
     how = Decoding() if run_decoding.by_concepts else run_decoding  # a chat request carries no concepts
     if req.temperature == 0:
@@ -147,45 +155,51 @@ def create_app(model, tokenizer, cfg, name: str, api_key: str | None = None, max
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
+        return await answer(req, system + [m.model_dump() for m in req.messages], chat=True)
+
+    @app.post("/v1/completions")
+    async def complete(req: CompletionRequest):
+        return await answer(req, req.prompt, chat=False)
+
+    async def answer(req: Body, prompt: list[dict] | str, chat: bool):
         if req.model not in (None, name):
             raise HTTPException(404, f"this server has one model: {name}")
-        messages = system + [m.model_dump() for m in req.messages]
         limit = req.max_completion_tokens or req.max_tokens or cfg.eval.max_new_tokens
         how = decoding_for(cfg.eval.decoding, req)
-        head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": name}
+        kind = "chat.completion" if chat else "text_completion"
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}", "created": int(time.time())}
+        head["model"] = name
         if req.stream:
             streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=TIMEOUT_S)
-            ask = batcher.submit(Ask(messages, limit, how, streamer))
-            return StreamingResponse(chunks(head, streamer, ask), media_type="text/event-stream")
-        ask = batcher.submit(Ask(messages, limit, how))
-        text, stopped = await asyncio_wrap(ask.done)
-        prompt_tokens = len(tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"])
+            ask = batcher.submit(Ask(prompt, limit, how, streamer))
+            return StreamingResponse(chunks(head, streamer, ask, chat), media_type="text/event-stream")
+        text, stopped = await asyncio_wrap(batcher.submit(Ask(prompt, limit, how)).done)
+        rendered = prompt if isinstance(prompt, str) else render_prompt(tokenizer, prompt)
+        used = len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
         done = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        return {
-            **head,
-            "object": "chat.completion",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": "stop" if stopped else "length",
-                }
-            ],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done},
-        }
+        choice = {"index": 0, "finish_reason": "stop" if stopped else "length"}
+        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+        usage = {"prompt_tokens": used, "completion_tokens": done, "total_tokens": used + done}
+        return {**head, "object": kind, "choices": [choice], "usage": usage}
 
-    async def chunks(head: dict, streamer, ask: Ask):
-        def chunk(delta: dict, finish: str | None) -> str:
-            body = {**head, "object": "chat.completion.chunk"}
-            body["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish}]
+    async def chunks(head: dict, streamer, ask: Ask, chat: bool):
+        def chunk(piece: str | None, finish: str | None) -> str:
+            body = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+            if chat:  # the first chunk says who speaks, the last only why it ended
+                delta = {"role": "assistant"} if piece is None and finish is None else {}
+                body["choices"] = [{"index": 0, "delta": {**delta, **({"content": piece} if piece else {})}}]
+            else:
+                body["choices"] = [{"index": 0, "text": piece or ""}]
+            body["choices"][0]["finish_reason"] = finish
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-        yield chunk({"role": "assistant"}, None)
+        if chat:
+            yield chunk(None, None)
         async for piece in iterate_in_threadpool(streamer):
             if piece:
-                yield chunk({"content": piece}, None)
+                yield chunk(piece, None)
         _, stopped = await asyncio_wrap(ask.done)
-        yield chunk({}, "stop" if stopped else "length")
+        yield chunk(None, "stop" if stopped else "length")
         yield "data: [DONE]\n\n"
 
     return app

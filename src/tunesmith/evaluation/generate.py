@@ -16,7 +16,7 @@ from tunesmith.evaluation import decoding as dec
 def generate(
     model,
     tokenizer,
-    prompts: list[list[dict[str, str]]],
+    prompts: list[list[dict[str, str]] | str],
     max_new_tokens: int = 128,
     batch_size: int = 8,
     device=None,
@@ -41,7 +41,9 @@ def generate(
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
-    encoded = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    # a prompt is chat messages (rendered with the template) or, for plain continuation, a string as it is
+    texts = [p if isinstance(p, str) else render_prompt(tokenizer, p) for p in prompts]
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     # Similar lengths in one batch: less left padding to compute through.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     outputs, stopped = [""] * len(prompts), [False] * len(prompts)
