@@ -57,6 +57,7 @@ LAYERS = (
             "tunesmith.inputs",
             "tunesmith.ui",
             "tunesmith.serve",
+            "tunesmith.gguf_export",
         ),
     ),
     ("cli", ("tunesmith.cli", "tunesmith.__main__")),

@@ -324,10 +324,16 @@ def generate_cmd(
 @app.command("export")
 def export_cmd(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
-    merge: Annotated[Path, typer.Option("--merge", help="Write a standalone HF model directory here.")],
+    merge: Annotated[Optional[Path], typer.Option("--merge", help="Write a standalone HF model directory.")] = None,
+    gguf: Annotated[Optional[Path], typer.Option("--gguf", help="Write one GGUF file (Llama-family models).")] = None,
+    quant: Annotated[str, typer.Option(help="With --gguf: f32, f16 or q8_0.")] = "f16",
 ) -> None:
-    """Merge the adapter into the base weights and write a standalone HF model directory."""
-    commands.export(run, merge)
+    """Merge the adapter into the base weights and write a standalone HF model directory (--merge) or a GGUF
+    file for llama.cpp and Ollama (--gguf).
+
+    Example: tunesmith export runs/alpaca-smollm2 --gguf alpaca.gguf --quant q8_0
+    """
+    commands.export(run, merge, gguf, quant)
 
 
 @app.command("predict")

@@ -152,10 +152,13 @@ def generate(
             print(json.dumps({"output": out}, ensure_ascii=False))
 
 
-def export(run: Path, merge: Path) -> None:
+def export(run: Path, merge: Path | None, gguf: Path | None = None, quant: str = "f16") -> None:
+    """--merge DIR: a Hugging Face model directory; --gguf FILE: one GGUF file (llama.cpp, Ollama)."""
     from tunesmith.inference import export_merged, open_run, require_task, weights_dir
 
-    if merge.exists() and (not merge.is_dir() or any(merge.iterdir())):
+    if (merge is None) == (gguf is None):
+        raise UserError("Give exactly one of --merge DIR or --gguf FILE")
+    if merge is not None and merge.exists() and (not merge.is_dir() or any(merge.iterdir())):
         raise UserError(
             f"--merge {merge}: " + ("exists and is not empty" if merge.is_dir() else "a file is there"),
             hint="Name a new or empty directory.",
@@ -163,5 +166,11 @@ def export(run: Path, merge: Path) -> None:
     rundir, cfg = open_run(run)
     require_task(rundir, cfg, classification=False)
     weights_dir(rundir)
+    if gguf is not None:
+        from tunesmith.gguf_export import export_gguf
+
+        export_gguf(rundir, gguf, quant)
+        console.print(f"Wrote {gguf} ({quant}; llama.cpp, Ollama, or transformers with gguf_file=)")
+        return
     export_merged(rundir, str(merge))
     console.print(f"Wrote {merge} (load with AutoModelForCausalLM.from_pretrained)")
