@@ -74,25 +74,18 @@ def test_bad_gguf_exports_are_refused_before_any_model_loads(made, tmp_path):  #
     assert res.returncode == 2 and "classification" in res.stderr
 
 
-def test_a_non_default_rope_theta_survives_the_round_trip(tmp_path, tiny_tokenizer):
+def test_a_non_default_rope_theta_survives_the_round_trip(tmp_path, tiny_llama, tiny_tokenizer):
     """SmolLM2's rope_theta is 100,000; transformers 5 keeps it in config.rope_parameters."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from tunesmith.gguf_export import write_gguf
 
-    config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_theta=100_000.0,
-        tie_word_embeddings=True,
-    )
+    config = LlamaConfig.from_pretrained(str(tiny_llama))
+    config.rope_parameters = {"rope_theta": 100_000.0, "rope_type": "default"}
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     write_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", "f32", "m")
     back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf").eval()
+    assert back.config.rope_parameters["rope_theta"] == 100_000.0
     with torch.no_grad():
         assert (back(IDS).logits - model(IDS).logits).abs().max().item() <= BOUND["f32"]
