@@ -134,7 +134,6 @@ def decoding_for(run_decoding: Decoding, req: Body) -> Decoding:
 def create_app(model, tokenizer, cfg, name: str, api_key: str | None = None, max_batch: int = 8):
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.concurrency import iterate_in_threadpool
     from transformers import TextIteratorStreamer
 
     from tunesmith.data.tokenize import render_prompt
@@ -182,27 +181,32 @@ def create_app(model, tokenizer, cfg, name: str, api_key: str | None = None, max
         usage = {"prompt_tokens": used, "completion_tokens": done, "total_tokens": used + done}
         return {**head, "object": kind, "choices": [choice], "usage": usage}
 
-    async def chunks(head: dict, streamer, ask: Ask, chat: bool):
-        def chunk(piece: str | None, finish: str | None) -> str:
-            body = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-            if chat:  # the first chunk says who speaks, the last only why it ended
-                delta = {"role": "assistant"} if piece is None and finish is None else {}
-                body["choices"] = [{"index": 0, "delta": {**delta, **({"content": piece} if piece else {})}}]
-            else:
-                body["choices"] = [{"index": 0, "text": piece or ""}]
-            body["choices"][0]["finish_reason"] = finish
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-        if chat:
-            yield chunk(None, None)
-        async for piece in iterate_in_threadpool(streamer):
-            if piece:
-                yield chunk(piece, None)
-        _, stopped = await asyncio_wrap(ask.done)
-        yield chunk(None, "stop" if stopped else "length")
-        yield "data: [DONE]\n\n"
-
     return app
+
+
+async def chunks(head: dict, streamer, ask: Ask, chat: bool):
+    """A streamed answer as OpenAI's server-sent chunks: the pieces as the streamer yields them, then the
+    finish reason and [DONE]."""
+    from starlette.concurrency import iterate_in_threadpool
+
+    def chunk(piece: str | None, finish: str | None) -> str:
+        body = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        if chat:  # the first chunk says who speaks, the last only why it ended
+            delta = {"role": "assistant"} if piece is None and finish is None else {}
+            body["choices"] = [{"index": 0, "delta": {**delta, **({"content": piece} if piece else {})}}]
+        else:
+            body["choices"] = [{"index": 0, "text": piece or ""}]
+        body["choices"][0]["finish_reason"] = finish
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    if chat:
+        yield chunk(None, None)
+    async for piece in iterate_in_threadpool(streamer):
+        if piece:
+            yield chunk(piece, None)
+    _, stopped = await asyncio_wrap(ask.done)
+    yield chunk(None, "stop" if stopped else "length")
+    yield "data: [DONE]\n\n"
 
 
 async def asyncio_wrap(future: concurrent.futures.Future):
