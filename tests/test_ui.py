@@ -202,6 +202,18 @@ def test_the_data_preview_shows_first_rows_and_the_report_before_anything_runs(t
     assert not out.json()["ok"] and f"{bad}:2" in out.json()["error"] and f"{bad}:3" in out.json()["error"]
 
 
+def test_the_form_starts_from_an_example_config_and_only_a_listed_one(runs_root, tmp_path):
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "tiny-example.yaml").write_text("name: from-example\ntrain: {lr: 0.001}\n")
+    (tmp_path / "secret.yaml").write_text("token: hunter2\n")
+    c = TestClient(create_app(runs_root, Access("127.0.0.1", 7860, None), tmp_path / "examples"), base_url=LOCAL)
+    page = c.get("/new").text
+    assert "<option >tiny-example.yaml</option>" in page
+    assert "name: from-example" in c.get("/new?example=tiny-example.yaml").text
+    for name in ("../secret.yaml", "secret.yaml", "%2Fetc%2Fpasswd"):
+        assert c.get(f"/new?example={name}").status_code == 404, name
+
+
 def test_key_help_comes_from_the_schema(runs_root):
     keys = {k["key"]: k for k in client(runs_root)[0].get("/api/keys").json()}
     assert "train.lr" in keys and keys["train.lr"]["help"]

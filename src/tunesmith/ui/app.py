@@ -29,7 +29,8 @@ HERE = Path(__file__).parent
 POLL_S = 1.0  # how often a live page's stream looks for new metrics lines
 
 
-def create_app(runs_root: Path, access: Access) -> FastAPI:
+def create_app(runs_root: Path, access: Access, examples: Path = Path("examples")) -> FastAPI:
+    """`examples`: the folder of example configs the new-run form offers (default: ./examples, a checkout's)."""
     root = Path(runs_root)
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, access=access)
@@ -70,11 +71,17 @@ def create_app(runs_root: Path, access: Access) -> FastAPI:
         return HTMLResponse(compare_html(chosen))
 
     @app.get("/new", response_class=HTMLResponse)
-    def new_page(request: Request, source: str = ""):
+    def new_page(request: Request, source: str = "", example: str = ""):
+        offered = sorted(p.name for p in examples.glob("*.yaml")) if examples.is_dir() else []
         text = ""
         if source:
             text = (open_run(source).path / "config.yaml").read_text(errors="replace")
-        return pages.TemplateResponse(request, "new.html", {"text": text, "root": root})
+        elif example:
+            if example not in offered:  # only a listed name: never a path
+                raise HTTPException(404, f"no example config named {example!r} in {examples}")
+            text = (examples / example).read_text(errors="replace")
+        context = {"text": text, "root": root, "examples": offered, "example": example}
+        return pages.TemplateResponse(request, "new.html", context)
 
     return app
 
