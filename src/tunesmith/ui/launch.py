@@ -47,6 +47,21 @@ def validate(text: str, runs_root: Path) -> tuple[dict | None, list[str]]:
     return tree, []
 
 
+def tunesmith_argv(*args: str) -> list[str]:
+    """The command line of `tunesmith ARGS` run by this interpreter: what every process the UI starts runs."""
+    return [sys.executable, "-m", "tunesmith", *args]
+
+
+def error_of(output: str, lines: int = 1) -> str:
+    """What a failed command said: from its last `error:` line (and the problems listed under it), at most
+    `lines` lines; else its last line."""
+    said = output.strip().splitlines()
+    start = next((i for i in range(len(said) - 1, -1, -1) if said[i].startswith("error:")), None)
+    if start is None:
+        return said[-1] if said else "no output"
+    return "\n".join(said[start : start + lines])
+
+
 def _start(args: list[str], runs_root: Path, name: str) -> int:
     """Start `tunesmith train ARGS` and wait until the run says it is running (so the page the browser is
     sent to exists and follows it live); a process that exits first failed, and its error is the answer."""
@@ -54,7 +69,7 @@ def _start(args: list[str], runs_root: Path, name: str) -> int:
     logs.mkdir(exist_ok=True)
     with open(logs / f"{name}.log", "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tunesmith", "train", *args],
+            tunesmith_argv("train", *args),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -67,9 +82,7 @@ def _start(args: list[str], runs_root: Path, name: str) -> int:
             break
         time.sleep(0.2)
     if proc.poll() is not None and proc.returncode != 0:
-        said = log_tail(runs_root, name).strip().splitlines()
-        error = next((line for line in reversed(said) if line.startswith("error:")), said[-1] if said else "")
-        raise UserError(f"{name} did not start (exit {proc.returncode}): {error}")
+        raise UserError(f"{name} did not start (exit {proc.returncode}): {error_of(log_tail(runs_root, name))}")
     return proc.pid
 
 

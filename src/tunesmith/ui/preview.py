@@ -7,12 +7,12 @@ import asyncio
 import contextlib
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
+from tunesmith.ui.launch import error_of, tunesmith_argv
 from tunesmith.ui.runs import data_sections
 
 ROWS = 5
@@ -28,7 +28,7 @@ async def preview(tree: dict, runs_root: Path) -> dict:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         yaml.safe_dump(tree, f, sort_keys=False)
     proc = await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "tunesmith", "data", "check", name, "--preview", str(ROWS)],
+        *tunesmith_argv("data", "check", name, "--preview", str(ROWS)),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -43,9 +43,7 @@ async def preview(tree: dict, runs_root: Path) -> dict:
                 proc.kill()
         Path(name).unlink(missing_ok=True)
     if proc.returncode != 0:
-        lines = err.decode("utf-8", "replace").splitlines()
-        start = next((i for i, line in enumerate(lines) if line.startswith("error:")), max(len(lines) - 5, 0))
-        return {"ok": False, "error": "\n".join(lines[start : start + SHOWN_ERROR_LINES])}
+        return {"ok": False, "error": error_of(err.decode("utf-8", "replace"), SHOWN_ERROR_LINES)}
     report = json.loads(out)
     rows = report.pop("preview", {})
     return {"ok": True, "sections": data_sections(report), "warnings": report.get("warnings", []), "rows": rows}

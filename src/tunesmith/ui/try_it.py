@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
-import sys
 from collections.abc import AsyncIterator
 
 from tunesmith.rundir import RunDir
+from tunesmith.ui.launch import error_of, tunesmith_argv
 from tunesmith.ui.runs import config_tree
 
 MAX_CHARS = 4000  # a prompt is a box's worth of text, not a file
@@ -54,13 +54,10 @@ def command(run: RunDir, text: str, which: str) -> list[str]:
     how = mode(run)
     # `--option=TEXT`, one argument: a text that starts with "-" stays the option's value
     if how == "label":
-        return [sys.executable, "-m", "tunesmith", "predict", str(run.path), f"--text={text}"]
+        return tunesmith_argv("predict", str(run.path), f"--text={text}")
     ask = [f"--concepts={text}"] if how == "concepts" else [f"--prompt={text}"]
     extra = ["--base"] if which == "base" else []
-    return [
-        *[sys.executable, "-m", "tunesmith", "generate", str(run.path), *ask],
-        *["--stream", "--max-new-tokens", str(MAX_NEW_TOKENS), *extra],
-    ]
+    return tunesmith_argv("generate", str(run.path), *ask, "--stream", "--max-new-tokens", str(MAX_NEW_TOKENS), *extra)
 
 
 async def answer(run: RunDir, text: str, which: str) -> AsyncIterator[str]:
@@ -78,9 +75,8 @@ async def answer(run: RunDir, text: str, which: str) -> AsyncIterator[str]:
         while chunk := await proc.stdout.read(256):
             yield utf8.decode(chunk)
         if await proc.wait() != 0:
-            lines = (await errors).decode("utf-8", "replace").strip().splitlines()
-            said = [line for line in lines if line.startswith("error:")] or lines[-1:] or ["no output"]
-            yield f"{ERROR_MARK}{said[-1]} (exit {proc.returncode})"
+            said = error_of((await errors).decode("utf-8", "replace"))
+            yield f"{ERROR_MARK}{said} (exit {proc.returncode})"
     finally:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
