@@ -68,15 +68,15 @@ def build_tokenizer(path: Path):
     return fast
 
 
-def build_tiny_llama(path: Path, seed: int = 0) -> Path:
+def build_tiny_llama(path: Path, seed: int = 0, hidden: int = 32) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer(path)
     config = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -143,7 +143,7 @@ def export_gguf(run, out: Path, quant: str) -> None:
         raise UserError(f"--gguf {out}: exists", hint="Name a new file.")
     if not out.parent.is_dir():
         raise UserError(f"--gguf {out}: no folder {out.parent}")
-    model, tokenizer, _ = load_finetuned(run)
+    model, tokenizer, _ = load_finetuned(run, quantized=False)
     check_architecture(model.config)  # before merging: a refusal should be quick
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()

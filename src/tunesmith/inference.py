@@ -177,14 +177,16 @@ def _saved_copy(cfg: Config, folder: Path):
     return cfg.model.model_copy(update={"name": str(folder), "revision": None, "adapters": []})
 
 
-def load_finetuned(run: RunDir):
-    """A generative run's model and tokenizer, ready for generate() or export."""
+def load_finetuned(run: RunDir, quantized: bool = True):
+    """A generative run's model and tokenizer, ready for generate() or export. A qlora run's base loads in
+    4 bits as trained, or (quantized=False, for export) unquantized in model.dtype, as peers merge it."""
     cfg = run_config(run)
     require_task(run, cfg, classification=False)
     folder = weights_dir(run)
     tokenizer = models.load_tokenizer(str(folder), cfg.model)
     if folder.name == "adapter":
-        model = models.apply_peft(models.load_causal_lm(models.resolve(cfg.model), cfg.model), cfg.peft)
+        base = models.load_causal_lm(models.resolve(cfg.model), cfg.model, cfg.peft if quantized else None)
+        model = models.apply_peft(base, cfg.peft if quantized else cfg.peft.model_copy(update={"method": "lora"}))
         load_saved_weights(model, run)
     else:
         model = models.load_causal_lm(str(folder), _saved_copy(cfg, folder))
@@ -198,7 +200,7 @@ def load_base(run: RunDir):
     cfg = run_config(run)
     require_task(run, cfg, classification=False)
     tokenizer = models.load_tokenizer(str(weights_dir(run)), cfg.model)
-    model = models.load_causal_lm(models.resolve(cfg.model), cfg.model)
+    model = models.load_causal_lm(models.resolve(cfg.model), cfg.model, cfg.peft)
     model.eval()
     return model, tokenizer, cfg
 
@@ -216,7 +218,7 @@ def load_classifier_run(run: RunDir):
         raise UserError(f"{folder}: labels.json is missing or not a list of labels")
     tokenizer = models.load_tokenizer(str(folder), cfg.model)
     if folder.name == "adapter":
-        model = models.load_classifier(models.resolve(cfg.model), cfg.model, labels)
+        model = models.load_classifier(models.resolve(cfg.model), cfg.model, labels, pcfg=cfg.peft)
         model = models.apply_peft(model, cfg.peft, task_type="SEQ_CLS")
         load_saved_weights(model, run)
     else:
@@ -226,7 +228,7 @@ def load_classifier_run(run: RunDir):
 
 
 def export_merged(run: RunDir, out: str) -> None:
-    model, tokenizer, _ = load_finetuned(run)
+    model, tokenizer, _ = load_finetuned(run, quantized=False)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()  # LoRA folded into the weights: a plain HF model directory
     model.save_pretrained(out, safe_serialization=True)

@@ -6,6 +6,7 @@ import fnmatch
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +22,10 @@ from tunesmith.heads import set_pooling
 from tunesmith.hub import NAMES_HINT, hub_model
 from tunesmith.paths import home
 from tunesmith.training import zero  # noqa: F401 (importing it keeps accelerate from importing DeepSpeed)
+
+# bitsandbytes (which peft imports when it is installed) looks on the Hub for an optional CPU kernel at import
+# and logs a warning without it; that kernel serves only the inference layout trainable_4bit() turns off.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
@@ -232,7 +237,45 @@ def _set_dropout(config, p: float) -> None:
             setattr(config, key, p)
 
 
-def load_causal_lm(path: str, mcfg: ModelConfig):
+def quantization(pcfg: PeftConfig | None, mcfg: ModelConfig) -> dict:
+    """from_pretrained's arguments that load the base weights in 4 bits for peft.method qlora (none
+    otherwise). bitsandbytes' 4-bit layers run on CUDA and, since its multi-backend releases, on CPU."""
+    if pcfg is None or pcfg.method != "qlora":
+        return {}
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "peft.method qlora needs bitsandbytes (the 4-bit layers)",
+            hint="pip install 'tunesmith[qlora]', or use peft.method: lora",
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    from tunesmith.training.processes import process_state
+
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=pcfg.quant_type,
+        bnb_4bit_use_double_quant=pcfg.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, mcfg.dtype),
+    )
+    # 4-bit weights are quantized where they load and cannot be moved after: load them on this process's device
+    return {"quantization_config": bnb, "device_map": {"": process_state().device}}
+
+
+def trainable_4bit(model):
+    """Keep bitsandbytes' 4-bit layers in the layout they train in. On CPUs with AVX512-BF16 an evaluation
+    forward (eval mode, no grad) repacks their weights in place for a faster kernel that has no backward and
+    rounds the scales to bf16: training after the before-evaluation would then backpropagate through the
+    base layers wrongly (torch only warns). The layers keep the one layout and the same numbers throughout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def load_causal_lm(path: str, mcfg: ModelConfig, pcfg: PeftConfig | None = None):
+    """The causal LM; with `pcfg` (peft.method qlora) its base weights in 4 bits."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kw = _load_kwargs(mcfg)
@@ -241,11 +284,16 @@ def load_causal_lm(path: str, mcfg: ModelConfig):
         if mcfg.dropout is not None:
             _set_dropout(config, mcfg.dropout)
         model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=getattr(torch, mcfg.dtype), attn_implementation=mcfg.attn_implementation, **kw
+            path,
+            config=config,
+            dtype=getattr(torch, mcfg.dtype),
+            attn_implementation=mcfg.attn_implementation,
+            **kw,
+            **quantization(pcfg, mcfg),
         )
     except (OSError, ValueError) as err:
         raise UserError(f"Could not load model '{mcfg.name}': {err}") from None
-    return fold_adapters(model, mcfg.adapters)
+    return fold_adapters(trainable_4bit(model), mcfg.adapters)
 
 
 def fold_adapters(model, adapters: list[str]):
@@ -266,9 +314,12 @@ def fold_adapters(model, adapters: list[str]):
     return model
 
 
-def load_classifier(path: str, mcfg: ModelConfig, labels: list[str], pad_token_id: int | None = None):
+def load_classifier(
+    path: str, mcfg: ModelConfig, labels: list[str], pad_token_id: int | None = None, pcfg: PeftConfig | None = None
+):
     """An encoder (or decoder) with a fresh classification head sized to the label set. `pad_token_id`:
-    the id rows are padded with, by which a decoder finds each row's last real token."""
+    the id rows are padded with, by which a decoder finds each row's last real token; `pcfg` (qlora): the
+    base weights in 4 bits (the head stays in model.dtype)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     kw = _load_kwargs(mcfg)
@@ -283,12 +334,18 @@ def load_classifier(path: str, mcfg: ModelConfig, labels: list[str], pad_token_i
         if mcfg.dropout is not None:
             _set_dropout(config, mcfg.dropout)
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=getattr(torch, mcfg.dtype), output_loading_info=True, **kw
+            path,
+            config=config,
+            dtype=getattr(torch, mcfg.dtype),
+            output_loading_info=True,
+            **kw,
+            **quantization(pcfg, mcfg),
         )
     except (OSError, ValueError) as err:
         raise UserError(f"Could not load '{mcfg.name}' as a classifier: {err}") from None
     # Weights the checkpoint lacks (the new head) or could not fill (a head of another size) start random:
     # apply_peft trains them whatever the method, or the classifier would score with a random projection.
+    trainable_4bit(model)
     resized = {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())}
     model.tunesmith_new_weights = sorted(set(info.get("missing_keys", ())) | resized)
     if pad_token_id is not None:
@@ -299,8 +356,12 @@ def load_classifier(path: str, mcfg: ModelConfig, labels: list[str], pad_token_i
 
 
 def apply_peft(model, pcfg: PeftConfig, task_type: str = "CAUSAL_LM"):
-    if pcfg.method == "lora":
-        from peft import LoraConfig, get_peft_model
+    if pcfg.adapter:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if pcfg.method == "qlora":  # norms and other unquantized weights in fp32, the base frozen
+            # (activation checkpointing stays train.gradient_checkpointing's choice)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
         lora = LoraConfig(
             r=pcfg.r,

@@ -131,6 +131,12 @@ class Config(Strict):
     def _stages_are_valid_runs(self) -> Config:
         if self.stages and self.stage_mode == "stack" and self.peft.method != "lora":
             raise ValueError("stage_mode: stack keeps each stage's LoRA adapter; it needs peft.method: lora")
+        if self.peft.method == "qlora" and self.model.adapters:
+            # merged into 4-bit weights, an adapter would be rounded to the quantization grid
+            raise ValueError(
+                "peft.method qlora cannot fold model.adapters into 4-bit weights: merge them first "
+                "(tunesmith export RUN --merge DIR) and set model.name to that directory"
+            )
         for i in range(len(self.stages)):
             stage_config(self, i)  # a stage that would not train fails here, before anything runs
         return self

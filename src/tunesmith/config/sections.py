@@ -55,10 +55,11 @@ class ModelConfig(Strict):
 
 
 class PeftConfig(Strict):
-    method: Literal["lora", "full", "freeze"] = Field(
+    method: Literal["lora", "qlora", "full", "freeze"] = Field(
         "lora",
-        description="lora: train a LoRA adapter; full: train every weight; freeze: train only "
-        "parameters matching `trainable` patterns.",
+        description="lora: train a LoRA adapter; qlora: LoRA over the base weights quantized to 4 bits "
+        "(bitsandbytes; a quarter of the memory of 16-bit weights; computes in model.dtype); full: train every "
+        "weight; freeze: train only parameters matching `trainable` patterns.",
     )
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: int | None = Field(None, gt=0, description="LoRA alpha; default 2*r.")
@@ -66,10 +67,21 @@ class PeftConfig(Strict):
     target_modules: str | list[str] = Field(
         "all-linear", description="Modules LoRA wraps: 'all-linear' or a list of module names."
     )
+    quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="With method=qlora: the 4-bit data type (nf4: QLoRA's NormalFloat, Dettmers et al. 2023)."
+    )
+    double_quant: bool = Field(
+        True, description="With method=qlora: quantize the quantization constants too (~0.4 bits a weight saved)."
+    )
     trainable: list[str] = Field(
         default_factory=list,
         description="With method=freeze: glob patterns of parameter names to train (e.g. 'model.norm.*').",
     )
+
+    @property
+    def adapter(self) -> bool:
+        """Training leaves a LoRA adapter (lora, and qlora over its 4-bit base)."""
+        return self.method in ("lora", "qlora")
 
     @model_validator(mode="after")
     def _freeze_needs_patterns(self) -> PeftConfig:

@@ -81,7 +81,7 @@ def setup(cfg: Config, run: RunDir) -> building.Setup:
         data["replay"] = replay_rows(cfg, tokenizer, examples.report)
     run.write_json("data_report.json", examples.report)
     set_seed(cfg.seed)  # before the model: LoRA's A matrices are initialised from it
-    model = models.apply_peft(models.load_causal_lm(model_path, cfg.model), cfg.peft)
+    model = models.apply_peft(models.load_causal_lm(model_path, cfg.model, cfg.peft), cfg.peft)
     pad = tokenizer.pad_token_id
     loss_fn = choose_loss(model, collate(data["train"][:2], pad), cfg.train.chunked_loss)
     count = count_targets

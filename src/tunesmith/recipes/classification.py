@@ -59,7 +59,7 @@ def setup(cfg: Config, run: RunDir) -> building.Setup:
     data = {name: split.rows for name, split in tokenize_splits(cfg, examples, tokenizer).items()}
     run.write_json("data_report.json", examples.report)
     set_seed(cfg.seed)
-    model = models.load_classifier(model_path, cfg.model, examples.labels, tokenizer.pad_token_id)
+    model = models.load_classifier(model_path, cfg.model, examples.labels, tokenizer.pad_token_id, cfg.peft)
     model = models.apply_peft(model, cfg.peft, task_type="SEQ_CLS")
     pad = tokenizer.pad_token_id
     return building.build(

@@ -24,7 +24,7 @@ def weights_of(run: RunDir, cfg: Config, mode: str) -> dict:
     """The model section's changes that make the next stage start from this run's weights."""
     if mode == "stack":
         return {"adapters": [*cfg.model.adapters, str(run / "adapter")]}
-    if cfg.peft.method == "lora":
+    if cfg.peft.adapter:
         from tunesmith.inference import export_merged
 
         target = run / "merged"

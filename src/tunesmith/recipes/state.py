@@ -57,7 +57,7 @@ def save_weights(s: Setup) -> Path | None:
     Returns the directory on the main process, None elsewhere."""
     from tunesmith.training.processes import collective_forward, fsdp
 
-    model, lora = s.accelerator.unwrap_model(s.model), s.cfg.peft.method == "lora"
+    model, lora = s.accelerator.unwrap_model(s.model), s.cfg.peft.adapter
     # ZeRO-3 and FSDP hold a partition of each tensor: gather them whole (a collective, so on every rank).
     whole = None
     if collective_forward(s.accelerator):

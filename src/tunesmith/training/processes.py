@@ -43,6 +43,8 @@ def engage(cfg, accelerator) -> None:
         )
     if cfg.retention.l2sp:
         problems.append("retention.l2sp: its gradient is added after backward, to whole tensors")
+    if cfg.peft.method == "qlora":
+        problems.append("peft.method qlora: bitsandbytes' 4-bit weights are not sharded by this engine; use DDP")
     if cfg.train.precision == "fp16":
         problems.append("train.precision fp16: use bf16 (tunesmith's loss scaler works on whole gradients)")
     if fsdp(accelerator) and accelerator.state.fsdp_plugin.fsdp_version != 2:
