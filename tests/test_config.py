@@ -87,7 +87,7 @@ def test_override_into_a_value_refused(tmp_path):
 
 
 def test_all_errors_reported_at_once_with_dotted_paths():
-    tree = minimal(train={"lrr": 1e-4, "lr": -1.0}, peft={"method": "qlora"})
+    tree = minimal(train={"lrr": 1e-4, "lr": -1.0}, peft={"method": "dora"})
     with pytest.raises(ConfigError) as info:
         config_from_dict(tree)
     problems = info.value.problems
@@ -103,7 +103,7 @@ def test_all_errors_reported_at_once_with_dotted_paths():
 
 
 def test_all_errors_from_yaml_file_name_the_file(tmp_path):
-    path = write_yaml(tmp_path, minimal(train={"lrr": 1e-4, "lr": -1.0}, peft={"method": "qlora"}))
+    path = write_yaml(tmp_path, minimal(train={"lrr": 1e-4, "lr": -1.0}, peft={"method": "dora"}))
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert str(path) in info.value.title
