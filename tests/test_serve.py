@@ -89,7 +89,7 @@ def test_completions_continue_the_prompt_as_it_is_without_the_template(server):
         lines = [line[6:] for line in streamed.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "[DONE]"
     assert "".join(json.loads(x)["choices"][0]["text"] for x in lines[:-1]).strip() == expected[0]
-    assert server.post("/v1/completions", json={"prompt": ""}).status_code == 422
+    assert server.post("/v1/completions", json={"prompt": ""}).status_code == 400
 
 
 def test_temperature_samples_and_bad_requests_are_refused(server):
@@ -103,9 +103,87 @@ def test_temperature_samples_and_bad_requests_are_refused(server):
         {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
         {"messages": [{"role": "user", "content": "x"}], "temperature": -1},
     ):
-        assert server.post("/v1/chat/completions", json=body).status_code == 422, body
+        res = server.post("/v1/chat/completions", json=body)
+        assert res.status_code == 400 and res.json()["error"]["type"] == "invalid_request_error", body
     other = {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}
     assert server.post("/v1/chat/completions", json=other).status_code == 404
+
+
+def test_malformed_json_an_overlong_prompt_and_too_many_tokens_are_400_with_a_message(server):
+    res = server.post("/v1/chat/completions", content=b'{"messages": [', headers={"Content-Type": "application/json"})
+    assert res.status_code == 400 and "not valid JSON" in res.json()["error"]["message"]
+    batcher = server.app.state.batcher
+    context = batcher.model.config.max_position_embeddings  # 512 on the tiny model
+
+    def tokens(text: str) -> int:
+        return len(batcher.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    assert tokens("x " * context) >= context
+    res = server.post("/v1/completions", json={"prompt": "x " * context})
+    assert res.status_code == 400 and f"context is {context} tokens" in res.json()["error"]["message"]
+    res = server.post("/v1/completions", json={"prompt": "one", "max_tokens": 5000})
+    assert res.status_code == 400 and "limit of 1024" in res.json()["error"]["message"]
+    # an answer that would run past the context is cut where the context ends
+    long, seen = "x " * ((context - 6) // tokens("x ")), []
+    hook = batcher.model.get_base_model().register_forward_pre_hook(  # the LM generate() steps
+        lambda _, args, kw: seen.append(int(kw["position_ids"].max()) + 1), with_kwargs=True
+    )
+    try:
+        near = server.post("/v1/completions", json={"prompt": long, "max_tokens": 100}).json()
+    finally:
+        hook.remove()
+    assert near["usage"]["prompt_tokens"] == tokens(long) == context - 6
+    assert near["choices"][0]["finish_reason"] in ("length", "stop") and max(seen) <= context
+
+
+def test_the_official_openai_client_chats_completes_and_streams(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=server)
+    assert [m.id for m in client.models.list()] == ["lm"]
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    chat = client.chat.completions.create(model="lm", messages=messages, max_tokens=12)
+    assert chat.choices[0].message.content == ask(server, PROMPTS[0])["choices"][0]["message"]["content"]
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+    text = client.completions.create(model="lm", prompt="one two three", max_tokens=10).choices[0].text
+    assert (
+        text
+        == server.post("/v1/completions", json={"prompt": "one two three", "max_tokens": 10}).json()["choices"][0][
+            "text"
+        ]
+    )
+    stream = client.chat.completions.create(model="lm", messages=messages, max_tokens=12, stream=True)
+    pieces = [c.choices[0].delta.content or "" for c in stream]
+    assert "".join(pieces).strip() == chat.choices[0].message.content
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="lm", messages=messages, max_tokens=100_000)
+
+
+def test_eight_concurrent_requests_take_fewer_forward_passes_than_eight_in_a_row(made):  # noqa: F811
+    from tunesmith.inference import load_finetuned
+    from tunesmith.rundir import RunDir
+    from tunesmith.serve import create_app
+
+    model, tokenizer, cfg = load_finetuned(RunDir(made["lm"]))
+    client = TestClient(create_app(model, tokenizer, cfg, "lm", max_batch=8))
+    passes = []
+    model.get_base_model().register_forward_hook(lambda *_: passes.append(1))  # each step generate() takes
+    prompts = [f"{a} {b}" for a in ("one", "two") for b in ("three", "four", "five", "six")]
+    in_a_row = {p: ask(client, p)["choices"][0]["message"]["content"] for p in prompts}
+    sequential, answers = len(passes), {}
+    start = threading.Barrier(len(prompts))
+
+    def one(p):
+        start.wait()
+        answers[p] = ask(client, p)["choices"][0]["message"]["content"]
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    concurrent = len(passes) - sequential
+    assert answers == in_a_row
+    assert concurrent < sequential, (concurrent, sequential)
 
 
 def test_an_api_key_is_required_when_set(made):  # noqa: F811

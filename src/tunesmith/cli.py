@@ -211,6 +211,7 @@ def serve_cmd(
         Optional[str], typer.Option(help="Require 'Authorization: Bearer KEY' (default: generated off loopback).")
     ] = None,
     max_batch: Annotated[int, typer.Option(help="Most concurrent requests answered in one batch.")] = 8,
+    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask (over it: 400).")] = 1024,
 ) -> None:
     """An OpenAI-compatible endpoint (/v1/chat/completions, streamed or not; /v1/models) for a finished run,
     with its chat template; concurrent requests are answered in batches (pip install 'tunesmith[ui]').
@@ -219,7 +220,7 @@ def serve_cmd(
     """
     from tunesmith.serve import serve
 
-    serve(run, host, port, base, api_key, max_batch)
+    serve(run, host, port, base, api_key, max_batch, max_tokens)
 
 
 @app.command()

@@ -38,8 +38,8 @@ class Message(BaseModel):
 class Body(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send more (n, stop, ...): not refused, not used
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1, le=8192)
-    max_completion_tokens: int | None = Field(None, ge=1, le=8192)
+    max_tokens: int | None = Field(None, ge=1)  # over the server's --max-tokens: refused, with the limit
+    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=10)
     top_p: float | None = Field(None, gt=0, le=1)
     stream: bool = False
@@ -131,21 +131,66 @@ def decoding_for(run_decoding: Decoding, req: Body) -> Decoding:
     return how
 
 
-def create_app(model, tokenizer, cfg, name: str, api_key: str | None = None, max_batch: int = 8):
-    from fastapi import FastAPI, HTTPException, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from transformers import TextIteratorStreamer
+def openai_error(status: int, message: str, param: str | None = None):
+    """An error as OpenAI's API sends it (its clients raise BadRequestError and the like from these)."""
+    from fastapi.responses import JSONResponse
+
+    kind = "invalid_request_error" if status in (400, 404) else "authentication_error" if status == 401 else "error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+
+
+def refusals(app) -> None:
+    """Bad requests answer 400 with OpenAI's error body (FastAPI's own would be 422 in its own shape)."""
+    from fastapi import HTTPException
+    from fastapi.exceptions import RequestValidationError
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            return openai_error(400, "the request body is not valid JSON")
+        where = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        return openai_error(400, f"{where or 'body'}: {first.get('msg')}", where)
+
+    @app.exception_handler(HTTPException)
+    async def refused(request, exc: HTTPException):
+        return openai_error(exc.status_code, str(exc.detail))
+
+
+def token_budget(tokenizer, prompt: list[dict] | str, asked: int, context: int | None, limit: int) -> tuple[int, int]:
+    """The prompt's length in tokens and the tokens the answer may take: a request over the server's limit
+    or a prompt that fills the model's context is refused (400); an answer that would run past the context
+    is cut at its end (finish_reason "length")."""
+    from fastapi import HTTPException
 
     from tunesmith.data.tokenize import render_prompt
 
+    if asked > limit:
+        raise HTTPException(400, f"max_tokens {asked} is over this server's limit of {limit} (--max-tokens)")
+    rendered = prompt if isinstance(prompt, str) else render_prompt(tokenizer, prompt)
+    used = len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    if context is not None and used >= context:
+        raise HTTPException(400, f"the prompt is {used} tokens; the model's context is {context} tokens")
+    return used, asked if context is None else min(asked, context - used)
+
+
+def create_app(
+    model, tokenizer, cfg, name: str, api_key: str | None = None, max_batch: int = 8, max_tokens: int = 1024
+):
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.responses import StreamingResponse
+    from transformers import TextIteratorStreamer
+
     app = FastAPI(title="tunesmith serve", docs_url=None, redoc_url=None, openapi_url=None)
+    refusals(app)
     app.state.batcher = batcher = Batcher(model, tokenizer, max_batch, cfg.seed)
     system = [{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else []
+    context = getattr(model.config, "max_position_embeddings", None)
 
     @app.middleware("http")
     async def key_check(request: Request, call_next):
         if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-            return JSONResponse({"error": {"message": "missing or wrong API key", "type": "auth"}}, status_code=401)
+            return openai_error(401, "missing or wrong API key")
         return await call_next(request)
 
     @app.get("/v1/models")
@@ -163,7 +208,8 @@ def create_app(model, tokenizer, cfg, name: str, api_key: str | None = None, max
     async def answer(req: Body, prompt: list[dict] | str, chat: bool):
         if req.model not in (None, name):
             raise HTTPException(404, f"this server has one model: {name}")
-        limit = req.max_completion_tokens or req.max_tokens or cfg.eval.max_new_tokens
+        asked = req.max_completion_tokens or req.max_tokens or min(cfg.eval.max_new_tokens, max_tokens)
+        used, limit = token_budget(tokenizer, prompt, asked, context, max_tokens)
         how = decoding_for(cfg.eval.decoding, req)
         kind = "chat.completion" if chat else "text_completion"
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}", "created": int(time.time())}
@@ -173,8 +219,6 @@ def create_app(model, tokenizer, cfg, name: str, api_key: str | None = None, max
             ask = batcher.submit(Ask(prompt, limit, how, streamer))
             return StreamingResponse(chunks(head, streamer, ask, chat), media_type="text/event-stream")
         text, stopped = await asyncio_wrap(batcher.submit(Ask(prompt, limit, how)).done)
-        rendered = prompt if isinstance(prompt, str) else render_prompt(tokenizer, prompt)
-        used = len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
         done = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         choice = {"index": 0, "finish_reason": "stop" if stopped else "length"}
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
@@ -215,7 +259,9 @@ async def asyncio_wrap(future: concurrent.futures.Future):
     return await asyncio.wait_for(asyncio.wrap_future(future), TIMEOUT_S)
 
 
-def serve(run_path, host: str, port: int, base: bool, api_key: str | None, max_batch: int) -> None:
+def serve(
+    run_path, host: str, port: int, base: bool, api_key: str | None, max_batch: int, max_tokens: int = 1024
+) -> None:
     """Check the run and the port, load the model once, print the URL, serve until Ctrl-C."""
     import socket
 
@@ -225,8 +271,8 @@ def serve(run_path, host: str, port: int, base: bool, api_key: str | None, max_b
         raise UserError(f"serve needs {err.name}", hint="pip install 'tunesmith[ui]'") from None
     from tunesmith.inference import load_base, load_finetuned, open_run, require_task, weights_dir
 
-    if not 0 < port < 65536 or max_batch < 1:
-        raise UserError("--port must be a port number and --max-batch at least 1")
+    if not 0 < port < 65536 or max_batch < 1 or max_tokens < 1:
+        raise UserError("--port must be a port number, and --max-batch and --max-tokens at least 1")
     run, cfg = open_run(run_path)
     require_task(run, cfg, classification=False)
     weights_dir(run)
@@ -242,4 +288,5 @@ def serve(run_path, host: str, port: int, base: bool, api_key: str | None, max_b
     name = run.path.name + ("-base" if base else "")
     shown = f"[{host}]" if ":" in host else host
     print(f"tunesmith serve: {name} at http://{shown}:{port}/v1 (OpenAI-compatible; Ctrl-C stops)", flush=True)
-    uvicorn.run(create_app(model, tokenizer, cfg, name, api_key, max_batch), host=host, port=port, log_level="warning")
+    app = create_app(model, tokenizer, cfg, name, api_key, max_batch, max_tokens)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
