@@ -87,3 +87,42 @@ def test_generate_cli_answers_prompts_and_a_jsonl_file(tiny_config, tmp_path):
     many = run_cli("generate", run.path, "--input", prompts, "--max-new-tokens", "5")
     assert many.returncode == 0, many.stderr
     assert len([json.loads(x)["output"] for x in many.stdout.splitlines()]) == 2
+
+
+# The module names vLLM's Llama takes LoRA on (its packed qkv_proj and gate_up_proj are filled from these).
+VLLM_LLAMA_LORA = {
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "embed_tokens",
+    "lm_head",
+}
+
+
+def test_the_adapter_directory_has_what_vllm_lora_modules_reads(tiny_config):
+    """`vllm serve BASE --enable-lora --lora-modules NAME=runs/<run>/adapter` reads adapter_config.json (its
+    PEFTHelper: r, lora_alpha, target_modules required; modules_to_save, DoRA and LoRA biases refused; r at most
+    --max-lora-rank, 16 by default) and adapter_model.safetensors, every tensor named
+    base_model.model.<module>.lora_A|B.weight for a module the architecture takes LoRA on."""
+    import re
+
+    from safetensors import safe_open
+
+    folder = _trained_run(tiny_config).path / "adapter"
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert {"r", "lora_alpha", "target_modules"} <= set(config) and config["r"] <= 16
+    assert not config.get("modules_to_save") and not config.get("use_dora") and config.get("bias") == "none"
+    # peft writes the modules all-linear matched as full paths; vLLM goes by the tensor names' last part
+    targets = {t.rsplit(".", 1)[-1] for t in config["target_modules"]}
+    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}
+    assert len(shapes) == 2 * 2 * len(targets)  # A and B for each target in each of the 2 layers
+    for name, shape in shapes.items():
+        parsed = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", name)
+        assert parsed and parsed[1].rsplit(".", 1)[-1] in targets & VLLM_LLAMA_LORA, name
+        assert (shape[0] if parsed[2] == "A" else shape[1]) == config["r"], (name, shape)
