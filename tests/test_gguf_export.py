@@ -89,3 +89,34 @@ def test_a_non_default_rope_theta_survives_the_round_trip(tmp_path, tiny_llama, 
     assert back.config.rope_parameters["rope_theta"] == 100_000.0
     with torch.no_grad():
         assert (back(IDS).logits - model(IDS).logits).abs().max().item() <= BOUND["f32"]
+
+
+def test_overwrite_replaces_an_export_only_once_the_new_one_is_complete(made, tmp_path, monkeypatch):  # noqa: F811
+    from tunesmith import gguf_export
+
+    old = tmp_path / "old.gguf"
+    old.write_bytes(b"old")
+    res = invoke_cli("export", made["lm"], "--gguf", old)
+    assert res.returncode == 2 and "--overwrite" in res.stderr and old.read_bytes() == b"old"
+
+    def fails(*args):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(gguf_export, "write_gguf", fails)
+    with pytest.raises(RuntimeError):
+        invoke_cli("export", made["lm"], "--gguf", old, "--overwrite")
+    assert old.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["old.gguf"]
+    monkeypatch.undo()
+    assert invoke_cli("export", made["lm"], "--gguf", old, "--overwrite").returncode == 0
+    assert old.read_bytes()[:4] == b"GGUF"
+
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "keep.txt").write_text("mine")
+    res = invoke_cli("export", made["lm"], "--merge", merged)
+    assert res.returncode == 2 and "not empty" in res.stderr and (merged / "keep.txt").read_text() == "mine"
+    assert invoke_cli("export", made["lm"], "--merge", merged, "--overwrite").returncode == 0
+    assert (merged / "config.json").is_file() and not (merged / "keep.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "old.gguf"]  # no staging left behind
+    res = invoke_cli("export", made["lm"], "--merge", made["lm"], "--overwrite")
+    assert res.returncode == 2 and "run directory" in res.stderr and (made["lm"] / "run.json").is_file()

@@ -328,13 +328,16 @@ def export_cmd(
     merge: Annotated[Optional[Path], typer.Option("--merge", help="Write a standalone HF model directory.")] = None,
     gguf: Annotated[Optional[Path], typer.Option("--gguf", help="Write one GGUF file (Llama-family models).")] = None,
     quant: Annotated[str, typer.Option(help="With --gguf: f32, f16 or q8_0.")] = "f16",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing file or non-empty directory (once complete).")
+    ] = False,
 ) -> None:
     """Merge the adapter into the base weights and write a standalone HF model directory (--merge) or a GGUF
     file for llama.cpp and Ollama (--gguf).
 
     Example: tunesmith export runs/alpaca-smollm2 --gguf alpaca.gguf --quant q8_0
     """
-    commands.export(run, merge, gguf, quant)
+    commands.export(run, merge, gguf, quant, overwrite)
 
 
 @app.command("predict")

@@ -5,6 +5,10 @@ call into a recipe or a module. cli.py keeps only the argument definitions and t
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from tunesmith.console import console
@@ -152,25 +156,61 @@ def generate(
             print(json.dumps({"output": out}, ensure_ascii=False))
 
 
-def export(run: Path, merge: Path | None, gguf: Path | None = None, quant: str = "f16") -> None:
-    """--merge DIR: a Hugging Face model directory; --gguf FILE: one GGUF file (llama.cpp, Ollama)."""
+def export(
+    run: Path, merge: Path | None, gguf: Path | None = None, quant: str = "f16", overwrite: bool = False
+) -> None:
+    """--merge DIR: a Hugging Face model directory; --gguf FILE: one GGUF file (llama.cpp, Ollama). An
+    existing file or non-empty directory is replaced only with --overwrite, and only once the new one is
+    complete: a failed export leaves it as it was."""
     from tunesmith.inference import export_merged, open_run, require_task, weights_dir
 
     if (merge is None) == (gguf is None):
         raise UserError("Give exactly one of --merge DIR or --gguf FILE")
-    if merge is not None and merge.exists() and (not merge.is_dir() or any(merge.iterdir())):
+    target, flag = (merge, "--merge") if merge is not None else (gguf, "--gguf")
+    if merge is not None and merge.exists() and not merge.is_dir():
+        raise UserError(f"--merge {merge}: a file is there", hint="Name a new or empty directory.")
+    taken = target.exists() and (gguf is not None or any(target.iterdir()))
+    if taken and not overwrite:
         raise UserError(
-            f"--merge {merge}: " + ("exists and is not empty" if merge.is_dir() else "a file is there"),
-            hint="Name a new or empty directory.",
+            f"{flag} {target}: " + ("exists" if gguf is not None else "exists and is not empty"),
+            hint="Name a new path, or add --overwrite to replace it.",
         )
     rundir, cfg = open_run(run)
+    if taken and (target.resolve() == rundir.path.resolve() or (target / "run.json").exists()):
+        raise UserError(f"{flag} {target}: a run directory, which --overwrite never replaces")
     require_task(rundir, cfg, classification=False)
     weights_dir(rundir)
     if gguf is not None:
         from tunesmith.gguf_export import export_gguf
 
-        export_gguf(rundir, gguf, quant)
+        with staged(gguf, directory=False) as partial:
+            export_gguf(rundir, partial, quant)
         console.print(f"Wrote {gguf} ({quant}; llama.cpp, Ollama, or transformers with gguf_file=)")
         return
-    export_merged(rundir, str(merge))
+    with staged(merge, directory=True) as partial:
+        export_merged(rundir, str(partial))
     console.print(f"Wrote {merge} (load with AutoModelForCausalLM.from_pretrained)")
+
+
+@contextmanager
+def staged(target: Path, directory: bool):
+    """A path next to `target` to write into; moved over `target` when the block succeeds, removed when not."""
+    if not directory:
+        partial = target.with_name(f".{target.name}.partial")
+        try:
+            yield partial
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        yield partial
+        old = target.with_name(partial.name + ".old")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(partial, target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)

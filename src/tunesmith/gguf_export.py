@@ -139,8 +139,6 @@ def export_gguf(run, out: Path, quant: str) -> None:
 
     if quant not in QUANTS:
         raise UserError(f"--quant {quant}: one of {', '.join(QUANTS)}")
-    if out.exists():
-        raise UserError(f"--gguf {out}: exists", hint="Name a new file.")
     if not out.parent.is_dir():
         raise UserError(f"--gguf {out}: no folder {out.parent}")
     model, tokenizer, _ = load_finetuned(run, quantized=False)
