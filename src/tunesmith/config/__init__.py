@@ -33,6 +33,7 @@ from tunesmith.config.sections import (
     LogConfig,
     ModelConfig,
     PeftConfig,
+    PreferenceConfig,
     TrainConfig,
 )
 
@@ -51,6 +52,7 @@ __all__ = [
     "LogConfig",
     "ModelConfig",
     "PeftConfig",
+    "PreferenceConfig",
     "Privacy",
     "Replay",
     "Retention",

@@ -19,6 +19,7 @@ from tunesmith.config.sections import (
     LogConfig,
     ModelConfig,
     PeftConfig,
+    PreferenceConfig,
     TrainConfig,
 )
 
@@ -45,7 +46,15 @@ class Stage(Strict):
 class Config(Strict):
     name: str = Field("run", description="Run name: the run directory is <output_dir>/<name>/.")
     task: (
-        Literal["instruction", "summarization", "constrained_generation", "language_modeling", "classification"] | None
+        Literal[
+            "instruction",
+            "summarization",
+            "constrained_generation",
+            "language_modeling",
+            "classification",
+            "preference",
+        ]
+        | None
     ) = Field(None, description="Task family, which picks the metrics; default follows data.format.")
     output_dir: str = Field("runs", description="Directory holding run directories.")
     seed: int = Field(0, description="Seed for splits, shuffling, initialisation and dropout.")
@@ -54,6 +63,9 @@ class Config(Strict):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    preference: PreferenceConfig = Field(
+        default_factory=PreferenceConfig, description="Preference tuning's loss (task: preference)."
+    )
     allowed_roots: list[str] = Field(
         default_factory=list,
         description="Directories every data/model/output path must resolve under (symlinks followed). Empty: "
@@ -170,8 +182,16 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _task_fits_format(self) -> Config:
-        if self.task is not None and (self.task == "classification") != (self.data.format == "classification"):
-            raise ValueError(f"task '{self.task}' does not fit data.format '{self.data.format}'")
+        for family in ("classification", "preference"):
+            if self.task is not None and (self.task == family) != (self.data.format == family):
+                raise ValueError(f"task '{self.task}' does not fit data.format '{self.data.format}'")
+        if self.data.format == "preference" and self.data.packing:
+            # each row already holds a pair (prompt once, both answers) under its own block mask
+            raise ValueError("data.packing is not used with preference data: each pair is already one row")
+        if self.data.format == "preference" and self.model.attn_implementation != "sdpa":
+            raise ValueError("preference tuning needs model.attn_implementation: sdpa (its rows carry a block mask)")
+        if "preference" in self.model_fields_set and self.task_name != "preference":
+            raise ValueError(f"the preference section is for task: preference, not {self.task_name}")
         return self
 
     @property

@@ -91,7 +91,16 @@ class PeftConfig(Strict):
 
 
 MAX_LENGTH_CAP = 1_048_576  # tokens per row: far past any model's context, short of an accidental 1e9
-FORMATS = ("instruction", "chat", "prompt_completion", "summarization", "concepts", "text", "classification")
+FORMATS = (
+    "instruction",
+    "chat",
+    "prompt_completion",
+    "summarization",
+    "concepts",
+    "text",
+    "classification",
+    "preference",
+)
 CANONICAL_COLUMNS = {
     "instruction": ("instruction", "input", "output"),
     "chat": ("messages",),
@@ -100,8 +109,9 @@ CANONICAL_COLUMNS = {
     "concepts": ("concepts", "target", "references"),
     "text": ("text",),
     "classification": ("text", "label"),
+    "preference": ("prompt", "chosen", "rejected"),
 }
-TASKS = ("instruction", "summarization", "constrained_generation", "language_modeling", "classification")
+TASKS = ("instruction", "summarization", "constrained_generation", "language_modeling", "classification", "preference")
 DEFAULT_TASK = {
     "instruction": "instruction",
     "chat": "instruction",
@@ -110,6 +120,7 @@ DEFAULT_TASK = {
     "concepts": "constrained_generation",
     "text": "language_modeling",
     "classification": "classification",
+    "preference": "preference",
 }
 DEFAULT_PROMPTS = {
     "summarization": "Summarize the following document in plain English.",
@@ -128,7 +139,7 @@ class DataConfig(Strict):
         "(default: train from hub_split, validation from 'validation', test from 'test').",
     )
     format: Literal[
-        "instruction", "chat", "prompt_completion", "summarization", "concepts", "text", "classification"
+        "instruction", "chat", "prompt_completion", "summarization", "concepts", "text", "classification", "preference"
     ] = Field("instruction", description="Row format: " + ", ".join(FORMATS) + ".")
     prompt: str | None = Field(
         None, description="Instruction put before each document (summarization) or concept list (concepts)."
@@ -199,6 +210,21 @@ class EarlyStopping(Strict):
     min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as an improvement.")
     metric: str = Field("eval_loss", description="Validation metric to watch.")
     mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
+
+
+class PreferenceConfig(Strict):
+    """Preference tuning (task: preference, data.format: preference): the policy learns to rank each
+    pair's `chosen` answer above its `rejected` one."""
+
+    loss: Literal["dpo", "ipo", "simpo"] = Field(
+        "dpo",
+        description="dpo: -log sigmoid(beta * margin of the log-ratios to the reference model) (Rafailov et al. "
+        "2023); ipo: (length-normalised margin - 1/(2 beta))^2 (Azar et al. 2023); simpo: reference-free, "
+        "-log sigmoid(beta * margin of the mean token log-probs - gamma) (Meng et al. 2024). The reference "
+        "model is the base: its log-probs are computed once before training (no second copy in memory).",
+    )
+    beta: float = Field(0.1, gt=0, description="Strength of the preference (dpo, simpo) or IPO's tau.")
+    gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin (TRL's simpo_gamma).")
 
 
 class TrainConfig(Strict):

@@ -8,6 +8,7 @@ Formats (``data.format``):
 - concepts: concepts (list), target, references (optional list) -> constrained generation (CommonGen)
 - text: text (continued pre-training; loss on every token)
 - classification: text, label
+- preference: prompt (text, or chat messages ending with a user turn), chosen, rejected -> a pair of answers
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ REQUIRED = {
     "concepts": ("concepts", "target"),
     "text": ("text",),
     "classification": ("text", "label"),
+    "preference": ("prompt", "chosen", "rejected"),
 }
 ROLES = ("system", "user", "assistant")
 
@@ -41,11 +43,13 @@ class Example:
     references: list[str] | None = None  # all acceptable answers, when the data has several
     concepts: list[str] | None = None
     user: str | None = None  # the privacy unit, with privacy.unit: user
+    rejected: str | None = None  # a preference pair's worse answer (`completion` holds the chosen one)
 
     def key_fields(self) -> tuple:
         """What makes two examples the same, for deduplication and leakage checks."""
         prompt = tuple((m["role"], m["content"]) for m in self.prompt or [])
-        return (prompt, self.completion, self.text, self.label)
+        answer = self.completion if self.rejected is None else f"{self.completion}\n\x00{self.rejected}"
+        return (prompt, answer, self.text, self.label)
 
 
 class RowError(Exception):
@@ -171,9 +175,29 @@ def _to_example(where: str, row: dict, cfg: DataConfig, system: str | None) -> E
         return Example(where, ex_id, msgs[:-1], msgs[-1]["content"])
     if fmt == "text":
         return Example(where, ex_id, text=checked_string(row, cols["text"], "text"))
+    if fmt == "preference":
+        return preference_pair(where, ex_id, row, cols, head)
     return Example(
         where, ex_id, text=checked_string(row, cols["text"], "text"), label=_label(row[cols["label"]], cfg.labels)
     )
+
+
+def preference_pair(where: str, ex_id: str, row: dict, cols: dict, head: list[dict]) -> Example:
+    """A prompt (text, or chat messages ending with the user's turn) and two different answers to it."""
+    prompt = row[cols["prompt"]]
+    if isinstance(prompt, list):
+        messages = checked_messages(prompt + [{"role": "assistant", "content": "-"}])[:-1]
+        if messages[-1]["role"] != "user":
+            raise RowError("bad_messages", "a chat prompt must end with the user's turn (the answers follow it)")
+    else:
+        messages = [{"role": "user", "content": checked_string(row, cols["prompt"], "prompt")}]
+    if head and messages[0]["role"] != "system":
+        messages = head + messages
+    chosen = checked_string(row, cols["chosen"], "chosen")
+    rejected = checked_string(row, cols["rejected"], "rejected")
+    if chosen.strip() == rejected.strip():
+        raise RowError("same_answers", "chosen and rejected are the same answer: the pair prefers nothing")
+    return Example(where, ex_id, messages, chosen, references=[chosen], rejected=rejected)
 
 
 def parse_rows(raw: RawRows, cfg: DataConfig, user_column: str | None = None) -> tuple[list[Example], list[Problem]]:

@@ -178,7 +178,11 @@ def tokenize_splits(cfg: Config, examples: Examples, tokenizer) -> dict[str, Tok
     from tunesmith.data import token_cache
 
     key = token_cache.cache_key(examples.splits, tokenizer, cfg.data)
-    out = token_cache.load(key)
+    out = token_cache.load(key) if cfg.data.format != "preference" else None
+    if out is None and cfg.data.format == "preference":  # pairs: quick to tokenize, not cached
+        from tunesmith.data.pairs import tokenize_pairs
+
+        out = {name: tokenize_pairs(rows, tokenizer, cfg.data) for name, rows in examples.splits.items()}
     if out is None:
         if cfg.data.format == "classification":
             out = {

@@ -61,7 +61,7 @@ def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _prompt_and_completion_text(tokenizer, ex: Example) -> tuple[str, str]:
+def prompt_and_completion_text(tokenizer, ex: Example) -> tuple[str, str]:
     prompt = render_prompt(tokenizer, ex.prompt)
     full = tokenizer.apply_chat_template(ex.prompt + [{"role": "assistant", "content": ex.completion}], tokenize=False)
     if full.startswith(prompt):
@@ -75,7 +75,7 @@ def _texts(tokenizer, examples: list[Example]) -> tuple[list[str], list[str]]:
     prompts, completions = [], []
     for ex in examples:
         if ex.prompt is not None:
-            p, c = _prompt_and_completion_text(tokenizer, ex)
+            p, c = prompt_and_completion_text(tokenizer, ex)
         else:
             bos = (tokenizer.bos_token or "") if getattr(tokenizer, "add_bos_token", False) else ""
             p, c = bos, ex.text + (tokenizer.eos_token or "")

@@ -53,6 +53,7 @@ TASKS = {
         Task("constrained_generation", "coverage", "max", score_constrained),
         Task("language_modeling", "perplexity", "min"),
         Task("classification", "accuracy", "max"),
+        Task("preference", "preference_accuracy", "max", score_instruction),  # generations scored against chosen
     )
 }
 

@@ -2,6 +2,7 @@
 
 causal_lm       instruction, summarization, constrained generation, language modeling
 classification  sentiment and any label set
+preference      DPO, IPO and SimPO on pairs of answers
 building        a run's Setup: accelerator, optimizer, schedule, batch plan, stepper
 fitting         the fitting loop both share: micro-batches, the update, the bookkeeping after it
 loop            the run's sequence both share: base evaluation, fit, save, fine-tuned evaluation
@@ -22,6 +23,10 @@ def recipe_for(cfg: Config) -> Recipe:
         from tunesmith.recipes import classification
 
         return classification.RECIPE
+    if cfg.task_name == "preference":
+        from tunesmith.recipes import preference
+
+        return preference.RECIPE
     from tunesmith.recipes import causal_lm
 
     return causal_lm.RECIPE

@@ -81,6 +81,7 @@ class Evaluation:
     retention_base: dict[str, float] = field(default_factory=dict)  # retention set -> the base model's perplexity
     # The same measurement whole, until the base model's evaluation reuses it instead of measuring again.
     retention_at_start: dict[str, dict] | None = None
+    chunked: bool = True  # preference runs: answer log-probs through the chunked output layer (else the logits)
 
 
 @dataclass

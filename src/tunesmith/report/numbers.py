@@ -8,6 +8,11 @@ SHOWN = {
     "perplexity": False,
     "accuracy": True,
     "macro_f1": True,
+    "preference_accuracy": True,  # preference pairs: the answer the model finds likelier per token is chosen
+    "reward_accuracy": True,  # the implicit reward prefers chosen (0 for the base: it is the reference)
+    "reward_margin": True,
+    "logp_chosen": True,
+    "logp_rejected": False,
     "rouge1": True,
     "rouge2": True,
     "rougeL": True,
@@ -33,8 +38,9 @@ def fmt(v) -> str:
 
 
 # A run's one number, by task: a classifier's accuracy, constrained generation's concept coverage, the
-# generation tasks' ROUGE-L, language modelling's perplexity (the first of these a run has).
-HEADLINE = ("accuracy", "coverage", "rougeL", "perplexity")
+# generation tasks' ROUGE-L, language modelling's perplexity (the first of these a run has); preference
+# tuning's preference accuracy.
+HEADLINE = ("accuracy", "preference_accuracy", "coverage", "rougeL", "perplexity")
 
 
 def headline(report: dict) -> tuple[str, object, object]:
