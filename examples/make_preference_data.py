@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_instructions"
-TRAIN, VALIDATION, MAX_WORDS, NEW_TOKENS, BATCH = 400, 100, 80, 96, 16
+TRAIN, VALIDATION, MAX_WORDS, NEW_TOKENS, BATCH = 1200, 200, 80, 96, 16
 
 
 def prompts(split: str, n: int) -> list[dict]:

@@ -147,3 +147,31 @@ def test_a_classifier_model_packing_and_a_wrong_format_are_refused(tmp_path, pre
         extra = ["task=preference"] if override == "data.format=instruction" else []
         res = invoke_cli("train", write_config(tmp_path, pref_config), override, *extra)
         assert res.returncode == 2 and says in res.stderr, (override, res.stderr)
+
+
+def test_sft_then_dpo_is_one_staged_config_whose_reference_is_the_sft_model(tmp_path, pref_config):
+    from conftest import instruction_rows
+
+    pref_config["stages"] = [
+        {
+            "name": "sft",
+            "data": {
+                "train": str(write_jsonl(tmp_path / "sft" / "train.jsonl", instruction_rows(24))),
+                "validation": str(write_jsonl(tmp_path / "sft" / "val.jsonl", instruction_rows(6, seed=1))),
+                "format": "instruction",
+                "max_length": 128,
+                "overlength": "drop",
+            },
+            "train": {"max_steps": 4},
+        }
+    ]
+    pref_config["train"]["max_steps"] = 6
+    pref_config["eval"].update(samples=0, generate_rows=None)
+    res = invoke_cli("train", write_config(tmp_path, pref_config))
+    assert res.returncode == 0, res.stderr
+    runs = tmp_path / "runs"
+    assert str(runs / "pref-stage1-sft" / "merged") in (runs / "pref" / "config.yaml").read_text()
+    report = json.loads((runs / "pref" / "eval.json").read_text())
+    assert [r["stage"] for r in report["stages"]] == ["sft", "final"]
+    # the DPO stage's reference is the model it starts from (the SFT model): its base row has zero margins
+    assert report["base"]["validation"]["reward_margin"] == pytest.approx(0, abs=1e-9)

@@ -190,8 +190,6 @@ class Config(Strict):
             raise ValueError("data.packing is not used with preference data: each pair is already one row")
         if self.data.format == "preference" and self.model.attn_implementation != "sdpa":
             raise ValueError("preference tuning needs model.attn_implementation: sdpa (its rows carry a block mask)")
-        if "preference" in self.model_fields_set and self.task_name != "preference":
-            raise ValueError(f"the preference section is for task: preference, not {self.task_name}")
         return self
 
     @property
