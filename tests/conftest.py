@@ -155,6 +155,25 @@ def tiny_config(tmp_path, tiny_llama):
     }
 
 
+def crash_then_resume(train, cfg, monkeypatch, step: int):
+    """`train(cfg)` interrupted right after the checkpoint of update `step` is committed, then resumed;
+    the resumed run's directory."""
+    from tunesmith.recipes import fitting
+
+    real_save = fitting.save_checkpoint
+
+    def crash(s, updates, data_step):
+        real_save(s, updates, data_step)
+        if updates == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(fitting, "save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, overwrite=True)
+    monkeypatch.setattr(fitting, "save_checkpoint", real_save)
+    return train(cfg, resume=True).path
+
+
 def write_config(tmp_path: Path, cfg: dict) -> Path:
     import yaml
 

@@ -11,12 +11,12 @@ import sys
 import pytest
 import torch
 from _cli import run_cli
-from conftest import build_tiny_llama, write_config
+from conftest import build_tiny_llama, crash_then_resume, write_config
 from safetensors.torch import load_file
 
 from tunesmith import models
 from tunesmith.config import config_from_dict
-from tunesmith.recipes import causal_lm, fitting
+from tunesmith.recipes import causal_lm
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -104,18 +104,9 @@ def test_a_qlora_run_trains_resumes_exactly_and_exports_unquantized_merged_weigh
     adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["peft_type"] == "LORA" and adapter_config["base_model_name_or_path"] == str(llama64)
 
-    real_save = fitting.save_checkpoint
-
-    def crash_after_step_4(s, step, data_step):
-        real_save(s, step, data_step)
-        if step == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(fitting, "save_checkpoint", crash_after_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        causal_lm.train(cfg, overwrite=True)
-    monkeypatch.setattr(fitting, "save_checkpoint", real_save)
-    resumed = load_file(str(causal_lm.train(cfg, resume=True).path / "adapter" / "adapter_model.safetensors"))
+    resumed = load_file(
+        str(crash_then_resume(causal_lm.train, cfg, monkeypatch, 4) / "adapter" / "adapter_model.safetensors")
+    )
     for name, t in uninterrupted.items():
         assert torch.equal(resumed[name], t), name
 

@@ -10,12 +10,12 @@ import random
 import pytest
 import torch
 from _cli import invoke_cli
-from conftest import write_config, write_jsonl
+from conftest import crash_then_resume, write_config, write_jsonl
 from safetensors.torch import load_file
 
 from tunesmith import models
 from tunesmith.config import config_from_dict
-from tunesmith.recipes import fitting, preference
+from tunesmith.recipes import preference
 
 WORDS = ["one", "two", "three", "four", "five", "six"]
 
@@ -85,18 +85,9 @@ def test_resume_after_a_crash_gives_the_uninterrupted_adapter(pref_config, monke
     pref_config["eval"].update(samples=0, generate_rows=None)
     cfg = config_from_dict(pref_config)
     uninterrupted = load_file(str(preference.train(cfg, overwrite=True).path / "adapter" / "adapter_model.safetensors"))
-    real_save = fitting.save_checkpoint
-
-    def crash_after_step_4(s, step, data_step):
-        real_save(s, step, data_step)
-        if step == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(fitting, "save_checkpoint", crash_after_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        preference.train(cfg, overwrite=True)
-    monkeypatch.setattr(fitting, "save_checkpoint", real_save)
-    resumed = load_file(str(preference.train(cfg, resume=True).path / "adapter" / "adapter_model.safetensors"))
+    resumed = load_file(
+        str(crash_then_resume(preference.train, cfg, monkeypatch, 4) / "adapter" / "adapter_model.safetensors")
+    )
     for name, t in uninterrupted.items():
         assert torch.equal(resumed[name], t), name
 

@@ -34,6 +34,23 @@ def ask(client, prompt: str, **extra) -> dict:
     return res.json()
 
 
+def ask_together(client, prompts: list[str]) -> dict[str, str]:
+    """Each prompt from its own thread, all released at once; prompt -> answer."""
+    answers: dict = {}
+    start = threading.Barrier(len(prompts))
+
+    def one(p):
+        start.wait()
+        answers[p] = ask(client, p)["choices"][0]["message"]["content"]
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return answers
+
+
 def test_models_and_a_chat_answer_equal_to_tunesmith_generate(server, made):  # noqa: F811
     assert [m["id"] for m in server.get("/v1/models").json()["data"]] == ["lm"]
     out = ask(server, PROMPTS[0])
@@ -48,18 +65,7 @@ def test_concurrent_requests_share_a_batch_and_each_gets_its_own_answer(server):
     alone = {p: ask(server, p)["choices"][0]["message"]["content"] for p in PROMPTS}
     batcher = server.app.state.batcher
     before = len(batcher.batches)
-    answers: dict = {}
-    start = threading.Barrier(len(PROMPTS))
-
-    def one(p):
-        start.wait()
-        answers[p] = ask(server, p)["choices"][0]["message"]["content"]
-
-    threads = [threading.Thread(target=one, args=(p,)) for p in PROMPTS]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    answers = ask_together(server, PROMPTS)
     assert answers == alone  # greedy: batching (left padding) changes no answer
     assert max(batcher.batches[before:]) > 1, batcher.batches[before:]  # at least two answered together
 
@@ -169,18 +175,8 @@ def test_eight_concurrent_requests_take_fewer_forward_passes_than_eight_in_a_row
     model.get_base_model().register_forward_hook(lambda *_: passes.append(1))  # each step generate() takes
     prompts = [f"{a} {b}" for a in ("one", "two") for b in ("three", "four", "five", "six")]
     in_a_row = {p: ask(client, p)["choices"][0]["message"]["content"] for p in prompts}
-    sequential, answers = len(passes), {}
-    start = threading.Barrier(len(prompts))
-
-    def one(p):
-        start.wait()
-        answers[p] = ask(client, p)["choices"][0]["message"]["content"]
-
-    threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    sequential = len(passes)
+    answers = ask_together(client, prompts)
     concurrent = len(passes) - sequential
     assert answers == in_a_row
     assert concurrent < sequential, (concurrent, sequential)
