@@ -128,3 +128,15 @@ def test_simpo_equals_trl_cpo_trainers_simpo_loss(tmp_path, tiny_llama, tiny_tok
     )
     losses = CPOTrainer.cpo_loss(stub, mean[:, 0], mean[:, 1])[0]
     assert abs(got - float(losses.mean())) < 1e-5, (got, float(losses.mean()))
+
+
+def test_the_sft_term_adds_the_chosen_answers_mean_token_nll():
+    from tunesmith.training.preference_loss import pair_losses
+
+    logps, counts = torch.tensor([[-6.0, -9.0], [-2.0, -1.0]]), torch.tensor([[3.0, 3.0], [4.0, 1.0]])
+    reference = torch.tensor([[-7.0, -8.0], [-2.5, -0.5]])
+    plain = pair_losses(logps, counts, reference, PreferenceConfig(beta=0.1))
+    with_sft = pair_losses(logps, counts, reference, PreferenceConfig(beta=0.1, sft_weight=0.5))
+    torch.testing.assert_close(with_sft - plain, 0.5 * torch.tensor([6.0 / 3, 2.0 / 4]))
+    margin = torch.tensor([(-6 + 7) - (-9 + 8), (-2 + 2.5) - (-1 + 0.5)])  # by hand: -log sigmoid(beta * margin)
+    torch.testing.assert_close(plain, -torch.nn.functional.logsigmoid(0.1 * margin))

@@ -225,6 +225,13 @@ class PreferenceConfig(Strict):
     )
     beta: float = Field(0.1, gt=0, description="Strength of the preference (dpo, simpo) or IPO's tau.")
     gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin (TRL's simpo_gamma).")
+    sft_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Adds this times the chosen answer's mean token negative log-likelihood to each pair's loss "
+        "(RPO, Pang et al. 2024; TRL's loss_type [sigmoid, sft], there averaged over the batch's tokens): DPO alone "
+        "can lower the chosen answer's likelihood along with the rejected one's, and the model's answers with it.",
+    )
 
 
 class TrainConfig(Strict):

@@ -52,7 +52,15 @@ def answer_logps(model, batch: dict, chunked: bool = True) -> tuple[torch.Tensor
 
 
 def pair_losses(logps: torch.Tensor, counts: torch.Tensor, reference: torch.Tensor | None, cfg: PreferenceConfig):
-    """Each pair's loss (a vector). dpo and ipo need the reference log-probs; simpo is reference-free."""
+    """Each pair's loss (a vector), plus sft_weight times the chosen answer's mean token NLL."""
+    losses = preference_losses(logps, counts, reference, cfg)
+    if cfg.sft_weight:
+        losses = losses + cfg.sft_weight * -logps[:, 0] / counts[:, 0].clamp(min=1)
+    return losses
+
+
+def preference_losses(logps: torch.Tensor, counts: torch.Tensor, reference: torch.Tensor | None, cfg):
+    """dpo and ipo need the reference log-probs; simpo is reference-free."""
     beta = cfg.beta
     if cfg.loss == "simpo":
         mean = logps / counts.clamp(min=1)
