@@ -166,3 +166,14 @@ def test_sft_then_dpo_is_one_staged_config_whose_reference_is_the_sft_model(tmp_
     assert [r["stage"] for r in report["stages"]] == ["sft", "final"]
     # the DPO stage's reference is the model it starts from (the SFT model): its base row has zero margins
     assert report["base"]["validation"]["reward_margin"] == pytest.approx(0, abs=1e-9)
+
+
+def test_full_fine_tuning_takes_its_initial_weights_as_the_reference(pref_config):
+    pref_config["peft"] = {"method": "full"}
+    pref_config["train"].update(max_steps=8, lr=1e-4)
+    pref_config["eval"].update(samples=0, generate_rows=None)
+    run = preference.train(config_from_dict(pref_config), overwrite=True).path
+    report = json.loads((run / "eval.json").read_text())
+    assert report["base"]["validation"]["reward_margin"] == 0  # before any update: the model is its reference
+    assert report["finetuned"]["validation"]["loss"] < report["base"]["validation"]["loss"]
+    assert (run / "model" / "model.safetensors").is_file()
