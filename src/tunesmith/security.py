@@ -150,3 +150,21 @@ def model_dir_problems(model_dir: str) -> list[str]:
             if not _inside(target, root) or Path(target).name in CREDENTIAL_PARTS:
                 problems.append(f"{cfg_path}: {key} points outside the model directory ({value})")
     return problems
+
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}  # where a server may listen without a key or token
+
+
+def claim_port(host: str, port: int) -> str:
+    """Refuse (UserError) a port this process cannot listen on, before a model or app is loaded; the host as
+    a URL shows it (IPv6 in brackets)."""
+    import socket
+
+    from tunesmith.errors import UserError
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise UserError(f"cannot listen on {host}:{port}: {err.strerror}", hint="Pick another --port.") from None
+    return f"[{host}]" if ":" in host else host

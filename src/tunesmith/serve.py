@@ -263,7 +263,7 @@ def serve(
     run_path, host: str, port: int, base: bool, api_key: str | None, max_batch: int, max_tokens: int = 1024
 ) -> None:
     """Check the run and the port, load the model once, print the URL, serve until Ctrl-C."""
-    import socket
+    from tunesmith.security import LOOPBACK, claim_port
 
     try:
         import uvicorn
@@ -276,17 +276,12 @@ def serve(
     run, cfg = open_run(run_path)
     require_task(run, cfg, classification=False)
     weights_dir(run)
-    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+    if host not in LOOPBACK and api_key is None:
         api_key = secrets.token_urlsafe(18)
         print(f"Off loopback every request needs the API key: Authorization: Bearer {api_key}", flush=True)
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as err:
-            raise UserError(f"cannot listen on {host}:{port}: {err.strerror}", hint="Pick another --port.") from None
+    shown = claim_port(host, port)
     model, tokenizer, cfg = (load_base if base else load_finetuned)(run)
     name = run.path.name + ("-base" if base else "")
-    shown = f"[{host}]" if ":" in host else host
     print(f"tunesmith serve: {name} at http://{shown}:{port}/v1 (OpenAI-compatible; Ctrl-C stops)", flush=True)
     app = create_app(model, tokenizer, cfg, name, api_key, max_batch, max_tokens)
     uvicorn.run(app, host=host, port=port, log_level="warning")

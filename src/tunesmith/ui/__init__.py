@@ -9,10 +9,10 @@ app.py     the routes and pages; templates/ and static/ (uPlot, vendored) beside
 from __future__ import annotations
 
 import secrets
-import socket
 from pathlib import Path
 
 from tunesmith.errors import UserError
+from tunesmith.security import claim_port
 
 
 def serve(runs: Path, host: str, port: int, token: str | None) -> None:
@@ -30,13 +30,8 @@ def serve(runs: Path, host: str, port: int, token: str | None) -> None:
         raise UserError(f"--port {port}: not a port number")
     if needs_token(host) and token is None:
         token = secrets.token_urlsafe(18)
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as err:
-            raise UserError(f"cannot listen on {host}:{port}: {err.strerror}", hint="Pick another --port.") from None
+    shown = claim_port(host, port)
     access = Access(host, port, token)
-    shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
     print(f"tunesmith ui: {runs.resolve()} at {url}  (Ctrl-C stops the UI; runs it started go on)", flush=True)
     uvicorn.run(create_app(runs, access), host=host, port=port, log_level="warning")

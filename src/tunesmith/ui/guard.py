@@ -23,7 +23,8 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse
 
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+from tunesmith.security import LOOPBACK
+
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 COOKIE = "tunesmith_token"
 
