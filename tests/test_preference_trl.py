@@ -15,6 +15,16 @@ from tunesmith.training.preference_loss import answer_logps, pair_losses
 
 trl = pytest.importorskip("trl")
 
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """TRL's Trainer sets accelerate's process-wide state: later tests' Accelerator() must start afresh."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 PAIRS = [
     {"prompt": "reverse the words one two", "chosen": "two one", "rejected": "one two one"},
     {"prompt": "sort the numbers three one", "chosen": "one three", "rejected": "three"},
@@ -57,6 +67,7 @@ def trl_dpo(tmp_path, path, tokenizer, loss_type: str):
         per_device_train_batch_size=len(PAIRS),
         report_to=[],
         use_cpu=True,
+        bf16=False,  # TRL's default is bf16: the comparison is in fp32
         max_length=None,
     )
     trainer = trl.DPOTrainer(
