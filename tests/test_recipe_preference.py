@@ -68,6 +68,8 @@ def test_a_dpo_run_learns_the_held_out_preference(pref_config):
     assert {"rougeL", "pairs"} <= set(tuned) and tuned["pairs"] == 16
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((run / "data_report.json").read_text())["rows"] == {"train": 48, "validation": 16}
+    html = (run / "report.html").read_text()  # the report's before/after table carries the pair metrics
+    assert all(f">{m}<" in html for m in ("preference_accuracy", "reward_accuracy", "reward_margin", "logp_chosen"))
 
 
 @pytest.mark.parametrize("loss", ["ipo", "simpo"])
