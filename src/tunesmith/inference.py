@@ -186,7 +186,7 @@ def load_finetuned(run: RunDir, quantized: bool = True):
     tokenizer = models.load_tokenizer(str(folder), cfg.model)
     if folder.name == "adapter":
         base = models.load_causal_lm(models.resolve(cfg.model), cfg.model, cfg.peft if quantized else None)
-        model = models.apply_peft(base, cfg.peft if quantized else cfg.peft.model_copy(update={"method": "lora"}))
+        model = models.apply_peft(base, cfg.peft)
         load_saved_weights(model, run)
     else:
         model = models.load_causal_lm(str(folder), _saved_copy(cfg, folder))

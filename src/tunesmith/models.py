@@ -359,8 +359,9 @@ def apply_peft(model, pcfg: PeftConfig, task_type: str = "CAUSAL_LM"):
     if pcfg.adapter:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-        if pcfg.method == "qlora":  # norms and other unquantized weights in fp32, the base frozen
-            # (activation checkpointing stays train.gradient_checkpointing's choice)
+        # A 4-bit base (qlora; export loads the same run unquantized): norms and other unquantized weights in
+        # fp32, the base frozen (activation checkpointing stays train.gradient_checkpointing's choice)
+        if getattr(model, "is_loaded_in_4bit", False):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
         lora = LoraConfig(

@@ -17,6 +17,7 @@ save()     the adapter (or full model), as every causal-LM run
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from tunesmith.data.checks import step_fits
 from tunesmith.data.pairs import PairRow, collate_pairs
 from tunesmith.data.prepare import load_examples, tokenize_splits
 from tunesmith.errors import UserError
+from tunesmith.evaluation.tasks import TASKS, generation_rows
 from tunesmith.recipes import building
 from tunesmith.recipes.causal_lm import generation_eval
 from tunesmith.recipes.recipe import Steps, Which
@@ -92,42 +94,39 @@ def fits_chunked(model, rows: list[PairRow], pad: int) -> bool:
     return choose_loss(model, collate(plain, pad), True) is chunked_loss_sum
 
 
-@torch.no_grad()
+def scored(s: building.Setup, rows: list[PairRow]):
+    """Each evaluation batch of `rows` with its answers' log-probs (float64) and token counts, the model in
+    eval mode and without gradients: (rows, batch, logps, counts)."""
+    model = s.accelerator.unwrap_model(s.model)
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(rows), s.cfg.eval.batch_size):
+            part = rows[i : i + s.cfg.eval.batch_size]
+            batch = {k: v.to(s.accelerator.device) for k, v in collate_pairs(part, s.tokenizer.pad_token_id).items()}
+            with torch.no_grad(), s.accelerator.autocast():
+                logps, counts = answer_logps(model, batch, s.evaluation.chunked)
+            yield part, batch, logps.double(), counts
+    finally:
+        model.train(was_training)
+
+
 def add_reference(s: building.Setup) -> None:
     """Every pair's reference log-probs, by the model before any update: LoRA's adapter disabled (the base
     exactly), or the full model's initial weights. Computed at setup, also on a resume, from the same base."""
     model = s.accelerator.unwrap_model(s.model)
-    was_training = model.training
-    model.eval()
-    off = model.disable_adapter() if hasattr(model, "disable_adapter") else torch.no_grad()
-    with off, s.accelerator.autocast():
+    with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
         for rows in s.data.rows.values():
-            for i in range(0, len(rows), s.cfg.eval.batch_size):
-                part = rows[i : i + s.cfg.eval.batch_size]
-                batch = {
-                    k: v.to(s.accelerator.device) for k, v in collate_pairs(part, s.tokenizer.pad_token_id).items()
-                }
-                logps, _ = answer_logps(model, batch, s.evaluation.chunked)
-                for row, (c, r) in zip(part, logps.double().tolist()):
+            for part, _, logps, _ in scored(s, rows):
+                for row, (c, r) in zip(part, logps.tolist()):
                     row.reference = (c, r)
-    model.train(was_training)
 
 
-@torch.no_grad()
 def pair_metrics(s: building.Setup, rows: list[PairRow]) -> dict:
     """The held-out pairs' loss and preference metrics under the current model."""
-    model = s.accelerator.unwrap_model(s.model)
-    was_training = model.training
-    model.eval()
     pcfg, losses, chosen, rejected, margins, likelier = s.cfg.preference, [], [], [], [], []
-    for i in range(0, len(rows), s.cfg.eval.batch_size):
-        batch = {
-            k: v.to(s.accelerator.device)
-            for k, v in collate_pairs(rows[i : i + s.cfg.eval.batch_size], s.tokenizer.pad_token_id).items()
-        }
-        with s.accelerator.autocast():
-            logps, counts = answer_logps(model, batch, s.evaluation.chunked)
-        logps, reference = logps.double(), batch.get("reference")
+    for _, batch, logps, counts in scored(s, rows):
+        reference = batch.get("reference")
         losses += pair_losses(logps, counts, reference, pcfg).tolist()
         r = rewards(logps, counts, reference, pcfg)
         margins += (r[:, 0] - r[:, 1]).tolist()
@@ -135,7 +134,6 @@ def pair_metrics(s: building.Setup, rows: list[PairRow]) -> dict:
         rejected += logps[:, 1].tolist()
         mean = logps / counts.clamp(min=1)
         likelier += (mean[:, 0] > mean[:, 1]).tolist()
-    model.train(was_training)
     n = max(len(rows), 1)
     return {
         "loss": sum(losses) / n,
@@ -162,13 +160,8 @@ def evaluate(s: building.Setup, which: Which) -> dict:
         if split not in s.data.rows:
             continue
         results[split] = quick_eval(s, split)
-        examples = s.data.examples.splits[split]
-        limit = s.cfg.eval.generate_rows
-        rows = examples[:limit] if limit else examples
-        if split == "validation" and not rows and s.cfg.eval.samples:
-            rows = examples[: s.cfg.eval.samples]
-        if rows:
-            generation_eval(s, which, split, rows, results)
+        rows = generation_rows(TASKS["preference"], s.data.examples.splits[split], s.cfg.eval.generate_rows)
+        generation_eval(s, which, split, rows, results)
     s.model.train()
     return results
 
