@@ -85,17 +85,31 @@ def until(check, timeout: float, every: float = 0.2):
     raise AssertionError(f"not within {timeout} s")
 
 
+def visit(browser, url: str, css: str, timeout: float = 30) -> list:
+    """The elements matching css on the page at url, once there are any: a first navigation in a fresh headless
+    Chromium has returned before its document was parsed (seen once in CI: the runs table looked empty)."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(url)
+    try:
+        return until(lambda: browser.find_elements(By.CSS_SELECTOR, css), timeout)
+    except AssertionError:
+        raise AssertionError(f"no {css} on {url} within {timeout} s; the page:\n{browser.page_source[:2000]}") from None
+
+
 def test_runs_and_run_pages_render_with_charts(server, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
-    browser.get(server + "/")
-    names = [a.text for a in browser.find_elements(By.CSS_SELECTOR, "#runs a")]
+    names = [a.text for a in visit(browser, server + "/", "#runs a")]
     assert names[:2] == ["tiny-b", "tiny"]  # newest first
-    browser.get(server + "/runs/tiny")
-    time.sleep(0.5)
-    charts = browser.find_elements(By.CSS_SELECTOR, "#charts .chart")
-    assert {c.get_attribute("data-name") for c in charts} >= {"train loss", "validation loss"}
-    assert all(c.find_elements(By.TAG_NAME, "canvas") for c in charts)  # uPlot drew each
+    visit(browser, server + "/runs/tiny", "#verdict")
+
+    def drawn() -> list:
+        charts = browser.find_elements(By.CSS_SELECTOR, "#charts .chart")
+        named = {c.get_attribute("data-name") for c in charts} >= {"train loss", "validation loss"}
+        return charts if named and all(c.find_elements(By.TAG_NAME, "canvas") for c in charts) else []  # uPlot drew each
+
+    until(drawn, 15)
     assert browser.find_elements(By.CSS_SELECTOR, "#histograms canvas")
     assert "rougeL" in browser.find_element(By.ID, "verdict").text
     assert errors(browser) == []
@@ -105,8 +119,7 @@ def test_runs_and_run_pages_render_with_charts(server, browser, tmp_path):
 def test_the_form_shows_every_error_with_its_path(server, browser):
     from selenium.webdriver.common.by import By
 
-    browser.get(server + "/new?source=tiny")
-    box = browser.find_element(By.ID, "yaml")
+    (box,) = visit(browser, server + "/new?source=tiny", "#yaml")
     assert "name: tiny" in box.get_attribute("value")
     browser.execute_script(
         "arguments[0].value = arguments[0].value.replace('max_steps: 8', 'max_steps: -3')"
@@ -126,8 +139,7 @@ def test_the_form_shows_every_error_with_its_path(server, browser):
 def test_the_compare_page_shows_both_runs_checked_on_the_runs_page(server, browser):
     from selenium.webdriver.common.by import By
 
-    browser.get(server + "/")
-    for box in browser.find_elements(By.CSS_SELECTOR, '#runs input[name="run"]'):
+    for box in visit(browser, server + "/", '#runs input[name="run"]'):
         box.click()
     browser.find_element(By.CSS_SELECTOR, "#compare-form button").click()
     until(lambda: "/compare?" in browser.current_url, 15)
@@ -140,8 +152,7 @@ def test_the_compare_page_shows_both_runs_checked_on_the_runs_page(server, brows
 def test_the_form_previews_the_data_before_launch(server, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
-    browser.get(server + "/new?source=tiny")
-    browser.find_element(By.ID, "preview").click()
+    visit(browser, server + "/new?source=tiny", "#preview")[0].click()
     box = browser.find_element(By.ID, "data-preview")
     until(lambda: box.get_attribute("data-state") == "done", 120)
     titles = [h.text for h in box.find_elements(By.TAG_NAME, "h3")]
@@ -153,8 +164,7 @@ def test_the_form_previews_the_data_before_launch(server, browser, tmp_path):
 def test_try_it_answers_with_the_base_and_the_fine_tuned_model(server, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
-    browser.get(server + "/runs/tiny")
-    browser.find_element(By.ID, "try-text").send_keys("one two three")
+    visit(browser, server + "/runs/tiny", "#try-text")[0].send_keys("one two three")
     browser.find_element(By.ID, "try-go").click()
     for which in ("base", "finetuned"):
         box = browser.find_element(By.ID, "try-" + which)
@@ -178,8 +188,7 @@ def test_a_run_launched_from_the_form_grows_its_curve_stops_resumes_and_shows_it
     cfg["eval"].update(every=None, samples=1)
     run = root / "live"
     with serving(root) as url:
-        browser.get(url + "/new")
-        box = browser.find_element(By.ID, "yaml")
+        (box,) = visit(browser, url + "/new", "#yaml")
         browser.execute_script(
             "arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input'));",
             box,
