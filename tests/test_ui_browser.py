@@ -107,7 +107,8 @@ def test_runs_and_run_pages_render_with_charts(server, browser, tmp_path):
     def drawn() -> list:
         charts = browser.find_elements(By.CSS_SELECTOR, "#charts .chart")
         named = {c.get_attribute("data-name") for c in charts} >= {"train loss", "validation loss"}
-        return charts if named and all(c.find_elements(By.TAG_NAME, "canvas") for c in charts) else []  # uPlot drew each
+        drew = all(c.find_elements(By.TAG_NAME, "canvas") for c in charts)  # uPlot drew each
+        return charts if named and drew else []
 
     until(drawn, 15)
     assert browser.find_elements(By.CSS_SELECTOR, "#histograms canvas")
