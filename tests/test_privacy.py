@@ -302,6 +302,24 @@ def test_poisson_batches_average_q_n_and_empty_steps_are_still_taken():
     assert any(not sparse.step_rows(k) for k in range(200))
 
 
+def test_a_poisson_step_is_dealt_out_longest_first_so_micro_batches_pad_less():
+    lengths = [int(x) for x in torch.randint(5, 80, (1000,), generator=torch.Generator().manual_seed(0))]
+    plain = PoissonPlan(units_of(None, 1000), expected_batch=64, micro_size=8, seed=3)
+    grouped = PoissonPlan(units_of(None, 1000), expected_batch=64, micro_size=8, seed=3, lengths=lengths)
+
+    def padded(micro: list[list[int]]) -> int:
+        return sum(len(m) * max(lengths[i] for i in m) for m in micro)
+
+    for k in range(5):
+        micro = grouped.micro_batches(k)
+        assert sorted(i for m in micro for i in m) == sorted(plain.step_rows(k))  # the same sample
+        flat = [lengths[i] for m in micro for i in m]
+        assert flat == sorted(flat, reverse=True)
+        assert padded(micro) < 0.8 * padded(plain.micro_batches(k))
+    ranks = [PoissonPlan(units_of(None, 1000), 64, 8, 3, 2, r, lengths=lengths).micro_batches(0) for r in (0, 1)]
+    assert sorted(i for m in ranks[0] + ranks[1] for i in m) == sorted(plain.step_rows(0))  # each row once
+
+
 def test_an_empty_poisson_step_is_a_noise_step_and_an_accountant_step(dp_config, monkeypatch):
     s = make_setup(dp_config)
     empty = {1}

@@ -31,6 +31,7 @@ class PoissonPlan:
         seed: int,
         world_size: int = 1,
         rank: int = 0,
+        lengths: list[int] | None = None,
     ):
         self.units = units  # unit -> its train row indices ([[0], [1], ...] for sample-level privacy)
         self.n_units = len(units)
@@ -46,6 +47,7 @@ class PoissonPlan:
         self.steps_per_epoch = max(1, math.ceil(1 / self.sample_rate))
         self.micro_size = micro_size
         self.world_size, self.rank = world_size, rank
+        self.lengths = lengths  # tokens per train row: a step's micro-batches group rows of similar length
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
@@ -58,8 +60,14 @@ class PoissonPlan:
 
     def micro_batches(self, step: int) -> list[list[int]]:
         """This rank's share of the step's sample (every world-th row): every rank draws the same sample,
-        so the launch as a whole takes each sampled row exactly once."""
-        return self.split(self.step_rows(step)[self.rank :: self.world_size])
+        so the launch as a whole takes each sampled row exactly once. With lengths, the sample is sorted
+        longest first before it is dealt out: each micro-batch pads to rows of about its own length (random
+        micro-batches of short sentences padded to about twice their mean), and a step's clipped sum, so
+        its update, does not depend on which micro-batch a row is in."""
+        rows = self.step_rows(step)
+        if self.lengths is not None:
+            rows = sorted(rows, key=lambda i: -self.lengths[i])
+        return self.split(rows[self.rank :: self.world_size])
 
     # Physical micro-batches only bound memory: q, and so epsilon, never depend on them.
     split = ShuffledPlan.split

@@ -214,6 +214,7 @@ def batch_plan(cfg: Config, examples: Examples, data: dict, accelerator) -> Shuf
             cfg.seed,
             accelerator.num_processes,
             accelerator.process_index,
+            lengths=[len(r.input_ids) for r in data["train"]],
         )
     if replay:  # replayed general text rides after the task rows; the plan mixes it into every step
         n_task = len(data["train"])
