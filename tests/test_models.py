@@ -137,3 +137,26 @@ def train_dict(tree: dict):
     cfg = config_from_dict(tree)
     run = recipe_for(cfg).train(cfg, overwrite=True)
     return run.path, json.loads((run / "eval.json").read_text())
+
+
+def test_a_regex_of_target_modules_puts_lora_on_the_top_layers_only_and_backward_stops_there():
+    """peft.target_modules as a regular expression (peft's whole-name match): LoRA on the last layer of three,
+    the classifier head trains as always, and no gradient flows through the layers below (the speed-up)."""
+    from test_lr_groups import tiny_llama_classifier
+
+    from tunesmith.config import PeftConfig
+    from tunesmith.models import apply_peft
+
+    model = apply_peft(tiny_llama_classifier(), PeftConfig(r=2, target_modules=r"model\.layers\.2\..*_proj"), "SEQ_CLS")
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(".layers.2." in n or ".score." in n for n in trained)
+    assert any("lora_A" in n for n in trained) and any(".score." in n for n in trained)
+    seen = {}
+    for i in (0, 1, 2):
+        layer = model.base_model.model.model.layers[i]
+        layer.register_forward_hook(
+            lambda _m, _i, out, i=i: seen.update({i: out[0] if isinstance(out, tuple) else out})
+        )
+    model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([1])).loss.backward()
+    assert not seen[0].requires_grad and not seen[1].requires_grad  # nothing to differentiate below layer 2
+    assert seen[2].requires_grad
