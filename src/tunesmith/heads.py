@@ -80,3 +80,52 @@ def set_pooling(model, how: str):
     model.tunesmith_head = name
     model.forward = types.MethodType(_pooled_forward, model)
     return model
+
+
+def label_word_ids(tokenizer, labels: list[str]) -> list[int]:
+    """Each label's first token as the word after a prompt (a leading space): the token a language model
+    would write to answer with that label."""
+    return [tokenizer(" " + label.strip(), add_special_tokens=False)["input_ids"][0] for label in labels]
+
+
+def start_from_label_words(model, path: str, token_ids: list[int], labels: list[str]) -> None:
+    """The head's rows set to the language-model head's rows of `token_ids`: on the last token, the classifier's
+    logits are then the LM's next-token logits of the label words (its zero-shot answer). Labels must differ
+    in their first token."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES as MASKED
+
+    kind = model.config.model_type
+    if kind not in CAUSAL or kind in MASKED:
+        raise UserError(
+            f"model.head_init: label_words needs a decoder language model; {kind} is not one",
+            hint="Use model.head_init: random for encoders.",
+        )
+    if len(set(token_ids)) < len(token_ids):
+        raise UserError(
+            f"model.head_init: label_words needs labels whose first tokens differ; {labels} share one",
+            hint="Rename the labels (data.labels) or use model.head_init: random.",
+        )
+    rows = _lm_head_rows(model, path, token_ids)
+    _, head = _head(model)
+    with torch.no_grad():
+        head.weight.copy_(rows.to(head.weight.dtype))
+        if head.bias is not None:
+            head.bias.zero_()
+
+
+def _lm_head_rows(model, path: str, token_ids: list[int]) -> torch.Tensor:
+    if getattr(model.config, "tie_word_embeddings", False):  # the LM head is the input embedding matrix
+        return model.get_input_embeddings().weight[token_ids].detach().float()
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            if "lm_head.weight" in f.keys():  # noqa: SIM118 (safe_open has keys(), not __contains__)
+                return f.get_slice("lm_head.weight")[token_ids].float()
+    raise UserError(
+        f"model.head_init: label_words found no lm_head.weight in {path}",
+        hint="Use model.head_init: random.",
+    )

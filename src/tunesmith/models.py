@@ -18,7 +18,7 @@ import torch
 
 from tunesmith.config import ModelConfig, PeftConfig
 from tunesmith.errors import UserError
-from tunesmith.heads import set_pooling
+from tunesmith.heads import set_pooling, start_from_label_words
 from tunesmith.hub import NAMES_HINT, hub_model
 from tunesmith.paths import home
 from tunesmith.training import zero  # noqa: F401 (importing it keeps accelerate from importing DeepSpeed)
@@ -315,11 +315,17 @@ def fold_adapters(model, adapters: list[str]):
 
 
 def load_classifier(
-    path: str, mcfg: ModelConfig, labels: list[str], pad_token_id: int | None = None, pcfg: PeftConfig | None = None
+    path: str,
+    mcfg: ModelConfig,
+    labels: list[str],
+    pad_token_id: int | None = None,
+    pcfg: PeftConfig | None = None,
+    label_ids: list[int] | None = None,
 ):
     """An encoder (or decoder) with a fresh classification head sized to the label set. `pad_token_id`:
     the id rows are padded with, by which a decoder finds each row's last real token; `pcfg` (qlora): the
-    base weights in 4 bits (the head stays in model.dtype)."""
+    base weights in 4 bits (the head stays in model.dtype); `label_ids` (model.head_init: label_words): the
+    labels' tokens whose language-model rows the head starts from."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     kw = _load_kwargs(mcfg)
@@ -352,7 +358,10 @@ def load_classifier(
         model.config.pad_token_id = pad_token_id  # the config's own (or none) may differ from the tokenizer's
     elif model.config.pad_token_id is None and getattr(config, "eos_token_id", None) is not None:
         model.config.pad_token_id = config.eos_token_id  # decoder classifiers find the last token by padding
-    return set_pooling(fold_adapters(model, mcfg.adapters), mcfg.pooling)
+    model = set_pooling(fold_adapters(model, mcfg.adapters), mcfg.pooling)
+    if label_ids is not None:
+        start_from_label_words(model, path, label_ids, labels)
+    return model
 
 
 def apply_peft(model, pcfg: PeftConfig, task_type: str = "CAUSAL_LM"):

@@ -135,6 +135,13 @@ class Config(Strict):
                 "eval.baseline_model is for classification: a generative task's base row is its own "
                 "base model (eval.baselines: [few_shot] prompts that model with solved examples)"
             )
+        if self.model.head_init != "random" and (self.task_name != "classification" or self.model.pooling != "last"):
+            raise ValueError(
+                "model.head_init: label_words reads the label from a decoder's last token: it needs task "
+                f"classification and model.pooling: last (got task {self.task_name}, pooling {self.model.pooling})"
+            )
+        if self.data.format == "classification" and self.data.prompt and "{text}" not in self.data.prompt:
+            raise ValueError("data.prompt for classification is a template: put {text} where the row's text goes")
         if task_problem(self.task_name, self.eval.decoding):
             raise ValueError(task_problem(self.task_name, self.eval.decoding))
         return self

@@ -40,6 +40,15 @@ class ModelConfig(Strict):
         "pooler; last: the last real token (decoders); auto: the architecture's own head (BERT: a fresh pooler "
         "on [CLS]; decoders: the last token).",
     )
+    head_init: Literal["random", "label_words"] = Field(
+        "random",
+        description="Classifiers on a decoder LM: how the new head starts. random: a fresh projection. "
+        "label_words: each label's row is the language-model head's row for the label's first token (with a "
+        "leading space), so with data.prompt ending where the label would be written (e.g. 'Review: {text}\\n"
+        "Sentiment:') training starts from the model's own zero-shot answer, and DP-SGD's few noisy steps "
+        "adjust it instead of learning a head from nothing (classification as next-word prediction, as in "
+        "Li et al. 2021). Needs model.pooling: last.",
+    )
     adapters: list[str] = Field(
         default_factory=list,
         description="PEFT LoRA adapter directories folded into the weights, in order, "
@@ -145,7 +154,10 @@ class DataConfig(Strict):
         "instruction", "chat", "prompt_completion", "summarization", "concepts", "text", "classification", "preference"
     ] = Field("instruction", description="Row format: " + ", ".join(FORMATS) + ".")
     prompt: str | None = Field(
-        None, description="Instruction put before each document (summarization) or concept list (concepts)."
+        None,
+        description="Instruction put before each document (summarization) or concept list (concepts). "
+        "Classification: a template holding {text}, e.g. 'Review: {text}\\nSentiment:' (training, evaluation "
+        "and predict read every row through it).",
     )
     columns: dict[str, str] = Field(
         default_factory=dict,

@@ -125,10 +125,12 @@ def tokenize_examples(examples: list[Example], tokenizer, cfg: DataConfig) -> To
 
 
 def tokenize_classification(examples: list[Example], tokenizer, cfg: DataConfig, labels: list[str]) -> TokenizedSplit:
-    """Encoder inputs with the tokenizer's own special tokens ([CLS] ... [SEP]); the label as an index."""
+    """Encoder inputs with the tokenizer's own special tokens ([CLS] ... [SEP]), each text inside data.prompt's
+    template when there is one; the label as an index."""
     out = TokenizedSplit()
     index = {lab: i for i, lab in enumerate(labels)}
-    ids = tokenizer([ex.text for ex in examples], add_special_tokens=True)["input_ids"]
+    texts = [cfg.prompt.replace("{text}", ex.text) if cfg.prompt else ex.text for ex in examples]
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
     for ex, row_ids in zip(examples, ids):
         keep = length_policy(out, ex.where, len(row_ids), cfg)
         if keep == 0:

@@ -25,6 +25,7 @@ from tunesmith.data.checks import step_fits
 from tunesmith.data.prepare import load_examples, tokenize_splits
 from tunesmith.data.tokenize import LabeledRow
 from tunesmith.evaluation.metrics import classification_metrics
+from tunesmith.heads import label_word_ids
 from tunesmith.recipes import building
 from tunesmith.recipes.recipe import Steps, Which
 from tunesmith.recipes.state import save_weights
@@ -59,7 +60,8 @@ def setup(cfg: Config, run: RunDir) -> building.Setup:
     data = {name: split.rows for name, split in tokenize_splits(cfg, examples, tokenizer).items()}
     run.write_json("data_report.json", examples.report)
     set_seed(cfg.seed)
-    model = models.load_classifier(model_path, cfg.model, examples.labels, tokenizer.pad_token_id, cfg.peft)
+    words = label_word_ids(tokenizer, examples.labels) if cfg.model.head_init == "label_words" else None
+    model = models.load_classifier(model_path, cfg.model, examples.labels, tokenizer.pad_token_id, cfg.peft, words)
     model = models.apply_peft(model, cfg.peft, task_type="SEQ_CLS")
     pad = tokenizer.pad_token_id
     return building.build(
