@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import inspect
 import types
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
@@ -117,10 +119,6 @@ def start_from_label_words(model, path: str, token_ids: list[int], labels: list[
 def _lm_head_rows(model, path: str, token_ids: list[int]) -> torch.Tensor:
     if getattr(model.config, "tie_word_embeddings", False):  # the LM head is the input embedding matrix
         return model.get_input_embeddings().weight[token_ids].detach().float()
-    from pathlib import Path
-
-    from safetensors import safe_open
-
     for file in sorted(Path(path).glob("*.safetensors")):
         with safe_open(str(file), "pt") as f:
             if "lm_head.weight" in f.keys():  # noqa: SIM118 (safe_open has keys(), not __contains__)
