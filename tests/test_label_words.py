@@ -14,7 +14,7 @@ from test_heads import scored_again
 from test_models import build_word_llama
 from test_recipe_tasks import build_tiny_bert, classification_config
 
-from tunesmith.config import ModelConfig, config_from_dict
+from tunesmith.config import DataConfig, ModelConfig, config_from_dict
 from tunesmith.errors import ConfigError, UserError
 from tunesmith.heads import label_word_ids
 from tunesmith.models import load_classifier
@@ -99,3 +99,41 @@ def test_what_cannot_work_is_refused_before_training(tmp_path, tiny_llama):
     res = invoke_cli("train", write_config(tmp_path, bert))
     assert res.returncode == 2 and "needs a decoder language model" in res.stderr
     assert not (tmp_path / "runs" / bert["name"] / "metrics.jsonl").exists()
+
+
+def test_a_long_row_is_cut_inside_the_template_so_its_tail_stays(tiny_tokenizer):
+    from tunesmith.data.formats import Example
+    from tunesmith.data.tokenize import tokenize_classification
+
+    text = " ".join(f"word{i}" for i in range(200))
+    tail = tiny_tokenizer("\nSentiment:", add_special_tokens=False)["input_ids"]
+    data = DataConfig(
+        train="t.jsonl",
+        format="classification",
+        labels=["negative", "positive"],
+        prompt=PROMPT,
+        max_length=40,
+        overlength="truncate",
+    )
+    split = tokenize_classification(
+        [Example("r1", "r1", text=text, label="positive")], tiny_tokenizer, data, ["negative", "positive"]
+    )
+    ids = split.rows[0].input_ids
+    assert split.counts["truncated"] == 1 and len(ids) <= 40
+    assert ids[-len(tail) :] == tail  # the template's end survives; the review's end does not
+    decoded = tiny_tokenizer.decode(ids)
+    assert decoded.count("Review:") == 1 and "word0 word1" in decoded and "word199" not in decoded
+
+    long_template = "Read the following movie review with care and then answer: {text}\nSentiment:"
+    data = DataConfig(
+        train="t.jsonl",
+        format="classification",
+        labels=["negative", "positive"],
+        prompt=long_template,
+        max_length=8,
+        overlength="truncate",
+    )  # the template alone is longer
+    with pytest.raises(UserError, match="data.prompt alone"):
+        tokenize_classification(
+            [Example("r1", "r1", text=text, label="positive")], tiny_tokenizer, data, ["negative", "positive"]
+        )

@@ -27,7 +27,8 @@ def predict(run_path, input_path: Path | None, batch_size: int | None = None, ou
     model, tokenizer, cfg, labels = load_classifier_run(run)
     for ex in examples:
         ex.label = labels[0]  # tokenize_classification wants a label; it is not used
-    # One output per row: a row over max_length keeps its start (and closing token), as training's truncate does.
+    # One output per row: a row over max_length keeps its start (and closing token, or data.prompt's template
+    # whole), as training's truncate does.
     split = tokenize_classification(examples, tokenizer, cfg.data.model_copy(update={"overlength": "truncate"}), labels)
     if split.counts["truncated"]:
         from tunesmith.console import console

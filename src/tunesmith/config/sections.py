@@ -173,7 +173,8 @@ class DataConfig(Strict):
     )
     overlength: Literal["error", "truncate", "drop"] = Field(
         "error",
-        description="Rows longer than max_length: error (stop and report), truncate (keep the start), or drop. "
+        description="Rows longer than max_length: error (stop and report), truncate (keep the start; with a "
+        "classification data.prompt, the text is cut and the template kept whole), or drop. "
         "Never silent: counts go to the data report.",
     )
     group_by_length: bool = Field(

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from tunesmith.config import DataConfig
 from tunesmith.data.formats import Example
+from tunesmith.errors import UserError
 
 IGNORE = -100
 # Used when a tokenizer has no chat template (base models, tiny test tokenizers).
@@ -124,6 +125,23 @@ def tokenize_examples(examples: list[Example], tokenizer, cfg: DataConfig) -> To
     return out
 
 
+def _cut_inside_template(tokenizer, template: str, text: str, keep: int) -> list[int]:
+    """Shorten the text, never the template around it: a template's tail (e.g. "Sentiment:") is where a
+    decoder's last token reads the answer from. Re-tokenizing the cut text can merge tokens differently at the
+    seam, so cut again until the row fits."""
+    text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(template.replace("{text}", text), add_special_tokens=True)["input_ids"]
+    while len(ids) > keep and text_ids:
+        text_ids = text_ids[: max(0, len(text_ids) - (len(ids) - keep))]
+        ids = tokenizer(template.replace("{text}", tokenizer.decode(text_ids)), add_special_tokens=True)["input_ids"]
+    if len(ids) > keep:
+        raise UserError(
+            f"data.prompt alone is {len(ids)} tokens, over data.max_length={keep}",
+            hint="Raise data.max_length or shorten data.prompt.",
+        )
+    return list(ids)
+
+
 def tokenize_classification(examples: list[Example], tokenizer, cfg: DataConfig, labels: list[str]) -> TokenizedSplit:
     """Encoder inputs with the tokenizer's own special tokens ([CLS] ... [SEP]), each text inside data.prompt's
     template when there is one; the label as an index."""
@@ -135,7 +153,9 @@ def tokenize_classification(examples: list[Example], tokenizer, cfg: DataConfig,
         keep = length_policy(out, ex.where, len(row_ids), cfg)
         if keep == 0:
             continue
-        if keep < len(row_ids):  # keep the closing special token ([SEP]): encoders expect it
+        if keep < len(row_ids) and cfg.prompt:
+            row_ids = _cut_inside_template(tokenizer, cfg.prompt, ex.text, keep)
+        elif keep < len(row_ids):  # keep the closing special token ([SEP]): encoders expect it
             row_ids = row_ids[: keep - 1] + row_ids[-1:]
         out.rows.append(LabeledRow(ex.id, ex.where, list(row_ids), index[ex.label]))
     return out
