@@ -101,23 +101,26 @@ def test_what_cannot_work_is_refused_before_training(tmp_path, tiny_llama):
     assert not (tmp_path / "runs" / bert["name"] / "metrics.jsonl").exists()
 
 
-def test_a_long_row_is_cut_inside_the_template_so_its_tail_stays(tiny_tokenizer):
+def _tokenized(tokenizer, template: str, max_length: int, text: str):
     from tunesmith.data.formats import Example
     from tunesmith.data.tokenize import tokenize_classification
 
-    text = " ".join(f"word{i}" for i in range(200))
-    tail = tiny_tokenizer("\nSentiment:", add_special_tokens=False)["input_ids"]
+    labels = ["negative", "positive"]
     data = DataConfig(
         train="t.jsonl",
         format="classification",
-        labels=["negative", "positive"],
-        prompt=PROMPT,
-        max_length=40,
+        labels=labels,
+        prompt=template,
+        max_length=max_length,
         overlength="truncate",
     )
-    split = tokenize_classification(
-        [Example("r1", "r1", text=text, label="positive")], tiny_tokenizer, data, ["negative", "positive"]
-    )
+    return tokenize_classification([Example("r1", "r1", text=text, label="positive")], tokenizer, data, labels)
+
+
+def test_a_long_row_is_cut_inside_the_template_so_its_tail_stays(tiny_tokenizer):
+    text = " ".join(f"word{i}" for i in range(200))
+    tail = tiny_tokenizer("\nSentiment:", add_special_tokens=False)["input_ids"]
+    split = _tokenized(tiny_tokenizer, PROMPT, 40, text)
     ids = split.rows[0].input_ids
     assert split.counts["truncated"] == 1 and len(ids) <= 40
     assert ids[-len(tail) :] == tail  # the template's end survives; the review's end does not
@@ -125,15 +128,5 @@ def test_a_long_row_is_cut_inside_the_template_so_its_tail_stays(tiny_tokenizer)
     assert decoded.count("Review:") == 1 and "word0 word1" in decoded and "word199" not in decoded
 
     long_template = "Read the following movie review with care and then answer: {text}\nSentiment:"
-    data = DataConfig(
-        train="t.jsonl",
-        format="classification",
-        labels=["negative", "positive"],
-        prompt=long_template,
-        max_length=8,
-        overlength="truncate",
-    )  # the template alone is longer
-    with pytest.raises(UserError, match="data.prompt alone"):
-        tokenize_classification(
-            [Example("r1", "r1", text=text, label="positive")], tiny_tokenizer, data, ["negative", "positive"]
-        )
+    with pytest.raises(UserError, match="data.prompt alone"):  # the template alone is longer than 8 tokens
+        _tokenized(tiny_tokenizer, long_template, 8, text)
