@@ -65,6 +65,22 @@ def test_labels_that_share_a_first_token_are_refused(word_llamas):
         load_classifier(path, ModelConfig(name=path, pooling="last"), labels, None, None, label_word_ids(tok, labels))
 
 
+def test_the_refusals_come_before_any_weights_load(tmp_path, word_llamas, monkeypatch):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded before the refusal")
+
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", no_weights)
+    bert = str(build_tiny_bert(tmp_path / "bert"))
+    with pytest.raises(UserError, match="needs a decoder language model"):
+        load_classifier(bert, ModelConfig(name=bert, pooling="last"), ["negative", "positive"], None, None, [5, 6])
+    llama = str(word_llamas["tied"])
+    shared = label_word_ids(AutoTokenizer.from_pretrained(llama), ["negative", "positive"])
+    with pytest.raises(UserError, match="first tokens differ"):
+        load_classifier(llama, ModelConfig(name=llama, pooling="last"), ["negative", "positive"], None, None, shared)
+
+
 def test_a_prompted_label_word_run_trains_and_is_scored_again_the_same(tmp_path, tiny_llama, capsys):
     """The template wraps every row in training, `tunesmith eval` and `tunesmith predict`: all three agree."""
     from tunesmith.recipes import classification

@@ -90,14 +90,13 @@ def label_word_ids(tokenizer, labels: list[str]) -> list[int]:
     return [tokenizer(" " + label.strip(), add_special_tokens=False)["input_ids"][0] for label in labels]
 
 
-def start_from_label_words(model, path: str, token_ids: list[int], labels: list[str]) -> None:
-    """The head's rows set to the language-model head's rows of `token_ids`: on the last token, the classifier's
-    logits are then the LM's next-token logits of the label words (its zero-shot answer). Labels must differ
-    in their first token."""
+def check_label_words(config, token_ids: list[int], labels: list[str]) -> None:
+    """What model.head_init: label_words needs, read from the model's config before any weights load: a
+    decoder language model, and labels that differ in their first token."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES as MASKED
 
-    kind = model.config.model_type
+    kind = config.model_type
     if kind not in CAUSAL or kind in MASKED:
         raise UserError(
             f"model.head_init: label_words needs a decoder language model; {kind} is not one",
@@ -108,6 +107,12 @@ def start_from_label_words(model, path: str, token_ids: list[int], labels: list[
             f"model.head_init: label_words needs labels whose first tokens differ; {labels} share one",
             hint="Rename the labels (data.labels) or use model.head_init: random.",
         )
+
+
+def start_from_label_words(model, path: str, token_ids: list[int], labels: list[str]) -> None:
+    """The head's rows set to the language-model head's rows of `token_ids`: on the last token, the classifier's
+    logits are then the LM's next-token logits of the label words (its zero-shot answer)."""
+    check_label_words(model.config, token_ids, labels)
     rows = _lm_head_rows(model, path, token_ids)
     _, head = _head(model)
     with torch.no_grad():

@@ -18,7 +18,7 @@ import torch
 
 from tunesmith.config import ModelConfig, PeftConfig
 from tunesmith.errors import UserError
-from tunesmith.heads import set_pooling, start_from_label_words
+from tunesmith.heads import check_label_words, set_pooling, start_from_label_words
 from tunesmith.hub import NAMES_HINT, hub_model
 from tunesmith.paths import home
 from tunesmith.training import zero  # noqa: F401 (importing it keeps accelerate from importing DeepSpeed)
@@ -339,6 +339,8 @@ def load_classifier(
         )
         if mcfg.dropout is not None:
             _set_dropout(config, mcfg.dropout)
+        if label_ids is not None:
+            check_label_words(config, label_ids, labels)  # before the weights: a refusal costs no load
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path,
             config=config,
