@@ -2,7 +2,8 @@
 ceiling of a DP-trained head over those features (DP only lowers it). Mean-pooled hidden states of several
 layers, then scikit-learn's logistic regression, scored on validation.
 
-Run:  .venv/bin/python benchmarks/dp_probe.py [../shared/data/rotten_tomatoes]
+Run:  .venv/bin/python benchmarks/dp_probe.py [../shared/data/rotten_tomatoes] [TEMPLATE]
+TEMPLATE (e.g. "Review: {text}\nSentiment:", the DP example's data.prompt) wraps every row first.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def features(model, tok, texts: list[str]) -> dict[str, np.ndarray]:
     return {k: np.stack(v) for k, v in rows.items()}
 
 
-def main(data: str = "../shared/data/rotten_tomatoes") -> None:
+def main(data: str = "../shared/data/rotten_tomatoes", template: str = "{text}") -> None:
     mcfg = ModelConfig(name="smollm2-135m-instruct")
     path = models.resolve(mcfg)
     tok = models.load_tokenizer(path, mcfg)
@@ -52,7 +53,10 @@ def main(data: str = "../shared/data/rotten_tomatoes") -> None:
     model = models.load_causal_lm(path, mcfg).eval()
     split = {s: [json.loads(x) for x in open(Path(data) / f"{s}.jsonl")] for s in ("train", "validation")}
     start = time.time()
-    feats = {s: features(model, tok, [r["text"] for r in rows]) for s, rows in split.items()}
+    template = template.replace("\\n", "\n")  # a shell argument keeps a typed \n literal
+    feats = {
+        s: features(model, tok, [template.replace("{text}", r["text"]) for r in rows]) for s, rows in split.items()
+    }
     labels = {s: np.array([r["label"] == "positive" for r in rows]) for s, rows in split.items()}
     print(f"features in {time.time() - start:.0f} s")
     for kind in feats["train"]:
