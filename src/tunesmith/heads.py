@@ -109,10 +109,10 @@ def check_label_words(config, token_ids: list[int], labels: list[str]) -> None:
         )
 
 
-def start_from_label_words(model, path: str, token_ids: list[int], labels: list[str]) -> None:
+def start_from_label_words(model, path: str, token_ids: list[int]) -> None:
     """The head's rows set to the language-model head's rows of `token_ids`: on the last token, the classifier's
-    logits are then the LM's next-token logits of the label words (its zero-shot answer)."""
-    check_label_words(model.config, token_ids, labels)
+    logits are then the LM's next-token logits of the label words (its zero-shot answer). check_label_words
+    has passed on the model's config before it loaded."""
     rows = _lm_head_rows(model, path, token_ids)
     _, head = _head(model)
     with torch.no_grad():

@@ -362,7 +362,7 @@ def load_classifier(
         model.config.pad_token_id = config.eos_token_id  # decoder classifiers find the last token by padding
     model = set_pooling(fold_adapters(model, mcfg.adapters), mcfg.pooling)
     if label_ids is not None:
-        start_from_label_words(model, path, label_ids, labels)
+        start_from_label_words(model, path, label_ids)
     return model
 
 

@@ -125,12 +125,11 @@ def tokenize_examples(examples: list[Example], tokenizer, cfg: DataConfig) -> To
     return out
 
 
-def _cut_inside_template(tokenizer, template: str, text: str, keep: int) -> list[int]:
-    """Shorten the text, never the template around it: a template's tail (e.g. "Sentiment:") is where a
-    decoder's last token reads the answer from. Re-tokenizing the cut text can merge tokens differently at the
-    seam, so cut again until the row fits."""
+def _cut_inside_template(tokenizer, template: str, text: str, ids: list[int], keep: int) -> list[int]:
+    """Shorten the text, never the template around it (`ids`: the whole row's tokens): a template's tail (e.g.
+    "Sentiment:") is where a decoder's last token reads the answer from. Re-tokenizing the cut text can merge
+    tokens differently at the seam, so cut again until the row fits."""
     text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(template.replace("{text}", text), add_special_tokens=True)["input_ids"]
     while len(ids) > keep and text_ids:
         text_ids = text_ids[: max(0, len(text_ids) - (len(ids) - keep))]
         ids = tokenizer(template.replace("{text}", tokenizer.decode(text_ids)), add_special_tokens=True)["input_ids"]
@@ -154,7 +153,7 @@ def tokenize_classification(examples: list[Example], tokenizer, cfg: DataConfig,
         if keep == 0:
             continue
         if keep < len(row_ids) and cfg.prompt:
-            row_ids = _cut_inside_template(tokenizer, cfg.prompt, ex.text, keep)
+            row_ids = _cut_inside_template(tokenizer, cfg.prompt, ex.text, row_ids, keep)
         elif keep < len(row_ids):  # keep the closing special token ([SEP]): encoders expect it
             row_ids = row_ids[: keep - 1] + row_ids[-1:]
         out.rows.append(LabeledRow(ex.id, ex.where, list(row_ids), index[ex.label]))
