@@ -38,8 +38,8 @@ def rotten_tomatoes(epsilons: list[str]) -> dict:
     rows = []
     for eps in ["inf", *epsilons]:
         name = f"privacy-rt-eps{eps}"
-        # Without privacy a step is one micro-batch, so the example's eval.every (in DP steps of 512 rows)
-        # would evaluate 16x as often (~47 evaluations). This benchmark reads only the final evaluation.
+        # Without privacy a step is one micro-batch, so the example's eval.every (counted in DP steps of
+        # privacy.expected_batch_size rows) would evaluate far more often. Only the final evaluation is read.
         twin = ["privacy=null", "eval.every=null"]
         privacy = twin if eps == "inf" else [f"privacy.target_epsilon={eps}"]
         start = time.time()
