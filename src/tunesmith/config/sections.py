@@ -307,6 +307,11 @@ class TrainConfig(Strict):
     chunked_loss: bool = Field(
         True, description="Project only target positions to the vocabulary, in chunks (same loss, far less memory)."
     )
+    cache_frozen_layers: bool = Field(
+        False,
+        description="LoRA on the top layers only: keep each row's output of the frozen layers below them, so "
+        "later epochs skip their forward (same steps, Llama-family decoders).",
+    )
 
 
 class EvalConfig(Strict):

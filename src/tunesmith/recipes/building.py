@@ -21,6 +21,7 @@ from tunesmith.report.console import print_setup
 from tunesmith.rundir import RunDir
 from tunesmith.training import processes, steppers, trackers, zero
 from tunesmith.training.early_stopping import EarlyStopper
+from tunesmith.training.frozen_prefix import cache_frozen_layers
 from tunesmith.training.guards import SpikeDetector
 from tunesmith.training.loss import causal_lm_loss_sum, chunked_loss_sum
 from tunesmith.training.optim import build_optimizer, build_scheduler
@@ -122,6 +123,8 @@ def build(
         loss_sum = causal_lm_loss_sum
     if cfg.train.gradient_checkpointing:
         checkpoint_activations(model, accelerator)
+    if cfg.train.cache_frozen_layers:
+        cache_frozen_layers(model, accelerator.device)
     model, optim = optimisation(cfg, examples, rows, model, accelerator, loss_sum, count)
     t = cfg.train
     books = Bookkeeping(

@@ -18,6 +18,7 @@ from tunesmith.evaluation.forgetting import over_limit
 from tunesmith.recipes.building import Setup
 from tunesmith.recipes.state import load_trainable, rollback, save_checkpoint, trainable_state
 from tunesmith.training import trackers
+from tunesmith.training.frozen_prefix import summary_of
 from tunesmith.training.guards import is_oom
 from tunesmith.training.progress import TrainProgress
 from tunesmith.training.signals import GracefulStop
@@ -229,6 +230,8 @@ def finish(s: Setup, updates: int, data_step: int, stopped_early: bool) -> dict:
     elif cfg.retention.max_increase is not None and s.books.stopper.best_step is None:
         console.print("[yellow]No evaluation stayed within retention.max_increase: the last weights are kept[/]")
     summary = {"steps": updates, "data_steps": data_step, "stopped_early": stopped_early, **s.books.counters}
+    if cfg.train.cache_frozen_layers:
+        summary["frozen_layers_cache"] = summary_of(s.accelerator.unwrap_model(s.model))
     if torch.cuda.is_available():
         summary["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     return summary
