@@ -16,7 +16,7 @@ from tunesmith.config import config_from_dict
 from tunesmith.errors import UserError
 from tunesmith.recipes import classification, fitting
 from tunesmith.rundir import RunDir
-from tunesmith.training.frozen_prefix import FrozenPrefix, backbone_of, cache_frozen_layers, summary_of
+from tunesmith.training.frozen_prefix import FrozenPrefix, backbone_of, cache_frozen_layers
 
 TOP = r"model\.layers\.[23]\..*_proj"  # LoRA on the top 2 of 4 layers
 
@@ -140,22 +140,25 @@ def dp_tree(tmp_path, tiny_llama) -> dict:
     return tree
 
 
-def test_a_dp_run_with_the_cache_ends_with_the_same_weights(tmp_path, tiny_llama):
-    weights, hits = {}, {}
+def trained_without_and_with_the_cache(recipe, tree: dict) -> dict:
+    """The cache's summary after fitting `tree` with the cache on; asserts the weights equal those without."""
+    weights, summaries = {}, {}
     for on in (False, True):
-        tree = dp_tree(tmp_path, tiny_llama)
         tree["name"], tree["train"]["cache_frozen_layers"] = f"cache-{on}", on
         cfg = config_from_dict(tree)
-        s = classification.setup(cfg, RunDir.create(cfg, resume=False, overwrite=True))
-        fitting.fit(s)
-        weights[on] = trainables(s.model)
-        hits[on] = summary_of(s.model)
-        assert fitting.finish(s, 0, 0, False).get("frozen_layers_cache") == hits[on]
-    assert hits[False] is None and hits[True]["hits"] > 0  # later epochs read the cache
-    assert hits[True]["layers"] == 1 and hits[True]["misses"] == hits[True]["rows"] > 0  # each row computed once
-    assert weights[True].keys() == weights[False].keys()
+        s = recipe.setup(cfg, RunDir.create(cfg, resume=False, overwrite=True))
+        summary = fitting.fit(s)
+        weights[on], summaries[on] = trainables(s.model), summary.get("frozen_layers_cache")
+    assert summaries[False] is None and weights[True].keys() == weights[False].keys()
     for name, w in weights[False].items():
         torch.testing.assert_close(weights[True][name], w, rtol=1e-5, atol=1e-6, msg=name)
+    return summaries[True]
+
+
+def test_a_dp_run_with_the_cache_ends_with_the_same_weights(tmp_path, tiny_llama):
+    cache = trained_without_and_with_the_cache(classification, dp_tree(tmp_path, tiny_llama))
+    assert cache["layers"] == 1 and cache["hits"] > 0  # later epochs read the cache
+    assert cache["misses"] == cache["rows"] > 0  # each row computed once
 
 
 def test_the_refusal_comes_before_training_with_exit_2(tmp_path, tiny_llama):
@@ -173,14 +176,4 @@ def test_a_causal_lm_run_with_the_cache_ends_with_the_same_weights(tiny_config):
     tiny_config["peft"]["target_modules"] = r"model\.layers\.1\..*_proj"
     tiny_config["train"].update(max_steps=24, batch_size=4)  # two epochs of the 48 rows
     tiny_config["eval"]["before_after"] = False
-    weights, hits = {}, {}
-    for on in (False, True):
-        tiny_config["name"], tiny_config["train"]["cache_frozen_layers"] = f"lm-cache-{on}", on
-        cfg = config_from_dict(tiny_config)
-        s = causal_lm.setup(cfg, RunDir.create(cfg, resume=False, overwrite=True))
-        fitting.fit(s)
-        weights[on] = trainables(s.model)
-        hits[on] = summary_of(s.model)
-    assert hits[False] is None and hits[True]["hits"] > 0
-    for name, w in weights[False].items():
-        torch.testing.assert_close(weights[True][name], w, rtol=1e-5, atol=1e-6, msg=name)
+    assert trained_without_and_with_the_cache(causal_lm, tiny_config)["hits"] > 0
