@@ -312,6 +312,14 @@ class TrainConfig(Strict):
         description="LoRA on the top layers only: keep each row's output of the frozen layers below them, so "
         "later epochs skip their forward (same steps, Llama-family decoders).",
     )
+    ema_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Evaluate and save an exponential moving average of the trainable weights, "
+        "avg <- decay x avg + (1 - decay) x weights after each update (None: the last weights). Averages out "
+        "update noise, e.g. DP-SGD's, at no privacy cost.",
+    )
 
 
 class EvalConfig(Strict):

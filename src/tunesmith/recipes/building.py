@@ -20,6 +20,7 @@ from tunesmith.privacy.sampling import PoissonPlan, units_of
 from tunesmith.report.console import print_setup
 from tunesmith.rundir import RunDir
 from tunesmith.training import processes, steppers, trackers, zero
+from tunesmith.training.averaging import WeightAverage, average_weights
 from tunesmith.training.early_stopping import EarlyStopper
 from tunesmith.training.frozen_prefix import cache_frozen_layers
 from tunesmith.training.guards import SpikeDetector
@@ -70,6 +71,7 @@ class Bookkeeping:
     excluded: set[int] = field(default_factory=set)  # train rows rolled back after spikes; never fed again
     spike_rows: dict[int, list[int]] = field(default_factory=dict)  # data step -> rows, for rollback
     best_weights: dict[str, torch.Tensor] | None = None  # the trainables at the best evaluation so far
+    average: WeightAverage | None = None  # train.ema_decay: what evaluations and the saved model use
 
 
 @dataclass
@@ -130,6 +132,7 @@ def build(
     books = Bookkeeping(
         EarlyStopper(t.early_stopping), SpikeDetector(t.spike_factor, t.spike_window), Watch(optim.total_steps)
     )
+    books.average = average_weights(accelerator.unwrap_model(model), t.ema_decay, collective_forward(accelerator))
     s = Setup(
         cfg,
         run,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,8 @@ def fit(s: Setup, updates: int = 0, data_step: int = 0) -> dict:
             else:
                 s.optim.scheduler.step()
                 updates, consecutive_skips = updates + 1, 0
+                if s.books.average is not None:
+                    s.books.average.update()
             s.optim.optimizer.zero_grad(set_to_none=True)
             if problem == "nonfinite":
                 consecutive_skips += 1
@@ -219,8 +222,12 @@ def log_update(s: Setup, done: Update) -> tuple[float, float | None]:
 
 
 def finish(s: Setup, updates: int, data_step: int, stopped_early: bool) -> dict:
-    """Keep the best evaluation's weights where evaluations select them; the training summary."""
+    """Keep the best evaluation's weights where evaluations select them (else the average of the weights,
+    under train.ema_decay, or the last ones); the training summary."""
     cfg = s.cfg
+    if s.books.average is not None:
+        # What evaluations scored; best_weights (restored below where selected) are averages too.
+        load_trainable(s, s.books.average.state_dict(), "the weight average")
     if s.books.stopper.best_step is not None and s.books.best_weights is not None and selects_best(cfg):
         load_trainable(s, s.books.best_weights)  # restore the best evaluation's weights, not the last
         console.print(
@@ -278,7 +285,8 @@ def skipped(s: Setup, updates: int, data_step: int, micro: list, consecutive: in
 def evaluate_during_training(s: Setup, step: int, progress: TrainProgress) -> str | None:
     """Evaluate, keep the best weights, and say why training stops here (None: it goes on). An evaluation
     whose forgetting is over retention.max_increase is never the best, whatever its task metric."""
-    metrics = s.evaluation.quick_eval(s, "validation")
+    with averaged(s):
+        metrics = s.evaluation.quick_eval(s, "validation")
     limit = s.cfg.retention.max_increase
     over = over_limit(metrics.get("forgetting_ratio"), limit)
     if over:
@@ -295,11 +303,17 @@ def evaluate_during_training(s: Setup, step: int, progress: TrainProgress) -> st
         s.evaluation.on_eval(step, metrics)
     value = metrics.get(s.cfg.train.early_stopping.metric.removeprefix("eval_"))
     if s.books.stopper.update(None if over else value, step) and selects_best(s.cfg):
-        s.books.best_weights = trainable_state(s)
+        with averaged(s):
+            s.books.best_weights = trainable_state(s)
     s.model.train()
     if over and s.cfg.retention.stop_when_exceeded:
         return f"forgetting over retention.max_increase at step {step}"
     return f"no improvement in {s.books.stopper.bad_evals} evaluations" if s.books.stopper.should_stop else None
+
+
+def averaged(s: Setup):
+    """The weights evaluations score and may keep: the average under train.ema_decay, else the model's own."""
+    return s.books.average.applied() if s.books.average is not None else nullcontext()
 
 
 def warn(s: Setup, step: int, message: str | None) -> None:

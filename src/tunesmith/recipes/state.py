@@ -98,6 +98,8 @@ def save_checkpoint(s: Setup, updates: int, data_step: int) -> None:
     }
     if s.books.best_weights is not None:
         tensors["best.safetensors"] = s.books.best_weights
+    if s.books.average is not None:
+        tensors["average.safetensors"] = s.books.average.state_dict()
     state = checkpoint_state(s, updates, data_step, opt_meta, rng_meta)
     root = s.run / "checkpoints"
     parts = rank_parts(s, root, updates, (rng_meta, rng_tensors), (opt_meta, opt_tensors))
@@ -257,6 +259,8 @@ def restore_books(s: Setup, state: dict, tensors: dict) -> None:
     s.books.stopper.load_state_dict(state["early_stopping"])
     s.books.watch.load_state_dict(state.get("watch"))  # absent in checkpoints written before it was saved
     s.books.best_weights = tensors.get("best.safetensors")
+    if s.books.average is not None:
+        s.books.average.load_state_dict(tensors.get("average.safetensors"))  # after the weights: None starts there
     s.books.counters = state["counters"]
     s.optim.precision.load_state_dict(state.get("grad_scaler"))  # None after a drift from fp32: a fresh scaler
     s.books.spikes.load_state_dict(state.get("spikes", {"history": [], "flagged": []}))
