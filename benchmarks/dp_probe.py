@@ -3,7 +3,7 @@ ceiling of a DP-trained head over those features (DP only lowers it). Mean-poole
 layers, then scikit-learn's logistic regression, scored on validation.
 
 Run:  .venv/bin/python benchmarks/dp_probe.py [../shared/data/rotten_tomatoes] [TEMPLATE]
-TEMPLATE (e.g. "Review: {text}\nSentiment:", the DP example's data.prompt) wraps every row first.
+TEMPLATE (e.g. "Review: {text}\nSentiment:", like the DP example's data.prompt) wraps every row first.
 """
 
 from __future__ import annotations
