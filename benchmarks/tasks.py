@@ -5,11 +5,16 @@ Run:  .venv/bin/python benchmarks/tasks.py [--only commongen,legal-summarization
 Each example trains in its own process (`tunesmith train examples/<name>.yaml`), so wall time and
 peak memory (the child's maximum resident set size, from wait4) belong to that run alone. Results go
 to benchmarks/results/tasks.json and tasks.md, with each issue target and whether it was met.
+
+Rows accumulate across invocations (`--only` reruns some examples and keeps the others), so each row
+records when it ran and the SHA-256 of the example file it trained; tasks.md says for every row whether
+the file has changed since, i.e. whether the row still measures the example as shipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -44,7 +49,28 @@ SHOWN = (
 )
 
 
+def example_sha(name: str) -> str:
+    return hashlib.sha256((ROOT / "examples" / f"{name}.yaml").read_bytes()).hexdigest()
+
+
+def as_shipped(r: dict) -> str:
+    recorded = r.get("example_sha256")
+    if recorded is None:
+        return "unknown (not recorded)"
+    if r.get("overrides"):
+        return f"no (overrides: {' '.join(r['overrides'])})"
+    if not (ROOT / "examples" / f"{r['example']}.yaml").exists():
+        return "no (file removed)"
+    return "yes" if recorded == example_sha(r["example"]) else "no (file changed since)"
+
+
+def commit() -> str | None:
+    res = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
+    return res.stdout.strip() or None
+
+
 def run_one(name: str, out_dir: Path, extra: list[str]) -> dict:
+    sha, measured, rev = example_sha(name), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit()
     cmd = [
         sys.executable,
         "-m",
@@ -66,6 +92,10 @@ def run_one(name: str, out_dir: Path, extra: list[str]) -> dict:
         "exit": os.waitstatus_to_exitcode(status),
         "wall_s": round(wall, 1),
         "peak_rss_gb": round(usage.ru_maxrss / 1024**2, 2),
+        "measured": measured,
+        "commit": rev,
+        "example_sha256": sha,
+        "overrides": extra,
     }
     report_path = out_dir / "runs" / name / "eval.json"
     if result["exit"] == 0 and report_path.exists():
@@ -106,21 +136,29 @@ def markdown(results: list[dict]) -> str:
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}. Command: `.venv/bin/python benchmarks/tasks.py`.",
         "",
-        "| example | metric | base | fine-tuned | target | met | steps | wall (s) | peak RSS (GB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Each row is the latest run of that example; *as shipped* compares the file it trained with examples/",
+        "now (a row run with overrides is not the example as shipped either).",
+        "",
+        "| example | metric | base | fine-tuned | target | met | steps | wall (s) | peak RSS (GB) | measured "
+        "| as shipped |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        when = f"{r.get('measured', 'not recorded')} | {as_shipped(r)}"
         if "base" not in r:
             lines.append(
-                f"| {r['example']} | failed (exit {r['exit']}) | | | | | | {r['wall_s']} | {r['peak_rss_gb']} |"
+                f"| {r['example']} | failed (exit {r['exit']}) | | | | | | {r['wall_s']} | {r['peak_rss_gb']} "
+                f"| {when} |"
             )
             continue
+        # Judged again against today's targets: a row kept from an older run was judged against its day's.
+        target, met = judge(r["example"], r)
         metric = TARGETS[r["example"]][0]
         cells = [f"{r['base'].get(metric, float('nan')):.2f}", f"{r['finetuned'].get(metric, float('nan')):.2f}"]
         lines.append(
-            f"| {r['example']} | {metric} | {cells[0]} | {cells[1]} | {r['target']} | "
-            f"{'yes' if r['met'] else 'no' if r['met'] is False else '?'} | {r['steps']} | {r['wall_s']} | "
-            f"{r['peak_rss_gb']} |"
+            f"| {r['example']} | {metric} | {cells[0]} | {cells[1]} | {target} | "
+            f"{'yes' if met else 'no' if met is False else '?'} | {r['steps']} | {r['wall_s']} | "
+            f"{r['peak_rss_gb']} | {when} |"
         )
     lines += ["", "All validation metrics (base -> fine-tuned):", ""]
     for r in results:
@@ -157,9 +195,9 @@ def main() -> None:
         ordered = [results[n] for n in TARGETS if n in results]
         json_path.write_text(json.dumps(ordered, indent=2) + "\n")
         md_path = out / "tasks.md"
-        # Hand-written notes below the generated table survive reruns.
-        notes = md_path.read_text().partition("\n## Notes")[2] if md_path.exists() else ""
-        md_path.write_text(markdown(ordered) + (f"\n## Notes{notes}" if notes else ""))
+        # The generated part has no second-level heading, so every hand-written section after it survives.
+        notes = md_path.read_text().partition("\n## ")[2] if md_path.exists() else ""
+        md_path.write_text(markdown(ordered) + (f"\n## {notes}" if notes else ""))
 
 
 if __name__ == "__main__":
