@@ -169,10 +169,10 @@ def markdown(results: list[dict]) -> str:
                 if isinstance(v, float)
             )
             lines.append(f"- **{r['example']}**: {pairs}")
-            if "retention_ppl" in r["finetuned"]:
-                lines.append(
-                    f"  - retention perplexity {r['base'].get('retention_ppl')} -> {r['finetuned']['retention_ppl']}"
-                )
+            before = r["base"].get("retention_ppl") or {}
+            for k, v in (r["finetuned"].get("retention_ppl") or {}).items():
+                change = f" ({100 * (v / before[k] - 1):+.1f}%)" if before.get(k) else ""
+                lines.append(f"  - retention perplexity {k}: {before.get(k, float('nan')):.2f} -> {v:.2f}{change}")
             if r.get("base_note"):
                 lines.append(f"  - base: {r['base_note']}")
     return "\n".join(lines) + "\n"
