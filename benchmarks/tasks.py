@@ -7,8 +7,9 @@ peak memory (the child's maximum resident set size, from wait4) belong to that r
 to benchmarks/results/tasks.json and tasks.md, with each issue target and whether it was met.
 
 Rows accumulate across invocations (`--only` reruns some examples and keeps the others), so each row
-records when it ran and the SHA-256 of the example file it trained; tasks.md says for every row whether
-the file has changed since, i.e. whether the row still measures the example as shipped.
+records when it ran and the SHA-256 of the settings of the example file it trained (the parsed YAML, so
+an edited comment is not a change); tasks.md says for every row whether those settings have changed since,
+i.e. whether the row still measures the example as shipped.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,18 +53,19 @@ SHOWN = (
 
 
 def example_sha(name: str) -> str:
-    return hashlib.sha256((ROOT / "examples" / f"{name}.yaml").read_bytes()).hexdigest()
+    settings = yaml.safe_load((ROOT / "examples" / f"{name}.yaml").read_text())
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def as_shipped(r: dict) -> str:
-    recorded = r.get("example_sha256")
+    recorded = r.get("settings_sha256")
     if recorded is None:
         return "unknown (not recorded)"
     if r.get("overrides"):
         return f"no (overrides: {' '.join(r['overrides'])})"
     if not (ROOT / "examples" / f"{r['example']}.yaml").exists():
         return "no (file removed)"
-    return "yes" if recorded == example_sha(r["example"]) else "no (file changed since)"
+    return "yes" if recorded == example_sha(r["example"]) else "no (settings changed since)"
 
 
 def commit() -> str | None:
@@ -94,7 +98,7 @@ def run_one(name: str, out_dir: Path, extra: list[str]) -> dict:
         "peak_rss_gb": round(usage.ru_maxrss / 1024**2, 2),
         "measured": measured,
         "commit": rev,
-        "example_sha256": sha,
+        "settings_sha256": sha,
         "overrides": extra,
     }
     report_path = out_dir / "runs" / name / "eval.json"
@@ -136,8 +140,9 @@ def markdown(results: list[dict]) -> str:
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}. Command: `.venv/bin/python benchmarks/tasks.py`.",
         "",
-        "Each row is the latest run of that example; *as shipped* compares the file it trained with examples/",
-        "now (a row run with overrides is not the example as shipped either).",
+        "Each row is the latest run of that example; *as shipped* compares the settings of the file it trained",
+        "(its parsed YAML: comments aside) with examples/ now; a row run with overrides is not the example as",
+        "shipped either.",
         "",
         "| example | metric | base | fine-tuned | target | met | steps | wall (s) | peak RSS (GB) | measured "
         "| as shipped |",
