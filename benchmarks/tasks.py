@@ -52,7 +52,7 @@ SHOWN = (
 )
 
 
-def example_sha(name: str) -> str:
+def settings_sha(name: str) -> str:
     settings = yaml.safe_load((ROOT / "examples" / f"{name}.yaml").read_text())
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
@@ -65,7 +65,7 @@ def as_shipped(r: dict) -> str:
         return f"no (overrides: {' '.join(r['overrides'])})"
     if not (ROOT / "examples" / f"{r['example']}.yaml").exists():
         return "no (file removed)"
-    return "yes" if recorded == example_sha(r["example"]) else "no (settings changed since)"
+    return "yes" if recorded == settings_sha(r["example"]) else "no (settings changed since)"
 
 
 def commit() -> str | None:
@@ -74,7 +74,7 @@ def commit() -> str | None:
 
 
 def run_one(name: str, out_dir: Path, extra: list[str]) -> dict:
-    sha, measured, rev = example_sha(name), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit()
+    sha, measured, rev = settings_sha(name), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit()
     cmd = [
         sys.executable,
         "-m",
